@@ -1,0 +1,16 @@
+"""Adapters: each model family behind the denoiser contract (``diffmem.denoiser.Denoiser``)."""
+
+from diffmem.adapters.diffusers_base import DiffusersDenoiser
+from diffmem.adapters.load import load_denoiser, wrap_pipeline
+from diffmem.adapters.stable_diffusion import StableDiffusionDenoiser
+from diffmem.adapters.stable_diffusion_xl import StableDiffusionXLDenoiser
+from diffmem.adapters.unet2d import UNet2DDenoiser
+
+__all__ = [
+    "DiffusersDenoiser",
+    "StableDiffusionDenoiser",
+    "StableDiffusionXLDenoiser",
+    "UNet2DDenoiser",
+    "load_denoiser",
+    "wrap_pipeline",
+]

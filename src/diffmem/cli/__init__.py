@@ -1,0 +1,1 @@
+"""The ``diffmem`` command line: a thin mirror of the Python API."""

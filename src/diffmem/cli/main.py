@@ -1,0 +1,76 @@
+"""Entry point of the ``diffmem`` command: config files, one-line errors, ``--debug`` tracebacks."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+
+if "--debug" not in sys.argv:  # before transformers is imported: it warns at import time
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import click
+import typer
+
+from diffmem.cli import generate, info  # noqa: F401  (registers the commands)
+from diffmem.cli.app import app
+from diffmem.cli.config import default_map, load_config
+from diffmem.errors import DiffmemError
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns (and, as a script, exits with) the exit status."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in args
+    _quiet_libraries(debug)
+    command = typer.main.get_command(app)
+    try:
+        config_path = _option_value(args, "--config")
+        defaults = default_map(command, load_config(Path(config_path))) if config_path else None
+        result = command.main(args, prog_name="diffmem", default_map=defaults, standalone_mode=False)
+    except DiffmemError as error:
+        return _fail(str(error), debug)
+    except click.ClickException as error:
+        error.show()
+        return error.exit_code
+    except click.exceptions.Abort:
+        typer.echo("aborted", err=True)
+        return 130
+    except Exception as error:  # noqa: BLE001  (a bug or a library failure: one line unless --debug)
+        return _fail(f"{type(error).__name__}: {error} (run with --debug for the traceback)", debug)
+    return result if isinstance(result, int) else 0
+
+
+def _fail(message: str, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    typer.echo(f"error: {message}", err=True)
+    return 2
+
+
+def _option_value(args: list[str], name: str) -> str | None:
+    """The value of ``name`` among the global options (before the subcommand), if given."""
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _quiet_libraries(debug: bool) -> None:
+    """Library warnings (e.g. transformers on torchvision) only with --debug."""
+    level = logging.DEBUG if debug else logging.ERROR
+    for name in ("diffusers", "transformers"):
+        logging.getLogger(name).setLevel(level)
+
+
+def console() -> None:
+    """The ``diffmem`` console script."""
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    console()

@@ -1,0 +1,63 @@
+"""Open a model by name: a local diffusers directory, or one of the built-in tiny pipelines."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from diffusers import DiffusionPipeline
+
+from diffmem import tiny_pipelines
+from diffmem.adapters import DiffusersDenoiser, load_denoiser
+from diffmem.errors import DiffmemError
+
+BUILTIN_PREFIX = "builtin:"
+BUILTINS: dict[str, Callable[[], DiffusionPipeline]] = {
+    "tiny-sd": tiny_pipelines.tiny_stable_diffusion,
+    "tiny-sd-v": lambda: tiny_pipelines.tiny_stable_diffusion(prediction_type="v_prediction"),
+    "tiny-sdxl": tiny_pipelines.tiny_stable_diffusion_xl,
+    "tiny-unet2d": tiny_pipelines.tiny_unet2d,
+    "tiny-unet2d-class": lambda: tiny_pipelines.tiny_unet2d(class_conditional=True),
+}
+DEFAULT_MODEL = BUILTIN_PREFIX + "tiny-sd"
+
+
+def open_model(
+    name: str | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> DiffusersDenoiser:
+    """A denoiser for a model directory or ``builtin:NAME`` (random-weight tiny pipelines); None is the default."""
+    name = name or DEFAULT_MODEL
+    if name.startswith(BUILTIN_PREFIX):
+        key = name.removeprefix(BUILTIN_PREFIX)
+        if key not in BUILTINS:
+            choices = ", ".join(BUILTIN_PREFIX + k for k in BUILTINS)
+            raise DiffmemError(f"unknown built-in model {name!r}; choose one of {choices}")
+        return load_denoiser(BUILTINS[key](), device=device, dtype=dtype)
+    return load_denoiser(name, device=device, dtype=dtype)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``, checked against the machine."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise DiffmemError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise DiffmemError("CUDA is not available on this machine; use --device cpu")
+    if resolved.type not in ("cpu", "cuda"):
+        raise DiffmemError(f"device type {resolved.type!r} is not supported; use cpu or cuda")
+    return resolved
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` (float16 on CUDA, float32 on CPU) or a dtype name."""
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise DiffmemError(f"unknown dtype {dtype!r}; use auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]

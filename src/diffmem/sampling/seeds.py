@@ -1,0 +1,30 @@
+"""Per-sample seeding: a sample's noise depends on its own seed, never on the batch it runs in."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from diffmem.errors import DiffmemError
+
+
+def generation_seed(base_seed: int, prompt_index: int, generation: int) -> int:
+    """The seed of generation ``generation`` of prompt ``prompt_index``: a function of these three alone."""
+    if min(base_seed, prompt_index, generation) < 0:
+        raise DiffmemError("seeds, prompt indices and generation numbers must be non-negative")
+    return int(np.random.SeedSequence([base_seed, prompt_index, generation]).generate_state(1, np.uint64)[0])
+
+
+def seeded_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per sample, so noise is the same on every device and in every batch."""
+    return [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
+
+
+def initial_noise(
+    generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """x_T for each sample, [B, *shape], drawn as diffusers pipelines draw it."""
+    return randn_tensor((len(generators), *shape), generator=generators, device=device, dtype=dtype)
