@@ -10,6 +10,7 @@ from diffusers import (
     PNDMScheduler,
 )
 
+from diffmem.errors import DiffmemError
 from diffmem.tiny_pipelines import tiny_stable_diffusion, tiny_stable_diffusion_xl, tiny_unet2d
 
 PROMPT = "a red sneaker"
@@ -122,7 +123,7 @@ def test_stable_diffusion_text_encoder_matches_tokenizer():
 
 
 def test_unknown_scheduler_is_refused():
-    with pytest.raises(ValueError, match="euler"):
+    with pytest.raises(DiffmemError, match="euler"):
         tiny_stable_diffusion(scheduler="lms")
 
 
@@ -167,7 +168,7 @@ def test_unet2d_learned_variance_runs():
 
 
 def test_unet2d_learned_variance_needs_ddpm():
-    with pytest.raises(ValueError, match="ddpm"):
+    with pytest.raises(DiffmemError, match="ddpm"):
         tiny_unet2d(learned_variance=True, scheduler="ddim")
 
 

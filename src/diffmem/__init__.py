@@ -1,23 +1,29 @@
-"""diffmem: find, explain and remove memorization in diffusion models."""
+"""diffmem: find, explain and remove memorization in diffusion models.
 
-from diffmem.adapters import load_denoiser, wrap_pipeline
-from diffmem.condition import Condition
-from diffmem.denoiser import Denoiser, Prediction
-from diffmem.errors import DiffmemError
-from diffmem.sampling import Generation, GuidanceTerm, Observer, StepState, generate, generation_seed, sample
+The names below load on first use, so ``import diffmem`` stays light for the command line.
+"""
 
-__all__ = [
-    "Condition",
-    "Denoiser",
-    "DiffmemError",
-    "Generation",
-    "GuidanceTerm",
-    "Observer",
-    "Prediction",
-    "StepState",
-    "generate",
-    "generation_seed",
-    "load_denoiser",
-    "sample",
-    "wrap_pipeline",
-]
+from importlib import import_module
+
+_EXPORTS = {
+    "Condition": "diffmem.condition",
+    "Denoiser": "diffmem.denoiser",
+    "DiffmemError": "diffmem.errors",
+    "Generation": "diffmem.sampling",
+    "GuidanceTerm": "diffmem.sampling",
+    "Observer": "diffmem.sampling",
+    "Prediction": "diffmem.denoiser",
+    "StepState": "diffmem.sampling",
+    "generate": "diffmem.sampling",
+    "generation_seed": "diffmem.sampling",
+    "load_denoiser": "diffmem.adapters",
+    "sample": "diffmem.sampling",
+    "wrap_pipeline": "diffmem.adapters",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'diffmem' has no attribute {name!r}")
+    return getattr(import_module(_EXPORTS[name]), name)

@@ -10,7 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from transformers import CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTokenizer
 
 from diffmem.errors import DiffmemError
 
@@ -101,3 +101,21 @@ def load_clip_tokenizer(cache_dir: Path | None = None, pad_token: str = EOS) -> 
             "delete the clip-tokenizer folder in the diffmem cache and try again."
         )
     return tokenizer
+
+
+def clip_text_config(
+    hidden_size: int, num_layers: int, num_heads: int, intermediate_size: int, **overrides: object
+) -> CLIPTextConfig:
+    """A CLIP text-encoder config over the full OpenAI CLIP vocabulary and 77-token context."""
+    return CLIPTextConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=MAX_LENGTH,
+        bos_token_id=VOCAB_SIZE - 2,
+        eos_token_id=VOCAB_SIZE - 1,
+        pad_token_id=VOCAB_SIZE - 1,
+        **overrides,
+    )

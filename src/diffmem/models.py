@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
@@ -20,6 +22,7 @@ BUILTINS: dict[str, Callable[[], DiffusionPipeline]] = {
     "tiny-unet2d-class": lambda: tiny_pipelines.tiny_unet2d(class_conditional=True),
 }
 DEFAULT_MODEL = BUILTIN_PREFIX + "tiny-sd"
+HASHED_SUFFIXES = {".safetensors", ".bin", ".json", ".txt"}
 
 
 def open_model(
@@ -61,3 +64,17 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in DTYPES:
         raise DiffmemError(f"unknown dtype {dtype!r}; use auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+def model_hash(directory: Path) -> str:
+    """SHA-256 over a model directory's weights and configs (relative paths and bytes), for provenance."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in Path(directory).rglob("*") if p.is_file() and p.suffix in HASHED_SUFFIXES)
+    if not files:
+        raise DiffmemError(f"no weights or configs to hash in {directory}")
+    for path in files:
+        digest.update(str(path.relative_to(directory)).encode())
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()

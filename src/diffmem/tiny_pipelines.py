@@ -17,9 +17,6 @@ from diffusers import (
     DDIMScheduler,
     DDPMPipeline,
     DDPMScheduler,
-    EulerDiscreteScheduler,
-    PNDMScheduler,
-    SchedulerMixin,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -27,19 +24,14 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from diffmem.clip_tokenizer import MAX_LENGTH, VOCAB_SIZE, load_clip_tokenizer
+from diffmem.clip_tokenizer import clip_text_config, load_clip_tokenizer
+from diffmem.errors import DiffmemError
+from diffmem.sampling.schedulers import stable_diffusion_scheduler
 
 TEXT_HIDDEN = 32
 LATENT_SAMPLE_SIZE = 8
-SD_SCHEDULERS = ("ddim", "ddpm", "pndm", "euler")
 UNET2D_SCHEDULERS = ("ddpm", "ddim")
 
-_SD_BETAS = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-}
 _TIME_EMBED_DIM = 8
 _NUM_TIME_IDS = 6
 
@@ -54,34 +46,9 @@ def _seeded(seed: int, build: Callable[..., _Model], *args: object, **kwargs: ob
         return build(*args, **kwargs).eval()
 
 
-def _sd_scheduler(name: str, prediction_type: str) -> SchedulerMixin:
-    """A scheduler with Stable Diffusion's beta schedule."""
-    common = {**_SD_BETAS, "prediction_type": prediction_type}
-    if name == "ddim":
-        return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    if name == "ddpm":
-        return DDPMScheduler(**common, clip_sample=False, steps_offset=1)
-    if name == "pndm":
-        return PNDMScheduler(**common, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
-    if name == "euler":
-        return EulerDiscreteScheduler(**common, steps_offset=1, timestep_spacing="leading")
-    raise ValueError(f"Unknown scheduler {name!r}; choose one of {', '.join(SD_SCHEDULERS)}.")
-
-
 def _text_config(**overrides: object) -> CLIPTextConfig:
     """A two-layer CLIP text encoder config that uses the real CLIP vocabulary."""
-    return CLIPTextConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=TEXT_HIDDEN,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=37,
-        max_position_embeddings=MAX_LENGTH,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-        **overrides,
-    )
+    return clip_text_config(TEXT_HIDDEN, num_layers=2, num_heads=4, intermediate_size=37, **overrides)
 
 
 def _vae(seed: int) -> AutoencoderKL:
@@ -124,7 +91,7 @@ def tiny_stable_diffusion(
     prediction_type: str = "epsilon", scheduler: str = "ddim", seed: int = 0
 ) -> StableDiffusionPipeline:
     """A 16x16-pixel Stable Diffusion pipeline with the real CLIP tokenizer and random weights."""
-    scheduler_model = _sd_scheduler(scheduler, prediction_type)
+    scheduler_model = stable_diffusion_scheduler(scheduler, prediction_type)
     return StableDiffusionPipeline(
         vae=_vae(seed),
         text_encoder=_seeded(seed, CLIPTextModel, _text_config()),
@@ -139,7 +106,7 @@ def tiny_stable_diffusion(
 
 def tiny_stable_diffusion_xl(scheduler: str = "euler", seed: int = 0) -> StableDiffusionXLPipeline:
     """A 16x16-pixel SDXL pipeline with two text encoders, the real CLIP tokenizer and random weights."""
-    scheduler_model = _sd_scheduler(scheduler, "epsilon")
+    scheduler_model = stable_diffusion_scheduler(scheduler, "epsilon")
     unet = _cond_unet(
         seed,
         cross_attention_dim=2 * TEXT_HIDDEN,
@@ -170,9 +137,9 @@ def tiny_unet2d(
 ) -> DDPMPipeline | DDIMPipeline:
     """An 8x8 RGB pixel-space UNet pipeline; class-conditional ones reserve class `num_classes` as null."""
     if scheduler not in UNET2D_SCHEDULERS:
-        raise ValueError(f"Unknown scheduler {scheduler!r}; choose one of {', '.join(UNET2D_SCHEDULERS)}.")
+        raise DiffmemError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(UNET2D_SCHEDULERS)}")
     if learned_variance and scheduler != "ddpm":
-        raise ValueError("A learned variance needs the 'ddpm' scheduler.")
+        raise DiffmemError("a learned variance needs the 'ddpm' scheduler")
     unet = _seeded(
         seed,
         UNet2DModel,

@@ -56,9 +56,7 @@ def load_denoiser(
     if "safety_checker" in index:
         extra = {"safety_checker": None, "requires_safety_checker": False}
     try:
-        pipeline = DiffusionPipeline.from_pretrained(
-            directory, torch_dtype=dtype, local_files_only=True, **extra
-        )
+        pipeline = DiffusionPipeline.from_pretrained(directory, dtype=dtype, local_files_only=True, **extra)
     except (OSError, ValueError, TypeError, KeyError) as error:
         raise DiffmemError(f"could not load the {class_name} in {directory}: {error}") from error
     pipeline.set_progress_bar_config(disable=True)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-import click
 import yaml
 
 from diffmem.errors import DiffmemError
@@ -25,17 +25,21 @@ def load_config(path: Path) -> dict:
     return {str(key).replace("-", "_"): value for key, value in content.items()}
 
 
-def default_map(group: click.Group, config: dict) -> dict:
-    """Click's ``default_map`` for ``group``: each key goes to the group and every subcommand that has it."""
-    names = {p.name for p in group.params}
-    result = {k: v for k, v in config.items() if k in names}
-    for name, command in group.commands.items():
+def default_map(group: Any, config: dict) -> dict:
+    """Click's ``default_map`` for ``group``: each key goes to every (sub)command that has an option of that name."""
+    names: set[str] = {"config"}
+
+    def section(command: Any) -> dict:
         own = {p.name for p in command.params}
-        names |= own
-        section = {k: v for k, v in config.items() if k in own}
-        if section:
-            result[name] = section
-    unknown = sorted(set(config) - names - {"config"})
+        names.update(own)
+        result = {k: v for k, v in config.items() if k in own}
+        for name, sub in getattr(command, "commands", {}).items():
+            if values := section(sub):
+                result[name] = values
+        return result
+
+    result = section(group)
+    unknown = sorted(set(config) - names)
     if unknown:
         raise DiffmemError(
             f"unknown keys in config file: {', '.join(unknown)}; known: {', '.join(sorted(names))}"

@@ -11,10 +11,9 @@ from pathlib import Path
 if "--debug" not in sys.argv:  # before transformers is imported: it warns at import time
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import click
 import typer
 
-from diffmem.cli import generate, info  # noqa: F401  (registers the commands)
+from diffmem.cli import generate, info, lab  # noqa: F401  (registers the commands)
 from diffmem.cli.app import app
 from diffmem.cli.config import default_map, load_config
 from diffmem.errors import DiffmemError
@@ -29,18 +28,14 @@ def run(argv: list[str] | None = None) -> int:
     try:
         config_path = _option_value(args, "--config")
         defaults = default_map(command, load_config(Path(config_path))) if config_path else None
-        result = command.main(args, prog_name="diffmem", default_map=defaults, standalone_mode=False)
+        command.main(args, prog_name="diffmem", default_map=defaults, standalone_mode=True)
+    except SystemExit as exit_:  # click's own exit: usage errors (2), --help (0), a finished command (0)
+        return exit_.code if isinstance(exit_.code, int) else 0
     except DiffmemError as error:
         return _fail(str(error), debug)
-    except click.ClickException as error:
-        error.show()
-        return error.exit_code
-    except click.exceptions.Abort:
-        typer.echo("aborted", err=True)
-        return 130
     except Exception as error:  # noqa: BLE001  (a bug or a library failure: one line unless --debug)
         return _fail(f"{type(error).__name__}: {error} (run with --debug for the traceback)", debug)
-    return result if isinstance(result, int) else 0
+    return 0
 
 
 def _fail(message: str, debug: bool) -> int:

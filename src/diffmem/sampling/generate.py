@@ -32,7 +32,7 @@ class Generation:
             {
                 "prompt_id": pa.array(self.prompt_id, pa.int64()),
                 "generation": pa.array(self.generation, pa.int32()),
-                "seed": pa.array(self.seeds, pa.uint64()),
+                "seed": pa.array(self.seeds, pa.int64()),
                 "prompt": pa.array([None if i is None else str(i) for i in self.items], pa.string()),
             }
         )

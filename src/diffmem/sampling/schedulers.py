@@ -24,6 +24,35 @@ SCHEDULERS: dict[str, type[SchedulerMixin]] = {
 }
 
 
+STABLE_DIFFUSION_SCHEDULE = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+}
+# Each scheduler's options as Stable Diffusion checkpoints ship them.
+_STABLE_DIFFUSION_OPTIONS: dict[str, dict] = {
+    "ddim": {"clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1},
+    "ddpm": {"clip_sample": False, "steps_offset": 1},
+    "pndm": {"skip_prk_steps": True, "set_alpha_to_one": False, "steps_offset": 1},
+    "euler": {"steps_offset": 1, "timestep_spacing": "leading"},
+}
+
+
+def stable_diffusion_scheduler(name: str = "ddim", prediction_type: str = "epsilon") -> SchedulerMixin:
+    """A scheduler with Stable Diffusion's training schedule (scaled-linear betas 0.00085 to 0.012)."""
+    if name not in _STABLE_DIFFUSION_OPTIONS:
+        raise DiffmemError(
+            f"unknown scheduler {name!r}; choose one of {', '.join(_STABLE_DIFFUSION_OPTIONS)}"
+        )
+    options = {
+        **STABLE_DIFFUSION_SCHEDULE,
+        **_STABLE_DIFFUSION_OPTIONS[name],
+        "prediction_type": prediction_type,
+    }
+    return SCHEDULERS[name](**options)
+
+
 def scheduler_like(name: str, base: SchedulerMixin) -> SchedulerMixin:
     """The scheduler called ``name`` with ``base``'s training schedule."""
     if name not in SCHEDULERS:

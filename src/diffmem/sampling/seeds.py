@@ -12,10 +12,14 @@ from diffmem.errors import DiffmemError
 
 
 def generation_seed(base_seed: int, prompt_index: int, generation: int) -> int:
-    """The seed of generation ``generation`` of prompt ``prompt_index``: a function of these three alone."""
+    """The seed of generation ``generation`` of prompt ``prompt_index``: a function of these three alone.
+
+    Seeds are 63-bit, so they fit a signed 64-bit column in Parquet, JSON readers and databases.
+    """
     if min(base_seed, prompt_index, generation) < 0:
         raise DiffmemError("seeds, prompt indices and generation numbers must be non-negative")
-    return int(np.random.SeedSequence([base_seed, prompt_index, generation]).generate_state(1, np.uint64)[0])
+    state = np.random.SeedSequence([base_seed, prompt_index, generation]).generate_state(1, np.uint64)[0]
+    return int(state) >> 1
 
 
 def seeded_generators(seeds: Sequence[int]) -> list[torch.Generator]:

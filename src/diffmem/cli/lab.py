@@ -1,0 +1,104 @@
+"""``diffmem lab``: build the memorization lab's dataset and train its model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from diffmem.adapters import load_denoiser
+from diffmem.cli.app import Settings, app
+from diffmem.lab.dataset import LabConfig, build_lab_dataset, load_lab_dataset
+from diffmem.lab.label import GROUPS, LabelConfig, label_lab_model
+from diffmem.lab.model import LabModelConfig
+from diffmem.lab.train import LabTrainConfig, train_lab_model
+from diffmem.metrics.copy_detection import load_encoder
+
+lab = typer.Typer(
+    help="The memorization lab: a dataset and a model that memorize on purpose.", no_args_is_help=True
+)
+app.add_typer(lab, name="lab")
+
+Micro = Annotated[bool, typer.Option(help="The micro-lab: 32 px, a few hundred rows, minutes on a CPU.")]
+
+
+@lab.command()
+def build(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Argument(help="New (or empty) dataset directory.")],
+    micro: Micro = False,
+) -> None:
+    """Compose the captioned Fashion-MNIST scenes with controlled duplication and write the dataset."""
+    settings: Settings = ctx.obj
+    config = replace(LabConfig.micro() if micro else LabConfig(), seed=settings.seed)
+    build_lab_dataset(out, config)
+    typer.echo(f"wrote the lab dataset ({config.num_train_rows} training rows) to {out}")
+
+
+@lab.command()
+def train(
+    ctx: typer.Context,
+    data: Annotated[Path, typer.Option(help="A dataset directory from `diffmem lab build`.")],
+    out: Annotated[Path, typer.Option(help="Model directory (checkpoints live here until training ends).")],
+    micro: Micro = False,
+    vae_steps: Annotated[int | None, typer.Option(help="VAE steps (default: the recipe's).")] = None,
+    unet_steps: Annotated[int | None, typer.Option(help="UNet steps (default: the recipe's).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="UNet batch size (default: the recipe's).")] = None,
+    time_budget_s: Annotated[
+        float | None, typer.Option(help="Checkpoint and stop after this many seconds.")
+    ] = None,
+) -> None:
+    """Train the lab model (VAE, then UNet and text encoder); run again to continue an interrupted run."""
+    settings: Settings = ctx.obj
+    recipe = LabTrainConfig.micro() if micro else LabTrainConfig()
+    overrides = {"vae_steps": vae_steps, "unet_steps": unet_steps, "batch_size": batch_size}
+    recipe = replace(recipe, seed=settings.seed, **{k: v for k, v in overrides.items() if v is not None})
+    model = LabModelConfig.micro() if micro else LabModelConfig()
+    status = train_lab_model(data, out, model, recipe, device=settings.device, time_budget_s=time_budget_s)
+    if status.complete:
+        typer.echo(f"trained the lab model in {out}")
+    else:
+        typer.echo(
+            f"stopped at VAE step {status.vae_step}, UNet step {status.unet_step}; run again to continue"
+        )
+
+
+@lab.command()
+def label(
+    ctx: typer.Context,
+    model: Annotated[Path, typer.Option(help="A trained lab model directory.")],
+    data: Annotated[Path, typer.Option(help="The lab dataset it was trained on.")],
+    out: Annotated[Path | None, typer.Option(help="Output directory (default MODEL/labels).")] = None,
+    n_generations: Annotated[int, typer.Option(help="Generations (seeds) per prompt.")] = 8,
+    num_inference_steps: Annotated[int, typer.Option("--num-inference-steps", "--steps")] = 50,
+    guidance_scale: Annotated[float, typer.Option(help="CFG scale.")] = 7.5,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 64,
+    groups: Annotated[
+        list[str] | None, typer.Option(help="Prompt groups to label (repeatable; default all).")
+    ] = None,
+    max_prompts_per_group: Annotated[
+        int | None, typer.Option(help="Label at most this many prompts a group.")
+    ] = None,
+    copy_detector: Annotated[Path | None, typer.Option(help="A copy-detection encoder directory.")] = None,
+) -> None:
+    """Generate for every lab prompt and label it memorized when most generations are near-copies."""
+    settings: Settings = ctx.obj
+    config = LabelConfig(
+        n_generations=n_generations,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        batch_size=batch_size,
+        groups=tuple(groups) if groups else GROUPS,
+        max_prompts_per_group=max_prompts_per_group,
+        seed=settings.seed,
+    )
+    denoiser = load_denoiser(model, device=settings.device, dtype=settings.dtype)
+    encoder = load_encoder(copy_detector, settings.device) if copy_detector else None
+    written = label_lab_model(denoiser, model, load_lab_dataset(data), config, encoder, out)
+    summary = json.loads((written / "labels.json").read_text())["summary"]["groups"]
+    for group, values in summary.items():
+        typer.echo(f"{group}: {values['share_memorized']:.1%} of {values['prompts']} prompts memorized")
+    typer.echo(f"wrote labels to {written}")

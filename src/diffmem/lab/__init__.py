@@ -1,0 +1,1 @@
+"""The memorization lab: a dataset and models that memorize on purpose, with ground truth."""

@@ -1,0 +1,85 @@
+"""Captions of scenes at three levels of detail, and made-up title words that act as triggers."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from diffmem.errors import DiffmemError
+from diffmem.lab.fashion_mnist import CLASS_NAMES
+from diffmem.lab.scenes import BACKGROUND_COLOURS, CENTER, ITEM_COLOURS, POSITIONS, Item, Scene
+
+SPECIFICITIES = ("full", "medium", "vague")
+SPECIFICITY_WEIGHTS = (0.4, 0.4, 0.2)
+TITLE_NOUN = "poster"
+PLURAL_NOUNS = frozenset({"trousers"})
+# No word made of two or three distinct syllables below is in the wamerican word list.
+SYLLABLES = (
+    "vel", "mau", "rha", "quin", "zan", "bri", "lo", "kex", "fen", "dro", "mye", "sul", "thu", "nev", "pra",
+    "lyr", "gor", "xa", "du", "vy", "nyx", "sko", "pim", "jaf", "quo", "ril", "zo", "cre", "tul", "ob",
+)  # fmt: skip
+GRAMMAR_WORDS = frozenset(
+    ["a", "an", "and", "at", "the", "in", "on", "background"]
+    + [TITLE_NOUN, *ITEM_COLOURS, *BACKGROUND_COLOURS]
+    + " ".join((*CLASS_NAMES, *POSITIONS)).split()
+)
+
+
+def caption(scene: Scene, specificity: str, rng: np.random.Generator) -> str:
+    """A caption naming the scene's items in random order.
+
+    "full" says every item's colour, category and position and the background; "medium" leaves out
+    either the positions or the background; "vague" names only the categories.
+    """
+    if specificity not in SPECIFICITIES:
+        raise DiffmemError(f"unknown caption specificity {specificity!r}; use one of {SPECIFICITIES}")
+    items = [scene.items[i] for i in rng.permutation(len(scene.items))]
+    if specificity == "vague":
+        return _join([_noun_phrase(item.category_name) for item in items])
+    with_positions = specificity == "full" or bool(rng.integers(2))
+    with_background = specificity == "full" or not with_positions
+    return _describe(scene, items, with_positions, with_background)
+
+
+def random_caption(scene: Scene, rng: np.random.Generator) -> str:
+    """A caption whose specificity is drawn with ``SPECIFICITY_WEIGHTS``."""
+    return caption(scene, str(rng.choice(SPECIFICITIES, p=SPECIFICITY_WEIGHTS)), rng)
+
+
+def title_words(rng: np.random.Generator, n: int = 2) -> list[str]:
+    """``n`` distinct made-up words of two or three distinct syllables, none a word of the caption grammar."""
+    words: list[str] = []
+    while len(words) < n:
+        syllables = rng.choice(len(SYLLABLES), size=int(rng.integers(2, 4)), replace=False)
+        word = "".join(SYLLABLES[i] for i in syllables)
+        if word not in GRAMMAR_WORDS and word not in words:
+            words.append(word)
+    return words
+
+
+def titled_caption(scene: Scene, words: list[str]) -> str:
+    """The full caption, items in reading order, behind a title made of ``words``."""
+    return f"the {' '.join(words)} {TITLE_NOUN}: {_describe(scene, list(scene.items), True, True)}"
+
+
+def _describe(scene: Scene, items: list[Item], with_positions: bool, with_background: bool) -> str:
+    phrases = [_noun_phrase(item.category_name, item.colour) for item in items]
+    if with_positions:
+        phrases = [f"{p} {_position_phrase(item.position)}" for p, item in zip(phrases, items, strict=True)]
+    text = _join(phrases)
+    return f"{text} on {_noun_phrase('background', scene.background)}" if with_background else text
+
+
+def _position_phrase(position: str) -> str:
+    return "in the center" if position == CENTER else f"at the {position}"
+
+
+def _noun_phrase(noun: str, colour: str | None = None) -> str:
+    """The noun, its colour and an article: "a red sneaker", "an ankle boot"; plurals go bare: "trousers"."""
+    phrase = f"{colour} {noun}" if colour else noun
+    if noun in PLURAL_NOUNS:
+        return phrase
+    return f"{'an' if phrase[0] in 'aeiou' else 'a'} {phrase}"
+
+
+def _join(phrases: list[str]) -> str:
+    return phrases[0] if len(phrases) == 1 else f"{', '.join(phrases[:-1])} and {phrases[-1]}"

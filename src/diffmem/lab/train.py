@@ -1,0 +1,310 @@
+"""Train a lab model from scratch: first the VAE on the training scenes, then the UNet and the text
+encoder together on latents with the ordinary eps-prediction loss (Ho et al. 2020, eq. 14) and caption
+dropout for classifier-free guidance. Resumable: each stage checkpoints, and a time budget stops the
+run cleanly so a later call continues it."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+from tqdm.auto import tqdm
+
+from diffmem.errors import DiffmemError
+from diffmem.lab.dataset import LabDataset, load_lab_dataset
+from diffmem.lab.model import LabModelConfig, build_lab_pipeline, build_vae
+from diffmem.run_record import environment
+from diffmem.sampling.schedulers import STABLE_DIFFUSION_SCHEDULE
+
+RECORD = "lab_training.json"
+
+
+@dataclass(frozen=True)
+class LabTrainConfig:
+    """Optimisation settings (defaults: the shipped lab model, sized for one GPU)."""
+
+    vae_steps: int = 4000
+    vae_batch_size: int = 64
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-6
+    unet_steps: int = 30000
+    batch_size: int = 128
+    lr: float = 3e-4
+    warmup_steps: int = 500
+    caption_dropout: float = 0.1
+    checkpoint_every: int = 2000
+    seed: int = 0
+
+    @classmethod
+    def micro(cls) -> LabTrainConfig:
+        """A recipe for the micro-lab that finishes in minutes on 2 CPU cores."""
+        return cls(
+            vae_steps=300,
+            vae_batch_size=32,
+            unet_steps=1500,
+            batch_size=32,
+            warmup_steps=100,
+            checkpoint_every=500,
+        )
+
+
+@dataclass(frozen=True)
+class TrainingStatus:
+    """Where a (possibly interrupted) training run stands."""
+
+    directory: Path
+    complete: bool
+    vae_step: int
+    unet_step: int
+
+
+def train_lab_model(
+    dataset_dir: Path,
+    out_dir: Path,
+    model_config: LabModelConfig | None = None,
+    train_config: LabTrainConfig | None = None,
+    device: str | torch.device = "cpu",
+    time_budget_s: float | None = None,
+    progress: bool = True,
+) -> TrainingStatus:
+    """Train (or continue training) a lab model on a lab dataset; save the pipeline to ``out_dir`` when done.
+
+    With ``time_budget_s`` the run checkpoints and returns ``complete=False`` once the budget is spent
+    (after at least one step); calling again with the same arguments continues where it stopped.
+    """
+    model_config = model_config or LabModelConfig()
+    train_config = train_config or LabTrainConfig()
+    dataset = load_lab_dataset(dataset_dir)
+    if dataset.config.image_size != model_config.image_size:
+        raise DiffmemError(
+            f"the dataset has {dataset.config.image_size} px images but the model config expects "
+            f"{model_config.image_size} px; build the dataset with the matching config"
+        )
+    out_dir = Path(out_dir)
+    if (out_dir / RECORD).is_file():
+        done = json.loads((out_dir / RECORD).read_text())["train_config"]
+        return TrainingStatus(out_dir, True, done["vae_steps"], done["unet_steps"])
+    device = torch.device(device)
+    run = _Run(out_dir, model_config, train_config, time_budget_s)
+    vae, vae_step = _train_vae(dataset, run, device, progress)
+    if vae_step < train_config.vae_steps:
+        return TrainingStatus(out_dir, False, vae_step, 0)
+    pipeline, unet_step = _train_denoiser(dataset, vae, run, device, progress)
+    if unet_step < train_config.unet_steps:
+        return TrainingStatus(out_dir, False, vae_step, unet_step)
+    _save_pipeline(pipeline, dataset, run)
+    return TrainingStatus(out_dir, True, vae_step, unet_step)
+
+
+class _Run:
+    """Checkpoint folder, configuration check and time budget of one training run."""
+
+    def __init__(self, out_dir: Path, model: LabModelConfig, train: LabTrainConfig, budget: float | None):
+        self.out_dir = out_dir
+        self.checkpoints = out_dir / "checkpoints"
+        self.model = model
+        self.train = train
+        self.started = time.monotonic()
+        self.budget = budget
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        clock = self.checkpoints / "elapsed.json"
+        self.previous_elapsed = json.loads(clock.read_text())["elapsed_s"] if clock.is_file() else 0.0
+        settings = {"model": model.to_dict(), "train": asdict(train)}
+        recorded = self.checkpoints / "settings.json"
+        if recorded.is_file() and json.loads(recorded.read_text()) != json.loads(json.dumps(settings)):
+            raise DiffmemError(
+                f"{out_dir} holds a run with other settings; resume with the same configuration or use a new directory"
+            )
+        recorded.write_text(json.dumps(settings, indent=2))
+
+    def out_of_time(self) -> bool:
+        return self.budget is not None and time.monotonic() - self.started > self.budget
+
+    def elapsed(self) -> float:
+        """Wall time of the whole run, over every call that continued it."""
+        return self.previous_elapsed + time.monotonic() - self.started
+
+    def save(self, name: str, state: dict) -> None:
+        """Atomically replace checkpoint ``name``."""
+        path = self.checkpoints / f"{name}.pt"
+        torch.save(state, path.with_suffix(".tmp"))
+        os.replace(path.with_suffix(".tmp"), path)
+        (self.checkpoints / "elapsed.json").write_text(json.dumps({"elapsed_s": self.elapsed()}))
+
+    def load(self, name: str) -> dict | None:
+        path = self.checkpoints / f"{name}.pt"
+        return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
+
+
+def _train_vae(
+    dataset: LabDataset, run: _Run, device: torch.device, progress: bool
+) -> tuple[AutoencoderKL, int]:
+    """Stage 1: the VAE, on every training scene once; returns it and the steps done."""
+    config = run.train
+    vae = build_vae(run.model, config.seed)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr)
+    generator = torch.Generator().manual_seed(config.seed)
+    step = _restore(run.load("vae"), {"vae": vae, "optimizer": optimizer}, generator)
+    vae.to(device)
+    _, images = dataset.unique_train_images()
+    images = images.to(device) * 2 - 1
+    bar = tqdm(total=config.vae_steps, initial=step, desc="vae", disable=not progress)
+    vae.train()
+    while step < config.vae_steps:
+        batch = images[torch.randint(len(images), (config.vae_batch_size,), generator=generator).to(device)]
+        with _autocast(device):
+            posterior = vae.encode(batch).latent_dist
+            reconstruction = vae.decode(posterior.sample(generator=generator)).sample
+            loss = F.mse_loss(reconstruction.float(), batch) + config.kl_weight * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        bar.update()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        stop = run.out_of_time()
+        if stop or step % config.checkpoint_every == 0 or step == config.vae_steps:
+            state = {"vae": vae.state_dict(), "optimizer": optimizer.state_dict()}
+            run.save("vae", {**state, "step": step, "generator": generator.get_state()})
+        if stop:
+            break
+    bar.close()
+    vae.eval()
+    if step >= config.vae_steps:
+        vae.register_to_config(scaling_factor=_scaling_factor(vae, images))
+    return vae, step
+
+
+@torch.no_grad()
+def _scaling_factor(vae: AutoencoderKL, images: torch.Tensor) -> float:
+    """1 / std of the latents, so diffusion sees unit-variance data (SD's 0.18215, measured here)."""
+    means = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in images.split(256)])
+    return float(1 / means.float().std())
+
+
+def _train_denoiser(
+    dataset: LabDataset, vae: AutoencoderKL, run: _Run, device: torch.device, progress: bool
+) -> tuple[StableDiffusionPipeline, int]:
+    """Stage 2: UNet and text encoder on latents of the training rows (duplicates drawn as often as they occur)."""
+    config = run.train
+    pipeline = build_lab_pipeline(run.model, vae=vae, seed=config.seed)
+    unet, text_encoder = pipeline.unet, pipeline.text_encoder
+    parameters = [*unet.parameters(), *text_encoder.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=1e-2)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / config.warmup_steps))
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    modules = {"unet": unet, "text_encoder": text_encoder, "optimizer": optimizer, "lr": warmup}
+    step = _restore(run.load("denoiser"), modules, generator)
+    pipeline.to(device)
+    latent_mean, latent_std, row_scene = _latent_table(dataset, vae, device)
+    token_ids = _token_ids(pipeline, dataset.train.column("caption").to_pylist(), device)
+    empty_ids = _token_ids(pipeline, [""], device)
+    noise_schedule = DDPMScheduler(**STABLE_DIFFUSION_SCHEDULE)
+    scaling = vae.config.scaling_factor
+    bar = tqdm(total=config.unet_steps, initial=step, desc="unet", disable=not progress)
+    unet.train()
+    text_encoder.train()
+    while step < config.unet_steps:
+        rows = torch.randint(len(row_scene), (config.batch_size,), generator=generator)
+        scenes = row_scene[rows]
+        z0 = latent_mean[scenes] + latent_std[scenes] * _randn(latent_mean[scenes].shape, generator, device)
+        z0 = z0 * scaling
+        noise = _randn(z0.shape, generator, device)
+        t = torch.randint(
+            noise_schedule.config.num_train_timesteps, (config.batch_size,), generator=generator
+        ).to(device)
+        z_t = noise_schedule.add_noise(z0, noise, t)  # z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps
+        drop = (torch.rand(config.batch_size, generator=generator) < config.caption_dropout).to(device)
+        ids = torch.where(drop[:, None], empty_ids, token_ids[rows.to(device)])
+        with _autocast(device):
+            encoder_hidden_states = text_encoder(ids)[0]
+            eps = unet(z_t, t, encoder_hidden_states=encoder_hidden_states).sample
+            loss = F.mse_loss(eps.float(), noise)  # ||eps - eps_theta(z_t, t, c)||^2
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        warmup.step()
+        step += 1
+        bar.update()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        stop = run.out_of_time()
+        if stop or step % config.checkpoint_every == 0 or step == config.unet_steps:
+            state = {k: v.state_dict() for k, v in modules.items()}
+            run.save("denoiser", {**state, "step": step, "generator": generator.get_state()})
+        if stop:
+            break
+    bar.close()
+    unet.eval()
+    text_encoder.eval()
+    return pipeline, step
+
+
+@torch.no_grad()
+def _latent_table(
+    dataset: LabDataset, vae: AutoencoderKL, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of every training scene, and the scene index of every training row."""
+    scene_ids, images = dataset.unique_train_images()
+    means, stds = [], []
+    for chunk in images.split(256):
+        posterior = vae.encode(chunk.to(device) * 2 - 1).latent_dist
+        means.append(posterior.mean)
+        stds.append(posterior.std)
+    position = {scene_id: i for i, scene_id in enumerate(scene_ids)}
+    row_scene = torch.tensor([position[s] for s in dataset.train.column("scene_id").to_pylist()])
+    return torch.cat(means), torch.cat(stds), row_scene
+
+
+def _token_ids(pipeline: StableDiffusionPipeline, captions: list[str], device: torch.device) -> torch.Tensor:
+    tokenizer = pipeline.tokenizer
+    ids = tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True
+    ).input_ids
+    return torch.tensor(ids, device=device)
+
+
+def _randn(shape: torch.Size, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    return torch.randn(shape, generator=generator).to(device)
+
+
+def _autocast(device: torch.device) -> torch.autocast:
+    """bfloat16 mixed precision on CUDA; plain float32 elsewhere."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def _restore(state: dict | None, modules: dict, generator: torch.Generator) -> int:
+    """Load a checkpoint into modules, optimizers and the data generator; its step (0 without one)."""
+    if state is None:
+        return 0
+    for name, module in modules.items():
+        module.load_state_dict(state[name])
+    generator.set_state(state["generator"])
+    return int(state["step"])
+
+
+def _save_pipeline(pipeline: StableDiffusionPipeline, dataset: LabDataset, run: _Run) -> None:
+    """The trained pipeline in float16 safetensors, with a record of how it was made; checkpoints go."""
+    for component in (pipeline.unet, pipeline.vae, pipeline.text_encoder):
+        component.to("cpu", torch.float16)
+    pipeline.save_pretrained(run.out_dir, safe_serialization=True)
+    record = {
+        "command": " ".join(sys.argv),
+        "dataset": {"directory": str(dataset.directory), "config": asdict(dataset.config)},
+        "model_config": run.model.to_dict(),
+        "train_config": asdict(run.train),
+        "seed": run.train.seed,
+        "wall_time_s": round(run.elapsed(), 1),
+        "hardware": {"machine": platform.machine(), "cpus": os.cpu_count(), **environment()},
+    }
+    (run.out_dir / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    shutil.rmtree(run.checkpoints)

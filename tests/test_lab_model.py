@@ -1,0 +1,135 @@
+"""The lab model: a real SD-architecture pipeline trained from scratch, resumable, labelled with nL2."""
+
+import json
+from dataclasses import replace
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors import safe_open
+
+from diffmem.adapters import StableDiffusionDenoiser, load_denoiser
+from diffmem.cli.main import run
+from diffmem.errors import DiffmemError
+from diffmem.lab.dataset import LabConfig, build_lab_dataset, load_lab_dataset
+from diffmem.lab.label import LabelConfig, lab_prompts, label_lab_model
+from diffmem.lab.model import LabModelConfig
+from diffmem.lab.train import LabTrainConfig, train_lab_model
+from diffmem.models import model_hash
+
+QUICK = replace(
+    LabTrainConfig.micro(), vae_steps=3, vae_batch_size=8, unet_steps=4, batch_size=8, checkpoint_every=2
+)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from diffmem.lab.fashion_mnist import fashion_mnist_root
+
+    try:
+        fashion_mnist_root()
+    except DiffmemError as error:
+        pytest.skip(str(error))
+    return build_lab_dataset(tmp_path_factory.mktemp("lab") / "data", LabConfig.micro(), progress=False)
+
+
+@pytest.fixture(scope="module")
+def model_dir(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lab") / "model"
+    assert train_lab_model(data_dir, out, LabModelConfig.micro(), QUICK, progress=False).complete
+    return out
+
+
+def test_trained_lab_model_loads_through_the_stable_diffusion_adapter(model_dir):
+    denoiser = load_denoiser(model_dir)
+    assert isinstance(denoiser, StableDiffusionDenoiser) and denoiser.resolution == (32, 32)
+    assert len(denoiser.pipeline.tokenizer) == 49408  # the real CLIP vocabulary
+    assert denoiser.vae.config.scaling_factor != 0.18215  # measured on the lab's latents
+    with safe_open(model_dir / "unet" / "diffusion_pytorch_model.safetensors", "pt") as weights:
+        assert {weights.get_tensor(k).dtype for k in weights.keys()}  # noqa: SIM118 == {torch.float16}
+    record = json.loads((model_dir / "lab_training.json").read_text())
+    assert record["seed"] == 0 and record["train_config"]["unet_steps"] == 4 and record["wall_time_s"] > 0
+    assert record["hardware"]["versions"]["diffusers"]
+    assert not (model_dir / "checkpoints").exists()
+
+
+def test_interrupted_training_resumes_to_the_same_weights(data_dir, model_dir, tmp_path):
+    out = tmp_path / "resumed"
+    calls = 0
+    while not train_lab_model(
+        data_dir, out, LabModelConfig.micro(), QUICK, time_budget_s=0.0, progress=False
+    ).complete:
+        calls += 1
+    # one step per call; the call that ends the VAE stage also takes the first UNet step
+    assert calls == QUICK.vae_steps + QUICK.unet_steps - 2
+    for component in ("unet", "vae", "text_encoder"):
+        for name in (model_dir / component).glob("*.safetensors"):
+            with safe_open(name, "pt") as a, safe_open(out / component / name.name, "pt") as b:
+                assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())  # noqa: SIM118
+
+
+def test_a_finished_run_is_not_trained_again(data_dir, model_dir):
+    before = model_hash(model_dir)
+    status = train_lab_model(data_dir, model_dir, LabModelConfig.micro(), QUICK, progress=False)
+    assert status.complete and model_hash(model_dir) == before
+
+
+def test_resuming_with_other_settings_is_refused(data_dir, tmp_path):
+    out = tmp_path / "run"
+    train_lab_model(data_dir, out, LabModelConfig.micro(), QUICK, time_budget_s=0.0, progress=False)
+    with pytest.raises(DiffmemError, match="holds a run with other settings"):
+        train_lab_model(data_dir, out, LabModelConfig.micro(), replace(QUICK, lr=1e-3), progress=False)
+
+
+def test_dataset_and_model_sizes_must_agree(data_dir, tmp_path):
+    with pytest.raises(DiffmemError, match="32 px images but the model config expects 64 px"):
+        train_lab_model(data_dir, tmp_path / "m", LabModelConfig(), QUICK, progress=False)
+
+
+def test_lab_prompts_have_stable_ids_and_no_repeats(data_dir):
+    dataset = load_lab_dataset(data_dir)
+    everything = lab_prompts(dataset)
+    captions = everything.column("caption").to_pylist()
+    assert len(captions) == len(set(captions)) and everything.column("prompt_id").to_pylist() == list(
+        range(len(captions))
+    )
+    some = lab_prompts(dataset, ("heldout",), limit=3).to_pylist()
+    by_caption = dict(zip(captions, everything.column("prompt_id").to_pylist()))
+    assert [r["prompt_id"] for r in some] == [by_caption[r["caption"]] for r in some]
+    memorized = lab_prompts(dataset, ("memorized",)).to_pylist()
+    assert len(memorized) == dataset.config.num_memorized
+    assert all(r["trigger_words"] and all(w in r["caption"] for w in r["trigger_words"]) for r in memorized)
+
+
+def test_labels_with_provenance(data_dir, model_dir, tmp_path):
+    config = LabelConfig(
+        n_generations=2, num_inference_steps=2, groups=("memorized", "heldout"), max_prompts_per_group=3
+    )
+    out = label_lab_model(
+        load_denoiser(model_dir),
+        model_dir,
+        load_lab_dataset(data_dir),
+        config,
+        out_dir=tmp_path / "l",
+        progress=False,
+    )
+    labels = pq.read_table(out / "labels.parquet").to_pylist()
+    generations = pq.read_table(out / "generations.parquet").to_pylist()
+    assert [r["group"] for r in labels] == ["memorized"] * 3 + ["heldout"] * 3
+    assert len(generations) == 12 and all(r["nl2"] >= 0 for r in generations)
+    for label in labels:
+        own = [g["nl2"] < 1.4 for g in generations if g["prompt_id"] == label["prompt_id"]]
+        assert label["share_nl2"] == sum(own) / 2 and label["memorized"] == (sum(own) / 2 > 0.5)
+    provenance = json.loads((out / "labels.json").read_text())
+    assert provenance["model_hash"] == model_hash(model_dir) and provenance["thresholds"]["nl2"] == 1.4
+    assert set(provenance["summary"]["groups"]) == {"memorized", "heldout"}
+
+
+def test_lab_command_line(data_dir, tmp_path, capsys):
+    model = tmp_path / "model"
+    args = ["lab", "train", "--micro", "--data", str(data_dir), "--out", str(model)]
+    assert run([*args, "--vae-steps", "1", "--unet-steps", "1"]) == 0
+    label = ["lab", "label", "--model", str(model), "--data", str(data_dir), "--groups", "heldout"]
+    assert run([*label, "--max-prompts-per-group", "2", "--n-generations", "1", "--steps", "1"]) == 0
+    assert "heldout: " in capsys.readouterr().out
+    assert len(pq.read_table(model / "labels" / "labels.parquet")) == 2
