@@ -70,9 +70,13 @@ def sample(
     observers: Sequence[Observer] = (),
     guidance: Sequence[GuidanceTerm] = (),
     grad: bool = False,
+    max_steps: int | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
     """Final samples in the sampling space, [B, C, H, W], one per row of ``cond`` and seed.
+
+    ``max_steps`` stops after that many steps of the ``num_inference_steps`` schedule (first-k-step
+    detectors) and returns the partially denoised sample.
 
     ``scheduler`` defaults to the model's own (a fresh copy is stepped, so it is never mutated);
     ``guidance_scale`` to the family's default. ``grad=True`` builds each step's graph (also turned
@@ -82,6 +86,10 @@ def sample(
         raise DiffmemError(f"got {len(seeds)} seeds for a batch of {cond.batch_size}")
     if num_inference_steps < 1:
         raise DiffmemError(f"num_inference_steps must be at least 1; got {num_inference_steps}")
+    if max_steps is not None and not 1 <= max_steps <= num_inference_steps:
+        raise DiffmemError(
+            f"max_steps must be between 1 and num_inference_steps={num_inference_steps}; got {max_steps}"
+        )
     scale = resolve_guidance_scale(denoiser, guidance_scale)
     steps = eps_scheduler(scheduler or denoiser.scheduler)
     steps.set_timesteps(num_inference_steps, device=denoiser.device)
@@ -91,7 +99,7 @@ def sample(
     latents = latents * steps.init_noise_sigma
     null = denoiser.null_condition(cond.batch_size)
     grad = grad or any(getattr(f, "needs_grad", False) for f in (*observers, *guidance))
-    timesteps = steps.timesteps
+    timesteps = steps.timesteps[:max_steps]
     for index, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):
         x_t = steps.scale_model_input(latents, t)
         with torch.set_grad_enabled(grad):
@@ -103,7 +111,7 @@ def sample(
             alpha_bar_t = denoiser.alpha_bar(t).to(x_t.device)
             state = StepState(
                 index=index,
-                num_steps=len(timesteps),
+                num_steps=len(steps.timesteps),
                 t=t,
                 alpha_bar_t=alpha_bar_t,
                 x_t=x_t,
