@@ -48,7 +48,12 @@ class LabTrainConfig:
     def micro(cls) -> LabTrainConfig:
         """A recipe for the micro-lab that finishes in minutes on 2 CPU cores."""
         return cls(
-            vae_steps=150, vae_batch_size=32, unet_steps=600, batch_size=32, warmup_steps=50, checkpoint_every=200
+            vae_steps=150,
+            vae_batch_size=32,
+            unet_steps=600,
+            batch_size=32,
+            warmup_steps=50,
+            checkpoint_every=200,
         )
 
 
@@ -128,6 +133,25 @@ class _Run:
         """Wall time of the whole run, over every call that continued it."""
         return self.previous_elapsed + time.monotonic() - self.started
 
+    def after_step(
+        self,
+        name: str,
+        step: int,
+        total: int,
+        loss: torch.Tensor,
+        bar: tqdm,
+        modules: dict,
+        generator: torch.Generator,
+    ) -> bool:
+        """Report the step, checkpoint stage ``name`` when due; True when this call must stop (budget spent)."""
+        bar.update()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        stop = self.out_of_time()
+        if stop or step % self.train.checkpoint_every == 0 or step == total:
+            state = {key: module.state_dict() for key, module in modules.items()}
+            self.save(name, {**state, "step": step, "generator": generator.get_state()})
+        return stop
+
     def save(self, name: str, state: dict) -> None:
         """Atomically replace checkpoint ``name``."""
         path = self.checkpoints / f"{name}.pt"
@@ -148,7 +172,8 @@ def _train_vae(
     vae = build_vae(run.model, config.seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr)
     generator = torch.Generator().manual_seed(config.seed)
-    step = _restore(run.load("vae"), {"vae": vae, "optimizer": optimizer}, generator)
+    modules = {"vae": vae, "optimizer": optimizer}
+    step = _restore(run.load("vae"), modules, generator)
     vae.to(device)
     _, images = dataset.unique_train_images()
     images = images.to(device) * 2 - 1
@@ -164,13 +189,7 @@ def _train_vae(
         loss.backward()
         optimizer.step()
         step += 1
-        bar.update()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        stop = run.out_of_time()
-        if stop or step % config.checkpoint_every == 0 or step == config.vae_steps:
-            state = {"vae": vae.state_dict(), "optimizer": optimizer.state_dict()}
-            run.save("vae", {**state, "step": step, "generator": generator.get_state()})
-        if stop:
+        if run.after_step("vae", step, config.vae_steps, loss, bar, modules, generator):
             break
     bar.close()
     vae.eval()
@@ -230,13 +249,7 @@ def _train_denoiser(
         optimizer.step()
         warmup.step()
         step += 1
-        bar.update()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        stop = run.out_of_time()
-        if stop or step % config.checkpoint_every == 0 or step == config.unet_steps:
-            state = {k: v.state_dict() for k, v in modules.items()}
-            run.save("denoiser", {**state, "step": step, "generator": generator.get_state()})
-        if stop:
+        if run.after_step("denoiser", step, config.unet_steps, loss, bar, modules, generator):
             break
     bar.close()
     unet.eval()
