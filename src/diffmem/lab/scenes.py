@@ -132,7 +132,7 @@ def render(scene: Scene, images: np.ndarray, size: int = 64) -> np.ndarray:
     canvas = np.empty((size, size, 3), dtype=np.float32)
     canvas[:] = BACKGROUND_COLOURS[scene.background]
     for item in scene.items:
-        top, left, extent = _box(item.position, size)
+        top, left, extent = position_box(item.position, size)
         resized = Image.fromarray(images[item.source_index]).resize(
             (extent, extent), Image.Resampling.LANCZOS
         )
@@ -142,7 +142,7 @@ def render(scene: Scene, images: np.ndarray, size: int = 64) -> np.ndarray:
     return np.rint(canvas).astype(np.uint8)
 
 
-def _box(position: str, size: int) -> tuple[int, int, int]:
+def position_box(position: str, size: int) -> tuple[int, int, int]:
     """Top row, left column and side length of the square an item at ``position`` fills."""
     if position == CENTER:
         extent = size * 3 // 4

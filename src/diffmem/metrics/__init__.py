@@ -18,19 +18,23 @@ from diffmem.metrics.copy_detection import (
 )
 from diffmem.metrics.memorization import MemorizationSummary, per_prompt, summarize
 from diffmem.metrics.nl2 import NL2_THRESHOLD, NL2Result, nl2, pairwise_l2
+from diffmem.metrics.quality import FeatureNet, fid, kid
 
 __all__ = [
     "COPY_THRESHOLD",
     "NL2_THRESHOLD",
     "CopyDetectionConfig",
     "CopyDetectionEncoder",
+    "FeatureNet",
     "MemorizationSummary",
     "NL2Result",
     "SSCDTorchScript",
     "augment",
     "copy_detection_accuracy",
     "embed",
+    "fid",
     "info_nce",
+    "kid",
     "koleo",
     "load_encoder",
     "load_sscd_torchscript",
