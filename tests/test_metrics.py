@@ -17,6 +17,7 @@ from diffmem.metrics import (
     copy_detection_accuracy,
     embed,
     info_nce,
+    koleo,
     load_encoder,
     load_sscd_torchscript,
     max_similarity,
@@ -206,8 +207,15 @@ def test_max_similarity_finds_the_most_similar_reference():
 
 def test_info_nce_is_near_zero_when_views_agree_and_others_are_orthogonal():
     e = torch.eye(4)
-    assert info_nce(torch.cat([e, e]), temperature=0.01) < 1e-6
-    assert info_nce(torch.cat([e, e.roll(1, 0)]), temperature=0.01) > 10
+    assert info_nce(torch.cat([e, e]), temperature=0.01).shape == (8,)
+    assert info_nce(torch.cat([e, e]), temperature=0.01).max() < 1e-6
+    assert info_nce(torch.cat([e, e.roll(1, 0)]), temperature=0.01).min() > 10
+
+
+def test_koleo_is_lower_for_spread_embeddings():
+    spread = torch.eye(4)
+    bunched = F.normalize(torch.ones(4, 4) + 0.1 * torch.eye(4), dim=1)
+    assert koleo(torch.cat([spread, spread])).mean() < koleo(torch.cat([bunched, bunched])).mean()
 
 
 def test_save_and_load_give_identical_embeddings(tmp_path):
@@ -270,12 +278,14 @@ def _trained_and_untrained_accuracy(steps: int) -> tuple[float, float]:
 
 
 def test_training_makes_edited_copies_findable():
-    trained, untrained = _trained_and_untrained_accuracy(steps=60)
+    # measured: 0.69 after 100 steps (about 13 s on 2 cores), 0.06 untrained
+    trained, untrained = _trained_and_untrained_accuracy(steps=100)
     assert untrained < 0.15
-    assert trained > untrained + 0.3
+    assert trained >= 0.55
 
 
 @pytest.mark.slow
 def test_training_longer_finds_most_edited_copies():
-    trained, untrained = _trained_and_untrained_accuracy(steps=300)
-    assert trained >= 0.8 and trained > untrained + 0.6
+    # measured: 0.95 after 300 steps (about 40 s on 2 cores)
+    trained, _ = _trained_and_untrained_accuracy(steps=300)
+    assert trained >= 0.85

@@ -42,6 +42,7 @@ from diffmem.lab.scenes import (
     random_scene,
     render,
 )
+from diffmem.metrics.copy_detection import conv_block
 
 EMPTY = len(CLASS_NAMES)  # the category index a reading gives a position without an item
 IGNORE = -100  # cross-entropy target of a colour at an empty position
@@ -161,7 +162,7 @@ class GlimpseEncoder(nn.Module):
         self.glimpse_size = config.glimpse_size
         blocks, channels = [], 3
         for width in config.widths:
-            blocks.append(_block(channels, width))
+            blocks.append(conv_block(channels, width))
             channels = width
         self.blocks = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(2), nn.Flatten())
         self.projection = nn.Sequential(nn.Linear(channels * 4, config.item_dim), nn.GELU())
@@ -183,17 +184,6 @@ class GlimpseEncoder(nn.Module):
         ]
         features = self.projection(self.blocks(torch.stack(crops, dim=1).flatten(0, 1)))
         return features.view(len(images), len(POSITIONS), -1)
-
-
-def _block(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, stride=2, padding=1),
-        nn.GroupNorm(8, c_out),
-        nn.GELU(),
-        nn.Conv2d(c_out, c_out, 3, padding=1),
-        nn.GroupNorm(8, c_out),
-        nn.GELU(),
-    )
 
 
 @dataclass(frozen=True)

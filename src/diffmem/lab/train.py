@@ -50,7 +50,7 @@ class LabTrainConfig:
         return cls(
             vae_steps=150,
             vae_batch_size=32,
-            unet_steps=600,
+            unet_steps=500,
             batch_size=32,
             warmup_steps=50,
             checkpoint_every=200,

@@ -34,7 +34,7 @@ class CopyDetectionConfig:
     """Shape of a :class:`CopyDetectionEncoder`."""
 
     input_size: int = 32  # images are resized to input_size x input_size first, as SSCD resizes to 320
-    widths: tuple[int, ...] = (32, 64, 128, 256)  # channels of each stride-2 block
+    widths: tuple[int, ...] = (16, 32, 64, 128)  # channels of each stride-2 block
     embedding_dim: int = 128
     gem_p: float = 3.0  # generalised-mean pooling exponent, as in SSCD
 
@@ -47,7 +47,7 @@ class CopyDetectionEncoder(nn.Module):
         self.config = config or CopyDetectionConfig()
         blocks, channels = [], 3
         for width in self.config.widths:
-            blocks.append(_block(channels, width))
+            blocks.append(conv_block(channels, width))
             channels = width
         self.blocks = nn.Sequential(*blocks)
         self.projection = nn.Linear(channels, self.config.embedding_dim)
@@ -61,7 +61,8 @@ class CopyDetectionEncoder(nn.Module):
         return F.normalize(self.projection(pooled), dim=1)
 
 
-def _block(c_in: int, c_out: int) -> nn.Sequential:
+def conv_block(c_in: int, c_out: int) -> nn.Sequential:
+    """Strided conv, conv, each followed by GroupNorm and GELU: halves the resolution."""
     return nn.Sequential(
         nn.Conv2d(c_in, c_out, 3, stride=2, padding=1),
         nn.GroupNorm(8, c_out),
@@ -91,7 +92,9 @@ class SSCDTorchScript(nn.Module):
         return F.normalize(self.model((x - self.mean) / self.std), dim=1)
 
 
-def load_sscd_torchscript(path: str | Path, size: int = 320, device: str | torch.device = "cpu") -> nn.Module:
+def load_sscd_torchscript(
+    path: str | Path, size: int = 320, device: str | torch.device = "cpu"
+) -> SSCDTorchScript:
     """Open an SSCD TorchScript file (e.g. ``sscd_disc_mixup.torchscript.pt``) as a copy-detection encoder."""
     path = Path(path)
     if not path.is_file():
@@ -147,14 +150,12 @@ def _crop_flip_shift(images: torch.Tensor, generator: torch.Generator) -> torch.
 
 
 def _colour_jitter(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """With probability 0.8: brightness, contrast and saturation in 0.6-1.4, hue turned up to 36 degrees;
-    with probability 0.2 (on its own): grey."""
+    """With probability 0.8: brightness, contrast and saturation in 0.6-1.4, hue turned up to 36 degrees."""
     n, device = len(images), images.device
     jitter = _chance(generator, n, 0.8, device)
     brightness = _uniform(generator, n, 0.6, 1.4, device).view(n, 1, 1, 1)
     contrast = _uniform(generator, n, 0.6, 1.4, device).view(n, 1, 1, 1)
     saturation = _uniform(generator, n, 0.6, 1.4, device).view(n, 1, 1, 1)
-    saturation = torch.where(_chance(generator, n, 0.2, device), 0.0, saturation)
     angle = _uniform(generator, n, -math.pi / 5, math.pi / 5, device)
 
     x = images * brightness
@@ -199,23 +200,23 @@ def _noise(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def info_nce(embeddings: torch.Tensor, temperature: float) -> torch.Tensor:
-    """[] InfoNCE (SimCLR's NT-Xent) of unit embeddings [2B, D] whose rows i and i + B are two views."""
+    """[2B] InfoNCE (SimCLR's NT-Xent) of unit embeddings [2B, D] whose rows i and i + B are two views."""
     n = len(embeddings)
     logits = embeddings @ embeddings.T / temperature
     logits = logits.masked_fill(torch.eye(n, dtype=torch.bool, device=logits.device), float("-inf"))
     positives = (torch.arange(n, device=logits.device) + n // 2) % n
-    return F.cross_entropy(logits, positives)
+    return F.cross_entropy(logits, positives, reduction="none")
 
 
 def koleo(embeddings: torch.Tensor) -> torch.Tensor:
-    """[] SSCD's entropy regulariser (Kozachenko-Leonenko, negated): low when unit embeddings [2B, D]
+    """[2B] SSCD's entropy regulariser (Kozachenko-Leonenko, negated): low when unit embeddings [2B, D]
     spread out; rows i and i + B, two views of one image, are not each other's neighbours."""
     n = len(embeddings)
     with torch.no_grad():
         same = torch.eye(n, dtype=torch.bool, device=embeddings.device)
         same |= same.roll(n // 2, dims=1)
         neighbour = (embeddings @ embeddings.T).masked_fill(same, float("-inf")).argmax(1)
-    return -torch.log((embeddings - embeddings[neighbour]).norm(dim=1) + 1e-8).mean()
+    return -torch.log((embeddings - embeddings[neighbour]).norm(dim=1) + 1e-8)
 
 
 def train_copy_detector(
@@ -225,14 +226,15 @@ def train_copy_detector(
     lr: float = 2e-3,
     seed: int = 0,
     temperature: float = 0.1,
-    entropy_weight: float = 1.0,
+    entropy_weight: float = 5.0,
     config: CopyDetectionConfig | None = None,
     progress: bool = True,
 ) -> CopyDetectionEncoder:
     """Train an encoder on ``images`` [N, 3, H, W] in [0, 1] so that edited copies match their source.
 
     Each step draws ``batch_size`` distinct images, edits each twice with :func:`augment` and lowers
-    the InfoNCE loss between the two views. Runs on the images' device; returns the encoder in eval mode.
+    the InfoNCE loss between the two views plus ``entropy_weight`` times SSCD's entropy regulariser,
+    which spreads unrelated images apart. Runs on the images' device; returns the encoder in eval mode.
     """
     if len(images) < 2:
         raise DiffmemError(f"contrastive training needs at least 2 images; got {len(images)}")
@@ -244,12 +246,14 @@ def train_copy_detector(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps))
     )  # cosine decay to 0
+    size = encoder.config.input_size
+    images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True)  # edit at model size
     batch_size = min(batch_size, len(images))
     for _ in tqdm(range(steps), desc="copy detector", disable=not progress):
         batch = images[torch.randperm(len(images), generator=generator)[:batch_size].to(images.device)]
         views = torch.cat([augment(batch, generator), augment(batch, generator)])
         embeddings = encoder(views)
-        loss = info_nce(embeddings, temperature) + entropy_weight * koleo(embeddings)
+        loss = (info_nce(embeddings, temperature) + entropy_weight * koleo(embeddings)).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
