@@ -22,7 +22,6 @@ from diffmem.lab.alignment import (
     parse_caption,
     reader_accuracy,
     save_reader,
-    scene_images,
     scene_targets,
     stated_facts,
     train_attribute_reader,
@@ -65,7 +64,7 @@ def reader(lab) -> AttributeReader:
 @pytest.fixture(scope="module")
 def heldout(lab) -> tuple[torch.Tensor, list[Scene]]:
     scene_ids, scenes = lab_scenes(lab, "heldout")
-    return scene_images(lab, scene_ids), scenes
+    return lab.images(scene_ids), scenes
 
 
 class PerfectReader(nn.Module):

@@ -11,7 +11,6 @@ network (:mod:`diffmem.metrics.quality`), the way Inception's pool layer does fo
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Sequence
@@ -21,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -43,11 +41,10 @@ from diffmem.lab.scenes import (
     render,
 )
 from diffmem.metrics.copy_detection import conv_block
+from diffmem.module_io import load_module, save_module
 
 EMPTY = len(CLASS_NAMES)  # the category index a reading gives a position without an item
 IGNORE = -100  # cross-entropy target of a colour at an empty position
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 KIND = "diffmem.attribute_reader"
 
 
@@ -305,12 +302,6 @@ def lab_scenes(dataset: LabDataset, split: str) -> tuple[list[int], list[Scene]]
     return [r["scene_id"] for r in rows], scenes
 
 
-def scene_images(dataset: LabDataset, scene_ids: Sequence[int]) -> torch.Tensor:
-    """The images of ``scene_ids``, float [N, 3, H, W] in [0, 1]."""
-    stacked = np.stack([dataset.scene_image(s) for s in scene_ids])
-    return torch.from_numpy(stacked).permute(0, 3, 1, 2).float().div(255.0)
-
-
 def train_attribute_reader(
     dataset: LabDataset,
     steps: int,
@@ -381,24 +372,10 @@ def _add_noise(images: torch.Tensor, max_std: float, generator: torch.Generator)
 
 def save_reader(reader: AttributeReader, path: str | Path) -> None:
     """Write ``reader`` to the directory ``path``: ``config.json`` and ``model.safetensors``."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    config = {"kind": KIND, **asdict(reader.config)}
-    (path / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-    save_file({k: v.detach().cpu().contiguous() for k, v in reader.state_dict().items()}, path / WEIGHTS_NAME)
+    save_module(reader, reader.config, path, KIND)
 
 
 def load_reader(path: str | Path, device: str | torch.device = "cpu") -> AttributeReader:
     """Open a reader written by :func:`save_reader`, in eval mode."""
-    path = Path(path)
-    if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
-        raise DiffmemError(
-            f"no attribute reader at {path}: expected {CONFIG_NAME} and {WEIGHTS_NAME} as written by save_reader"
-        )
-    config = json.loads((path / CONFIG_NAME).read_text())
-    if config.pop("kind", None) != KIND:
-        raise DiffmemError(f"{path / CONFIG_NAME} does not describe a diffmem attribute reader")
-    config["widths"] = tuple(config["widths"])
-    reader = AttributeReader(AttributeReaderConfig(**config))
-    reader.load_state_dict(load_file(path / WEIGHTS_NAME))
-    return reader.to(device).eval()
+    build = lambda config: AttributeReader(AttributeReaderConfig(**config))
+    return load_module(path, KIND, build, "attribute reader (save_reader)", device)

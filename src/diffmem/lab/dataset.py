@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from functools import cached_property
 from pathlib import Path
@@ -282,11 +283,15 @@ class LabDataset:
         """The caption of each held-out scene, by scene id."""
         return [LabPrompt(r["scene_id"], r["caption"]) for r in self.heldout.sort_by("scene_id").to_pylist()]
 
+    def images(self, scene_ids: Sequence[int]) -> torch.Tensor:
+        """The images of ``scene_ids``, float [N, 3, H, W] in [0, 1]."""
+        stacked = np.stack([self.scene_image(s) for s in scene_ids])
+        return torch.from_numpy(stacked).permute(0, 3, 1, 2).float().div(255.0)
+
     @cached_property
     def _unique_train(self) -> tuple[list[int], torch.Tensor]:
         scene_ids = sorted(set(self.train.column("scene_id").to_pylist()))
-        stacked = np.stack([self.scene_image(s) for s in scene_ids])
-        return scene_ids, torch.from_numpy(stacked).permute(0, 3, 1, 2).float().div(255.0)
+        return scene_ids, self.images(scene_ids)
 
 
 def load_lab_dataset(directory: Path) -> LabDataset:

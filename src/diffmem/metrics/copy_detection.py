@@ -9,24 +9,22 @@ embeddings, memorized when above 0.5. An official SSCD TorchScript file can stan
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from diffmem.errors import DiffmemError
+from diffmem.module_io import load_module, save_module
 
 COPY_THRESHOLD = 0.5  # SPEC §5: memorized when the cosine to the nearest training image is above 0.5
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # SSCD's input normalisation
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
+KIND = "diffmem.copy_detection"
 
 
 @dataclass(frozen=True)
@@ -293,27 +291,10 @@ def copy_detection_accuracy(
 
 def save_encoder(encoder: CopyDetectionEncoder, path: str | Path) -> None:
     """Write ``encoder`` to the directory ``path``: ``config.json`` and ``model.safetensors``."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    config = {"kind": "diffmem.copy_detection", **asdict(encoder.config)}
-    (path / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}, path / WEIGHTS_NAME
-    )
+    save_module(encoder, encoder.config, path, KIND)
 
 
 def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> CopyDetectionEncoder:
     """Open an encoder written by :func:`save_encoder`, in eval mode."""
-    path = Path(path)
-    if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
-        raise DiffmemError(
-            f"no copy-detection encoder at {path}: expected {CONFIG_NAME} and {WEIGHTS_NAME} "
-            "as written by save_encoder"
-        )
-    config = json.loads((path / CONFIG_NAME).read_text())
-    if config.pop("kind", None) != "diffmem.copy_detection":
-        raise DiffmemError(f"{path / CONFIG_NAME} does not describe a diffmem copy-detection encoder")
-    config["widths"] = tuple(config["widths"])
-    encoder = CopyDetectionEncoder(CopyDetectionConfig(**config))
-    encoder.load_state_dict(load_file(path / WEIGHTS_NAME))
-    return encoder.to(device).eval()
+    build = lambda config: CopyDetectionEncoder(CopyDetectionConfig(**config))
+    return load_module(path, KIND, build, "copy-detection encoder (save_encoder)", device)
