@@ -43,16 +43,18 @@ def test_scores_do_not_depend_on_batching(sd):
     config = NoiseNormConfig(num_inference_steps=4, steps=2, n_generations=2)
     small = noise_norm(sd, PROMPTS, replace(config, batch_size=1))
     large = noise_norm(sd, PROMPTS, config)
-    torch.testing.assert_close(small.per_step, large.per_step, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(small.extras["per_step"], large.extras["per_step"], rtol=1e-4, atol=1e-4)
 
 
 def test_step_modes_and_cost(sd):
     first = noise_norm(sd, PROMPTS, NoiseNormConfig(num_inference_steps=5))
     every = noise_norm(sd, PROMPTS, NoiseNormConfig(num_inference_steps=5, steps=None, n_generations=2))
-    assert first.per_step.shape == (3, 1, 1) and first.unet_evaluations_per_prompt == 2
-    assert every.per_step.shape == (3, 2, 5) and every.unet_evaluations_per_prompt == 20
-    torch.testing.assert_close(every.scores, every.per_step.mean(dim=(1, 2)))
-    torch.testing.assert_close(every.per_step[:, 0, 0], first.per_step[:, 0, 0])  # same x_T, same first step
+    assert first.extras["per_step"].shape == (3, 1, 1) and first.unet_evaluations_per_prompt == 2
+    assert every.extras["per_step"].shape == (3, 2, 5) and every.unet_evaluations_per_prompt == 20
+    torch.testing.assert_close(every.scores, every.extras["per_step"].mean(dim=(1, 2)))
+    torch.testing.assert_close(
+        every.extras["per_step"][:, 0, 0], first.extras["per_step"][:, 0, 0]
+    )  # same x_T, same first step
 
 
 def test_any_text_family():
@@ -70,3 +72,16 @@ def test_bad_input(sd):
         noise_norm(sd, PROMPTS, NoiseNormConfig(num_inference_steps=5, steps=6))
     with pytest.raises(DiffmemError, match="one id per prompt"):
         noise_norm(sd, PROMPTS, prompt_ids=[1])
+
+
+def test_shared_noise_reuses_the_unconditional_prediction_at_the_first_step(sd):
+    config = NoiseNormConfig(num_inference_steps=5, n_generations=2, shared_noise=True, batch_size=4)
+    fast = noise_norm(sd, PROMPTS, config)
+    # the same seeds through the general sampler path (first k steps, k = 1, without the reuse)
+    seeds = fast.seeds
+    assert (seeds == seeds[0]).all() and seeds[0, 0] != seeds[0, 1]  # one x_T per generation, shared
+    general = noise_norm(sd, PROMPTS, replace(config, steps=2))
+    torch.testing.assert_close(fast.extras["per_step"][..., 0], general.extras["per_step"][..., 0])
+    # rows (prompt x generation) = 6 conditional calls + 2 distinct seeds per batch of 4 (2 batches)
+    assert fast.unet_evaluations_per_prompt == (6 + 2 + 2) / 3
+    assert general.unet_evaluations_per_prompt == 2 * 2 * 2

@@ -13,9 +13,19 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from diffmem.condition import Condition
 from diffmem.denoiser import Denoiser
+from diffmem.detect.detector import (
+    DetectionResult,
+    batch_starts,
+    check_guidance,
+    check_prompts,
+    detection_seeds,
+)
 from diffmem.errors import DiffmemError
-from diffmem.sampling import StepState, generation_seed, sample
+from diffmem.sampling import StepState, sample
+from diffmem.sampling.guided_sampler import eps_scheduler
+from diffmem.sampling.seeds import initial_noise, seeded_generators
 
 
 @dataclass(frozen=True)
@@ -28,16 +38,9 @@ class NoiseNormConfig:
     guidance_scale: float = 7.5
     base_seed: int = 0
     batch_size: int = 32  # samples (prompt x generation) per batched call
-
-
-@dataclass(frozen=True)
-class NoiseNormResult:
-    """Scores of a list of prompts."""
-
-    scores: torch.Tensor  # [P] mean of m_jt over steps and generations
-    per_step: torch.Tensor  # [P, n_generations, steps] m_jt
-    seeds: torch.Tensor  # [P, n_generations]
-    unet_evaluations_per_prompt: int  # UNet calls on one sample, summed over the cond/uncond pair
+    # every prompt starts from the same x_T of each generation; at the first step the unconditional
+    # prediction is then one evaluation per batch instead of one per prompt
+    shared_noise: bool = False
 
 
 class NoiseNormTrace:
@@ -47,11 +50,17 @@ class NoiseNormTrace:
         self.norms: list[torch.Tensor] = []  # one [B] tensor per step
 
     def __call__(self, step: StepState) -> None:
-        self.norms.append((step.eps_cond - step.eps_uncond).flatten(1).float().norm(dim=1).cpu())
+        self.norms.append(difference_norm(step.eps_cond, step.eps_uncond))
 
     def per_step(self) -> torch.Tensor:
         """[B, steps] the recorded norms."""
         return torch.stack(self.norms, dim=1)
+
+
+def difference_norm(eps_cond: torch.Tensor, eps_uncond: torch.Tensor) -> torch.Tensor:
+    """[B] ``||eps_cond - eps_uncond||_2`` per sample, in float32 on the CPU."""
+    # m_t = ||eps(x_t, e_p) - eps(x_t, e_null)||_2   (Wen et al., eq. 4)
+    return (eps_cond - eps_uncond).flatten(1).float().norm(dim=1).cpu()
 
 
 def noise_norm(
@@ -60,41 +69,62 @@ def noise_norm(
     config: NoiseNormConfig = NoiseNormConfig(),
     prompt_ids: Sequence[int] | None = None,
     progress: bool = False,
-) -> NoiseNormResult:
-    """Wen et al.'s memorization score of each prompt (higher: more likely memorized)."""
-    if config.guidance_scale <= 1:
-        raise DiffmemError(
-            f"noise_norm needs classifier-free guidance; got guidance_scale={config.guidance_scale}"
-        )
-    if config.n_generations < 1:
-        raise DiffmemError(f"n_generations must be at least 1; got {config.n_generations}")
-    prompts = list(prompts)
-    prompt_ids = list(range(len(prompts))) if prompt_ids is None else list(prompt_ids)
-    if not prompts or len(prompt_ids) != len(prompts):
-        raise DiffmemError(
-            f"give one id per prompt and at least one prompt; got {len(prompt_ids)} ids, {len(prompts)} prompts"
-        )
+) -> DetectionResult:
+    """Wen et al.'s memorization score of each prompt (higher: more likely memorized).
+
+    ``extras["per_step"]`` holds m_jt as [P, n_generations, steps].
+    """
+    check_guidance("noise_norm", config.guidance_scale)
+    prompts, prompt_ids = check_prompts(prompts, prompt_ids)
     n = config.n_generations
+    seeds = detection_seeds(config.base_seed, prompt_ids, n, config.shared_noise)
     rows = [(p, g) for p in range(len(prompts)) for g in range(n)]
-    seeds = [generation_seed(config.base_seed, prompt_ids[p], g) for p, g in rows]
-    norms = []
-    for start in tqdm(range(0, len(rows), config.batch_size), desc="noise norm", disable=not progress):
+    first_step_shared = config.shared_noise and config.steps == 1
+    norms, evaluations = [], 0
+    for start in tqdm(batch_starts(len(rows), config.batch_size), desc="noise norm", disable=not progress):
         chunk = rows[start : start + config.batch_size]
-        trace = NoiseNormTrace()
-        sample(
-            denoiser,
-            denoiser.encode([prompts[p] for p, _ in chunk]),
-            seeds[start : start + config.batch_size],
-            num_inference_steps=config.num_inference_steps,
-            guidance_scale=config.guidance_scale,
-            observers=[trace],
-            max_steps=config.steps,
-        )
-        norms.append(trace.per_step())
+        cond = denoiser.encode([prompts[p] for p, _ in chunk])
+        chunk_seeds = seeds[start : start + config.batch_size]
+        if first_step_shared:
+            batch_norms, batch_evaluations = _first_step_shared_noise(denoiser, cond, chunk_seeds, config)
+        else:
+            trace = NoiseNormTrace()
+            sample(
+                denoiser,
+                cond,
+                chunk_seeds,
+                num_inference_steps=config.num_inference_steps,
+                guidance_scale=config.guidance_scale,
+                observers=[trace],
+                max_steps=config.steps,
+            )
+            batch_norms, batch_evaluations = trace.per_step(), 2 * len(chunk) * len(trace.norms)
+        norms.append(batch_norms)
+        evaluations += batch_evaluations
     per_step = torch.cat(norms).reshape(len(prompts), n, -1)
-    return NoiseNormResult(
+    return DetectionResult(
+        detector="noise_norm",
         scores=per_step.mean(dim=(1, 2)),
-        per_step=per_step,
         seeds=torch.tensor(seeds).reshape(len(prompts), n),
-        unet_evaluations_per_prompt=2 * per_step.shape[2] * n,
+        unet_evaluations_per_prompt=evaluations / len(prompts),
+        extras={"per_step": per_step},
     )
+
+
+def _first_step_shared_noise(
+    denoiser: Denoiser, cond: Condition, seeds: list[int], config: NoiseNormConfig
+) -> tuple[torch.Tensor, int]:
+    """[B, 1] first-step norms when rows share x_T per seed: one unconditional call per distinct seed."""
+    if config.num_inference_steps < 1:
+        raise DiffmemError(f"num_inference_steps must be at least 1; got {config.num_inference_steps}")
+    schedule = eps_scheduler(denoiser.scheduler)
+    schedule.set_timesteps(config.num_inference_steps, device=denoiser.device)
+    t = schedule.timesteps[0]
+    distinct = sorted(set(seeds))
+    x_T = initial_noise(seeded_generators(distinct), denoiser.sample_shape, denoiser.device, denoiser.dtype)
+    x_T = schedule.scale_model_input(x_T * schedule.init_noise_sigma, t)
+    row_noise = torch.tensor([distinct.index(s) for s in seeds], device=x_T.device)
+    with torch.no_grad():
+        eps_uncond = denoiser.eps(x_T, t, denoiser.null_condition(len(distinct)))
+        eps_cond = denoiser.eps(x_T[row_noise], t, cond)
+    return difference_norm(eps_cond, eps_uncond[row_noise])[:, None], len(distinct) + len(seeds)
