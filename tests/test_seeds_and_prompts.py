@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from diffmem.errors import DiffmemError
-from diffmem.prompts_io import read_prompts
+from diffmem.prompts_io import read_prompt_records, read_prompts
 from diffmem.sampling import generation_seed
 
 
@@ -44,3 +44,27 @@ def test_read_prompts_errors(tmp_path):
     pq.write_table(pa.table({"text": ["a"]}), tmp_path / "p.parquet")
     with pytest.raises(DiffmemError, match="has no column 'prompt'; columns: text"):
         read_prompts(tmp_path / "p.parquet")
+
+
+def test_prompt_records_keep_every_row_with_its_status(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_bytes(b"a red sneaker\n\n  \nbad \xff byte\n \t\nlast\n")
+    records = read_prompt_records(path)
+    assert [(r.prompt_id, r.status) for r in records] == [(0, "ok"), (3, "not_utf8"), (5, "ok")]
+    assert records[1].prompt == "bad \ufffd byte"
+    with pytest.raises(DiffmemError, match="prompt 3 is not-utf8"):
+        read_prompts(path)
+
+    table = tmp_path / "p.jsonl"
+    table.write_text('{"id": 7, "prompt": "x"}\n{"id": 3, "prompt": ""}\n{"id": 9, "prompt": null}\n')
+    records = read_prompt_records(table, id_column="id")
+    assert [(r.prompt_id, r.prompt, r.status) for r in records] == [
+        (7, "x", "ok"),
+        (3, "", "empty"),
+        (9, "", "missing"),
+    ]
+    table.write_text('{"id": 7, "prompt": "x"}\n{"id": 7, "prompt": "y"}\n')
+    with pytest.raises(DiffmemError, match="duplicate prompt id 7"):
+        read_prompt_records(table, id_column="id")
+    with pytest.raises(DiffmemError, match="has no column 'key'"):
+        read_prompt_records(table, id_column="key")

@@ -39,6 +39,16 @@ def open_model(
     return load_denoiser(name, device=device, dtype=dtype)
 
 
+def model_identity(name: str | None = None) -> str:
+    """What results are recorded against: the weights' hash for a directory, the name for a built-in."""
+    name = name or DEFAULT_MODEL
+    if name.startswith(BUILTIN_PREFIX):
+        return name
+    if not Path(name).is_dir():
+        raise DiffmemError(f"model directory not found: {name}")
+    return model_hash(Path(name))
+
+
 def resolve_device(device: str) -> torch.device:
     """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``, checked against the machine."""
     if device == "auto":

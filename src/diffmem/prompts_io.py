@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,23 +19,89 @@ READERS = {
 }
 
 
+@dataclass(frozen=True)
+class PromptRecord:
+    """One prompt of a file, with its id and whether it can be scored as read."""
+
+    prompt_id: int
+    prompt: str
+    status: str  # "ok", "empty", "not_utf8" (decoded with replacement characters) or "missing" (null)
+
+
 def read_prompts(path: Path, column: str = "prompt") -> list[str]:
     """The prompts in a file; for tabular files, the values of ``column``. Blank txt lines are skipped."""
+    records = read_prompt_records(path, column)
+    bad = next((r for r in records if r.status not in ("ok", "empty")), None)
+    if bad is not None:
+        raise DiffmemError(f"{path.name}: prompt {bad.prompt_id} is {bad.status.replace('_', '-')}")
+    return [r.prompt for r in records]
+
+
+def read_prompt_records(
+    path: Path, column: str = "prompt", id_column: str | None = None
+) -> list[PromptRecord]:
+    """Every prompt of a file as a record; ids are txt line numbers (from 0), tabular row numbers or the
+    values of ``id_column``. Unreadable rows are kept with their status, never dropped; blank txt lines
+    are skipped. Duplicate ids are an error.
+    """
     if not path.is_file():
         raise DiffmemError(f"prompt file not found: {path}")
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if suffix not in READERS:
+        if id_column is not None:
+            raise DiffmemError("a .txt prompt file has no columns; drop the id column option")
+        records = _text_records(path.read_bytes())
+    elif suffix in READERS:
+        records = _table_records(path, column, id_column)
+    else:
         raise DiffmemError(f"unsupported prompt file {path.name}; use .txt, .jsonl, .csv or .parquet")
+    _check_unique_ids(path, records)
+    return records
+
+
+def _text_records(data: bytes) -> list[PromptRecord]:
+    records = []
+    for number, raw in enumerate(data.splitlines()):
+        try:
+            line, status = raw.decode("utf-8").strip(), "ok"
+        except UnicodeDecodeError:
+            line, status = raw.decode("utf-8", errors="replace").strip(), "not_utf8"
+        if line:
+            records.append(PromptRecord(number, line, status))
+    return records
+
+
+def _table_records(path: Path, column: str, id_column: str | None) -> list[PromptRecord]:
     try:
-        table: pa.Table = READERS[suffix](path)
+        table: pa.Table = READERS[path.suffix.lower()](path)
     except (pa.ArrowInvalid, OSError) as error:
         raise DiffmemError(f"could not read {path}: {error}") from error
-    if column not in table.column_names:
-        raise DiffmemError(f"{path.name} has no column {column!r}; columns: {', '.join(table.column_names)}")
+    for name in (column, id_column):
+        if name is not None and name not in table.column_names:
+            raise DiffmemError(
+                f"{path.name} has no column {name!r}; columns: {', '.join(table.column_names)}"
+            )
     prompts = table.column(column).to_pylist()
-    missing = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
-    if missing:
-        raise DiffmemError(f"{path.name}: row {missing[0]} of column {column!r} is not text")
-    return prompts
+    if id_column is None:
+        ids = list(range(len(prompts)))
+    else:
+        ids = table.column(id_column).to_pylist()
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise DiffmemError(f"{path.name}: column {id_column!r} must hold non-negative integers")
+    records = []
+    for prompt_id, prompt in zip(ids, prompts):
+        if prompt is None:
+            records.append(PromptRecord(prompt_id, "", "missing"))
+        elif not isinstance(prompt, str):
+            raise DiffmemError(f"{path.name}: column {column!r} is not text (row id {prompt_id}: {prompt!r})")
+        else:
+            records.append(PromptRecord(prompt_id, prompt, "ok" if prompt.strip() else "empty"))
+    return records
+
+
+def _check_unique_ids(path: Path, records: list[PromptRecord]) -> None:
+    seen: set[int] = set()
+    for record in records:
+        if record.prompt_id in seen:
+            raise DiffmemError(f"{path.name}: duplicate prompt id {record.prompt_id}")
+        seen.add(record.prompt_id)

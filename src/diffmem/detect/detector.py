@@ -37,6 +37,24 @@ class DetectionResult:
     def __len__(self) -> int:
         return self.scores.shape[0]
 
+    @staticmethod
+    def cat(results: Sequence[DetectionResult]) -> DetectionResult:
+        """The results of consecutive prompt batches of one detector as one result."""
+        if not results:
+            raise DiffmemError("nothing to concatenate")
+        counts = [len(r) for r in results]
+        total = sum(counts)
+        return DetectionResult(
+            detector=results[0].detector,
+            scores=torch.cat([r.scores for r in results]),
+            seeds=torch.cat([r.seeds for r in results]),
+            unet_evaluations_per_prompt=sum(
+                r.unet_evaluations_per_prompt * c for r, c in zip(results, counts)
+            )
+            / total,
+            extras={k: torch.cat([r.extras[k] for r in results]) for k in results[0].extras},
+        )
+
 
 class Detect(Protocol):
     """The signature every detector function has."""

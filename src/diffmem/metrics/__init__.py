@@ -1,4 +1,7 @@
-"""Memorization metrics: nL2 (pixel level), copy-detection similarity (object level), and their summaries."""
+"""Memorization metrics: nL2 (pixel level), copy-detection similarity (object level), their summaries,
+the ROC of detectors, and quality (FID/KID, loaded on first use: torchmetrics is slow to import)."""
+
+from importlib import import_module
 
 from diffmem.metrics.copy_detection import (
     COPY_THRESHOLD,
@@ -18,7 +21,13 @@ from diffmem.metrics.copy_detection import (
 )
 from diffmem.metrics.memorization import MemorizationSummary, per_prompt, summarize
 from diffmem.metrics.nl2 import NL2_THRESHOLD, NL2Result, nl2, pairwise_l2
-from diffmem.metrics.quality import FeatureNet, fid, kid
+from diffmem.metrics.roc import Roc, detection_metrics, roc, threshold_at_fpr, tpr_at_fpr, tpr_key
+
+_LAZY = {
+    "FeatureNet": "diffmem.metrics.quality",
+    "fid": "diffmem.metrics.quality",
+    "kid": "diffmem.metrics.quality",
+}
 
 __all__ = [
     "COPY_THRESHOLD",
@@ -28,9 +37,11 @@ __all__ = [
     "FeatureNet",
     "MemorizationSummary",
     "NL2Result",
+    "Roc",
     "SSCDTorchScript",
     "augment",
     "copy_detection_accuracy",
+    "detection_metrics",
     "embed",
     "fid",
     "info_nce",
@@ -42,7 +53,17 @@ __all__ = [
     "nl2",
     "pairwise_l2",
     "per_prompt",
+    "roc",
     "save_encoder",
     "summarize",
+    "threshold_at_fpr",
+    "tpr_at_fpr",
+    "tpr_key",
     "train_copy_detector",
 ]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'diffmem.metrics' has no attribute {name!r}")
+    return getattr(import_module(_LAZY[name]), name)

@@ -1,0 +1,189 @@
+"""``diffmem scan`` and ``diffmem calibrate``: score prompt lists with a detector, flag memorized ones."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from diffmem.cli.app import Settings, app
+from diffmem.detect.calibration import Calibration, calibrate
+from diffmem.detect.registry import config_settings, detector_config
+from diffmem.detect.scan import scan_prompts
+from diffmem.detect.scan_store import SUMMARY_FILE, ScanStore
+from diffmem.detect.scanner import Scanner
+from diffmem.errors import DiffmemError
+from diffmem.models import DEFAULT_MODEL, model_identity, open_model
+from diffmem.prompts_io import read_prompt_records, read_prompts
+from diffmem.run_record import write_summary
+
+ModelOption = Annotated[
+    str | None, typer.Option(help=f"Model directory or builtin:NAME (default {DEFAULT_MODEL}).")
+]
+ColumnOption = Annotated[str, typer.Option(help="Prompt column of a tabular prompt file.")]
+DetectorOption = Annotated[str, typer.Option(help="noise_norm (Wen et al.) or a peer detector.")]
+InferenceStepsOption = Annotated[
+    int | None, typer.Option(help="Length of the sampling schedule (default: the detector's, 50).")
+]
+FirstStepsOption = Annotated[
+    str | None, typer.Option(help="Score the first K steps, or 'all' (default: the detector's, 1).")
+]
+GenerationsOption = Annotated[int | None, typer.Option(help="Generations (seeds) per prompt (default 1).")]
+GuidanceOption = Annotated[float | None, typer.Option(help="CFG scale (default 7.5).")]
+BatchOption = Annotated[
+    int | None, typer.Option(help="Samples per batched call; halved on GPU out-of-memory (default 32).")
+]
+SharedNoiseOption = Annotated[
+    bool | None,
+    typer.Option(help="All prompts share each generation's x_T (first step: uncond once a batch)."),
+]
+
+
+@app.command()
+def scan(
+    ctx: typer.Context,
+    prompts: Annotated[Path, typer.Option(help="A .txt, .jsonl, .csv or .parquet prompt file.")],
+    model: ModelOption = None,
+    out: Annotated[Path, typer.Option(help="Scan directory (rows, summary).")] = Path("out/scan"),
+    column: ColumnOption = "prompt",
+    id_column: Annotated[
+        str | None, typer.Option(help="Column of prompt ids (default: row or line number).")
+    ] = None,
+    detector: DetectorOption = "noise_norm",
+    num_inference_steps: InferenceStepsOption = None,
+    first_steps: FirstStepsOption = None,
+    n_generations: GenerationsOption = None,
+    guidance_scale: GuidanceOption = None,
+    batch_size: BatchOption = None,
+    shared_noise: SharedNoiseOption = None,
+    calibration: Annotated[
+        Path | None, typer.Option(help="A calibration file from `diffmem calibrate`: flags prompts above it.")
+    ] = None,
+    chunk_size: Annotated[int, typer.Option(help="Prompts per committed part file.")] = 256,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted scan in --out.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace the scan in --out.")] = False,
+) -> None:
+    """Score every prompt with a detector; one Parquet row per prompt, resumable, with a JSON summary."""
+    settings: Settings = ctx.obj
+    if resume and overwrite:
+        raise DiffmemError("pass --resume or --overwrite, not both")
+    if chunk_size < 1:
+        raise DiffmemError(f"--chunk-size must be at least 1; got {chunk_size}")
+    config = _detector_config(
+        detector,
+        settings,
+        num_inference_steps,
+        first_steps,
+        n_generations,
+        guidance_scale,
+        batch_size,
+        shared_noise,
+    )
+    records = read_prompt_records(prompts, column, id_column)
+    if not records:
+        raise DiffmemError(f"{prompts} holds no prompts")
+    identity = model_identity(model)
+    threshold = None
+    if calibration is not None:
+        calibrated = Calibration.load(calibration)
+        calibrated.check(detector, config_settings(config), identity)
+        threshold = calibrated.threshold
+    store_settings = {
+        "model_hash": identity,
+        "detector": detector,
+        "settings": {k: v for k, v in config_settings(config).items() if k != "batch_size"},
+        "prompts_sha256": hashlib.sha256(prompts.read_bytes()).hexdigest(),
+        "column": column,
+        "id_column": id_column,
+        "threshold": threshold,
+    }
+    store = ScanStore(out, store_settings, "resume" if resume else "overwrite" if overwrite else "new")
+    scanner = Scanner(open_model(model, settings.device, settings.dtype), detector, config, threshold)
+    table, summary = scan_prompts(scanner, records, store, identity, chunk_size)
+    run_config = {
+        **store_settings,
+        "model": model or DEFAULT_MODEL,
+        "prompts": str(prompts),
+        "device": str(settings.device),
+        "dtype": str(settings.dtype),
+        "calibration": None if calibration is None else str(calibration),
+    }
+    write_summary(out / SUMMARY_FILE, run_config, summary)
+    flagged = "" if threshold is None else f", {summary['flagged']} flagged as memorized"
+    typer.echo(f"scanned {table.num_rows} prompts{flagged}; wrote {out / 'scan.parquet'}")
+
+
+@app.command(name="calibrate")
+def calibrate_command(
+    ctx: typer.Context,
+    prompts: Annotated[Path, typer.Option(help="Prompts known NOT to be memorized (a prompt file).")],
+    out: Annotated[Path, typer.Option(help="Calibration file to write (JSON).")],
+    model: ModelOption = None,
+    column: ColumnOption = "prompt",
+    target_fpr: Annotated[
+        float, typer.Option(help="Share of these prompts allowed above the threshold.")
+    ] = 0.01,
+    detector: DetectorOption = "noise_norm",
+    num_inference_steps: InferenceStepsOption = None,
+    first_steps: FirstStepsOption = None,
+    n_generations: GenerationsOption = None,
+    guidance_scale: GuidanceOption = None,
+    batch_size: BatchOption = None,
+    shared_noise: SharedNoiseOption = None,
+) -> None:
+    """Choose a detection threshold on non-memorized prompts at a target false-positive rate."""
+    settings: Settings = ctx.obj
+    config = _detector_config(
+        detector,
+        settings,
+        num_inference_steps,
+        first_steps,
+        n_generations,
+        guidance_scale,
+        batch_size,
+        shared_noise,
+    )
+    texts = [p for p in read_prompts(prompts, column) if p.strip()]
+    if not texts:
+        raise DiffmemError(f"{prompts} holds no non-empty prompts")
+    denoiser = open_model(model, settings.device, settings.dtype)
+    result = calibrate(denoiser, texts, detector, config, model_identity(model), target_fpr, progress=True)
+    result.save(out)
+    typer.echo(
+        f"threshold {result.threshold:.6g} flags {result.observed_fpr:.1%} of {result.num_prompts} "
+        f"non-memorized prompts (target {target_fpr:.1%}); wrote {out}"
+    )
+
+
+def _detector_config(
+    detector: str,
+    settings: Settings,
+    num_inference_steps: int | None,
+    first_steps: str | None,
+    n_generations: int | None,
+    guidance_scale: float | None,
+    batch_size: int | None,
+    shared_noise: bool | None,
+) -> Any:
+    """The detector's config from the options that were given (the rest keep the detector's defaults)."""
+    given = {
+        "num_inference_steps": num_inference_steps,
+        "n_generations": n_generations,
+        "guidance_scale": guidance_scale,
+        "batch_size": batch_size,
+        "shared_noise": shared_noise,
+    }
+    chosen: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+    if first_steps is not None:
+        chosen["steps"] = _first_steps(first_steps)
+    return detector_config(detector, base_seed=settings.seed, **chosen)
+
+
+def _first_steps(value: str) -> int | None:
+    if value == "all":
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise DiffmemError(f"--first-steps takes a positive number of steps or 'all'; got {value!r}")
+    return int(value)

@@ -1,0 +1,98 @@
+"""Detection thresholds: chosen on prompts known not to be memorized, at a target false-positive rate,
+and saved with the detector settings and the hash of the model they hold for (SPEC §1)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from diffmem.denoiser import Denoiser
+from diffmem.detect.registry import config_settings, detector
+from diffmem.errors import DiffmemError
+from diffmem.metrics.roc import threshold_at_fpr
+
+IGNORED_SETTINGS = ("batch_size",)  # settings that do not change a score
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A threshold on one detector's scores: prompts scoring above it are flagged as memorized."""
+
+    detector: str
+    settings: dict[str, Any]
+    model_hash: str
+    target_fpr: float
+    threshold: float
+    num_prompts: int  # non-memorized prompts the threshold was chosen on
+    observed_fpr: float  # share of those prompts above the threshold
+
+    def check(self, detector_name: str, settings: dict[str, Any], model_hash: str) -> None:
+        """Raise unless this calibration was made for the same detector, settings and model."""
+        if detector_name != self.detector:
+            raise DiffmemError(f"the calibration is for detector {self.detector!r}, not {detector_name!r}")
+        if model_hash != self.model_hash:
+            raise DiffmemError(
+                f"the calibration was made for model {self.model_hash[:12]}, not {model_hash[:12]}; calibrate again"
+            )
+        differ = sorted(
+            key
+            for key in set(settings) | set(self.settings)
+            if key not in IGNORED_SETTINGS and settings.get(key) != self.settings.get(key)
+        )
+        if differ:
+            details = ", ".join(
+                f"{k}={settings.get(k)!r} (calibrated {self.settings.get(k)!r})" for k in differ
+            )
+            raise DiffmemError(f"detector settings differ from the calibration's: {details}")
+
+    def save(self, path: Path) -> None:
+        """Write the calibration as JSON (atomically)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        os.replace(temporary, path)
+
+    @classmethod
+    def load(cls, path: Path) -> Calibration:
+        """Read a calibration written by :meth:`save`."""
+        try:
+            record = json.loads(Path(path).read_text())
+            return cls(**record)
+        except FileNotFoundError as error:
+            raise DiffmemError(f"calibration file not found: {path}") from error
+        except (json.JSONDecodeError, TypeError) as error:
+            raise DiffmemError(f"{path} is not a diffmem calibration file: {error}") from error
+
+
+def calibrate(
+    denoiser: Denoiser,
+    prompts: Sequence[str],
+    detector_name: str,
+    config: Any,
+    model_hash: str,
+    target_fpr: float = 0.01,
+    progress: bool = False,
+) -> Calibration:
+    """Score non-memorized ``prompts`` and place the threshold at ``target_fpr`` of them."""
+    if not 0 < target_fpr < 1:
+        raise DiffmemError(f"target_fpr must be between 0 and 1; got {target_fpr}")
+    _, detect = detector(detector_name)
+    scores = detect(denoiser, prompts, config, progress=progress).scores
+    finite = [float(s) for s in scores if math.isfinite(float(s))]
+    if not finite:
+        raise DiffmemError("no prompt of the calibration set got a finite score")
+    threshold = threshold_at_fpr(finite, target_fpr)
+    return Calibration(
+        detector=detector_name,
+        settings=config_settings(config),
+        model_hash=model_hash,
+        target_fpr=target_fpr,
+        threshold=float(threshold),
+        num_prompts=len(finite),
+        observed_fpr=sum(s > threshold for s in finite) / len(finite),
+    )

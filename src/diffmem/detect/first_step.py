@@ -1,0 +1,59 @@
+"""The first sampling step, from x_T: what the first-step detectors (sharpness, one-step) score."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from diffmem.condition import Condition
+from diffmem.denoiser import Denoiser
+from diffmem.errors import DiffmemError
+from diffmem.sampling import StepState, sample
+from diffmem.sampling.guided_sampler import eps_scheduler
+from diffmem.sampling.seeds import initial_noise, seeded_generators
+
+
+class _KeepFirstStep:
+    """Observer keeping the first step it sees."""
+
+    def __init__(self) -> None:
+        self.step: StepState | None = None
+
+    def __call__(self, step: StepState) -> None:
+        if step.index == 0:
+            self.step = step
+
+
+def first_step(
+    denoiser: Denoiser,
+    cond: Condition,
+    seeds: Sequence[int],
+    num_inference_steps: int,
+    guidance_scale: float | None = None,
+) -> StepState:
+    """The sampler's first step of a batch: x_T, both predictions at it and the guided estimate."""
+    keep = _KeepFirstStep()
+    sample(
+        denoiser,
+        cond,
+        seeds,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        observers=[keep],
+        max_steps=1,
+    )
+    return keep.step
+
+
+def first_step_input(
+    denoiser: Denoiser, seeds: Sequence[int], num_inference_steps: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_T ([B, C, H, W]) as the sampler feeds it to the model at its first step, and that step's t."""
+    if num_inference_steps < 1:
+        raise DiffmemError(f"num_inference_steps must be at least 1; got {num_inference_steps}")
+    schedule = eps_scheduler(denoiser.scheduler)
+    schedule.set_timesteps(num_inference_steps, device=denoiser.device)
+    t = schedule.timesteps[0]
+    x_T = initial_noise(seeded_generators(seeds), denoiser.sample_shape, denoiser.device, denoiser.dtype)
+    return schedule.scale_model_input(x_T * schedule.init_noise_sigma, t), t

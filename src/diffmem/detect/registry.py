@@ -1,0 +1,38 @@
+"""Every detector by name, with its config class: what ``scan``, ``calibrate`` and ``eval`` choose from."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, fields
+from typing import Any
+
+from diffmem.detect.detector import Detect
+from diffmem.detect.noise_norm import NoiseNormConfig, noise_norm
+from diffmem.errors import DiffmemError
+
+DETECTORS: dict[str, tuple[type, Detect]] = {
+    "noise_norm": (NoiseNormConfig, noise_norm),
+}
+
+
+def detector(name: str) -> tuple[type, Detect]:
+    """The config class and function of a detector."""
+    if name not in DETECTORS:
+        raise DiffmemError(f"unknown detector {name!r}; choose one of {', '.join(DETECTORS)}")
+    return DETECTORS[name]
+
+
+def detector_config(name: str, **settings: Any) -> Any:
+    """A detector's config with the given settings over its defaults; unknown settings are an error."""
+    config_class, _ = detector(name)
+    known = {f.name for f in fields(config_class)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise DiffmemError(
+            f"detector {name!r} has no setting {', '.join(unknown)}; its settings: {', '.join(sorted(known))}"
+        )
+    return config_class(**settings)
+
+
+def config_settings(config: Any) -> dict[str, Any]:
+    """A detector config as a plain dict (what calibration files and scan settings record)."""
+    return asdict(config)

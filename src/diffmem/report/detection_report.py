@@ -1,0 +1,244 @@
+"""A detection report: how well, and at what cost, each evaluated setting separates memorized prompts.
+
+SPEC §1: report AUC, TPR at 1% and 3% FPR from the shared ROC curve (:mod:`diffmem.metrics.roc`) and
+the UNet evaluations spent per prompt. One call writes ``results.json``, ``results.md``, ``roc.png``,
+``histograms.png`` and ``report.html``, a page that needs no other file.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from diffmem.errors import DiffmemError
+from diffmem.metrics.roc import Roc, detection_metrics, roc, tpr_key
+
+TITLE = "Memorization detection report"
+REPORT_FPRS = (0.01, 0.03)
+HEADER = ("Setting", "AUC", "TPR@1%FPR", "TPR@3%FPR", "UNet evals/prompt", "Wall s")
+_CSS = (
+    "body{font-family:sans-serif;margin:2em;max-width:70em}"
+    "table{border-collapse:collapse;margin-bottom:1em}"
+    "th,td{border:1px solid #bbb;padding:0.3em 0.6em;text-align:left;vertical-align:top}"
+    "img{max-width:100%}"
+)
+
+
+@dataclass(frozen=True)
+class EvaluatedSetting:
+    """The scores one detector setting gave a labelled prompt set, and what they cost."""
+
+    name: str  # unique within a report
+    detector: str
+    settings: dict  # the detector's configuration, JSON-ready
+    scores: np.ndarray  # [P] higher: more likely memorized; non-finite scores are left out and counted
+    labels: np.ndarray  # [P] 1: memorized, 0: not memorized
+    unet_evaluations_per_prompt: float
+    wall_s: float  # wall-clock seconds spent scoring all P prompts
+
+    def __post_init__(self) -> None:
+        if not self.wall_s > 0:
+            raise DiffmemError(f"setting {self.name!r}: wall_s must be a positive time; got {self.wall_s}")
+
+
+def write_detection_report(settings: Sequence[EvaluatedSetting], out_dir: Path, provenance: dict) -> Path:
+    """Write the results table, ROC curves, score histograms and an HTML page of them into ``out_dir``.
+
+    Returns the path of ``report.html``. ``provenance`` (the command, configuration, versions) is
+    recorded in ``results.json`` and shown on the page.
+    """
+    settings = _checked(settings)
+    metrics = [detection_metrics(s.scores, s.labels, REPORT_FPRS) for s in settings]
+    rows = [_row(s, m) for s, m in zip(settings, metrics, strict=True)]
+    notes = _dropped_notes(settings, metrics)
+    roc_png = _png(_roc_figure(settings, [roc(s.scores, s.labels) for s in settings]))
+    histograms_png = _png(_histogram_figure(settings))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out_dir / "results.json", _results_json(settings, metrics, provenance).encode())
+    _write_atomic(out_dir / "results.md", _markdown(rows, notes).encode())
+    _write_atomic(out_dir / "roc.png", roc_png)
+    _write_atomic(out_dir / "histograms.png", histograms_png)
+    page = _html_page(provenance, rows, notes, settings, roc_png, histograms_png)
+    _write_atomic(out_dir / "report.html", page.encode())
+    return out_dir / "report.html"
+
+
+def _checked(settings: Sequence[EvaluatedSetting]) -> list[EvaluatedSetting]:
+    settings = list(settings)
+    if not settings:
+        raise DiffmemError("a detection report needs at least one evaluated setting")
+    names = [s.name for s in settings]
+    if len(set(names)) != len(names):
+        raise DiffmemError(f"setting names must be unique to tell rows apart; got {names}")
+    return settings
+
+
+def _row(setting: EvaluatedSetting, metrics: dict) -> tuple[str, ...]:
+    """One table row, formatted: the same cells in Markdown and HTML."""
+    tprs = [f"{metrics[tpr_key(fpr)]:.3f}" for fpr in REPORT_FPRS]
+    evaluations = f"{setting.unet_evaluations_per_prompt:g}"
+    return (setting.name, f"{metrics['auc']:.3f}", *tprs, evaluations, f"{setting.wall_s:.1f}")
+
+
+def _dropped_notes(settings: Sequence[EvaluatedSetting], metrics: Sequence[dict]) -> list[str]:
+    return [
+        f"{s.name}: {m['n_dropped_nonfinite']} prompts with a non-finite score left out"
+        for s, m in zip(settings, metrics, strict=True)
+        if m["n_dropped_nonfinite"]
+    ]
+
+
+def _results_json(settings: Sequence[EvaluatedSetting], metrics: Sequence[dict], provenance: dict) -> str:
+    records = [
+        {
+            "name": s.name,
+            "detector": s.detector,
+            "settings": s.settings,
+            "metrics": m,
+            "unet_evaluations_per_prompt": s.unet_evaluations_per_prompt,
+            "wall_s": s.wall_s,
+            "prompts_per_s": len(s.scores) / s.wall_s,
+        }
+        for s, m in zip(settings, metrics, strict=True)
+    ]
+    return json.dumps({"provenance": provenance, "settings": records}, indent=2, default=str) + "\n"
+
+
+def _markdown(rows: Sequence[tuple[str, ...]], notes: Sequence[str]) -> str:
+    table = "\n".join([_markdown_row(HEADER), "|" + " --- |" * len(HEADER), *map(_markdown_row, rows)])
+    return "\n\n".join([table, *notes]) + "\n"
+
+
+def _markdown_row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cell.replace("|", r"\|").replace("\n", " ") for cell in cells) + " |"
+
+
+def _roc_figure(settings: Sequence[EvaluatedSetting], curves: Sequence[Roc]) -> Figure:
+    figure = Figure(figsize=(6, 5.5), layout="constrained")
+    ax = figure.add_subplot()
+    for setting, curve in zip(settings, curves, strict=True):
+        ax.plot(curve.fpr, curve.tpr, label=f"{_plain(setting.name)} (AUC {curve.auc:.3f})")
+    ax.plot([0, 1], [0, 1], linestyle=":", color="grey", label="chance")
+    ax.set(xlabel="False-positive rate", ylabel="True-positive rate", xlim=(0, 1), ylim=(0, 1.01))
+    ax.set_title("ROC curves")
+    ax.legend(loc="lower right", fontsize="small")
+    return figure
+
+
+def _histogram_figure(settings: Sequence[EvaluatedSetting]) -> Figure:
+    columns = min(3, len(settings))
+    rows = math.ceil(len(settings) / columns)
+    figure = Figure(figsize=(4.5 * columns, 3.5 * rows), layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    for ax, setting in zip(axes, settings):
+        _histogram(ax, setting)
+    for ax in axes[len(settings) :]:
+        ax.set_visible(False)
+    return figure
+
+
+def _histogram(ax: Axes, setting: EvaluatedSetting) -> None:
+    """Finite scores of memorized and non-memorized prompts over shared bins."""
+    scores = np.asarray(setting.scores, dtype=np.float64)
+    labels = np.asarray(setting.labels)
+    finite = np.isfinite(scores)
+    bins = np.histogram_bin_edges(scores[finite], bins=30)
+    for label, name, color in ((0, "not memorized", "tab:blue"), (1, "memorized", "tab:red")):
+        ax.hist(scores[finite & (labels == label)], bins=bins, alpha=0.6, color=color, label=name)
+    ax.set(xlabel="score", ylabel="prompts")
+    ax.set_title(_plain(setting.name), fontsize="medium")
+    ax.legend(fontsize="small")
+
+
+def _plain(text: str) -> str:
+    """``text`` shown literally by matplotlib, which reads ``$...$`` as math."""
+    return text.replace("$", r"\$")
+
+
+def _png(figure: Figure) -> bytes:
+    FigureCanvasAgg(figure)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
+
+
+def _html_page(
+    provenance: dict,
+    rows: Sequence[tuple[str, ...]],
+    notes: Sequence[str],
+    settings: Sequence[EvaluatedSetting],
+    roc_png: bytes,
+    histograms_png: bytes,
+) -> str:
+    provenance_rows = [(str(key), _text(value)) for key, value in provenance.items()]
+    setting_rows = [(s.name, s.detector, _text(s.settings)) for s in settings]
+    body = [
+        f"<h1>{html.escape(TITLE)}</h1>",
+        "<h2>Provenance</h2>",
+        _html_table(("Key", "Value"), provenance_rows),
+        "<h2>Results</h2>",
+        _html_table(HEADER, rows),
+        *(f"<p>{html.escape(note)}</p>" for note in notes),
+        "<h2>ROC curves</h2>",
+        _html_image(roc_png, "ROC curves of all settings"),
+        "<h2>Score histograms</h2>",
+        _html_image(histograms_png, "Score histograms of memorized and non-memorized prompts"),
+        "<h2>Settings</h2>",
+        _html_table(("Setting", "Detector", "Settings"), setting_rows),
+    ]
+    head = f'<meta charset="utf-8"><title>{html.escape(TITLE)}</title><style>{_CSS}</style>'
+    page = [
+        "<!DOCTYPE html>",
+        '<html lang="en">',
+        f"<head>{head}</head>",
+        "<body>",
+        *body,
+        "</body>",
+        "</html>",
+    ]
+    return "\n".join(page) + "\n"
+
+
+def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["<table>", _html_row("th", header), *(_html_row("td", row) for row in rows), "</table>"]
+    return "\n".join(lines)
+
+
+def _html_row(tag: str, cells: Sequence[str]) -> str:
+    return "<tr>" + "".join(f"<{tag}>{html.escape(cell)}</{tag}>" for cell in cells) + "</tr>"
+
+
+def _html_image(png: bytes, alt: str) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else json.dumps(value, default=str)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            os.fchmod(file.fileno(), 0o644)  # mkstemp makes the file private; a report is meant to be read
+            file.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
