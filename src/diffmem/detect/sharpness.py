@@ -88,6 +88,6 @@ def difference_jvp(denoiser: Denoiser, step: StepState, tangent: torch.Tensor) -
     # Forward-mode AD has no formula for the fused attention kernels (flash, memory-efficient); the math
     # kernel is matmuls and a softmax, which have one. A double-backward JVP is no way around it: the
     # fused kernels' backward cannot be differentiated either, and it would keep the whole graph.
-    with sdpa_kernel(SDPBackend.MATH):
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         _, jvp = torch.func.jvp(d, (step.x_t.detach(),), (tangent,))
     return jvp

@@ -1,0 +1,148 @@
+"""Detection throughput: noise-norm prompts/s against the raw UNet bound, and batched against per-prompt.
+
+    python benchmarks/detect_throughput.py --device cuda            # SD 1.5 architecture, fp16 (the goal)
+    python benchmarks/detect_throughput.py --size tiny --device cpu  # a smoke run of the same code
+
+Goals (detection issue): first step n = 1 at >= 0.9x the bound of one batched UNet forward of the CFG
+pair at the same batch size; all steps n = 4 at >= 5x a one-prompt-at-a-time loop like the reference
+implementation's (each prompt's n generations in one batch). Prints the ratios and writes a JSON record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from diffmem.adapters import wrap_pipeline
+from diffmem.detect import NoiseNormConfig, noise_norm
+from diffmem.full_size import stable_diffusion_15
+from diffmem.models import resolve_device, resolve_dtype
+from diffmem.run_record import environment
+from diffmem.tiny_pipelines import tiny_stable_diffusion
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark; returns (and writes) its record."""
+    args = _parser().parse_args(argv)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    pipeline = (
+        stable_diffusion_15(device, dtype)
+        if args.size == "sd15"
+        else tiny_stable_diffusion().to(device, dtype)
+    )
+    denoiser = wrap_pipeline(pipeline)
+    prompts = [
+        f"a photograph of item {i} by an artist, trending, detailed, high quality"
+        for i in range(args.prompts)
+    ]
+    first = NoiseNormConfig(batch_size=args.batch_size)
+    bound_s = _raw_cfg_forward_s(denoiser, args.batch_size, args.repeats)
+    bound = args.batch_size / bound_s
+    first_pps = _prompts_per_s(denoiser, prompts, first)
+    shared_pps = _prompts_per_s(denoiser, prompts, replace(first, shared_noise=True))
+    every = NoiseNormConfig(
+        num_inference_steps=args.num_inference_steps, steps=None, n_generations=4, batch_size=args.batch_size
+    )
+    loop_prompts = prompts[: args.loop_prompts]
+    batched_pps = _prompts_per_s(denoiser, loop_prompts, every)
+    loop_pps = _per_prompt_loop_pps(denoiser, loop_prompts, every)
+    record = {
+        "size": args.size,
+        "device": str(device),
+        "dtype": str(dtype),
+        "batch_size": args.batch_size,
+        "prompts": args.prompts,
+        "all_steps_num_inference_steps": args.num_inference_steps,
+        "raw_bound_prompts_per_s": bound,
+        "first_step_n1_prompts_per_s": first_pps,
+        "first_step_n1_vs_bound": first_pps / bound,
+        "shared_noise_prompts_per_s": shared_pps,
+        "shared_noise_vs_bound": shared_pps / bound,
+        "all_steps_n4_batched_prompts_per_s": batched_pps,
+        "all_steps_n4_per_prompt_loop_prompts_per_s": loop_pps,
+        "all_steps_n4_batched_vs_loop": batched_pps / loop_pps,
+        **environment(),
+    }
+    for key, value in record.items():
+        if isinstance(value, float):
+            print(f"{key:45s} {value:10.3f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    print(f"wrote {out}")
+    return record
+
+
+def _raw_cfg_forward_s(denoiser, batch_size: int, repeats: int) -> float:
+    """Seconds of one UNet forward of the CFG pair (2 x batch_size samples), the speed-of-light per batch."""
+    unet = denoiser.unet
+    shape = (2 * batch_size, *denoiser.sample_shape)
+    x = torch.randn(shape, device=denoiser.device, dtype=denoiser.dtype)
+    hidden = torch.randn(
+        2 * batch_size, 77, unet.config.cross_attention_dim, device=denoiser.device, dtype=denoiser.dtype
+    )
+    t = torch.tensor(981, device=denoiser.device)
+    with torch.no_grad():
+        return _timed(
+            lambda: unet(x, t, encoder_hidden_states=hidden, return_dict=False), denoiser.device, repeats
+        )
+
+
+def _prompts_per_s(denoiser, prompts: list[str], config: NoiseNormConfig) -> float:
+    seconds = _timed(lambda: noise_norm(denoiser, prompts, config), denoiser.device, 1)
+    return len(prompts) / seconds
+
+
+def _per_prompt_loop_pps(denoiser, prompts: list[str], config: NoiseNormConfig) -> float:
+    """One prompt at a time, its generations batched together (as the reference implementation runs)."""
+    single = replace(config, batch_size=config.n_generations)
+    seconds = _timed(
+        lambda: [noise_norm(denoiser, [p], single, prompt_ids=[i]) for i, p in enumerate(prompts)],
+        denoiser.device,
+        1,
+    )
+    return len(prompts) / seconds
+
+
+def _timed(work, device: torch.device, repeats: int) -> float:
+    """Mean wall seconds of ``work`` after one warm-up call, synchronised on CUDA."""
+    work()
+    _sync(device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        work()
+    _sync(device)
+    return (time.perf_counter() - started) / repeats
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--size", choices=("sd15", "tiny"), default="sd15")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--prompts", type=int, default=512, help="prompts for the first-step settings")
+    parser.add_argument("--loop-prompts", type=int, default=16, help="prompts for the all-steps comparison")
+    parser.add_argument(
+        "--num-inference-steps", type=int, default=50, help="schedule of the all-steps setting"
+    )
+    parser.add_argument("--repeats", type=int, default=10, help="timed raw forwards")
+    parser.add_argument("--out", default="benchmarks/results/detect_throughput.json")
+    return parser
+
+
+if __name__ == "__main__":
+    main()

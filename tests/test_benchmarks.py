@@ -1,0 +1,39 @@
+"""The benchmarks still run: a smoke run of each at the smallest size (their numbers mean nothing here)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_detect_throughput_smoke(tmp_path):
+    out = tmp_path / "record.json"
+    args = [
+        "--size",
+        "tiny",
+        "--device",
+        "cpu",
+        "--prompts",
+        "4",
+        "--loop-prompts",
+        "1",
+        "--batch-size",
+        "2",
+        "--num-inference-steps",
+        "4",
+    ]
+    record = _load("detect_throughput").main([*args, "--repeats", "1", "--out", str(out)])
+    assert (
+        json.loads(out.read_text())["first_step_n1_prompts_per_s"]
+        == record["first_step_n1_prompts_per_s"]
+        > 0
+    )
+    assert record["first_step_n1_vs_bound"] > 0 and record["all_steps_n4_batched_vs_loop"] > 0
