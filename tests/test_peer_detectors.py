@@ -96,7 +96,7 @@ def test_sharpness_is_the_derivative_of_d_along_itself_at_x_T(sd, sd64):
 
 def test_the_empty_prompt_has_zero_sharpness_and_cost_counts_the_jvp(sd):
     result = sharpness(sd, ["", *PROMPTS], SharpnessConfig(num_inference_steps=STEPS, n_generations=2))
-    assert result.scores[0] == 0 and (result.scores[1:] > 1e-4).all()
+    assert result.scores[0] < 1e-6 and (result.scores[1:] > 1e-4).all()
     assert result.scores.shape == (4,) and result.seeds.shape == (4, 2) and not result.scores.requires_grad
     assert result.unet_evaluations_per_prompt == 2 * (2 + 2 * 3)  # per generation: pair + JVP of the pair
 

@@ -153,6 +153,7 @@ def _select_layers(per_layer: torch.Tensor, layers: tuple[int, ...] | None) -> t
         return per_layer
     if not layers or any(not 0 <= i < count for i in layers):
         raise DiffmemError(
-            f"layers must be positions among the {count} cross-attention layers (0..{count - 1}); got {layers}"
+            f"layers must be positions among the {count} cross-attention layers (0..{count - 1}); "
+            f"got {layers}"
         )
     return per_layer[:, list(layers)]

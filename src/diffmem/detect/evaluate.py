@@ -23,6 +23,10 @@ DEFAULT_SETTINGS = (
     "noise_norm:steps=1,n_generations=1,shared_noise=true",
     "noise_norm:steps=10,n_generations=4",
     "noise_norm:steps=all,n_generations=4",
+    "sharpness",
+    "attention_entropy",
+    "one_step",
+    "generation_agreement",
 )
 
 

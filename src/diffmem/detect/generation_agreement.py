@@ -23,7 +23,7 @@ from diffmem.sampling import generate
 
 @dataclass(frozen=True)
 class GenerationAgreementConfig:
-    """How many generations and how they are compared (defaults: 8 generations of 50 DDIM steps, 4 x 4 tiles)."""
+    """How many generations and how to compare them (defaults: 8 generations, 50 DDIM steps, 4 x 4 tiles)."""
 
     num_inference_steps: int = 50
     n_generations: int = 8
@@ -31,8 +31,8 @@ class GenerationAgreementConfig:
     base_seed: int = 0
     batch_size: int = 32  # samples (prompt x generation) per batched call
     tiles: int = 4  # tiles per side: Carlini et al. cut 512 px images into 4 x 4 tiles of 128 px
-    # near-duplicates: within this tiled distance (RMS on [0, 1] pixels): a few times the 0.031 of the
-    # regenerated training image in Carlini et al.'s Fig. 1, a third of the ~0.35 between unrelated photos
+    # near-duplicates: within this tiled distance (RMS on [0, 1] pixels); about 3x the 0.031 of the
+    # regenerated training image in Carlini et al.'s Fig. 1, well under the ~0.3-0.4 of unrelated photos
     duplicate_distance: float = 0.1
 
 
@@ -41,7 +41,7 @@ def tiled_l2(images_a: torch.Tensor, images_b: torch.Tensor, tiles: int = 4) -> 
     if images_a.shape[1:] != images_b.shape[1:]:
         raise DiffmemError(f"cannot compare images of shape {images_a.shape[1:]} and {images_b.shape[1:]}")
     a, b = _tiles(images_a, tiles), _tiles(images_b, tiles)  # [tiles^2, N, C * h * w]
-    # l2(x, y) = sqrt(sum_i (x_i - y_i)^2 / d) within a tile; tiled l2 = max over tiles (Carlini et al. §4.2)
+    # l2(x, y) = sqrt(sum_i (x_i - y_i)^2 / d) per tile; Carlini et al.'s tiled l2: the max over tiles
     per_tile = torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist") / a.shape[-1] ** 0.5
     return per_tile.amax(dim=0)
 

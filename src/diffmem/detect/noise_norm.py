@@ -22,10 +22,8 @@ from diffmem.detect.detector import (
     check_prompts,
     detection_seeds,
 )
-from diffmem.errors import DiffmemError
+from diffmem.detect.first_step import first_step_input
 from diffmem.sampling import StepState, sample
-from diffmem.sampling.guided_sampler import eps_scheduler
-from diffmem.sampling.seeds import initial_noise, seeded_generators
 
 
 @dataclass(frozen=True)
@@ -115,14 +113,8 @@ def _first_step_shared_noise(
     denoiser: Denoiser, cond: Condition, seeds: list[int], config: NoiseNormConfig
 ) -> tuple[torch.Tensor, int]:
     """[B, 1] first-step norms when rows share x_T per seed: one unconditional call per distinct seed."""
-    if config.num_inference_steps < 1:
-        raise DiffmemError(f"num_inference_steps must be at least 1; got {config.num_inference_steps}")
-    schedule = eps_scheduler(denoiser.scheduler)
-    schedule.set_timesteps(config.num_inference_steps, device=denoiser.device)
-    t = schedule.timesteps[0]
     distinct = sorted(set(seeds))
-    x_T = initial_noise(seeded_generators(distinct), denoiser.sample_shape, denoiser.device, denoiser.dtype)
-    x_T = schedule.scale_model_input(x_T * schedule.init_noise_sigma, t)
+    x_T, t = first_step_input(denoiser, distinct, config.num_inference_steps)
     row_noise = torch.tensor([distinct.index(s) for s in seeds], device=x_T.device)
     with torch.no_grad():
         eps_uncond = denoiser.eps(x_T, t, denoiser.null_condition(len(distinct)))

@@ -5,12 +5,20 @@ from __future__ import annotations
 from dataclasses import asdict, fields
 from typing import Any
 
+from diffmem.detect.attention_entropy import AttentionEntropyConfig, attention_entropy
 from diffmem.detect.detector import Detect
+from diffmem.detect.generation_agreement import GenerationAgreementConfig, generation_agreement
 from diffmem.detect.noise_norm import NoiseNormConfig, noise_norm
+from diffmem.detect.one_step import OneStepConfig, one_step
+from diffmem.detect.sharpness import SharpnessConfig, sharpness
 from diffmem.errors import DiffmemError
 
 DETECTORS: dict[str, tuple[type, Detect]] = {
-    "noise_norm": (NoiseNormConfig, noise_norm),
+    "noise_norm": (NoiseNormConfig, noise_norm),  # Wen et al. (ICLR 2024)
+    "sharpness": (SharpnessConfig, sharpness),  # Jeon et al. (ICML 2025)
+    "attention_entropy": (AttentionEntropyConfig, attention_entropy),  # Ren et al. (ECCV 2024)
+    "generation_agreement": (GenerationAgreementConfig, generation_agreement),  # Carlini et al. (2023)
+    "one_step": (OneStepConfig, one_step),  # Webster (2023)
 }
 
 

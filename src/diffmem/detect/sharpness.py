@@ -30,7 +30,7 @@ JVP_EVALUATIONS_PER_CALL = 3
 
 @dataclass(frozen=True)
 class SharpnessConfig:
-    """Where and how often to measure (defaults: first step of 50 DDIM steps, n = 1; Jeon et al. also use 4)."""
+    """How often to measure (defaults: the first of 50 DDIM steps, n = 1; Jeon et al. also report n = 4)."""
 
     num_inference_steps: int = 50  # sets the first timestep t of the schedule
     n_generations: int = 1
@@ -63,7 +63,7 @@ def sharpness(
         cond = denoiser.encode([prompts[p] for p in rows[chunk]])
         step = first_step(denoiser, cond, seeds[chunk], config.num_inference_steps)
         d = step.eps_cond - step.eps_uncond
-        # s = -eps / sigma_t, so ||(H_c - H_u) s_delta|| = ||J_d d|| / sigma_t^2, one factor for all prompts
+        # s = -eps / sqrt(1 - abar_t): ||(H_c - H_u) s_delta|| = ||J_d d|| / (1 - abar_t), a shared factor
         values.append(difference_jvp(denoiser, step, d).flatten(1).float().norm(dim=1).cpu())
         d_norms.append(difference_norm(step.eps_cond, step.eps_uncond))
     # per generation: the CFG pair at x_T (2) and the JVP of that pair (2 calls)
@@ -78,7 +78,7 @@ def sharpness(
 
 
 def difference_jvp(denoiser: Denoiser, step: StepState, tangent: torch.Tensor) -> torch.Tensor:
-    """``J_d(x_t) tangent`` ([B, C, H, W]) for ``d(x) = eps_cond(x) - eps_uncond(x)`` at the step's x_t and t."""
+    """``J_d(x_t) tangent`` ([B, C, H, W]) for ``d(x) = eps_cond(x) - eps_uncond(x)`` at the step's x_t, t."""
     pair = Condition.cat([step.null, step.cond])
 
     def d(x: torch.Tensor) -> torch.Tensor:
@@ -89,5 +89,5 @@ def difference_jvp(denoiser: Denoiser, step: StepState, tangent: torch.Tensor) -
     # kernel is matmuls and a softmax, which have one. A double-backward JVP is no way around it: the
     # fused kernels' backward cannot be differentiated either, and it would keep the whole graph.
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-        _, jvp = torch.func.jvp(d, (step.x_t.detach(),), (tangent,))
+        _, jvp = torch.func.jvp(d, (step.x_t,), (tangent,))
     return jvp
