@@ -85,3 +85,11 @@ def test_shared_noise_reuses_the_unconditional_prediction_at_the_first_step(sd):
     # rows (prompt x generation) = 6 conditional calls + 2 distinct seeds per batch of 4 (2 batches)
     assert fast.unet_evaluations_per_prompt == (6 + 2 + 2) / 3
     assert general.unet_evaluations_per_prompt == 2 * 2 * 2
+
+
+def test_reduced_precision_scores_track_float32():
+    config = NoiseNormConfig(num_inference_steps=5)
+    reference = noise_norm(wrap_pipeline(tiny_stable_diffusion()), PROMPTS, config).scores
+    low = noise_norm(wrap_pipeline(tiny_stable_diffusion().to(dtype=torch.bfloat16)), PROMPTS, config).scores
+    assert low.dtype == torch.float32  # norms are taken in float32 whatever the model runs in
+    torch.testing.assert_close(low, reference, rtol=0.05, atol=1e-3)

@@ -21,7 +21,11 @@ BUILTINS: dict[str, Callable[[], DiffusionPipeline]] = {
     "tiny-unet2d": tiny_pipelines.tiny_unet2d,
     "tiny-unet2d-class": lambda: tiny_pipelines.tiny_unet2d(class_conditional=True),
 }
+ASSETS = Path(__file__).parent / "assets"
+# trained models shipped with the package: name -> directory holding model/, labels.parquet, calibration.json
+SHIPPED = {"lab-micro": ASSETS / "lab-micro"}
 DEFAULT_MODEL = BUILTIN_PREFIX + "tiny-sd"
+LAB_MODEL = BUILTIN_PREFIX + "lab-micro"
 HASHED_SUFFIXES = {".safetensors", ".bin", ".json", ".txt"}
 
 
@@ -32,16 +36,31 @@ def open_model(
     name = name or DEFAULT_MODEL
     if name.startswith(BUILTIN_PREFIX):
         key = name.removeprefix(BUILTIN_PREFIX)
+        if key in SHIPPED:
+            return load_denoiser(shipped_directory(name) / "model", device=device, dtype=dtype)
         if key not in BUILTINS:
-            choices = ", ".join(BUILTIN_PREFIX + k for k in BUILTINS)
+            choices = ", ".join(BUILTIN_PREFIX + k for k in (*BUILTINS, *SHIPPED))
             raise DiffmemError(f"unknown built-in model {name!r}; choose one of {choices}")
         return load_denoiser(BUILTINS[key](), device=device, dtype=dtype)
     return load_denoiser(name, device=device, dtype=dtype)
 
 
+def shipped_directory(name: str | None) -> Path | None:
+    """The asset directory of a trained model shipped with diffmem (``builtin:lab-micro``), else None."""
+    if name is None or not name.startswith(BUILTIN_PREFIX):
+        return None
+    directory = SHIPPED.get(name.removeprefix(BUILTIN_PREFIX))
+    if directory is not None and not (directory / "model" / "model_index.json").is_file():
+        raise DiffmemError(f"the shipped model {name} is missing from this installation ({directory})")
+    return directory
+
+
 def model_identity(name: str | None = None) -> str:
     """What results are recorded against: the weights' hash for a directory, the name for a built-in."""
     name = name or DEFAULT_MODEL
+    shipped = shipped_directory(name)
+    if shipped is not None:
+        return model_hash(shipped / "model")
     if name.startswith(BUILTIN_PREFIX):
         return name
     if not Path(name).is_dir():

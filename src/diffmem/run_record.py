@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from diffmem.atomic_io import write_atomic
+
 PACKAGES = ("diffmem", "torch", "diffusers", "transformers", "numpy")
 
 
@@ -32,7 +34,7 @@ def environment() -> dict:
 def write_summary(path: Path, config: dict, results: dict) -> None:
     """A JSON summary of one run: its configuration, its environment and its results."""
     record = {"config": config, "environment": environment(), "results": results}
-    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    write_atomic(path, (json.dumps(record, indent=2, default=str) + "\n").encode())
 
 
 def _git_revision() -> str | None:

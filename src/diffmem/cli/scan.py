@@ -15,7 +15,7 @@ from diffmem.detect.scan import scan_prompts
 from diffmem.detect.scan_store import SUMMARY_FILE, ScanStore
 from diffmem.detect.scanner import Scanner
 from diffmem.errors import DiffmemError
-from diffmem.models import DEFAULT_MODEL, model_identity, open_model
+from diffmem.models import DEFAULT_MODEL, LAB_MODEL, model_identity, open_model, shipped_directory
 from diffmem.prompts_io import read_prompt_records, read_prompts
 from diffmem.run_record import write_summary
 
@@ -44,10 +44,18 @@ SharedNoiseOption = Annotated[
 @app.command()
 def scan(
     ctx: typer.Context,
-    prompts: Annotated[Path, typer.Option(help="A .txt, .jsonl, .csv or .parquet prompt file.")],
-    model: ModelOption = None,
+    prompts: Annotated[
+        Path | None,
+        typer.Option(help="A .txt, .jsonl, .csv or .parquet prompt file (default: the lab model's prompts)."),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help=f"Model directory or builtin:NAME (default {LAB_MODEL}, the shipped lab model)."),
+    ] = None,
     out: Annotated[Path, typer.Option(help="Scan directory (rows, summary).")] = Path("out/scan"),
-    column: ColumnOption = "prompt",
+    column: Annotated[
+        str | None, typer.Option(help="Prompt column of a tabular prompt file (default prompt).")
+    ] = None,
     id_column: Annotated[
         str | None, typer.Option(help="Column of prompt ids (default: row or line number).")
     ] = None,
@@ -81,10 +89,19 @@ def scan(
         batch_size,
         shared_noise,
     )
+    model = model or LAB_MODEL
+    shipped = shipped_directory(model)
+    if prompts is None:
+        if shipped is None:
+            raise DiffmemError("give --prompts: only the shipped lab model comes with its own prompt set")
+        prompts, column, id_column = shipped / "labels.parquet", column or "caption", id_column or "prompt_id"
+    column = column or "prompt"
     records = read_prompt_records(prompts, column, id_column)
     if not records:
         raise DiffmemError(f"{prompts} holds no prompts")
     identity = model_identity(model)
+    if calibration is None and shipped is not None and (shipped / "calibration.json").is_file():
+        calibration = _matching(shipped / "calibration.json", detector, config_settings(config), identity)
     threshold = None
     if calibration is not None:
         calibrated = Calibration.load(calibration)
@@ -104,7 +121,7 @@ def scan(
     table, summary = scan_prompts(scanner, records, store, identity, chunk_size)
     run_config = {
         **store_settings,
-        "model": model or DEFAULT_MODEL,
+        "model": model,
         "prompts": str(prompts),
         "device": str(settings.device),
         "dtype": str(settings.dtype),
@@ -155,6 +172,16 @@ def calibrate_command(
         f"threshold {result.threshold:.6g} flags {result.observed_fpr:.1%} of {result.num_prompts} "
         f"non-memorized prompts (target {target_fpr:.1%}); wrote {out}"
     )
+
+
+def _matching(path: Path, detector: str, settings: dict, identity: str) -> Path | None:
+    """The shipped calibration when it was made for these settings, else None (the scan flags nothing)."""
+    try:
+        Calibration.load(path).check(detector, settings, identity)
+    except DiffmemError as mismatch:
+        typer.echo(f"not flagging: the lab model's calibration does not apply ({mismatch})", err=True)
+        return None
+    return path
 
 
 def _detector_config(

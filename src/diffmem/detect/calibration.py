@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from diffmem.atomic_io import write_atomic
 from diffmem.denoiser import Denoiser
 from diffmem.detect.registry import config_settings, detector
 from diffmem.errors import DiffmemError
@@ -53,9 +53,7 @@ class Calibration:
     def save(self, path: Path) -> None:
         """Write the calibration as JSON (atomically)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        os.replace(temporary, path)
+        write_atomic(path, (json.dumps(asdict(self), indent=2) + "\n").encode())
 
     @classmethod
     def load(cls, path: Path) -> Calibration:

@@ -4,7 +4,6 @@ moment and resumed ends with every prompt exactly once; the merged table and sum
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from diffmem.atomic_io import write_atomic, write_parquet_atomic
 from diffmem.errors import DiffmemError
 
 SCHEMA = pa.schema(
@@ -51,7 +51,7 @@ class ScanStore:
         self.parts_dir.mkdir(parents=True, exist_ok=True)
         for leftover in self.parts_dir.glob("*.tmp"):  # a part being written when the scan was killed
             leftover.unlink()
-        _write_atomic(self.out_dir / SETTINGS_FILE, json.dumps(self.settings, indent=2).encode())
+        write_atomic(self.out_dir / SETTINGS_FILE, json.dumps(self.settings, indent=2).encode())
 
     def _open_existing(self, mode: str) -> None:
         settings_path = self.out_dir / SETTINGS_FILE
@@ -95,9 +95,7 @@ class ScanStore:
         parts = self.parts()
         number = int(parts[-1].stem.removeprefix("part-")) + 1 if parts else 0
         path = self.parts_dir / f"part-{number:06d}.parquet"
-        temporary = path.with_name(path.name + ".tmp")
-        pq.write_table(rows.cast(SCHEMA), temporary)
-        os.replace(temporary, path)
+        write_parquet_atomic(rows.cast(SCHEMA), path)
 
     def merge(self, order: list[int]) -> pa.Table:
         """Every committed row, one per prompt id in ``order``, written to the scan table."""
@@ -110,9 +108,7 @@ class ScanStore:
             )
         position = {prompt_id: i for i, prompt_id in enumerate(ids)}
         table = table.take(pa.array([position[i] for i in order], pa.int64()))
-        buffer = pa.BufferOutputStream()
-        pq.write_table(table, buffer)
-        _write_atomic(self.out_dir / TABLE_FILE, buffer.getvalue().to_pybytes())
+        write_parquet_atomic(table, self.out_dir / TABLE_FILE)
         return table
 
 
@@ -125,9 +121,3 @@ def _flat(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[prefix + key] = value
     return flat
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)

@@ -12,8 +12,6 @@ import html
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from diffmem.atomic_io import write_atomic
 from diffmem.errors import DiffmemError
 from diffmem.metrics.roc import Roc, detection_metrics, roc, tpr_key
 
@@ -68,12 +67,12 @@ def write_detection_report(settings: Sequence[EvaluatedSetting], out_dir: Path, 
     histograms_png = _png(_histogram_figure(settings))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_dir / "results.json", _results_json(settings, metrics, provenance).encode())
-    _write_atomic(out_dir / "results.md", _markdown(rows, notes).encode())
-    _write_atomic(out_dir / "roc.png", roc_png)
-    _write_atomic(out_dir / "histograms.png", histograms_png)
+    write_atomic(out_dir / "results.json", _results_json(settings, metrics, provenance).encode())
+    write_atomic(out_dir / "results.md", _markdown(rows, notes).encode())
+    write_atomic(out_dir / "roc.png", roc_png)
+    write_atomic(out_dir / "histograms.png", histograms_png)
     page = _html_page(provenance, rows, notes, settings, roc_png, histograms_png)
-    _write_atomic(out_dir / "report.html", page.encode())
+    write_atomic(out_dir / "report.html", page.encode())
     return out_dir / "report.html"
 
 
@@ -229,16 +228,3 @@ def _html_image(png: bytes, alt: str) -> str:
 
 def _text(value: object) -> str:
     return value if isinstance(value, str) else json.dumps(value, default=str)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            os.fchmod(file.fileno(), 0o644)  # mkstemp makes the file private; a report is meant to be read
-            file.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
