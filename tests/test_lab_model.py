@@ -120,6 +120,13 @@ def test_labels_with_provenance(data_dir, model_dir, tmp_path):
     for label in labels:
         own = [g["nl2"] < 1.4 for g in generations if g["prompt_id"] == label["prompt_id"]]
         assert label["share_nl2"] == sum(own) / 2 and label["memorized"] == (sum(own) / 2 > 0.5)
+        nearest_is_own = [
+            g["nl2_nearest_scene_id"] == label["scene_id"]
+            for g in generations
+            if g["prompt_id"] == label["prompt_id"]
+        ]
+        assert label["share_own_scene"] == sum(nearest_is_own) / 2
+        assert label["memorized_group"] == (label["group"] == "memorized")
     provenance = json.loads((out / "labels.json").read_text())
     assert provenance["model_hash"] == model_hash(model_dir) and provenance["thresholds"]["nl2"] == 1.4
     assert set(provenance["summary"]["groups"]) == {"memorized", "heldout"}

@@ -19,6 +19,7 @@ from diffmem.detect.scan import scan_prompts
 from diffmem.detect.scan_store import ScanStore
 from diffmem.detect.scanner import Scanner
 from diffmem.errors import DiffmemError
+from diffmem.models import LAB_MODEL, model_identity, shipped_directory
 from diffmem.prompts_io import PromptRecord
 from diffmem.tiny_pipelines import tiny_stable_diffusion
 
@@ -177,3 +178,20 @@ def test_a_scan_killed_with_sigkill_resumes_to_every_prompt_exactly_once(tmp_pat
     sd = wrap_pipeline(tiny_stable_diffusion())
     expected = noise_norm(sd, many, NoiseNormConfig(num_inference_steps=3, base_seed=3)).scores
     torch.testing.assert_close(torch.tensor([r["score"] for r in rows], dtype=torch.float32), expected)
+
+
+def test_the_default_scan_is_the_shipped_lab_model_with_its_prompts_and_calibration(tmp_path, capsys):
+    assert run(["scan", "--out", str(tmp_path / "s")]) == 0
+    rows = pq.read_table(tmp_path / "s" / "scan.parquet").to_pylist()
+    labels = pq.read_table(shipped_directory(LAB_MODEL) / "labels.parquet").to_pylist()
+    assert [r["prompt_id"] for r in rows] == [r["prompt_id"] for r in labels]
+    assert [r["prompt"] for r in rows] == [r["caption"] for r in labels]
+    calibration = Calibration.load(shipped_directory(LAB_MODEL) / "calibration.json")
+    assert all(r["flagged"] == (r["score"] > calibration.threshold) for r in rows)
+    assert {r["model_hash"] for r in rows} == {model_identity(LAB_MODEL)} == {calibration.model_hash}
+    # other settings than the calibration's: scored, not flagged, and said so
+    assert run(["scan", "--out", str(tmp_path / "t"), "--n-generations", "2"]) == 0
+    assert "not flagging: the lab model's calibration does not apply" in capsys.readouterr().err
+    assert all(r["flagged"] is None for r in pq.read_table(tmp_path / "t" / "scan.parquet").to_pylist())
+    assert run(["scan", "--model", "builtin:tiny-sd", "--out", str(tmp_path / "u")]) == 2
+    assert "give --prompts" in capsys.readouterr().err

@@ -140,7 +140,22 @@ def _prompt_labels(prompts: pa.Table, generations: pa.Table, majority: float) ->
     if "copy_similarity" in generations.column_names:
         by_copy = per_prompt(generations["copy_similarity"].to_numpy(), ids, COPY_THRESHOLD, True, majority)
         labels = _attach(labels, by_copy, {"share_memorized": "share_copy", "top1": "max_copy_similarity"})
-    return labels
+    own = _share_own_scene(prompts, generations)
+    labels = labels.append_column("share_own_scene", pa.array(own, pa.float64()))
+    in_group = pc.equal(labels["group"], "memorized")
+    return labels.append_column("memorized_group", in_group)
+
+
+def _share_own_scene(prompts: pa.Table, generations: pa.Table) -> list[float]:
+    """Per prompt: share of its generations whose nL2-nearest training image is the prompt's own scene
+    (the lab knows which image a training caption came with; held-out scenes are in no training set)."""
+    scene = dict(zip(prompts["prompt_id"].to_pylist(), prompts["scene_id"].to_pylist()))
+    hits: dict[int, list[bool]] = {}
+    for prompt_id, nearest in zip(
+        generations["prompt_id"].to_pylist(), generations["nl2_nearest_scene_id"].to_pylist()
+    ):
+        hits.setdefault(prompt_id, []).append(nearest == scene[prompt_id])
+    return [sum(hits[p]) / len(hits[p]) for p in prompts["prompt_id"].to_pylist()]
 
 
 def _attach(prompts: pa.Table, per_prompt_table: pa.Table, names: dict[str, str]) -> pa.Table:
