@@ -140,3 +140,5 @@ def test_lab_command_line(data_dir, tmp_path, capsys):
     assert run([*label, "--max-prompts-per-group", "2", "--n-generations", "1", "--steps", "1"]) == 0
     assert "heldout: " in capsys.readouterr().out
     assert len(pq.read_table(model / "labels" / "labels.parquet")) == 2
+    assert run([*args, "--small"]) == 2
+    assert "pass --micro or --small, not both" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import typer
 
 from diffmem.adapters import load_denoiser
 from diffmem.cli.app import Settings, app
+from diffmem.errors import DiffmemError
 from diffmem.lab.dataset import LabConfig, build_lab_dataset, load_lab_dataset
 from diffmem.lab.label import GROUPS, LabelConfig, label_lab_model
 from diffmem.lab.model import LabModelConfig
@@ -44,6 +45,12 @@ def train(
     data: Annotated[Path, typer.Option(help="A dataset directory from `diffmem lab build`.")],
     out: Annotated[Path, typer.Option(help="Model directory (checkpoints live here until training ends).")],
     micro: Micro = False,
+    small: Annotated[
+        bool,
+        typer.Option(
+            help="Micro-lab data, a wider model that memorizes (the shipped lab model; ~50 min on CPU)."
+        ),
+    ] = False,
     vae_steps: Annotated[int | None, typer.Option(help="VAE steps (default: the recipe's).")] = None,
     unet_steps: Annotated[int | None, typer.Option(help="UNet steps (default: the recipe's).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="UNet batch size (default: the recipe's).")] = None,
@@ -53,10 +60,12 @@ def train(
 ) -> None:
     """Train the lab model (VAE, then UNet and text encoder); run again to continue an interrupted run."""
     settings: Settings = ctx.obj
-    recipe = LabTrainConfig.micro() if micro else LabTrainConfig()
+    if micro and small:
+        raise DiffmemError("pass --micro or --small, not both")
+    recipe = LabTrainConfig.small() if small else LabTrainConfig.micro() if micro else LabTrainConfig()
     overrides = {"vae_steps": vae_steps, "unet_steps": unet_steps, "batch_size": batch_size}
     recipe = replace(recipe, seed=settings.seed, **{k: v for k, v in overrides.items() if v is not None})
-    model = LabModelConfig.micro() if micro else LabModelConfig()
+    model = LabModelConfig.small() if small else LabModelConfig.micro() if micro else LabModelConfig()
     status = train_lab_model(data, out, model, recipe, device=settings.device, time_budget_s=time_budget_s)
     if status.complete:
         typer.echo(f"trained the lab model in {out}")

@@ -3,7 +3,7 @@ encoder with the real CLIP tokenizer, SD noise schedule), scaled down to Fashion
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
@@ -41,6 +41,12 @@ class LabModelConfig:
             text_layers=2,
             text_heads=4,
         )
+
+    @classmethod
+    def small(cls) -> LabModelConfig:
+        """The micro-lab's 32 px images with a UNet and text encoder twice as wide: it memorizes, and
+        trains on one CPU thread in about 50 minutes (the shipped ``builtin:lab-micro``)."""
+        return replace(cls.micro(), unet_channels=(64, 128), norm_num_groups=16, text_hidden=64)
 
     @property
     def latent_size(self) -> int:

@@ -11,7 +11,7 @@ import platform
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -55,6 +55,11 @@ class LabTrainConfig:
             warmup_steps=50,
             checkpoint_every=200,
         )
+
+    @classmethod
+    def small(cls) -> LabTrainConfig:
+        """The recipe of the shipped CPU lab model (micro-lab data, ``LabModelConfig.small()``)."""
+        return replace(cls.micro(), vae_steps=400, unet_steps=4000, lr=4e-4)
 
 
 @dataclass(frozen=True)
