@@ -1,0 +1,102 @@
+"""``diffmem explain``: which words of a prompt drive its memorization score, shaded in the terminal."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated
+
+import pyarrow.parquet as pq
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from diffmem.atomic_io import write_atomic
+from diffmem.cli.app import Settings, app
+from diffmem.detect.calibration import Calibration
+from diffmem.detect.noise_norm import NoiseNormConfig
+from diffmem.detect.registry import config_settings
+from diffmem.errors import DiffmemError
+from diffmem.explain import SignificanceConfig, TokenSignificance, token_significance
+from diffmem.models import LAB_MODEL, model_identity, open_model, shipped_directory
+
+
+@app.command()
+def explain(
+    ctx: typer.Context,
+    prompt: Annotated[str, typer.Argument(help="The prompt to explain.")],
+    model: Annotated[
+        str | None, typer.Option(help=f"Model directory or builtin:NAME (default {LAB_MODEL}).")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Directory for the word table, plot and summary.")] = Path(
+        "out/explain"
+    ),
+    num_inference_steps: Annotated[int, typer.Option(help="Length of the sampling schedule.")] = 50,
+    first_steps: Annotated[int, typer.Option(help="Average over the first K steps.")] = 1,
+    n_generations: Annotated[int, typer.Option(help="Generations (seeds) to average over.")] = 1,
+    guidance_scale: Annotated[float, typer.Option(help="CFG scale of the trajectory.")] = 7.5,
+    calibration: Annotated[
+        Path | None, typer.Option(help="A noise-norm calibration: says whether the prompt is flagged.")
+    ] = None,
+) -> None:
+    """Token significance (Wen et al.): each word shaded by how much it drives the noise-norm score."""
+    settings: Settings = ctx.obj
+    model = model or LAB_MODEL
+    config = SignificanceConfig(
+        num_inference_steps, first_steps, n_generations, guidance_scale, settings.seed
+    )
+    result = token_significance(open_model(model, settings.device, settings.dtype), prompt, config)
+    threshold = _threshold(model, calibration, config)
+    out.mkdir(parents=True, exist_ok=True)
+    pq.write_table(result.to_table(), out / "significance.parquet")
+    result.plot(out / "significance.png")
+    summary = {"prompt": prompt, "model": model, "config": asdict(config), "score": result.score}
+    summary |= {"threshold": threshold, "flagged": None if threshold is None else result.score > threshold}
+    summary |= {"truncated": result.truncated, "words": result.words, "normalized": result.normalized}
+    write_atomic(out / "explanation.json", (json.dumps(summary, indent=2) + "\n").encode())
+    console = Console(highlight=False)
+    console.print(shaded(result))
+    verdict = (
+        ""
+        if threshold is None
+        else f" ({'above' if result.score > threshold else 'below'} the threshold {threshold:.3f})"
+    )
+    console.print(f"noise-norm score {result.score:.3f}{verdict}; wrote {out}")
+
+
+def shaded(result: TokenSignificance) -> Text:
+    """The prompt with each word's background as red as its share of the significance."""
+    text, cursor = Text(), 0
+    top = max(result.normalized, default=0.0) or 1.0
+    for (start, end), share in zip(result.word_spans, result.normalized):
+        text.append(result.prompt[cursor:start])
+        level = int(255 * (1 - share / top))
+        text.append(result.prompt[start:end], style=f"black on rgb(255,{level},{level})")
+        cursor = end
+    text.append(result.prompt[cursor:])
+    return text
+
+
+def _threshold(model: str, calibration: Path | None, config: SignificanceConfig) -> float | None:
+    """The calibrated noise-norm threshold for these settings: given, or the shipped lab model's."""
+    shipped = shipped_directory(model)
+    if calibration is None and shipped is not None:
+        calibration = shipped / "calibration.json"
+    if calibration is None or not calibration.is_file():
+        return None
+    settings = config_settings(
+        NoiseNormConfig(
+            num_inference_steps=config.num_inference_steps,
+            steps=config.steps,
+            n_generations=config.n_generations,
+            guidance_scale=config.guidance_scale,
+            base_seed=config.base_seed,
+        )
+    )
+    calibrated = Calibration.load(calibration)
+    try:
+        calibrated.check("noise_norm", settings, model_identity(model))
+    except DiffmemError:
+        return None
+    return calibrated.threshold

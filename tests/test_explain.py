@@ -1,0 +1,100 @@
+"""Token significance (SPEC §2): gradients of the noise norm w.r.t. token embeddings, mapped to words."""
+
+import pytest
+import torch
+
+from diffmem.adapters import wrap_pipeline
+from diffmem.errors import DiffmemError
+from diffmem.explain import SignificanceConfig, token_significance
+from diffmem.explain.evaluate import trigger_evaluation
+from diffmem.sampling import generation_seed
+from diffmem.sampling.guided_sampler import eps_scheduler
+from diffmem.tiny_pipelines import tiny_stable_diffusion, tiny_unet2d
+
+CONFIG = SignificanceConfig(num_inference_steps=5)
+PROMPT = "A Zorblax-vase  at the top-left!"
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return wrap_pipeline(tiny_stable_diffusion())
+
+
+def test_token_scores_are_the_gradient_norms_of_the_first_step_noise_norm(sd):
+    result = token_significance(sd, PROMPT, CONFIG, prompt_id=3)
+    schedule = eps_scheduler(sd.scheduler)
+    schedule.set_timesteps(5)
+    t = schedule.timesteps[0]
+    x_T = torch.randn(
+        (1, *sd.sample_shape), generator=torch.Generator().manual_seed(generation_seed(0, 3, 0))
+    )
+    cond = sd.encode([PROMPT])
+    embeds = cond["prompt_embeds"].clone().requires_grad_(True)
+    norm = (sd.eps(x_T, t, cond.replace(prompt_embeds=embeds)) - sd.eps(x_T, t, sd.null_condition(1))).norm()
+    (gradient,) = torch.autograd.grad(norm, embeds)
+    per_position = gradient[0].norm(dim=-1)
+    count = len(result.tokens)
+    torch.testing.assert_close(
+        torch.tensor(result.token_scores), per_position[1 : count + 1], rtol=1e-4, atol=1e-7
+    )
+    assert result.score == pytest.approx(float(norm.detach()), rel=1e-5)
+
+
+def test_bpe_pieces_merge_into_words_with_character_spans(sd):
+    result = token_significance(sd, PROMPT, CONFIG)
+    assert result.tokens[:4] == ["a", "zor", "bla", "x"]
+    assert result.words == ["A", "Zorblax", "-", "vase", "at", "the", "top", "-", "left", "!"]
+    assert [PROMPT[s:e] for s, e in result.word_spans] == result.words
+    pieces = [v for v, w in zip(result.token_scores, result.token_words) if w == 1]
+    assert len(pieces) == 3 and result.word_scores[1] == pytest.approx(sum(v * v for v in pieces) ** 0.5)
+    assert sum(result.normalized) == pytest.approx(1.0)
+    assert result.to_table().column("word").to_pylist() == result.words
+    assert result.ranking()[0] == max(range(10), key=lambda i: result.word_scores[i])
+
+
+def test_long_prompts_are_explained_as_the_model_reads_them(sd, tmp_path):
+    result = token_significance(sd, "red sneaker " * 50, CONFIG)
+    assert result.truncated and len(result.tokens) == 75 and len(result.words) == 75
+    assert result.plot(tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bad_input(sd):
+    with pytest.raises(DiffmemError, match="the prompt is empty"):
+        token_significance(sd, "  ", CONFIG)
+    with pytest.raises(DiffmemError, match="needs classifier-free guidance"):
+        token_significance(sd, PROMPT, SignificanceConfig(guidance_scale=1.0))
+    with pytest.raises(DiffmemError, match="needs a text-conditioned model"):
+        token_significance(wrap_pipeline(tiny_unet2d()), PROMPT, CONFIG)
+
+
+def test_trigger_evaluation_rows(sd):
+    prompts = ["the zorblax poster: a red sneaker at the top left", "a blue bag on a gray background"]
+    table = trigger_evaluation(sd, prompts, [["zorblax"], []], threshold=0.0, config=CONFIG).to_pylist()
+    assert [r["prompt"] for r in table] == prompts
+    for row in table:
+        assert row["top_is_trigger"] == (
+            row["top_word"].lower() in (["zorblax"] if "zorblax" in row["prompt"] else [])
+        )
+        assert row["random_word"].lower() != "zorblax" and row["flagged"] == (row["score"] > 0.0)
+        assert row["below_without_top"] == (row["score_without_top"] <= 0.0)
+
+
+def test_explain_command_saves_the_words_and_says_where_the_score_stands(tmp_path, capsys):
+    import json
+
+    import pyarrow.parquet as pq
+
+    from diffmem.cli.main import run
+
+    out = tmp_path / "e"
+    assert run(["explain", "the fennev vykex poster: a purple shirt", "--out", str(out)]) == 0
+    summary = json.loads((out / "explanation.json").read_text())
+    assert summary["words"] == pq.read_table(out / "significance.parquet").column("word").to_pylist()
+    assert summary["words"][:3] == ["the", "fennev", "vykex"] and summary["threshold"] is not None
+    assert summary["flagged"] == (summary["score"] > summary["threshold"])
+    assert "noise-norm score" in capsys.readouterr().out and (out / "significance.png").is_file()
+    assert (
+        run(["explain", "a red bag", "--model", "builtin:tiny-sd", "--out", str(out), "--first-steps", "2"])
+        == 0
+    )
+    assert json.loads((out / "explanation.json").read_text())["threshold"] is None
