@@ -5,7 +5,7 @@ import torch
 
 from diffmem.adapters import wrap_pipeline
 from diffmem.errors import DiffmemError
-from diffmem.explain import SignificanceConfig, token_significance
+from diffmem.explain import SignificanceConfig, token_significance, word_attention_maps
 from diffmem.explain.evaluate import trigger_evaluation
 from diffmem.sampling import generation_seed
 from diffmem.sampling.guided_sampler import eps_scheduler
@@ -98,3 +98,29 @@ def test_explain_command_saves_the_words_and_says_where_the_score_stands(tmp_pat
         == 0
     )
     assert json.loads((out / "explanation.json").read_text())["threshold"] is None
+
+
+def test_word_attention_maps_share_each_positions_attention_among_the_words(sd):
+    processors = dict(sd.network.attn_processors)
+    first = word_attention_maps(sd, PROMPT, 0, CONFIG)
+    assert first.words == token_significance(sd, PROMPT, CONFIG).words
+    assert first.maps.shape == (10, *sd.sample_shape[1:]) and (first.maps >= 0).all()
+    assert (first.maps.sum(dim=0) <= 1 + 1e-5).all()  # start, end and padding tokens take the rest
+    assert sd.network.attn_processors.keys() == processors.keys()
+    assert all(type(p) is type(processors[k]) for k, p in sd.network.attn_processors.items())
+    later = word_attention_maps(
+        sd, "a red bag", 2, SignificanceConfig(num_inference_steps=5, n_generations=2)
+    )
+    assert later.step == 2 and later.maps.shape[0] == 3
+
+
+def test_uniform_attention_gives_each_word_its_share_of_the_77_positions():
+    uniform = wrap_pipeline(tiny_stable_diffusion())
+    with torch.no_grad():
+        for name, module in uniform.network.named_modules():
+            if name.endswith("attn2"):  # cross-attention: equal logits for every token
+                module.to_k.weight.zero_()
+    result = word_attention_maps(uniform, PROMPT, 0, CONFIG)
+    pieces_per_word = torch.bincount(torch.tensor(token_significance(uniform, PROMPT, CONFIG).token_words))
+    expected = (pieces_per_word / 77.0)[:, None, None].expand_as(result.maps)
+    torch.testing.assert_close(result.maps, expected, rtol=1e-5, atol=1e-6)

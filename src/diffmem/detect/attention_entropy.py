@@ -38,12 +38,23 @@ class AttentionEntropyConfig:
     layers: tuple[int, ...] | None = None
 
 
-class _TappedAttention:
-    """An attention module that also hands its attention probabilities, averaged, to ``keep``."""
+def token_distribution(probs: torch.Tensor) -> torch.Tensor:
+    """[B, heads, queries, tokens] attention probabilities -> [B, tokens], the mean over heads and queries."""
+    return probs.float().mean(dim=(1, 2))
 
-    def __init__(self, attn: Attention, keep: Callable[[torch.Tensor], None]) -> None:
+
+class _TappedAttention:
+    """An attention module that also hands its attention probabilities, reduced, to ``keep``."""
+
+    def __init__(
+        self,
+        attn: Attention,
+        keep: Callable[[torch.Tensor], None],
+        reduce: Callable[[torch.Tensor], torch.Tensor],
+    ) -> None:
         self._attn = attn
         self._keep = keep
+        self._reduce = reduce
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._attn, name)
@@ -52,17 +63,23 @@ class _TappedAttention:
         self, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         probs = self._attn.get_attention_scores(query, key, attention_mask)  # [B * heads, queries, tokens]
-        self._keep(probs.unflatten(0, (-1, self._attn.heads)).float().mean(dim=(1, 2)))
+        self._keep(self._reduce(probs.unflatten(0, (-1, self._attn.heads))))
         return probs
 
 
 class CrossAttentionRecorder(AttnProcessor):
-    """Cross-attention with explicit probabilities, whose mean over heads and queries ([B, tokens]) goes
-    to ``keep``; self-attention runs on the processor this one replaces."""
+    """Cross-attention with explicit probabilities ([B, heads, queries, tokens]), which go through
+    ``reduce`` to ``keep``; self-attention runs on the processor this one replaces."""
 
-    def __init__(self, replaced: object, keep: Callable[[torch.Tensor], None]) -> None:
+    def __init__(
+        self,
+        replaced: object,
+        keep: Callable[[torch.Tensor], None],
+        reduce: Callable[[torch.Tensor], torch.Tensor] = token_distribution,
+    ) -> None:
         self.replaced = replaced
         self.keep = keep
+        self.reduce = reduce
 
     def __call__(
         self,
@@ -78,23 +95,25 @@ class CrossAttentionRecorder(AttnProcessor):
             return self.replaced(
                 attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs
             )
-        tapped = _TappedAttention(attn, self.keep)
+        tapped = _TappedAttention(attn, self.keep, self.reduce)
         return super().__call__(
             tapped, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs
         )
 
 
 @contextmanager
-def recording_cross_attention(network: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Within the block, each cross-attention call of ``network`` appends its token distribution ([B, tokens],
-    probabilities averaged over heads and queries) to the yielded list, in forward order."""
+def recording_cross_attention(
+    network: torch.nn.Module, reduce: Callable[[torch.Tensor], torch.Tensor] = token_distribution
+) -> Iterator[list[torch.Tensor]]:
+    """Within the block, each cross-attention call of ``network`` appends its probabilities reduced by
+    ``reduce`` (default: the token distribution, [B, tokens]) to the yielded list, in forward order."""
     if not hasattr(network, "set_attn_processor"):
         raise DiffmemError(f"{type(network).__name__} has no diffusers attention processors to record from")
     replaced = network.attn_processors
     maps: list[torch.Tensor] = []
     try:
         network.set_attn_processor(
-            {name: CrossAttentionRecorder(p, maps.append) for name, p in replaced.items()}
+            {name: CrossAttentionRecorder(p, maps.append, reduce) for name, p in replaced.items()}
         )
         yield maps
     finally:

@@ -131,40 +131,50 @@ def token_significance(
     return _words(prompt, tokenizer, per_token, score)
 
 
-def _words(prompt: str, tokenizer, per_token: torch.Tensor, score: float) -> TokenSignificance:
-    """Token scores of the prompt's own tokens, merged into words with their character spans."""
+@dataclass(frozen=True)
+class PromptWords:
+    """A prompt's own tokens (as the text encoder reads them) grouped into words."""
+
+    pieces: list[str]  # BPE pieces, no start, end or padding tokens; positions 1..len in the encoder
+    token_words: list[int]  # word index of each piece
+    words: list[str]
+    spans: list[tuple[int, int]]  # character span of each word in the prompt
+    truncated: bool  # the prompt had more tokens than the encoder reads
+
+
+def prompt_words(prompt: str, tokenizer, length: int) -> PromptWords:
+    """The words of ``prompt`` for a text encoder reading ``length`` positions (start and end included)."""
     encoding = tokenizer(prompt, return_offsets_mapping=True, truncation=False)
-    limit = per_token.shape[0]
     ids = encoding["input_ids"][1:-1]  # without the start and end tokens
     offsets = encoding["offset_mapping"][1:-1]
-    kept = min(len(ids), limit - 2)  # positions 1..limit-2 hold prompt tokens; the rest was cut off
+    kept = min(len(ids), length - 2)  # positions 1..length-2 hold prompt tokens; the rest was cut off
     pieces = tokenizer.convert_ids_to_tokens(ids[:kept])
-    token_scores = per_token[1 : kept + 1].tolist()
-    words, spans, word_scores, token_words = [], [], [], []
-    start = None
-    for piece, (begin, end), value in zip(pieces, offsets, token_scores):
-        if start is None:
-            start, total = begin, 0.0
-        total += value**2
+    token_words, words, spans, start = [], [], [], None
+    for index, (piece, (begin, end)) in enumerate(zip(pieces, offsets)):
+        start = begin if start is None else start
         token_words.append(len(words))
-        if piece.endswith("</w>"):  # CLIP BPE marks the last piece of a word
+        if piece.endswith("</w>") or index == kept - 1:  # CLIP BPE marks the last piece of a word
             words.append(prompt[start:end])
             spans.append((start, end))
-            word_scores.append(total**0.5)
             start = None
-    if start is not None:  # a word cut by truncation
-        end = offsets[kept - 1][1]
-        words.append(prompt[start:end])
-        spans.append((start, end))
-        word_scores.append(total**0.5)
+    return PromptWords(pieces, token_words, words, spans, len(ids) > kept)
+
+
+def _words(prompt: str, tokenizer, per_token: torch.Tensor, score: float) -> TokenSignificance:
+    """Token scores of the prompt's own tokens, merged into words with their character spans."""
+    parsed = prompt_words(prompt, tokenizer, per_token.shape[0])
+    token_scores = per_token[1 : len(parsed.pieces) + 1].tolist()
+    squares = [0.0] * len(parsed.words)
+    for word, value in zip(parsed.token_words, token_scores):
+        squares[word] += value**2
     return TokenSignificance(
         prompt=prompt,
         score=score,
-        tokens=[p.removesuffix("</w>") for p in pieces],
+        tokens=[p.removesuffix("</w>") for p in parsed.pieces],
         token_scores=token_scores,
-        words=words,
-        word_spans=spans,
-        word_scores=word_scores,
-        truncated=len(ids) > kept,
-        token_words=token_words,
+        words=parsed.words,
+        word_spans=parsed.spans,
+        word_scores=[total**0.5 for total in squares],
+        truncated=parsed.truncated,
+        token_words=parsed.token_words,
     )
