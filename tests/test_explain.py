@@ -124,3 +124,20 @@ def test_uniform_attention_gives_each_word_its_share_of_the_77_positions():
     pieces_per_word = torch.bincount(torch.tensor(token_significance(uniform, PROMPT, CONFIG).token_words))
     expected = (pieces_per_word / 77.0)[:, None, None].expand_as(result.maps)
     torch.testing.assert_close(result.maps, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_explain_html_page_is_self_contained_and_escaped(tmp_path):
+    from diffmem.cli.main import run
+
+    page = tmp_path / "page.html"
+    args = ["explain", "a <b>red</b> bag", "--model", "builtin:tiny-sd", "--out", str(tmp_path / "e")]
+    assert run([*args, "--html", str(page), "--n-generations", "2", "--num-inference-steps", "4"]) == 0
+    text = page.read_text()
+    assert "<b>red</b>" not in text and "&lt;b&gt;red&lt;/b&gt;" in text
+    words = token_significance(
+        wrap_pipeline(tiny_stable_diffusion()), "a <b>red</b> bag", SignificanceConfig(num_inference_steps=4)
+    ).words
+    assert text.count("<span style='background:rgba(220,0,0,") == len(words)
+    # 2 generated images, then one attention overlay per word (up to 6)
+    assert text.count("data:image/png;base64,") == 2 + min(6, len(words))
+    assert "http" not in text.replace("http-equiv", "")  # nothing loaded from elsewhere

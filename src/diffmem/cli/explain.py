@@ -18,8 +18,10 @@ from diffmem.detect.calibration import Calibration
 from diffmem.detect.noise_norm import NoiseNormConfig
 from diffmem.detect.registry import config_settings
 from diffmem.errors import DiffmemError
-from diffmem.explain import SignificanceConfig, TokenSignificance, token_significance
+from diffmem.explain import SignificanceConfig, TokenSignificance, token_significance, word_attention_maps
 from diffmem.models import LAB_MODEL, model_identity, open_model, shipped_directory
+from diffmem.report.explanation_page import explanation_page
+from diffmem.sampling import generate
 
 
 @app.command()
@@ -36,6 +38,13 @@ def explain(
     first_steps: Annotated[int, typer.Option(help="Average over the first K steps.")] = 1,
     n_generations: Annotated[int, typer.Option(help="Generations (seeds) to average over.")] = 1,
     guidance_scale: Annotated[float, typer.Option(help="CFG scale of the trajectory.")] = 7.5,
+    html: Annotated[
+        Path | None,
+        typer.Option(help="Also write a self-contained page: heat map, images, attention overlays."),
+    ] = None,
+    attention_step: Annotated[
+        int | None, typer.Option(help="Sampling step of the attention maps (default: the middle one).")
+    ] = None,
     calibration: Annotated[
         Path | None, typer.Option(help="A noise-norm calibration: says whether the prompt is flagged.")
     ] = None,
@@ -46,7 +55,8 @@ def explain(
     config = SignificanceConfig(
         num_inference_steps, first_steps, n_generations, guidance_scale, settings.seed
     )
-    result = token_significance(open_model(model, settings.device, settings.dtype), prompt, config)
+    denoiser = open_model(model, settings.device, settings.dtype)
+    result = token_significance(denoiser, prompt, config)
     threshold = _threshold(model, calibration, config)
     out.mkdir(parents=True, exist_ok=True)
     pq.write_table(result.to_table(), out / "significance.parquet")
@@ -55,6 +65,19 @@ def explain(
     summary |= {"threshold": threshold, "flagged": None if threshold is None else result.score > threshold}
     summary |= {"truncated": result.truncated, "words": result.words, "normalized": result.normalized}
     write_atomic(out / "explanation.json", (json.dumps(summary, indent=2) + "\n").encode())
+    if html is not None:
+        step = num_inference_steps // 2 if attention_step is None else attention_step
+        attention = word_attention_maps(denoiser, prompt, step, config)
+        images = generate(
+            denoiser,
+            [prompt],
+            n_generations=n_generations,
+            base_seed=settings.seed,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+        ).images
+        document = explanation_page(result, attention, images, {**summary, "attention_step": step})
+        write_atomic(html, document.encode())
     console = Console(highlight=False)
     console.print(shaded(result))
     verdict = (

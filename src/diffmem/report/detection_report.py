@@ -7,7 +7,6 @@ the UNet evaluations spent per prompt. One call writes ``results.json``, ``resul
 
 from __future__ import annotations
 
-import base64
 import html
 import io
 import json
@@ -24,16 +23,11 @@ from matplotlib.figure import Figure
 from diffmem.atomic_io import write_atomic
 from diffmem.errors import DiffmemError
 from diffmem.metrics.roc import Roc, detection_metrics, roc, tpr_key
+from diffmem.report.html import image, page, table
 
 TITLE = "Memorization detection report"
 REPORT_FPRS = (0.01, 0.03)
 HEADER = ("Setting", "AUC", "TPR@1%FPR", "TPR@3%FPR", "UNet evals/prompt", "Wall s")
-_CSS = (
-    "body{font-family:sans-serif;margin:2em;max-width:70em}"
-    "table{border-collapse:collapse;margin-bottom:1em}"
-    "th,td{border:1px solid #bbb;padding:0.3em 0.6em;text-align:left;vertical-align:top}"
-    "img{max-width:100%}"
-)
 
 
 @dataclass(frozen=True)
@@ -71,8 +65,8 @@ def write_detection_report(settings: Sequence[EvaluatedSetting], out_dir: Path, 
     write_atomic(out_dir / "results.md", _markdown(rows, notes).encode())
     write_atomic(out_dir / "roc.png", roc_png)
     write_atomic(out_dir / "histograms.png", histograms_png)
-    page = _html_page(provenance, rows, notes, settings, roc_png, histograms_png)
-    write_atomic(out_dir / "report.html", page.encode())
+    document = _html_page(provenance, rows, notes, settings, roc_png, histograms_png)
+    write_atomic(out_dir / "report.html", document.encode())
     return out_dir / "report.html"
 
 
@@ -188,42 +182,18 @@ def _html_page(
     body = [
         f"<h1>{html.escape(TITLE)}</h1>",
         "<h2>Provenance</h2>",
-        _html_table(("Key", "Value"), provenance_rows),
+        table(("Key", "Value"), provenance_rows),
         "<h2>Results</h2>",
-        _html_table(HEADER, rows),
+        table(HEADER, rows),
         *(f"<p>{html.escape(note)}</p>" for note in notes),
         "<h2>ROC curves</h2>",
-        _html_image(roc_png, "ROC curves of all settings"),
+        image(roc_png, "ROC curves of all settings"),
         "<h2>Score histograms</h2>",
-        _html_image(histograms_png, "Score histograms of memorized and non-memorized prompts"),
+        image(histograms_png, "Score histograms of memorized and non-memorized prompts"),
         "<h2>Settings</h2>",
-        _html_table(("Setting", "Detector", "Settings"), setting_rows),
+        table(("Setting", "Detector", "Settings"), setting_rows),
     ]
-    head = f'<meta charset="utf-8"><title>{html.escape(TITLE)}</title><style>{_CSS}</style>'
-    page = [
-        "<!DOCTYPE html>",
-        '<html lang="en">',
-        f"<head>{head}</head>",
-        "<body>",
-        *body,
-        "</body>",
-        "</html>",
-    ]
-    return "\n".join(page) + "\n"
-
-
-def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["<table>", _html_row("th", header), *(_html_row("td", row) for row in rows), "</table>"]
-    return "\n".join(lines)
-
-
-def _html_row(tag: str, cells: Sequence[str]) -> str:
-    return "<tr>" + "".join(f"<{tag}>{html.escape(cell)}</{tag}>" for cell in cells) + "</tr>"
-
-
-def _html_image(png: bytes, alt: str) -> str:
-    data = base64.b64encode(png).decode("ascii")
-    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+    return page(TITLE, body)
 
 
 def _text(value: object) -> str:
