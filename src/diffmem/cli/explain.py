@@ -57,7 +57,7 @@ def explain(
     )
     denoiser = open_model(model, settings.device, settings.dtype)
     result = token_significance(denoiser, prompt, config)
-    threshold = _threshold(model, calibration, config)
+    threshold = explanation_threshold(model, calibration, config)
     out.mkdir(parents=True, exist_ok=True)
     pq.write_table(result.to_table(), out / "significance.parquet")
     result.plot(out / "significance.png")
@@ -101,7 +101,7 @@ def shaded(result: TokenSignificance) -> Text:
     return text
 
 
-def _threshold(model: str, calibration: Path | None, config: SignificanceConfig) -> float | None:
+def explanation_threshold(model: str, calibration: Path | None, config: SignificanceConfig) -> float | None:
     """The calibrated noise-norm threshold for these settings: given, or the shipped lab model's."""
     shipped = shipped_directory(model)
     if calibration is None and shipped is not None:

@@ -4,17 +4,14 @@ each top word's cross-attention map over the first image."""
 from __future__ import annotations
 
 import html
-import io
 import json
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from diffmem.explain.attention_maps import WordAttention
 from diffmem.explain.token_significance import TokenSignificance
-from diffmem.report.html import image, page, table
+from diffmem.report.html import image, page, png, table
 
 TOP_WORDS = 6
 
@@ -29,7 +26,7 @@ def explanation_page(
         f"<p style='font-size:1.4em;line-height:1.8'>{heat_mapped(result)}</p>",
         f"<p>noise-norm score {result.score:.4f}{' (prompt truncated to the encoder limit)' if result.truncated else ''}</p>",
         "<h2>Generated images</h2>",
-        "".join(image(_png(i), f"generation {k}", "width:12em;margin:0.2em") for k, i in enumerate(images)),
+        "".join(image(png(i), f"generation {k}", "width:12em;margin:0.2em") for k, i in enumerate(images)),
         f"<h2>Cross-attention at step {attention.step} (first image)</h2>",
         "".join(_overlay_figure(images[0], attention.maps[w], attention.words[w]) for w in top),
         "<h2>Words</h2>",
@@ -72,14 +69,5 @@ def overlay(picture: torch.Tensor, attention_map: torch.Tensor) -> torch.Tensor:
 
 
 def _overlay_figure(picture: torch.Tensor, attention_map: torch.Tensor, word: str) -> str:
-    tag = image(_png(overlay(picture, attention_map)), f"attention of {word}", "width:10em")
+    tag = image(png(overlay(picture, attention_map)), f"attention of {word}", "width:10em")
     return f"<figure style='display:inline-block;margin:0.3em'>{tag}<figcaption>{html.escape(word)}</figcaption></figure>"
-
-
-def _png(picture: torch.Tensor) -> bytes:
-    pixels = (picture.float().cpu().permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).resize((pixels.shape[1] * 4, pixels.shape[0] * 4), Image.NEAREST).save(
-        buffer, "PNG"
-    )
-    return buffer.getvalue()

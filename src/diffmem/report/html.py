@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
 
 CSS = (
     "body{font-family:sans-serif;margin:2em;max-width:70em}"
@@ -40,6 +45,15 @@ def image(png: bytes, alt: str, style: str = "") -> str:
     data = base64.b64encode(png).decode("ascii")
     extra = f' style="{html.escape(style)}"' if style else ""
     return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}"{extra}>'
+
+
+def png(picture: torch.Tensor, scale: int = 4) -> bytes:
+    """An image [3, H, W] in [0, 1] as PNG bytes, enlarged ``scale`` times with sharp pixels."""
+    pixels = (picture.float().cpu().clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    height, width = pixels.shape[:2]
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).resize((width * scale, height * scale), Image.NEAREST).save(buffer, "PNG")
+    return buffer.getvalue()
 
 
 def _row(tag: str, cells: Sequence[str]) -> str:

@@ -1,0 +1,129 @@
+"""One model, loaded once, scoring and explaining prompts one request at a time in arrival order."""
+
+from __future__ import annotations
+
+import base64
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from diffmem.denoiser import Denoiser
+from diffmem.errors import DiffmemError
+from diffmem.explain import SignificanceConfig, token_significance
+from diffmem.report.html import png
+from diffmem.sampling import generate
+
+MAX_PROMPT_CHARS = 2000
+
+T = TypeVar("T")
+
+
+class QueueFull(DiffmemError):
+    """More requests are waiting for the model than the explainer accepts."""
+
+
+class PromptExplainer:
+    """Explanations and thumbnails of prompts from one model, computed on a single worker thread.
+
+    Requests from any number of threads queue for the worker, so the model never runs two at once;
+    at most ``max_pending`` may wait or run, later ones get :class:`QueueFull`.
+    """
+
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        config: SignificanceConfig | None = None,
+        threshold: float | None = None,
+        model_name: str = "",
+        thumbnails: bool = True,
+        max_pending: int = 8,
+    ) -> None:
+        if max_pending < 1:
+            raise DiffmemError(f"max_pending must be at least 1; got {max_pending}")
+        self.denoiser = denoiser
+        self.config = config or SignificanceConfig()
+        self.threshold = threshold
+        self.model_name = model_name
+        self.thumbnails = thumbnails
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffmem-model")
+        self._slots = threading.BoundedSemaphore(max_pending)
+
+    def info(self) -> dict[str, Any]:
+        """What the page shows about the model and the settings."""
+        return {
+            "model": self.model_name,
+            "threshold": self.threshold,
+            "thumbnails": self.thumbnails,
+            "max_prompt_chars": MAX_PROMPT_CHARS,
+            "settings": {
+                "num_inference_steps": self.config.num_inference_steps,
+                "first_steps": self.config.steps,
+                "n_generations": self.config.n_generations,
+                "guidance_scale": self.config.guidance_scale,
+                "seed": self.config.base_seed,
+            },
+        }
+
+    def explain(self, prompt: str) -> dict[str, Any]:
+        """The prompt's noise-norm score, its flag against the threshold, and every word's significance."""
+        _check_prompt(prompt)
+        started = time.perf_counter()
+        result = self._run(token_significance, self.denoiser, prompt, self.config)
+        words = [
+            {"text": word, "start": start, "end": end, "significance": score, "share": share}
+            for word, (start, end), score, share in zip(
+                result.words, result.word_spans, result.word_scores, result.normalized
+            )
+        ]
+        ranking = result.ranking()
+        return {
+            "prompt": prompt,
+            "score": result.score,
+            "threshold": self.threshold,
+            "flagged": None if self.threshold is None else result.score > self.threshold,
+            "truncated": result.truncated,
+            "words": words,
+            "top_word": result.words[ranking[0]] if ranking else None,
+            "elapsed_s": time.perf_counter() - started,
+        }
+
+    def thumbnail(self, prompt: str) -> dict[str, Any]:
+        """One image generated from the prompt with the explanation's seed, as a base64 PNG."""
+        _check_prompt(prompt)
+        if not self.thumbnails:
+            raise DiffmemError("thumbnails are switched off for this server")
+        started = time.perf_counter()
+        images = self._run(
+            generate,
+            self.denoiser,
+            [prompt],
+            base_seed=self.config.base_seed,
+            num_inference_steps=self.config.num_inference_steps,
+            guidance_scale=self.config.guidance_scale,
+        ).images
+        encoded = base64.b64encode(png(images[0], scale=max(1, 256 // images.shape[-1]))).decode("ascii")
+        return {"prompt": prompt, "png": encoded, "elapsed_s": time.perf_counter() - started}
+
+    def close(self) -> None:
+        """Finish the running request and stop the worker."""
+        self._worker.shutdown(wait=True, cancel_futures=True)
+
+    def _run(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``function`` on the model's worker thread and wait for it, if a queue slot is free."""
+        if not self._slots.acquire(blocking=False):
+            raise QueueFull("the model is busy with other requests; try again in a moment")
+        try:
+            return self._worker.submit(function, *args, **kwargs).result()
+        finally:
+            self._slots.release()
+
+
+def _check_prompt(prompt: Any) -> None:
+    if not isinstance(prompt, str):
+        raise DiffmemError("the prompt must be a string")
+    if not prompt.strip():
+        raise DiffmemError("the prompt is empty: there is nothing to explain")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise DiffmemError(f"the prompt is longer than {MAX_PROMPT_CHARS} characters")
