@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from diffmem.detect import NoiseNormConfig, noise_norm
 from diffmem.full_size import stable_diffusion_15
 from diffmem.models import resolve_device, resolve_dtype
 from diffmem.run_record import environment
+from diffmem.timing import timed
 from diffmem.tiny_pipelines import tiny_stable_diffusion
 
 
@@ -89,41 +89,25 @@ def _raw_cfg_forward_s(denoiser, batch_size: int, repeats: int) -> float:
     )
     t = torch.tensor(981, device=denoiser.device)
     with torch.no_grad():
-        return _timed(
+        return timed(
             lambda: unet(x, t, encoder_hidden_states=hidden, return_dict=False), denoiser.device, repeats
         )
 
 
 def _prompts_per_s(denoiser, prompts: list[str], config: NoiseNormConfig) -> float:
-    seconds = _timed(lambda: noise_norm(denoiser, prompts, config), denoiser.device, 1)
+    seconds = timed(lambda: noise_norm(denoiser, prompts, config), denoiser.device, 1)
     return len(prompts) / seconds
 
 
 def _per_prompt_loop_pps(denoiser, prompts: list[str], config: NoiseNormConfig) -> float:
     """One prompt at a time, its generations batched together (as the reference implementation runs)."""
     single = replace(config, batch_size=config.n_generations)
-    seconds = _timed(
+    seconds = timed(
         lambda: [noise_norm(denoiser, [p], single, prompt_ids=[i]) for i, p in enumerate(prompts)],
         denoiser.device,
         1,
     )
     return len(prompts) / seconds
-
-
-def _timed(work, device: torch.device, repeats: int) -> float:
-    """Mean wall seconds of ``work`` after one warm-up call, synchronised on CUDA."""
-    work()
-    _sync(device)
-    started = time.perf_counter()
-    for _ in range(repeats):
-        work()
-    _sync(device)
-    return (time.perf_counter() - started) / repeats
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -37,3 +37,14 @@ def test_detect_throughput_smoke(tmp_path):
         > 0
     )
     assert record["first_step_n1_vs_bound"] > 0 and record["all_steps_n4_batched_vs_loop"] > 0
+
+
+def test_explain_latency_smoke(tmp_path):
+    out = tmp_path / "record.json"
+    args = ["--size", "tiny", "--device", "cpu", "--num-inference-steps", "4", "--repeats", "1"]
+    record = _load("explain_latency").main([*args, "--out", str(out)])
+    assert (
+        json.loads(out.read_text())["token_significance_first_step_s"]
+        == record["token_significance_first_step_s"]
+    )
+    assert record["page_explain_round_trip_s"] > 0 and record["page_thumbnail_round_trip_s"] > 0

@@ -44,7 +44,9 @@ def serving(lab, threshold):
     servers = []
 
     def open_server(**options) -> ExplanationServer:
-        explainer = PromptExplainer(lab, SignificanceConfig(), threshold, model_name=LAB_MODEL, **options)
+        explainer = PromptExplainer(
+            lambda: lab, SignificanceConfig(), threshold, model_name=LAB_MODEL, **options
+        )
         server = ExplanationServer(explainer, port=0)
         server.start()
         servers.append(server)
@@ -58,7 +60,9 @@ def serving(lab, threshold):
 def request(server, path, body=None, raw=None):
     """(status, decoded JSON or text) of a GET, or of a POST of ``body`` as JSON or ``raw`` bytes."""
     data = raw if raw is not None else None if body is None else json.dumps(body).encode()
-    call = urllib.request.Request(server.url.rstrip("/") + path, data=data, method="GET" if data is None else "POST")
+    call = urllib.request.Request(
+        server.url.rstrip("/") + path, data=data, method="GET" if data is None else "POST"
+    )
     try:
         with urllib.request.urlopen(call, timeout=60) as response:
             status, text = response.status, response.read().decode()
@@ -139,7 +143,9 @@ def test_requests_queue_for_the_model_one_at_a_time(serving, monkeypatch):
     server = serving(max_pending=8)
     statuses = []
     threads = [
-        threading.Thread(target=lambda: statuses.append(request(server, "/api/explain", {"prompt": "a red bag"})[0]))
+        threading.Thread(
+            target=lambda: statuses.append(request(server, "/api/explain", {"prompt": "a red bag"})[0])
+        )
         for _ in range(4)
     ]
     for thread in threads:
@@ -170,7 +176,7 @@ def test_a_port_in_use_is_a_one_line_error(lab):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         with pytest.raises(DiffmemError, match="cannot listen on 127.0.0.1"):
-            ExplanationServer(PromptExplainer(lab), port=taken.getsockname()[1])
+            ExplanationServer(PromptExplainer(lambda: lab), port=taken.getsockname()[1])
 
 
 def _browser():

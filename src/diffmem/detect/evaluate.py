@@ -9,12 +9,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from diffmem.denoiser import Denoiser
 from diffmem.detect.registry import config_settings, detector, detector_config
 from diffmem.errors import DiffmemError
 from diffmem.report.detection_report import EvaluatedSetting
+from diffmem.timing import synchronize
 
 # The settings of the detection issue: Wen et al.'s three noise-norm modes, the shared-noise option,
 # and every peer detector at its defaults.
@@ -66,10 +66,10 @@ def evaluate_settings(
     for spec in specs:
         config = detector_config(spec.detector, **{"base_seed": base_seed, **spec.settings})
         _, detect = detector(spec.detector)
-        _synchronize(denoiser.device)
+        synchronize(denoiser.device)
         started = time.perf_counter()
         result = detect(denoiser, prompts, config, progress=progress)
-        _synchronize(denoiser.device)
+        synchronize(denoiser.device)
         results.append(
             EvaluatedSetting(
                 name=spec.name,
@@ -91,8 +91,3 @@ def _value(text: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError:
         return text
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

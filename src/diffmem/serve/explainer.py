@@ -27,13 +27,15 @@ class QueueFull(DiffmemError):
 class PromptExplainer:
     """Explanations and thumbnails of prompts from one model, computed on a single worker thread.
 
-    Requests from any number of threads queue for the worker, so the model never runs two at once;
-    at most ``max_pending`` may wait or run, later ones get :class:`QueueFull`.
+    ``load`` opens the model on the worker thread, so all tensor work happens on that one thread (on CPU,
+    OpenMP runs several times slower once two threads have used it). Requests from any number of
+    threads queue for the worker, so the model never runs two at once; at most ``max_pending`` may wait
+    or run, later ones get :class:`QueueFull`.
     """
 
     def __init__(
         self,
-        denoiser: Denoiser,
+        load: Callable[[], Denoiser],
         config: SignificanceConfig | None = None,
         threshold: float | None = None,
         model_name: str = "",
@@ -42,13 +44,13 @@ class PromptExplainer:
     ) -> None:
         if max_pending < 1:
             raise DiffmemError(f"max_pending must be at least 1; got {max_pending}")
-        self.denoiser = denoiser
         self.config = config or SignificanceConfig()
         self.threshold = threshold
         self.model_name = model_name
         self.thumbnails = thumbnails
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffmem-model")
         self._slots = threading.BoundedSemaphore(max_pending)
+        self.denoiser = self._worker.submit(load).result()
 
     def info(self) -> dict[str, Any]:
         """What the page shows about the model and the settings."""
@@ -70,7 +72,7 @@ class PromptExplainer:
         """The prompt's noise-norm score, its flag against the threshold, and every word's significance."""
         _check_prompt(prompt)
         started = time.perf_counter()
-        result = self._run(token_significance, self.denoiser, prompt, self.config)
+        result = self.run(token_significance, self.denoiser, prompt, self.config)
         words = [
             {"text": word, "start": start, "end": end, "significance": score, "share": share}
             for word, (start, end), score, share in zip(
@@ -95,7 +97,7 @@ class PromptExplainer:
         if not self.thumbnails:
             raise DiffmemError("thumbnails are switched off for this server")
         started = time.perf_counter()
-        images = self._run(
+        images = self.run(
             generate,
             self.denoiser,
             [prompt],
@@ -110,7 +112,7 @@ class PromptExplainer:
         """Finish the running request and stop the worker."""
         self._worker.shutdown(wait=True, cancel_futures=True)
 
-    def _run(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    def run(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``function`` on the model's worker thread and wait for it, if a queue slot is free."""
         if not self._slots.acquire(blocking=False):
             raise QueueFull("the model is busy with other requests; try again in a moment")
