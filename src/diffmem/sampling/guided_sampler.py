@@ -91,12 +91,8 @@ def sample(
             f"max_steps must be between 1 and num_inference_steps={num_inference_steps}; got {max_steps}"
         )
     scale = resolve_guidance_scale(denoiser, guidance_scale)
-    steps = eps_scheduler(scheduler or denoiser.scheduler)
-    steps.set_timesteps(num_inference_steps, device=denoiser.device)
-    generators = seeded_generators(seeds)
+    steps, generators, latents = _start(denoiser, seeds, num_inference_steps, scheduler)
     step_kwargs = _step_kwargs(steps, generators, eta)
-    latents = initial_noise(generators, denoiser.sample_shape, denoiser.device, denoiser.dtype)
-    latents = latents * steps.init_noise_sigma
     null = denoiser.null_condition(cond.batch_size)
     grad = grad or any(getattr(f, "needs_grad", False) for f in (*observers, *guidance))
     timesteps = steps.timesteps[:max_steps]
@@ -133,6 +129,29 @@ def sample(
         )
         latents = steps.step(model_output, t, latents, **step_kwargs, return_dict=False)[0]
     return latents
+
+
+def first_step_input(
+    denoiser: Denoiser,
+    seeds: Sequence[int],
+    num_inference_steps: int = 50,
+    scheduler: SchedulerMixin | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model input of :func:`sample`'s first step for these seeds ([B, C, H, W], from x_T) and its t."""
+    steps, _, latents = _start(denoiser, seeds, num_inference_steps, scheduler)
+    t = steps.timesteps[0]
+    return steps.scale_model_input(latents, t), t
+
+
+def _start(
+    denoiser: Denoiser, seeds: Sequence[int], num_inference_steps: int, scheduler: SchedulerMixin | None
+) -> tuple[SchedulerMixin, list[torch.Generator], torch.Tensor]:
+    """A fresh scheduler set to the schedule, one generator per sample, and the initial noise x_T."""
+    steps = eps_scheduler(scheduler or denoiser.scheduler)
+    steps.set_timesteps(num_inference_steps, device=denoiser.device)
+    generators = seeded_generators(seeds)
+    latents = initial_noise(generators, denoiser.sample_shape, denoiser.device, denoiser.dtype)
+    return steps, generators, latents * steps.init_noise_sigma
 
 
 def _predict_pair(
