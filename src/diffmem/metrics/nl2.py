@@ -91,11 +91,27 @@ def nl2(
             for start in range(0, len(queries), chunk)
         ]
     )  # [Q, k]
-    d_nearest, position = d.min(1)
-    score = d_nearest / (alpha * d.mean(1)).clamp_min(torch.finfo(d.dtype).tiny)  # SPEC §5 nL2
+    score, position = nl2_of_distances(d, alpha)
     return NL2Result(
-        nl2=score, nearest_index=nearest.gather(1, position[:, None])[:, 0], nearest_l2=d_nearest
+        nl2=score,
+        nearest_index=nearest.gather(1, position[:, None])[:, 0],
+        nearest_l2=d.gather(1, position[:, None])[:, 0],
     )
+
+
+def nl2_to_neighbours(
+    queries: torch.Tensor, neighbours: torch.Tensor, alpha: float = NL2_ALPHA
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """nL2 [Q] of each query [Q, C, H, W] against its own k neighbours [Q, k, C, H, W], and the position
+    [Q] of the nearest among them; differentiable with respect to ``queries``."""
+    return nl2_of_distances(_l2_to(queries, neighbours), alpha)
+
+
+def nl2_of_distances(d: torch.Tensor, alpha: float = NL2_ALPHA) -> tuple[torch.Tensor, torch.Tensor]:
+    """nL2 [Q] from the l2 distances [Q, k] to the k nearest references, and the nearest's position [Q]."""
+    d_nearest, position = d.min(1)
+    # nL2 = l2(x, n0) / (alpha * mean of l2 to the k nearest)   (AMG eq. 8, without its minus sign)
+    return d_nearest / (alpha * d.mean(1)).clamp_min(torch.finfo(d.dtype).tiny), position
 
 
 def _l2_to(queries: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,207 @@
+"""Anti-Memorization Guidance (Chen, Liu, Xu, CVPR 2024; SPEC §5): at every sampling step, compare the
+clean estimate with its nearest training image and, when they are too similar, steer away with
+despecification, caption-deduplication and dissimilarity guidance.
+
+Similarity is measured against a training-set index (:mod:`diffmem.index`): pixel indexes give
+``sigma_t = -nL2`` (eq. 8), embedding indexes ``sigma_t = <E(x0_hat), E(n0)>`` with the copy-detection
+network E the index was built with (eq. 9). Guidance applies only while ``sigma_t > lambda_t`` (eq. 10),
+per sample. Text-conditional models get all three terms, class-conditional ones despecification and
+dissimilarity, unconditional ones dissimilarity only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from diffmem.denoiser import Denoiser
+from diffmem.errors import DiffmemError
+from diffmem.metrics.nl2 import NL2_K
+from diffmem.mitigate.mitigation import OK, Mitigated, SamplingOptions, cfg_evaluations
+from diffmem.mitigate.training_similarity import ReferenceSet, training_similarity
+from diffmem.sampling import StepState, sample
+from diffmem.sampling.guided_sampler import resolve_guidance_scale
+
+NONFINITE = "nonfinite"
+TERMS = ("despecification", "deduplication", "dissimilarity")
+
+# lambda_t on the 0..1000 training timestep scale: guidance applies while sigma_t > lambda_t
+GATES: dict[str, Callable[[float], float]] = {
+    "sscd": lambda t: 0.3 + 0.1 * math.exp(-0.005 * t),  # reference code, copy-detection similarity
+    # reference code, CIFAR-10 nL2: guide while nL2 < 1.95 - 0.45 exp(-0.025 t'), t' over 250 respaced steps
+    "nl2-cifar": lambda t: -(1.95 - 0.45 * math.exp(-0.025 * t * 250 / 1000)),
+    "always": lambda t: -math.inf,  # the ablation without the gate (AMG Table 5)
+}
+
+
+def reference_c3(sigma: torch.Tensor, t: float) -> torch.Tensor:
+    """The reference code's dissimilarity strength for copy-detection similarity."""
+    # c3 = 100 (sigma_t - 0.3) exp((1000 - t) / 170)   (SPEC §5.5, t on the 0..1000 scale)
+    return 100.0 * (sigma - 0.3) * math.exp((1000.0 - t) / 170.0)
+
+
+@dataclass(frozen=True)
+class AntiMemorizationConfig:
+    """The reference defaults (SPEC §5); ``gate`` None picks the reference curve for the index's kind."""
+
+    reference: ReferenceSet = field(compare=False)
+    terms: tuple[str, ...] = TERMS
+    gate: str | None = None  # a name in GATES; None: "sscd" for embeddings, "nl2-cifar" for pixels
+    c1: float = 13.0  # despecification strength (eq. 13)
+    min_caption_copies: int = 20  # deduplication only for captions with more training copies than this
+    c3: float | None = None  # dissimilarity strength; None: reference_c3 (embeddings) or NL2_C3 (pixels)
+    nl2_k: int = NL2_K
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.terms) - set(TERMS))
+        if unknown or not self.terms:
+            raise DiffmemError(f"AMG terms must be among {', '.join(TERMS)}; got {', '.join(self.terms)}")
+        if self.gate is not None and self.gate not in GATES:
+            raise DiffmemError(f"unknown AMG gate {self.gate!r}; choose one of {', '.join(GATES)}")
+        if self.c1 < 0 or (self.c3 is not None and self.c3 < 0) or self.min_caption_copies < 0:
+            raise DiffmemError("AMG strengths c1, c3 and min_caption_copies must be non-negative")
+
+    @property
+    def lambda_t(self) -> Callable[[float], float]:
+        """The gate curve in use."""
+        return GATES[self.gate or ("sscd" if self.reference.index.kind == "embedding" else "nl2-cifar")]
+
+
+NL2_C3 = 50.0  # diffmem's dissimilarity strength for sigma = -nL2 (the reference gives c3 only for SSCD)
+
+
+class AntiMemorizationGuidance:
+    """The AMG guidance term for one batch: returns ``1{sigma_t > lambda_t} (G_spe + G_dup + G_sim)``
+    (eq. 10) and records, per sample, the steps guided, the highest similarity and its neighbour."""
+
+    needs_grad = True
+
+    def __init__(self, denoiser: Denoiser, config: AntiMemorizationConfig, batch_size: int) -> None:
+        self.denoiser = denoiser
+        self.config = config
+        self.index = config.reference.index
+        self.train_timesteps = int(denoiser.scheduler.config.num_train_timesteps)
+        self.guided_steps = [0] * batch_size
+        self.status = [OK] * batch_size
+        self.max_similarity = [-math.inf] * batch_size
+        self.nearest_row = [-1] * batch_size  # index row of the neighbour at the most similar step
+        self.extra_evaluations = 0
+
+    def __call__(self, step: StepState) -> torch.Tensor:
+        images = self.denoiser.decode(step.x0_hat).float()
+        sigma, nearest = training_similarity(images, self.config.reference, self.config.nl2_k)
+        t = float(step.t) * 1000.0 / self.train_timesteps
+        active = torch.tensor([s == OK for s in self.status], device=sigma.device)
+        gate = (sigma.detach() > self.config.lambda_t(t)) & active & sigma.detach().isfinite()
+        self._record(sigma.detach(), nearest)
+        if not bool(gate.any()):
+            return torch.zeros_like(step.eps)
+        correction = self._guidance(step, sigma, nearest, gate, t)
+        finite = correction.flatten(1).isfinite().all(1)
+        for row in torch.nonzero(gate & ~finite).flatten().tolist():
+            self.status[row] = NONFINITE  # guidance stops for this sample; its image is kept
+        keep = (gate & finite).to(correction.dtype)[:, None, None, None]
+        for row in torch.nonzero(gate & finite).flatten().tolist():
+            self.guided_steps[row] += 1
+        return torch.nan_to_num(correction) * keep
+
+    def _guidance(
+        self, step: StepState, sigma: torch.Tensor, nearest: torch.Tensor, gate: torch.Tensor, t: float
+    ) -> torch.Tensor:
+        terms, s0 = self.config.terms, step.guidance_scale
+        conditional = self.denoiser.conditioning != "none"
+        d_t = (step.eps_cond - step.eps_uncond).detach()
+        shape = (-1, 1, 1, 1)
+        sig = sigma.detach().to(d_t.dtype)
+        correction = torch.zeros_like(d_t)
+        s1 = torch.zeros_like(sig)
+        if conditional and "despecification" in terms:
+            s1 = (self.config.c1 * sig).clamp(0.0, max(s0 - 1.0, 0.0))  # eq. 13
+            correction = correction - s1.view(shape) * d_t  # G_spe = -s1 (eps(x_t, y) - eps(x_t))   (eq. 14)
+        if self.denoiser.conditioning == "text" and "deduplication" in terms:
+            correction = correction + self._deduplication(step, sig, s1, nearest, gate)
+        if "dissimilarity" in terms:
+            (gradient,) = torch.autograd.grad(sigma[gate].sum(), step.x_t)
+            c3 = reference_c3(sig, t) if self._c3 is None else torch.full_like(sig, self._c3)
+            # G_sim = c3 sqrt(1 - abar_t) grad_{x_t} sigma_t   (eq. 17)
+            correction = correction + c3.view(shape) * (1 - step.alpha_bar_t).sqrt() * gradient.detach()
+        return correction
+
+    @property
+    def _c3(self) -> float | None:
+        if self.config.c3 is not None:
+            return self.config.c3
+        return None if self.index.kind == "embedding" else NL2_C3
+
+    def _deduplication(
+        self,
+        step: StepState,
+        sigma: torch.Tensor,
+        s1: torch.Tensor,
+        nearest: torch.Tensor,
+        gate: torch.Tensor,
+    ) -> torch.Tensor:
+        """G_dup for the gated samples whose neighbour's caption is duplicated in the training set."""
+        correction = torch.zeros_like(step.eps)
+        counts = [self.index.caption_counts[int(r)] for r in nearest.tolist()]
+        rows = [
+            i for i in torch.nonzero(gate).flatten().tolist() if counts[i] > self.config.min_caption_copies
+        ]
+        if not rows:
+            return correction
+        captions = [self.index.captions[int(nearest[i])] for i in rows]
+        with torch.no_grad():
+            eps_caption = self.denoiser.eps(step.x_t[rows].detach(), step.t, self.denoiser.encode(captions))
+        self.extra_evaluations += len(rows)
+        s0 = step.guidance_scale
+        room = (s0 - 1.0 - s1[rows]).clamp_min(0.0)
+        c2 = room / 0.3  # the reference's c2 = (s0 - 1 - s1) / 0.3
+        s2 = torch.minimum((c2 * sigma[rows]).clamp_min(0.0), room)  # eq. 15
+        # G_dup = -s2 (eps(x_t, y_N) - eps(x_t))   (eq. 16)
+        correction[rows] = -s2.view(-1, 1, 1, 1) * (eps_caption - step.eps_uncond[rows].detach())
+        return correction
+
+    def _record(self, sigma: torch.Tensor, nearest: torch.Tensor) -> None:
+        for row, (value, neighbour) in enumerate(zip(sigma.tolist(), nearest.tolist())):
+            if value > self.max_similarity[row]:
+                self.max_similarity[row], self.nearest_row[row] = value, int(neighbour)
+
+
+def anti_memorization_guidance(
+    denoiser: Denoiser,
+    prompts: Sequence,
+    seeds: Sequence[int],
+    config: AntiMemorizationConfig,
+    sampling: SamplingOptions,
+) -> Mitigated:
+    """Sample with AMG against the configured training set."""
+    scale = resolve_guidance_scale(denoiser, sampling.guidance_scale)
+    if (
+        denoiser.conditioning != "none"
+        and scale <= 1.0
+        and set(config.terms) & {"despecification", "deduplication"}
+    ):
+        raise DiffmemError(
+            f"despecification and deduplication guidance work within classifier-free guidance (scale > 1); "
+            f"got guidance_scale={scale}"
+        )
+    term = AntiMemorizationGuidance(denoiser, config, len(prompts))
+    latents = sample(
+        denoiser, denoiser.encode(list(prompts)), seeds, guidance=[term], **sampling.sample_kwargs()
+    )
+    index = config.reference.index
+    return Mitigated(
+        latents=latents,
+        prompts_used=[str(p) for p in prompts],
+        guided_steps=term.guided_steps,
+        status=term.status,
+        unet_evaluations=cfg_evaluations(denoiser, len(prompts), sampling.num_inference_steps)
+        + term.extra_evaluations,
+        extras={
+            "amg_max_similarity": term.max_similarity,
+            "amg_nearest_id": [index.ids[r] if r >= 0 else None for r in term.nearest_row],
+        },
+    )

@@ -1,0 +1,54 @@
+"""How close images are to the training set: the similarity Anti-Memorization Guidance gates on and
+``generate`` reports (SPEC §5 and §8), measured through a training-set index."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffmem.errors import DiffmemError
+from diffmem.metrics.nl2 import NL2_ALPHA, NL2_K, nl2_to_neighbours
+
+
+@dataclass(frozen=True)
+class ReferenceSet:
+    """A training set seen through its index and, for an embedding index, the copy-detection network
+    that made its embeddings (images [B, 3, H, W] in [0, 1] -> unit vectors [B, D])."""
+
+    index: Any  # diffmem.index.TrainingSetIndex
+    encoder: nn.Module | None = None
+
+    def __post_init__(self) -> None:
+        if self.index.kind == "embedding" and self.encoder is None:
+            raise DiffmemError("an embedding index needs the copy-detection encoder its embeddings came from")
+
+    @property
+    def measure(self) -> str:
+        """ "nl2" for a pixel index, "copy_similarity" for an embedding index."""
+        return "copy_similarity" if self.index.kind == "embedding" else "nl2"
+
+
+def training_similarity(
+    images: torch.Tensor, reference: ReferenceSet, k: int = NL2_K
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """sigma [B] (higher: more similar; differentiable w.r.t. ``images``) and the index row of each
+    image's nearest training image [B].
+
+    Pixel index: ``sigma = -nL2`` over the k nearest (AMG eq. 8); embedding index:
+    ``sigma = <E(x), E(n0)>`` (AMG eq. 9).
+    """
+    index = reference.index
+    if index.kind == "embedding":
+        embeddings = reference.encoder(images)
+        index.check_queries(embeddings)
+        nearest = index.search(embeddings.detach(), 1).index[:, 0]
+        # sigma_t = E(x0_hat)^T E(n0)   (AMG eq. 9)
+        return (embeddings * index.vectors(nearest).to(embeddings)).sum(-1), nearest
+    index.check_queries(images)
+    rows = index.search(images.detach(), min(k, len(index))).index  # [B, k]
+    nl2, position = nl2_to_neighbours(images, index.vectors(rows).to(images), NL2_ALPHA)
+    # sigma_t = -nL2   (AMG eq. 8)
+    return -nl2, rows.gather(1, position[:, None])[:, 0]

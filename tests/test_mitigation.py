@@ -1,0 +1,136 @@
+"""Prompt-embedding optimisation (SPEC §3), batched mitigated generation and guard mode, on tiny
+random-weight pipelines."""
+
+import pytest
+import torch
+
+from diffmem.adapters import wrap_pipeline
+from diffmem.detect.noise_norm import NoiseNormConfig, noise_norm
+from diffmem.errors import DiffmemError
+from diffmem.mitigate import (
+    Guard,
+    PromptOptimizationConfig,
+    SamplingOptions,
+    mitigated_generate,
+    mitigation_config,
+)
+from diffmem.mitigate.prompt_optimization import optimize_prompt_embeddings
+from diffmem.sampling import generate, generation_seed
+from diffmem.tiny_pipelines import tiny_stable_diffusion, tiny_stable_diffusion_xl, tiny_unet2d
+
+PROMPTS = ["a red sneaker at the top left", "the zorblax vase poster", "a blue bag"]
+SAMPLING = SamplingOptions(num_inference_steps=4, guidance_scale=7.5)
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return wrap_pipeline(tiny_stable_diffusion())
+
+
+def _seeds(n):
+    return [generation_seed(0, i, 0) for i in range(n)]
+
+
+def test_optimisation_lowers_each_samples_first_step_norm_to_the_target(sd):
+    cond = sd.encode(PROMPTS)
+    plain = optimize_prompt_embeddings(sd, cond, _seeds(3), PromptOptimizationConfig(max_iterations=0), 4)
+    target = min(plain.initial_norm) * 0.5
+    result = optimize_prompt_embeddings(sd, cond, _seeds(3), PromptOptimizationConfig(target=target), 4)
+    assert result.initial_norm == pytest.approx(plain.initial_norm)
+    for before, after, steps in zip(result.initial_norm, result.final_norm, result.iterations):
+        assert steps > 0 and after < before
+        assert after <= target or steps == 10
+    # the start token never moves; everything after it may
+    optimized, original = result.cond["prompt_embeds"], cond["prompt_embeds"]
+    assert torch.equal(optimized[:, 0], original[:, 0])
+    assert not torch.equal(optimized[:, 1:], original[:, 1:])
+    assert result.unet_evaluations == 3 * (max(result.iterations) + 2)
+
+
+def test_the_first_step_norm_it_optimises_is_the_detectors_score(sd):
+    result = optimize_prompt_embeddings(
+        sd, sd.encode(PROMPTS), _seeds(3), PromptOptimizationConfig(max_iterations=0), 4
+    )
+    scores = noise_norm(sd, PROMPTS, NoiseNormConfig(num_inference_steps=4)).scores
+    assert result.initial_norm == pytest.approx(scores.tolist(), rel=1e-5)
+
+
+def test_each_sample_is_optimised_on_its_own(sd):
+    config = PromptOptimizationConfig(target=0.0, max_iterations=3)
+    together = optimize_prompt_embeddings(sd, sd.encode(PROMPTS), _seeds(3), config, 4)
+    alone = optimize_prompt_embeddings(sd, sd.encode(PROMPTS[1:2]), _seeds(3)[1:2], config, 4)
+    torch.testing.assert_close(
+        together.cond["prompt_embeds"][1:2], alone.cond["prompt_embeds"], rtol=1e-3, atol=1e-4
+    )
+    assert together.iterations[1] == alone.iterations[0] == 3
+
+
+def test_a_reached_target_leaves_sampling_unchanged(sd):
+    config = PromptOptimizationConfig(target=1e9)
+    mitigated = mitigated_generate(sd, PROMPTS, "prompt_optimization", config, sampling=SAMPLING)
+    plain = generate(sd, PROMPTS, num_inference_steps=4, guidance_scale=7.5)
+    assert torch.equal(mitigated.images, plain.images)
+    assert mitigated.extras["optimization_iterations"] == [0, 0, 0] and mitigated.guided_steps == [0, 0, 0]
+
+
+def test_optimised_prompts_generate_other_images_and_record_what_happened(sd):
+    config = PromptOptimizationConfig(target=0.0, max_iterations=2)
+    mitigated = mitigated_generate(
+        sd, PROMPTS, "prompt_optimization", config, n_generations=2, sampling=SAMPLING
+    )
+    plain = generate(sd, PROMPTS, n_generations=2, num_inference_steps=4, guidance_scale=7.5)
+    assert mitigated.seeds == plain.seeds and not torch.equal(mitigated.images, plain.images)
+    table = mitigated.to_table()
+    assert table.num_rows == 6 and set(table.column("method").to_pylist()) == {"prompt_optimization"}
+    assert table.column("guided_steps").to_pylist() == [4] * 6
+    assert all(a < b for a, b in zip(mitigated.extras["final_norm"], mitigated.extras["initial_norm"]))
+
+
+def test_prompt_optimisation_works_on_sdxl_and_refuses_models_without_text():
+    sdxl = wrap_pipeline(tiny_stable_diffusion_xl())
+    result = mitigated_generate(
+        sdxl,
+        ["a cat"],
+        "prompt_optimization",
+        PromptOptimizationConfig(target=0.0, max_iterations=1),
+        sampling=SamplingOptions(num_inference_steps=2),
+    )
+    assert result.extras["optimization_iterations"] == [1] and result.images.shape[0] == 1
+    unconditional = wrap_pipeline(tiny_unet2d())
+    with pytest.raises(DiffmemError, match="text-conditioned"):
+        mitigated_generate(
+            unconditional,
+            [None],
+            "prompt_optimization",
+            PromptOptimizationConfig(),
+            sampling=SamplingOptions(num_inference_steps=2, guidance_scale=1.0),
+        )
+
+
+def test_guard_mitigates_only_flagged_prompts_and_leaves_the_rest_bit_identical(sd):
+    scores = noise_norm(sd, PROMPTS, NoiseNormConfig(num_inference_steps=4)).scores
+    order = scores.argsort().tolist()
+    threshold = float(scores[order[0]] + scores[order[1]]) / 2  # flags all but the lowest-scoring prompt
+    guard = Guard(threshold, NoiseNormConfig(num_inference_steps=4))
+    config = PromptOptimizationConfig(target=0.0, max_iterations=2)
+    guarded = mitigated_generate(
+        sd, PROMPTS, "prompt_optimization", config, n_generations=2, sampling=SAMPLING, guard=guard
+    )
+    plain = generate(sd, PROMPTS, n_generations=2, num_inference_steps=4, guidance_scale=7.5)
+    for row, prompt_index in enumerate(i for i in range(3) for _ in range(2)):
+        safe = prompt_index == order[0]
+        assert guarded.method[row] == ("none" if safe else "prompt_optimization")
+        assert torch.equal(guarded.images[row], plain.images[row]) is safe
+        assert guarded.guard_score[row] == pytest.approx(float(scores[prompt_index]))
+    assert guarded.unet_evaluations > 0
+
+
+def test_unknown_mitigations_and_settings_are_refused():
+    with pytest.raises(DiffmemError, match="unknown mitigation 'nope'"):
+        mitigation_config("nope")
+    with pytest.raises(DiffmemError, match="has no setting lr"):
+        mitigation_config("prompt_optimization", lr=0.1)
+    with pytest.raises(DiffmemError, match="needs the training set"):
+        mitigation_config("amg")
+    with pytest.raises(DiffmemError, match="learning_rate > 0"):
+        PromptOptimizationConfig(learning_rate=0)
