@@ -1,0 +1,90 @@
+"""``diffmem index``: build and inspect the training-set index that Anti-Memorization Guidance queries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from diffmem.cli.app import Settings, app
+from diffmem.errors import DiffmemError
+from diffmem.index import (
+    TrainingSetIndex,
+    clip_retrieval_source,
+    image_source,
+    index_embeddings,
+    index_images,
+)
+from diffmem.index.build import describe_encoder
+
+index = typer.Typer(
+    help="The training-set index: nearest training images and their captions.", no_args_is_help=True
+)
+app.add_typer(index, name="index")
+
+
+@index.command()
+def build(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option(help="New index directory.")],
+    data: Annotated[
+        Path | None,
+        typer.Argument(
+            help="A lab dataset, or a folder of images with metadata.parquet (file_name, caption)."
+        ),
+    ] = None,
+    embeddings: Annotated[
+        Path | None,
+        typer.Option(
+            help="clip-retrieval output instead of DATA: img_emb/img_emb_*.npy, metadata/*.parquet."
+        ),
+    ] = None,
+    kind: Annotated[
+        str | None,
+        typer.Option(
+            help="pixels (for nL2) or embedding (copy detection); default pixels, "
+            "or embedding with --embeddings."
+        ),
+    ] = None,
+    encoder: Annotated[
+        Path | None,
+        typer.Option(
+            help="Copy-detection encoder (save_encoder directory or SSCD TorchScript file) "
+            "for --kind embedding; "
+            "with --embeddings, the network that made them (recorded, not run)."
+        ),
+    ] = None,
+    exact: Annotated[
+        bool | None,
+        typer.Option(
+            "--exact/--approximate", help="Flat index, or IVF-PQ re-ranked exactly (default: by size)."
+        ),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Images read and embedded at a time.")] = 256,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing index at --out.")] = False,
+) -> None:
+    """Index the distinct training images with their captions and caption duplicate counts."""
+    settings: Settings = ctx.obj
+    if out.exists() and not overwrite:
+        raise DiffmemError(f"{out} exists: choose a new --out or pass --overwrite")
+    if (data is None) == (embeddings is None):
+        raise DiffmemError("give either DATA (a lab dataset or an image folder) or --embeddings DIR")
+    if embeddings is not None:
+        if kind not in (None, "embedding"):
+            raise DiffmemError(f"--embeddings builds an embedding index; drop --kind {kind}")
+        built = index_embeddings(
+            clip_retrieval_source(embeddings), exact, None if encoder is None else describe_encoder(encoder)
+        )
+    else:
+        built = index_images(
+            image_source(data), kind or "pixels", encoder, exact, settings.device, batch_size
+        )
+    built.save(out, overwrite=overwrite)
+    typer.echo(f"wrote {out}: {built.manifest.describe()}")
+
+
+@index.command()
+def info(directory: Annotated[Path, typer.Argument(help="An index directory.")]) -> None:
+    """Print the manifest of an index (after checking that its files load)."""
+    typer.echo(TrainingSetIndex.load(directory).manifest.to_json(), nl=False)
