@@ -1,0 +1,153 @@
+"""Beginning-token attention scaling (Ren et al., "Unveiling and Mitigating Memorization in Text-to-image
+Diffusion Models through Cross Attention", ECCV 2024; SPEC §7).
+
+For a memorized prompt the conditional branch spreads its cross-attention over the prompt's tokens
+instead of resting it on the beginning (BOS) token. The inference-time mitigation multiplies the BOS
+token's attention logit by C = 1.25 in every cross-attention layer of the conditional prediction, at every
+step: ``logit_0 <- C * logit_0`` with ``logit_i = q . k_i / sqrt(d)``, so more attention goes to BOS and
+less to the prompt's words. The unconditional prediction is left as it is.
+
+The logit is scaled through the key: ``C * (q . k_0) / sqrt(d) = q . (C k_0) / sqrt(d)``, so the model's own
+attention processor (scaled-dot-product attention by default) runs unchanged on a BOS key multiplied by C
+in the conditional half of the batch. This equals the authors' explicit ``attn_weight[cond, :, :, 0] *= c1``
+(``refactored_attention_processor.py``) as long as the BOS position is not masked, which it never is.
+The conditional half is the second half of each UNet batch: the sampler evaluates ``[null, cond]`` in one
+call.
+
+Where this differs from the reference code: its mitigation command also passes ``--cross_attn_mask``,
+which masks the padding tokens after the prompt's end token in both branches; SPEC §7 names the BOS
+scaling alone, and that is all this module does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from diffusers.models.attention_processor import Attention
+
+from diffmem.denoiser import Denoiser
+from diffmem.errors import DiffmemError
+from diffmem.mitigate.mitigation import OK, Mitigated, SamplingOptions, cfg_evaluations
+from diffmem.sampling import sample
+
+
+@dataclass(frozen=True)
+class BosAttentionScalingConfig:
+    """How much to scale the BOS attention logit of the conditional branch."""
+
+    scale: float = 1.25  # C, Ren et al.'s c1; 1.0 leaves the model unchanged
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.scale) and self.scale > 0):
+            raise DiffmemError(f"scale must be a positive number; got {self.scale}")
+
+
+class _BosScaledKeys:
+    """An attention module whose key projection multiplies the BOS key of the batch's second half by
+    ``scale``; everything else is the wrapped module's."""
+
+    def __init__(self, attn: Attention, scale: float) -> None:
+        self._attn = attn
+        self._scale = scale
+        self.projected = False
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._attn, name)
+
+    def to_k(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        key = self._attn.to_k(encoder_hidden_states)  # [2B, tokens, heads * head_dim]
+        if key.shape[0] % 2:
+            raise DiffmemError(
+                f"bos_attention_scaling expects [unconditional, conditional] batches; got {key.shape[0]} rows"
+            )
+        factor = torch.ones(key.shape[0], key.shape[1], 1, dtype=key.dtype, device=key.device)
+        factor[key.shape[0] // 2 :, 0] = self._scale
+        self.projected = True
+        # q . (C k_0) / sqrt(d) = C logit_0 in the conditional branch (Ren et al., BOS logit rescaling)
+        return key * factor
+
+
+class BosScaledCrossAttention:
+    """A cross-attention processor that runs the processor it replaces with the conditional branch's BOS
+    key scaled (so the model's scaled-dot-product attention is kept)."""
+
+    def __init__(self, replaced: object, scale: float) -> None:
+        self.replaced = replaced
+        self.scale = scale
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args: object,
+        **kwargs: object,
+    ) -> torch.Tensor:
+        scaled = _BosScaledKeys(attn, self.scale)
+        output = self.replaced(
+            scaled, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs
+        )
+        if not scaled.projected:
+            raise DiffmemError(
+                f"bos_attention_scaling needs cross-attention that projects keys with to_k; "
+                f"{type(self.replaced).__name__} does not"
+            )
+        return output
+
+
+@contextmanager
+def scaled_bos_attention(network: torch.nn.Module, scale: float) -> Iterator[None]:
+    """Within the block, every cross-attention layer of ``network`` multiplies the BOS logit of the second
+    half of its batch (the conditional branch) by ``scale``; the original processors are restored after."""
+    if not hasattr(network, "set_attn_processor"):
+        raise DiffmemError(f"{type(network).__name__} has no diffusers attention processors to scale")
+    replaced = network.attn_processors
+    cross = [name for name in replaced if _layer(network, name).is_cross_attention]
+    if not cross:
+        raise DiffmemError(f"bos_attention_scaling needs cross-attention; {type(network).__name__} has none")
+    for name in cross:
+        if getattr(_layer(network, name), "norm_k", None) is not None:
+            raise DiffmemError(f"{name} normalises its keys, which would undo the BOS scaling")
+    scaled = {name: BosScaledCrossAttention(p, scale) if name in cross else p for name, p in replaced.items()}
+    try:
+        network.set_attn_processor(scaled)
+        yield
+    finally:
+        network.set_attn_processor(replaced)
+
+
+def _layer(network: torch.nn.Module, processor_name: str) -> Attention:
+    """The attention module a processor name (``...attn2.processor``) belongs to."""
+    return network.get_submodule(processor_name.removesuffix(".processor"))
+
+
+def bos_attention_scaling(
+    denoiser: Denoiser,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    config: BosAttentionScalingConfig,
+    sampling: SamplingOptions,
+) -> Mitigated:
+    """Sampling with the conditional branch's BOS attention logits multiplied by ``config.scale``."""
+    if denoiser.conditioning != "text":
+        raise DiffmemError(
+            f"bos_attention_scaling needs a text-conditioned model; {denoiser.family} is conditioned on "
+            f"{denoiser.conditioning!r}"
+        )
+    cond = denoiser.encode(list(prompts))
+    with scaled_bos_attention(getattr(denoiser, "network", denoiser), config.scale):
+        latents = sample(denoiser, cond, seeds, **sampling.sample_kwargs())
+    changed = sampling.num_inference_steps if config.scale != 1.0 else 0
+    return Mitigated(
+        latents=latents,
+        prompts_used=list(prompts),
+        guided_steps=[changed] * len(prompts),
+        status=[OK] * len(prompts),
+        unet_evaluations=cfg_evaluations(denoiser, len(prompts), sampling.num_inference_steps),
+    )
