@@ -1,4 +1,5 @@
-"""``diffmem generate``: images for prompts (or class labels), saved with one Parquet row per image."""
+"""``diffmem generate``: images for prompts (or class labels), plainly or with a mitigation (optionally
+behind the guard), saved with one Parquet row per image."""
 
 from __future__ import annotations
 
@@ -6,16 +7,31 @@ from pathlib import Path
 from typing import Annotated
 
 import pyarrow as pa
-import pyarrow.parquet as pq
+import torch
 import typer
 from PIL import Image
 
+from diffmem.atomic_io import write_parquet_atomic
 from diffmem.cli.app import Settings, app
+from diffmem.detect.calibration import Calibration
+from diffmem.detect.noise_norm import NoiseNormConfig
 from diffmem.errors import DiffmemError
-from diffmem.models import DEFAULT_MODEL, open_model
+from diffmem.index import TrainingSetIndex
+from diffmem.index.build import open_encoder
+from diffmem.method_spec import parse_method_spec
+from diffmem.mitigate import (
+    MITIGATIONS,
+    Guard,
+    ReferenceSet,
+    SamplingOptions,
+    mitigated_generate,
+    mitigation_config,
+)
+from diffmem.mitigate.registry import NEEDS_REFERENCE
+from diffmem.mitigate.training_similarity import training_similarity
+from diffmem.models import DEFAULT_MODEL, model_identity, open_model, shipped_directory
 from diffmem.prompts_io import read_prompts
 from diffmem.run_record import write_summary
-from diffmem.sampling import generate as generate_images
 from diffmem.sampling.schedulers import scheduler_like
 
 
@@ -45,22 +61,51 @@ def generate(
     ] = None,
     eta: Annotated[float, typer.Option(help="DDIM eta.")] = 0.0,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 8,
+    mitigation: Annotated[
+        str,
+        typer.Option(
+            help=f"none, or a mitigation with settings: NAME[:key=value,...]; one of {', '.join(MITIGATIONS)}."
+        ),
+    ] = "none",
+    index: Annotated[
+        Path | None,
+        typer.Option(
+            help="Training-set index (diffmem index build): AMG's reference; adds nearest-image columns."
+        ),
+    ] = None,
+    encoder: Annotated[
+        Path | None,
+        typer.Option(help="Copy-detection encoder of an embedding index (default: the one it records)."),
+    ] = None,
+    guard: Annotated[
+        bool, typer.Option(help="Score prompts at the first step; mitigate only those above the threshold.")
+    ] = False,
+    calibration: Annotated[
+        Path | None, typer.Option(help="The guard's noise-norm calibration (default: the lab model's).")
+    ] = None,
 ) -> None:
     """Sample images and write them with ``generations.parquet`` and ``summary.json``."""
     settings: Settings = ctx.obj
+    model = model or DEFAULT_MODEL
+    name, method_settings = parse_method_spec(mitigation)
+    reference = _reference(index, encoder, settings.device)
+    if name in NEEDS_REFERENCE:
+        method_settings["reference"] = reference
+    config = mitigation_config(name, **method_settings)
+    guarded = _guard(model, calibration) if guard else None
     denoiser = open_model(model, settings.device, settings.dtype)
     items = _items(denoiser.conditioning, list(prompts or []), prompts_file, column)
     steps_scheduler = scheduler_like(scheduler, denoiser.scheduler) if scheduler else None
-    result = generate_images(
+    result = mitigated_generate(
         denoiser,
         items,
+        name,
+        config,
         n_generations=n_generations,
         base_seed=settings.seed,
         batch_size=batch_size,
-        num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale,
-        scheduler=steps_scheduler,
-        eta=eta,
+        sampling=SamplingOptions(num_inference_steps, guidance_scale, steps_scheduler, eta),
+        guard=guarded,
         progress=True,
     )
     image_dir = out / "images"
@@ -72,9 +117,11 @@ def generate(
         Image.fromarray(pixels).save(path)
         paths.append(str(path.relative_to(out)))
     table = result.to_table().append_column("image", pa.array(paths, pa.string()))
-    pq.write_table(table, out / "generations.parquet")
-    config = {
-        "model": model or DEFAULT_MODEL,
+    if reference is not None:
+        table = _with_nearest(table, result.images, reference)
+    write_parquet_atomic(table, out / "generations.parquet")
+    run_config = {
+        "model": model,
         "device": str(settings.device),
         "dtype": str(settings.dtype),
         "seed": settings.seed,
@@ -83,9 +130,61 @@ def generate(
         "guidance_scale": guidance_scale if guidance_scale is not None else denoiser.default_guidance_scale,
         "scheduler": scheduler or type(denoiser.scheduler).__name__,
         "eta": eta,
+        "mitigation": name,
+        "mitigation_settings": {k: v for k, v in method_settings.items() if k != "reference"},
+        "index": None if index is None else str(index),
+        "guard_threshold": None if guarded is None else guarded.threshold,
     }
-    write_summary(out / "summary.json", config, {"images": len(paths)})
-    typer.echo(f"wrote {len(paths)} images, generations.parquet and summary.json to {out}")
+    mitigated = sum(m != "none" for m in result.method)
+    counts = {"images": len(paths), "mitigated": mitigated, "unet_evaluations": result.unet_evaluations}
+    write_summary(out / "summary.json", run_config, counts)
+    note = f" ({mitigated} with {name})" if name != "none" else ""
+    typer.echo(f"wrote {len(paths)} images{note}, generations.parquet and summary.json to {out}")
+
+
+def _reference(index: Path | None, encoder: Path | None, device: torch.device) -> ReferenceSet | None:
+    """The training set from an index directory, with its copy-detection encoder for an embedding index."""
+    if index is None:
+        if encoder is not None:
+            raise DiffmemError("--encoder goes with an embedding index: give --index too")
+        return None
+    opened = TrainingSetIndex.load(index)
+    network = None
+    if opened.kind == "embedding":
+        path = encoder or (Path(opened.encoder) if opened.encoder else None)
+        if path is None:
+            raise DiffmemError(f"{index} holds embeddings: give the encoder that made them with --encoder")
+        network = open_encoder(path, device)
+    return ReferenceSet(opened, network)
+
+
+def _guard(model: str, calibration: Path | None) -> Guard:
+    """The guard from a noise-norm calibration made for this model (the shipped lab model has one)."""
+    shipped = shipped_directory(model)
+    if calibration is None and shipped is not None:
+        calibration = shipped / "calibration.json"
+    if calibration is None:
+        raise DiffmemError(
+            "--guard needs a noise-norm calibration of this model: give --calibration (diffmem calibrate)"
+        )
+    calibrated = Calibration.load(calibration)
+    calibrated.check("noise_norm", calibrated.settings, model_identity(model))
+    return Guard(calibrated.threshold, NoiseNormConfig(**calibrated.settings))
+
+
+def _with_nearest(table: pa.Table, images: torch.Tensor, reference: ReferenceSet) -> pa.Table:
+    """The table with each image's nearest training image and its similarity (nL2 or copy similarity)."""
+    sigmas, rows = [], []
+    with torch.no_grad():
+        for start in range(0, len(images), 64):
+            sigma, nearest = training_similarity(images[start : start + 64], reference)
+            sigmas += sigma.tolist()
+            rows += nearest.tolist()
+    values = [-s for s in sigmas] if reference.measure == "nl2" else sigmas
+    table = table.append_column(
+        "nearest_training_id", pa.array([reference.index.ids[r] for r in rows], pa.int64())
+    )
+    return table.append_column(reference.measure, pa.array(values, pa.float64()))
 
 
 def _items(conditioning: str, prompts: list[str], prompts_file: Path | None, column: str) -> list:

@@ -7,16 +7,24 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 
 from diffmem.adapters import load_denoiser
+from diffmem.atomic_io import write_atomic
 from diffmem.cli.app import Settings, app
 from diffmem.errors import DiffmemError
 from diffmem.lab.dataset import LabConfig, build_lab_dataset, load_lab_dataset
 from diffmem.lab.label import GROUPS, LabelConfig, label_lab_model
 from diffmem.lab.model import LabModelConfig
 from diffmem.lab.train import LabTrainConfig, train_lab_model
-from diffmem.metrics.copy_detection import load_encoder
+from diffmem.metrics.copy_detection import (
+    CopyDetectionConfig,
+    copy_detection_accuracy,
+    load_encoder,
+    save_encoder,
+    train_copy_detector,
+)
 
 lab = typer.Typer(
     help="The memorization lab: a dataset and a model that memorize on purpose.", no_args_is_help=True
@@ -111,3 +119,41 @@ def label(
     for group, values in summary.items():
         typer.echo(f"{group}: {values['share_memorized']:.1%} of {values['prompts']} prompts memorized")
     typer.echo(f"wrote labels to {written}")
+
+
+@lab.command(name="copy-detector")
+def copy_detector_command(
+    ctx: typer.Context,
+    data: Annotated[Path, typer.Option(help="A dataset directory from `diffmem lab build`.")],
+    out: Annotated[Path, typer.Option(help="Encoder directory to write (save_encoder format).")],
+    steps: Annotated[int, typer.Option(help="Training steps.")] = 1500,
+    batch_size: Annotated[int, typer.Option(help="Images per step (each seen in two edited views).")] = 128,
+    input_size: Annotated[int, typer.Option(help="Side the encoder resizes images to.")] = 32,
+) -> None:
+    """Train the lab's SSCD-style copy detector on its unique training images; report its copy accuracy."""
+    settings: Settings = ctx.obj
+    _, images = load_lab_dataset(data).unique_train_images()
+    encoder = train_copy_detector(
+        images.to(settings.device),
+        steps,
+        batch_size,
+        seed=settings.seed,
+        config=CopyDetectionConfig(input_size=input_size),
+    )
+    queries = min(500, len(images))
+    accuracy = copy_detection_accuracy(
+        encoder, images.to(settings.device), torch.Generator().manual_seed(settings.seed + 1), queries
+    )
+    save_encoder(encoder.cpu(), out)
+    record = {
+        "data": str(data),
+        "steps": steps,
+        "batch_size": batch_size,
+        "seed": settings.seed,
+        "copy_accuracy": accuracy,
+        "queries": queries,
+    }
+    write_atomic(out / "training.json", (json.dumps(record, indent=2) + "\n").encode())
+    typer.echo(
+        f"copy detector: {accuracy:.1%} of {queries} edited copies matched to their source; wrote {out}"
+    )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,7 +11,7 @@ import numpy as np
 
 from diffmem.denoiser import Denoiser
 from diffmem.detect.registry import config_settings, detector, detector_config
-from diffmem.errors import DiffmemError
+from diffmem.method_spec import parse_method_spec
 from diffmem.report.detection_report import EvaluatedSetting
 from diffmem.timing import synchronize
 
@@ -41,13 +40,7 @@ class SettingSpec:
     @classmethod
     def parse(cls, text: str) -> SettingSpec:
         """``noise_norm:steps=all,n_generations=4`` -> detector and settings (values as JSON; all -> None)."""
-        name, _, rest = text.strip().partition(":")
-        settings: dict[str, Any] = {}
-        for item in filter(None, (part.strip() for part in rest.split(","))):
-            key, equals, value = item.partition("=")
-            if not equals or not key.strip():
-                raise DiffmemError(f"setting {text!r}: write key=value pairs after the detector name")
-            settings[key.strip()] = _value(value.strip())
+        name, settings = parse_method_spec(text)
         detector(name)
         return cls(text.strip(), name, settings)
 
@@ -82,12 +75,3 @@ def evaluate_settings(
             )
         )
     return results
-
-
-def _value(text: str) -> Any:
-    if text == "all":
-        return None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text

@@ -34,6 +34,7 @@ GATES: dict[str, Callable[[float], float]] = {
     # reference code, CIFAR-10 nL2: guide while nL2 < 1.95 - 0.45 exp(-0.025 t'), t' over 250 respaced steps
     "nl2-cifar": lambda t: -(1.95 - 0.45 * math.exp(-0.025 * t * 250 / 1000)),
     "always": lambda t: -math.inf,  # the ablation without the gate (AMG Table 5)
+    "never": lambda t: math.inf,  # measures the cost of watching alone
 }
 
 

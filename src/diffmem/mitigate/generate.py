@@ -46,7 +46,7 @@ class MitigatedGeneration:
             "seed": pa.array(self.seeds, pa.int64()),
             "prompt": pa.array([None if i is None else str(i) for i in self.items], pa.string()),
             "method": pa.array(self.method, pa.string()),
-            "prompt_used": pa.array(self.prompts_used, pa.string()),
+            "prompt_used": pa.array([None if p is None else str(p) for p in self.prompts_used], pa.string()),
             "guided_steps": pa.array(self.guided_steps, pa.int32()),
             "status": pa.array(self.status, pa.string()),
             "guard_score": pa.array(self.guard_score, pa.float64()),

@@ -1,0 +1,250 @@
+"""Anti-Memorization Guidance (SPEC §5) on tiny random-weight pipelines with small training-set indexes:
+each term against its equation, the gate, per-sample records, and the model kinds it supports."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffmem.adapters import wrap_pipeline
+from diffmem.errors import DiffmemError
+from diffmem.index import TrainingSetIndex
+from diffmem.mitigate import ReferenceSet, SamplingOptions, mitigated_generate, mitigation_config
+from diffmem.mitigate.anti_memorization_guidance import GATES, AntiMemorizationGuidance
+from diffmem.mitigate.training_similarity import training_similarity
+from diffmem.sampling import generate, generation_seed, sample
+from diffmem.tiny_pipelines import tiny_stable_diffusion, tiny_unet2d
+
+PROMPTS = ["a red sneaker at the top left", "the zorblax vase poster"]
+SAMPLING = SamplingOptions(num_inference_steps=3, guidance_scale=7.5)
+CAPTIONS = ["the zorblax vase poster", "a blue bag", "a green coat"]
+
+
+class Embedder(torch.nn.Module):
+    """A fixed random 'copy detector': images to unit vectors."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.projection = torch.nn.Linear(3 * 4 * 4, dim)
+        torch.nn.init.normal_(self.projection.weight, generator=torch.Generator().manual_seed(1))
+
+    def forward(self, images):
+        return F.normalize(self.projection(F.adaptive_avg_pool2d(images, 4).flatten(1)), dim=1)
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return wrap_pipeline(tiny_stable_diffusion())
+
+
+@pytest.fixture(scope="module")
+def training_images(sd):
+    """A 'training set': the model's own plain generations (so they are near), plus random images."""
+    own = generate(sd, PROMPTS, num_inference_steps=3).images
+    noise = torch.rand((58, *own.shape[1:]), generator=torch.Generator().manual_seed(2))
+    return torch.cat([own, noise])
+
+
+@pytest.fixture(scope="module")
+def pixels(training_images):
+    captions = [CAPTIONS[i % 3] for i in range(len(training_images))]
+    return ReferenceSet(TrainingSetIndex.build_pixels(training_images, captions, ids=list(range(100, 160))))
+
+
+@pytest.fixture(scope="module")
+def embeddings(training_images):
+    encoder = Embedder()
+    with torch.no_grad():
+        vectors = encoder(training_images)
+    counts = [25] * len(training_images)  # every caption "duplicated" enough for G_dup
+    captions = [CAPTIONS[i % 3] for i in range(len(training_images))]
+    return ReferenceSet(TrainingSetIndex.build_embeddings(vectors, captions, caption_counts=counts), encoder)
+
+
+class Capture:
+    """A guidance term that runs AMG and, first, computes what each of its terms should return."""
+
+    needs_grad = True
+
+    def __init__(self, amg: AntiMemorizationGuidance, reference: ReferenceSet, c1: float = 13.0):
+        self.amg, self.reference, self.c1 = amg, reference, c1
+        self.expected, self.returned = [], []
+
+    def __call__(self, step):
+        images = self.amg.denoiser.decode(step.x0_hat).float()
+        sigma, nearest = training_similarity(images, self.reference)
+        (gradient,) = torch.autograd.grad(sigma.sum(), step.x_t, retain_graph=True)
+        d_t = (step.eps_cond - step.eps_uncond).detach()
+        sig = sigma.detach()
+        s1 = (self.c1 * sig).clamp(0, step.guidance_scale - 1)
+        captions = [self.reference.index.captions[int(r)] for r in nearest]
+        with torch.no_grad():
+            eps_caption = self.amg.denoiser.eps(step.x_t.detach(), step.t, self.amg.denoiser.encode(captions))
+        room = step.guidance_scale - 1  # s0 - 1 - s1 with s1 = 0 (no despecification term)
+        s2 = (room / 0.3 * sig).clamp(0, room)
+        dup = -s2.view(-1, 1, 1, 1) * (eps_caption - step.eps_uncond.detach())  # eq. 15-16
+        self.expected.append(
+            {
+                "sigma": sig,
+                "nearest": nearest,
+                "spe": -s1.view(-1, 1, 1, 1) * d_t,
+                "gradient": gradient,
+                "s1": s1,
+                "dup": dup,
+            }
+        )
+        correction = self.amg(step)
+        self.returned.append(correction.detach())
+        return correction
+
+
+def _run(denoiser, config, reference, steps=3):
+    amg = AntiMemorizationGuidance(denoiser, config, len(PROMPTS))
+    capture = Capture(amg, reference, config.c1)
+    seeds = [generation_seed(0, i, 0) for i in range(len(PROMPTS))]
+    sample(
+        denoiser,
+        denoiser.encode(PROMPTS),
+        seeds,
+        num_inference_steps=steps,
+        guidance_scale=7.5,
+        guidance=[capture],
+    )
+    return amg, capture
+
+
+def test_despecification_is_minus_s1_times_the_text_direction(sd, embeddings):
+    config = mitigation_config("amg", reference=embeddings, terms=("despecification",), gate="always")
+    _, capture = _run(sd, config, embeddings)
+    for expected, returned in zip(capture.expected, capture.returned):
+        assert (expected["s1"] > 0).any()
+        torch.testing.assert_close(returned, expected["spe"])  # eq. 13-14
+
+
+def test_dissimilarity_follows_the_similarity_gradient_with_the_reference_strength(sd, embeddings):
+    config = mitigation_config("amg", reference=embeddings, terms=("dissimilarity",), gate="always")
+    amg, capture = _run(sd, config, embeddings)
+    schedule = sd.scheduler.__class__.from_config(sd.scheduler.config)
+    schedule.set_timesteps(3)
+    for t, expected, returned in zip(schedule.timesteps, capture.expected, capture.returned):
+        sigma = expected["sigma"]
+        c3 = 100.0 * (sigma - 0.3) * math.exp((1000.0 - float(t)) / 170.0)
+        alpha_bar = sd.alpha_bar(t)
+        # G_sim = c3 sqrt(1 - abar_t) grad sigma   (eq. 17)
+        torch.testing.assert_close(
+            returned, c3.view(-1, 1, 1, 1) * (1 - alpha_bar).sqrt() * expected["gradient"]
+        )
+    assert amg.guided_steps == [3, 3]
+
+
+def test_deduplication_guides_away_from_the_neighbours_caption(sd, embeddings):
+    config = mitigation_config(
+        "amg", reference=embeddings, terms=("deduplication",), gate="always", min_caption_copies=20
+    )
+    amg, capture = _run(sd, config, embeddings, steps=1)
+    assert amg.extra_evaluations == 2  # one conditional evaluation per guided sample and step
+    returned, expected = capture.returned[0], capture.expected[0]
+    assert returned.abs().sum() > 0
+    torch.testing.assert_close(returned, expected["dup"])
+    few = mitigation_config(
+        "amg", reference=embeddings, terms=("deduplication",), gate="always", min_caption_copies=25
+    )
+    amg, capture = _run(sd, few, embeddings, steps=1)
+    assert amg.extra_evaluations == 0 and capture.returned[0].abs().sum() == 0  # 25 copies is not > 25
+
+
+def test_a_closed_gate_leaves_sampling_exactly_as_plain_sampling(sd, pixels):
+    config = mitigation_config("amg", reference=pixels, gate="never")
+    guarded = mitigated_generate(sd, PROMPTS, "amg", config, n_generations=2, sampling=SAMPLING)
+    plain = generate(sd, PROMPTS, n_generations=2, num_inference_steps=3, guidance_scale=7.5)
+    assert torch.equal(guarded.images, plain.images)
+    assert guarded.guided_steps == [0] * 4 and guarded.status == ["ok"] * 4
+    assert all(s <= 0 for s in guarded.extras["amg_max_similarity"])  # sigma = -nL2
+    assert set(guarded.extras["amg_nearest_id"]) <= set(range(100, 160))
+
+
+def test_pixel_amg_lowers_the_similarity_to_the_training_set(sd, pixels, training_images):
+    plain = generate(sd, PROMPTS, num_inference_steps=3, guidance_scale=7.5).images
+    config = mitigation_config("amg", reference=pixels, gate="always", c3=2000.0)
+    guided = mitigated_generate(sd, PROMPTS, "amg", config, sampling=SAMPLING).images
+    with torch.no_grad():
+        before, _ = training_similarity(plain, pixels)
+        after, _ = training_similarity(guided, pixels)
+    assert (before > -1e-6).all()  # the plain generations are in the training set: nL2 = 0
+    assert (after < before - 0.1).all()
+
+
+def test_a_nonfinite_guidance_stops_for_that_sample_only(sd, embeddings):
+    class NanForSecond(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            grad = grad.clone()
+            grad[1] = float("nan")
+            return grad
+
+    class Broken(torch.nn.Module):
+        def forward(self, images):
+            return embeddings.encoder(NanForSecond.apply(images))
+
+    reference = ReferenceSet(embeddings.index, Broken())
+    config = mitigation_config("amg", reference=reference, terms=("dissimilarity",), gate="always")
+    result = mitigated_generate(sd, PROMPTS, "amg", config, sampling=SAMPLING)
+    assert result.status == ["ok", "nonfinite"] and result.guided_steps == [3, 0]
+    assert result.images.isfinite().all()
+
+
+def test_class_conditional_and_unconditional_models_with_ddpm_and_ddim():
+    for class_conditional in (True, False):
+        for scheduler in ("ddpm", "ddim"):
+            denoiser = wrap_pipeline(tiny_unet2d(class_conditional=class_conditional, scheduler=scheduler))
+            images = generate(
+                denoiser,
+                [1] if class_conditional else [None],
+                n_generations=2,
+                num_inference_steps=2,
+                guidance_scale=2.0 if class_conditional else 1.0,
+            ).images
+            reference = ReferenceSet(
+                TrainingSetIndex.build_pixels(torch.cat([images, images.flip(0)]), ["a"] * 4)
+            )
+            config = mitigation_config("amg", reference=reference, gate="always", nl2_k=2, c3=10.0)
+            sampling = SamplingOptions(
+                num_inference_steps=2, guidance_scale=2.0 if class_conditional else 1.0
+            )
+            result = mitigated_generate(
+                denoiser,
+                [1] if class_conditional else [None],
+                "amg",
+                config,
+                n_generations=2,
+                sampling=sampling,
+            )
+            assert result.guided_steps == [2, 2] and result.images.isfinite().all()
+
+
+def test_bad_configurations_are_one_line_errors(sd, pixels, embeddings):
+    with pytest.raises(DiffmemError, match="needs the copy-detection encoder"):
+        ReferenceSet(embeddings.index)
+    with pytest.raises(DiffmemError, match="unknown AMG gate"):
+        mitigation_config("amg", reference=pixels, gate="parabola")
+    with pytest.raises(DiffmemError, match="AMG terms must be among"):
+        mitigation_config("amg", reference=pixels, terms=("despecify",))
+    with pytest.raises(DiffmemError, match=r"scale > 1"):
+        mitigated_generate(
+            sd, PROMPTS, "amg", mitigation_config("amg", reference=pixels), sampling=SamplingOptions(3, 1.0)
+        )
+    small = ReferenceSet(TrainingSetIndex.build_pixels(torch.rand(4, 3, 4, 4), ["a"] * 4))
+    with pytest.raises(DiffmemError, match="build the index at the model's resolution"):
+        mitigated_generate(sd, PROMPTS, "amg", mitigation_config("amg", reference=small), sampling=SAMPLING)
+
+
+def test_reference_gate_curves():
+    assert GATES["sscd"](0) == pytest.approx(0.4) and GATES["sscd"](1000) == pytest.approx(0.3, abs=1e-3)
+    assert GATES["nl2-cifar"](0) == pytest.approx(-1.5) and GATES["nl2-cifar"](1000) == pytest.approx(
+        -1.95, abs=1e-3
+    )
