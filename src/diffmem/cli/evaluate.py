@@ -1,7 +1,8 @@
-"""``diffmem eval detect``: every detector setting against labelled prompts, as a report."""
+"""``diffmem eval detect`` and ``diffmem eval mitigate``: detectors and mitigations against ground truth."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -11,10 +12,21 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import typer
 
+from diffmem.atomic_io import write_atomic, write_parquet_atomic
 from diffmem.cli.app import Settings, app
+from diffmem.cli.generate import open_reference
 from diffmem.detect.evaluate import DEFAULT_SETTINGS, SettingSpec, evaluate_settings
 from diffmem.errors import DiffmemError
-from diffmem.models import DEFAULT_MODEL, model_identity, open_model
+from diffmem.lab.dataset import load_lab_dataset
+from diffmem.mitigate.evaluate import (
+    DEFAULT_METHODS,
+    Measure,
+    Quality,
+    evaluate_mitigations,
+    results_markdown,
+)
+from diffmem.mitigate.mitigation import SamplingOptions
+from diffmem.models import DEFAULT_MODEL, LAB_MODEL, model_identity, open_model, shipped_directory
 from diffmem.prompts_io import READERS
 from diffmem.report.detection_report import write_detection_report
 from diffmem.run_record import environment
@@ -98,3 +110,167 @@ def _labelled(path: Path, prompt_column: str, label_column: str, groups: list[st
     if not pa.types.is_boolean(table[label_column].type) or table[label_column].null_count:
         raise DiffmemError(f"column {label_column!r} of {path.name} must be true/false on every row")
     return table
+
+
+@evaluate.command()
+def mitigate(
+    ctx: typer.Context,
+    index: Annotated[
+        list[Path],
+        typer.Option(
+            help="Training-set index (repeatable): each adds its measure, nL2 (pixels) or copy similarity."
+        ),
+    ],
+    model: Annotated[
+        str | None, typer.Option(help=f"Model directory or builtin:NAME (default {LAB_MODEL}).")
+    ] = None,
+    labels: Annotated[
+        Path | None,
+        typer.Option(help="Prompts with a group column (default: the lab model's labels.parquet)."),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Report directory.")] = Path("out/eval-mitigate"),
+    method: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="NAME[:key=value,...] to evaluate (repeatable; default: every mitigation at its defaults)."
+        ),
+    ] = None,
+    encoder: Annotated[
+        Path | None,
+        typer.Option(help="Copy-detection encoder of the embedding index (default: the one it records)."),
+    ] = None,
+    amg_index: Annotated[
+        Path | None,
+        typer.Option(help="The index AMG guides against (default: the first embedding index given)."),
+    ] = None,
+    memorized_group: Annotated[str, typer.Option(help="Group value of the memorized prompts.")] = "memorized",
+    control_group: Annotated[str, typer.Option(help="Group value of the non-memorized prompts.")] = "heldout",
+    prompt_column: Annotated[str, typer.Option(help="Column of the prompts.")] = "caption",
+    max_prompts_per_group: Annotated[
+        int | None, typer.Option(help="Use at most this many prompts a group.")
+    ] = None,
+    nl2_threshold: Annotated[float, typer.Option(help="Memorized below this nL2 (SPEC §5).")] = 1.4,
+    copy_threshold: Annotated[float, typer.Option(help="Memorized above this copy similarity.")] = 0.5,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="The lab dataset: FID/KID of the control group against its real scenes (needs --encoder or an embedding index)."
+        ),
+    ] = None,
+    n_generations: Annotated[int, typer.Option(help="Generations per prompt.")] = 4,
+    num_inference_steps: Annotated[int, typer.Option(help="Sampling steps.")] = 50,
+    guidance_scale: Annotated[float, typer.Option(help="CFG scale.")] = 7.5,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 16,
+) -> None:
+    """Memorization (Top 5%, Top 1, share memorized), quality and cost of each mitigation (the AMG tables)."""
+    options: Settings = ctx.obj
+    model = model or LAB_MODEL
+    labels = labels or _shipped_labels(model)
+    table = _grouped(labels, prompt_column, [memorized_group, control_group])
+    groups = {}
+    for name in (memorized_group, control_group):
+        rows = table.filter(pc.equal(table["group"], name))
+        groups[name] = rows[prompt_column].to_pylist()[:max_prompts_per_group]
+    references = [open_reference(path, encoder, options.device) for path in index]
+    thresholds = {"nl2": nl2_threshold, "copy_similarity": copy_threshold}
+    measures = [Measure(r, thresholds[r.measure]) for r in references]
+    chosen = open_reference(amg_index, encoder, options.device) if amg_index else _amg_reference(references)
+    quality = _quality(data, table, memorized_group, control_group, max_prompts_per_group, references)
+    denoiser = open_model(model, options.device, options.dtype)
+    results = evaluate_mitigations(
+        denoiser,
+        groups,
+        method or DEFAULT_METHODS,
+        measures,
+        chosen,
+        n_generations=n_generations,
+        sampling=SamplingOptions(num_inference_steps, guidance_scale),
+        base_seed=options.seed,
+        batch_size=batch_size,
+        quality=quality,
+        control_group=control_group,
+        progress=True,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    write_parquet_atomic(
+        pa.concat_tables([r.rows for r in results], promote_options="default"), out / "images.parquet"
+    )
+    markdown = results_markdown(results)
+    write_atomic(out / "results.md", markdown.encode())
+    record = {
+        "command": " ".join(["diffmem", *sys.argv[1:]]),
+        "model": model,
+        "model_hash": model_identity(model),
+        "labels": str(labels),
+        "prompts": {g: len(p) for g, p in groups.items()},
+        "n_generations": n_generations,
+        "indexes": [str(p) for p in index],
+        "amg_index": str(amg_index) if amg_index else None,
+        "device": str(options.device),
+        "dtype": str(options.dtype),
+        "seed": options.seed,
+        "results": [
+            {
+                "name": r.name,
+                "summaries": {g: {m: s.to_dict() for m, s in ms.items()} for g, ms in r.summaries.items()},
+                "fid": r.fid,
+                "kid": r.kid,
+                "seconds_per_image": r.seconds_per_image,
+                "unet_evaluations_per_image": r.unet_evaluations_per_image,
+                "guided_share": r.guided_share,
+            }
+            for r in results
+        ],
+        **environment(),
+    }
+    write_atomic(out / "results.json", (json.dumps(record, indent=2, default=str) + "\n").encode())
+    typer.echo(markdown)
+    typer.echo(f"wrote {out / 'results.md'}, results.json and images.parquet")
+
+
+def _shipped_labels(model: str) -> Path:
+    shipped = shipped_directory(model)
+    if shipped is None:
+        raise DiffmemError("give --labels: only the shipped lab model comes with its own labelled prompts")
+    return shipped / "labels.parquet"
+
+
+def _grouped(path: Path, prompt_column: str, groups: list[str]) -> pa.Table:
+    """The rows of the two groups, checked."""
+    if not path.is_file():
+        raise DiffmemError(f"labels file not found: {path}")
+    reader = READERS.get(path.suffix.lower())
+    if reader is None:
+        raise DiffmemError(f"unsupported labels file {path.name}; use .parquet, .jsonl or .csv")
+    table = reader(path)
+    for column in (prompt_column, "group"):
+        if column not in table.column_names:
+            raise DiffmemError(
+                f"{path.name} has no column {column!r}; columns: {', '.join(table.column_names)}"
+            )
+    present = set(table["group"].to_pylist())
+    missing = [g for g in groups if g not in present]
+    if missing:
+        raise DiffmemError(
+            f"{path.name} has no rows of group {', '.join(missing)}; groups: {', '.join(sorted(map(str, present)))}"
+        )
+    return table
+
+
+def _amg_reference(references: list) -> object:
+    embedding = [r for r in references if r.measure == "copy_similarity"]
+    return (embedding or references)[0]
+
+
+def _quality(data, table, memorized_group, control_group, max_prompts, references) -> Quality | None:
+    """FID/KID inputs: the control group's real scenes and the copy detector as feature network."""
+    if data is None:
+        return None
+    networks = [r.encoder for r in references if r.encoder is not None]
+    if not networks or "scene_id" not in table.column_names:
+        raise DiffmemError(
+            "FID/KID needs an embedding index (its encoder is the feature network) and scene ids in the labels"
+        )
+    rows = table.filter(pc.equal(table["group"], control_group))
+    scene_ids = rows["scene_id"].to_pylist()[:max_prompts]
+    return Quality(load_lab_dataset(data).images(scene_ids), networks[0])

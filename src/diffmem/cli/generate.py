@@ -17,7 +17,7 @@ from diffmem.detect.calibration import Calibration
 from diffmem.detect.noise_norm import NoiseNormConfig
 from diffmem.errors import DiffmemError
 from diffmem.index import TrainingSetIndex
-from diffmem.index.build import open_encoder
+from diffmem.index.build import describe_encoder, open_encoder
 from diffmem.method_spec import parse_method_spec
 from diffmem.mitigate import (
     MITIGATIONS,
@@ -88,7 +88,9 @@ def generate(
     settings: Settings = ctx.obj
     model = model or DEFAULT_MODEL
     name, method_settings = parse_method_spec(mitigation)
-    reference = _reference(index, encoder, settings.device)
+    reference = open_reference(index, encoder, settings.device) if index else None
+    if encoder is not None and index is None:
+        raise DiffmemError("--encoder goes with an embedding index: give --index too")
     if name in NEEDS_REFERENCE:
         method_settings["reference"] = reference
     config = mitigation_config(name, **method_settings)
@@ -142,18 +144,17 @@ def generate(
     typer.echo(f"wrote {len(paths)} images{note}, generations.parquet and summary.json to {out}")
 
 
-def _reference(index: Path | None, encoder: Path | None, device: torch.device) -> ReferenceSet | None:
+def open_reference(index: Path, encoder: Path | None, device: torch.device) -> ReferenceSet:
     """The training set from an index directory, with its copy-detection encoder for an embedding index."""
-    if index is None:
-        if encoder is not None:
-            raise DiffmemError("--encoder goes with an embedding index: give --index too")
-        return None
     opened = TrainingSetIndex.load(index)
     network = None
     if opened.kind == "embedding":
-        path = encoder or (Path(opened.encoder) if opened.encoder else None)
+        recorded_path, _, recorded_digest = (opened.encoder or "").rpartition(" sha256=")
+        path = encoder or (Path(recorded_path) if recorded_path else None)
         if path is None:
             raise DiffmemError(f"{index} holds embeddings: give the encoder that made them with --encoder")
+        if describe_encoder(path).rpartition(" sha256=")[2] != recorded_digest:
+            raise DiffmemError(f"{index} was built with another encoder than {path}: pass the one that made it")
         network = open_encoder(path, device)
     return ReferenceSet(opened, network)
 

@@ -38,10 +38,11 @@ GATES: dict[str, Callable[[float], float]] = {
 }
 
 
-def reference_c3(sigma: torch.Tensor, t: float) -> torch.Tensor:
-    """The reference code's dissimilarity strength for copy-detection similarity."""
+def reference_c3(sigma: torch.Tensor, t: float, shift: float = 0.0) -> torch.Tensor:
+    """The reference code's dissimilarity strength for copy-detection similarity (its 0.3 moved by
+    ``shift`` with the gate)."""
     # c3 = 100 (sigma_t - 0.3) exp((1000 - t) / 170)   (SPEC §5.5, t on the 0..1000 scale)
-    return 100.0 * (sigma - 0.3) * math.exp((1000.0 - t) / 170.0)
+    return 100.0 * (sigma - 0.3 - shift) * math.exp((1000.0 - t) / 170.0)
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,9 @@ class AntiMemorizationConfig:
     reference: ReferenceSet = field(compare=False)
     terms: tuple[str, ...] = TERMS
     gate: str | None = None  # a name in GATES; None: "sscd" for embeddings, "nl2-cifar" for pixels
+    # added to lambda_t: for a similarity whose level between unrelated images differs from the one the
+    # curve was made for (SSCD on LAION: memorized above 0.5); the lab's small copy detector needs ~0.25
+    gate_shift: float = 0.0
     c1: float = 13.0  # despecification strength (eq. 13)
     min_caption_copies: int = 20  # deduplication only for captions with more training copies than this
     c3: float | None = None  # dissimilarity strength; None: reference_c3 (embeddings) or NL2_C3 (pixels)
@@ -68,7 +72,8 @@ class AntiMemorizationConfig:
     @property
     def lambda_t(self) -> Callable[[float], float]:
         """The gate curve in use."""
-        return GATES[self.gate or ("sscd" if self.reference.index.kind == "embedding" else "nl2-cifar")]
+        curve = GATES[self.gate or ("sscd" if self.reference.index.kind == "embedding" else "nl2-cifar")]
+        return lambda t: curve(t) + self.gate_shift
 
 
 NL2_C3 = 50.0  # diffmem's dissimilarity strength for sigma = -nL2 (the reference gives c3 only for SSCD)
@@ -126,7 +131,11 @@ class AntiMemorizationGuidance:
             correction = correction + self._deduplication(step, sig, s1, nearest, gate)
         if "dissimilarity" in terms:
             (gradient,) = torch.autograd.grad(sigma[gate].sum(), step.x_t)
-            c3 = reference_c3(sig, t) if self._c3 is None else torch.full_like(sig, self._c3)
+            c3 = (
+                reference_c3(sig, t, self.config.gate_shift)
+                if self._c3 is None
+                else torch.full_like(sig, self._c3)
+            )
             # G_sim = c3 sqrt(1 - abar_t) grad_{x_t} sigma_t   (eq. 17)
             correction = correction + c3.view(shape) * (1 - step.alpha_bar_t).sqrt() * gradient.detach()
         return correction

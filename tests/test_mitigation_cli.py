@@ -1,0 +1,184 @@
+"""Mitigation from the command line and its evaluation: `diffmem generate --mitigation/--guard/--index`,
+`diffmem eval mitigate`, and `evaluate_mitigations` on a tiny random-weight model."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffmem.adapters import wrap_pipeline
+from diffmem.cli.main import run
+from diffmem.index import TrainingSetIndex
+from diffmem.metrics.copy_detection import CopyDetectionEncoder, save_encoder
+from diffmem.mitigate import ReferenceSet, SamplingOptions
+from diffmem.mitigate.evaluate import Measure, Quality, evaluate_mitigations, results_markdown
+from diffmem.sampling import generate
+from diffmem.tiny_pipelines import tiny_stable_diffusion
+
+PROMPTS = ["a red sneaker at the top left", "the zorblax vase poster", "a blue bag", "a green coat"]
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return wrap_pipeline(tiny_stable_diffusion())
+
+
+@pytest.fixture(scope="module")
+def training_images(sd):
+    own = generate(sd, PROMPTS[:2], num_inference_steps=3).images  # two prompts "memorized"
+    return torch.cat([own, torch.rand((50, *own.shape[1:]), generator=torch.Generator().manual_seed(3))])
+
+
+@pytest.fixture(scope="module")
+def pixel_index(training_images, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("index") / "pixels"
+    captions = [PROMPTS[0], PROMPTS[1]] + ["filler"] * 50
+    TrainingSetIndex.build_pixels(training_images, captions).save(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def embedding_index(training_images, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("embedding")
+    encoder = CopyDetectionEncoder().eval()
+    save_encoder(encoder, folder / "encoder")
+    with torch.no_grad():
+        vectors = encoder(training_images)
+    TrainingSetIndex.build_embeddings(
+        vectors, ["x"] * len(vectors), encoder=f"{(folder / 'encoder').resolve()} sha256=0"
+    ).save(folder / "index")
+    return folder
+
+
+def test_generate_with_a_mitigation_writes_what_it_did_and_the_nearest_training_image(tmp_path, pixel_index):
+    out = tmp_path / "gen"
+    args = ["generate", *PROMPTS[:2], "--mitigation", "rna", "--steps", "3", "--n-generations", "2"]
+    assert run([*args, "--index", str(pixel_index), "--out", str(out)]) == 0
+    rows = pq.read_table(out / "generations.parquet").to_pylist()
+    assert [r["method"] for r in rows] == ["rna"] * 4
+    assert all(len(r["prompt_used"].split()) == len(r["prompt"].split()) + 1 for r in rows)
+    assert all(r["nearest_training_id"] is not None and r["nl2"] >= 0 for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["mitigation"] == "rna" and summary["results"]["mitigated"] == 4
+
+
+def test_generate_guard_mitigates_only_prompts_above_the_calibrated_threshold(tmp_path, capsys):
+    prompts = tmp_path / "safe.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    calibration = tmp_path / "calibration.json"
+    common = ["--num-inference-steps", "3"]
+    assert (
+        run(
+            [
+                "calibrate",
+                "--prompts",
+                str(prompts),
+                "--out",
+                str(calibration),
+                "--target-fpr",
+                "0.3",
+                *common,
+            ]
+        )
+        == 0
+    )
+    threshold = json.loads(calibration.read_text())["threshold"]
+    out = tmp_path / "guarded"
+    args = ["generate", *PROMPTS, "--steps", "3", "--mitigation", "gni:std=0.5", "--guard"]
+    assert run([*args, "--calibration", str(calibration), "--out", str(out)]) == 0
+    rows = pq.read_table(out / "generations.parquet").to_pylist()
+    assert {r["method"] for r in rows} == {"gni", "none"}
+    assert all((r["method"] == "gni") == (r["guard_score"] > threshold) for r in rows)
+    plain = tmp_path / "plain"
+    assert run(["generate", *PROMPTS, "--steps", "3", "--out", str(plain)]) == 0
+    for row in rows:
+        same = (out / row["image"]).read_bytes() == (plain / row["image"]).read_bytes()
+        assert same is (row["method"] == "none")
+
+
+def test_generate_refuses_what_it_cannot_do(tmp_path, capsys, embedding_index):
+    cases = [
+        (["--mitigation", "amg"], "needs the training set: give an index"),
+        (["--mitigation", "nope"], "unknown mitigation 'nope'"),
+        (["--guard"], "--guard needs a noise-norm calibration"),
+        (["--encoder", str(tmp_path)], "--encoder goes with an embedding index"),
+        (
+            ["--index", str(embedding_index / "index"), "--encoder", str(embedding_index / "encoder")],
+            "built with another encoder",
+        ),
+    ]
+    for extra, message in cases:
+        assert run(["generate", "a cat", "--steps", "2", "--out", str(tmp_path / "x"), *extra]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_evaluation_measures_each_method_on_each_group(sd, pixel_index, training_images):
+    reference = ReferenceSet(TrainingSetIndex.load(pixel_index))
+    groups = {"memorized": PROMPTS[:2], "heldout": PROMPTS[2:]}
+
+    class Features(torch.nn.Module):
+        def forward(self, images):
+            return F.adaptive_avg_pool2d(images, 2).flatten(1)
+
+    quality = Quality(training_images[2:20], Features(), kid_subset_size=4)
+    results = evaluate_mitigations(
+        sd,
+        groups,
+        ["none", "amg:gate=never", "amg:gate=always,c3=2000"],
+        [Measure(reference, 1.4)],
+        reference,
+        n_generations=2,
+        sampling=SamplingOptions(3, 7.5),
+        quality=quality,
+        control_group="heldout",
+    )
+    plain, watched, guided = results
+    assert plain.summaries["memorized"]["nl2"].top1 == pytest.approx(0.0, abs=1e-4)  # exact copies
+    assert plain.summaries["memorized"]["nl2"].share_memorized >= 0.5  # generation 0 is in the training set
+    assert (
+        watched.summaries == plain.summaries and watched.guided_share == 0.0
+    )  # a closed gate changes nothing
+    assert guided.summaries["memorized"]["nl2"].top1 > 0.1 and guided.guided_share == 1.0
+    assert plain.rows.num_rows == 8 and set(plain.rows["group"].to_pylist()) == {"memorized", "heldout"}
+    assert plain.fid is not None and plain.kid is not None and plain.unet_evaluations_per_image == 6
+    table = results_markdown(results)
+    assert "`amg:gate=never`" in table and "memorized nl2 <1.4" in table
+
+
+def test_eval_mitigate_command_writes_the_table(tmp_path, pixel_index):
+    labels = tmp_path / "labels.parquet"
+    pq.write_table(
+        pa.table({"caption": PROMPTS, "group": ["memorized", "memorized", "heldout", "heldout"]}), labels
+    )
+    out = tmp_path / "eval"
+    args = [
+        "eval",
+        "mitigate",
+        "--model",
+        "builtin:tiny-sd",
+        "--labels",
+        str(labels),
+        "--index",
+        str(pixel_index),
+    ]
+    args += [
+        "--method",
+        "none",
+        "--method",
+        "cwr",
+        "--n-generations",
+        "1",
+        "--num-inference-steps",
+        "2",
+        "--out",
+        str(out),
+    ]
+    assert run(args) == 0
+    record = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in record["results"]] == ["none", "cwr"]
+    assert record["prompts"] == {"memorized": 2, "heldout": 2}
+    assert pq.read_table(out / "images.parquet").num_rows == 8
+    assert "| `cwr` |" in (out / "results.md").read_text()
