@@ -154,7 +154,9 @@ def open_reference(index: Path, encoder: Path | None, device: torch.device) -> R
         if path is None:
             raise DiffmemError(f"{index} holds embeddings: give the encoder that made them with --encoder")
         if describe_encoder(path).rpartition(" sha256=")[2] != recorded_digest:
-            raise DiffmemError(f"{index} was built with another encoder than {path}: pass the one that made it")
+            raise DiffmemError(
+                f"{index} was built with another encoder than {path}: pass the one that made it"
+            )
         network = open_encoder(path, device)
     return ReferenceSet(opened, network)
 
