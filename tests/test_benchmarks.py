@@ -48,3 +48,11 @@ def test_explain_latency_smoke(tmp_path):
         == record["token_significance_first_step_s"]
     )
     assert record["page_explain_round_trip_s"] > 0 and record["page_thumbnail_round_trip_s"] > 0
+
+
+def test_mitigation_overhead_smoke(tmp_path):
+    out = tmp_path / "record.json"
+    args = ["--size", "tiny", "--device", "cpu", "--num-inference-steps", "2", "--batch-size", "2"]
+    record = _load("mitigation_overhead").main([*args, "--index-rows", "64", "--out", str(out)])
+    assert json.loads(out.read_text())["amg_gate_open_vs_plain"] == record["amg_gate_open_vs_plain"] > 0
+    assert 0 < record["index_query_share_of_amg_gate_closed"]
