@@ -11,19 +11,15 @@ implementation's (each prompt's n generations in one batch). Prints the ratios a
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
-from diffmem.adapters import wrap_pipeline
+from diffmem.benchmark_support import SIZES, benchmark_model, report
 from diffmem.detect import NoiseNormConfig, noise_norm
-from diffmem.full_size import stable_diffusion_15
 from diffmem.models import resolve_device, resolve_dtype
 from diffmem.run_record import environment
 from diffmem.timing import timed
-from diffmem.tiny_pipelines import tiny_stable_diffusion
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -31,12 +27,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = _parser().parse_args(argv)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    pipeline = (
-        stable_diffusion_15(device, dtype)
-        if args.size == "sd15"
-        else tiny_stable_diffusion().to(device, dtype)
-    )
-    denoiser = wrap_pipeline(pipeline)
+    denoiser = benchmark_model(args.size, device, dtype)
     prompts = [
         f"a photograph of item {i} by an artist, trending, detailed, high quality"
         for i in range(args.prompts)
@@ -69,14 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
         "all_steps_n4_batched_vs_loop": batched_pps / loop_pps,
         **environment(),
     }
-    for key, value in record.items():
-        if isinstance(value, float):
-            print(f"{key:45s} {value:10.3f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    print(f"wrote {out}")
-    return record
+    return report(record, args.out)
 
 
 def _raw_cfg_forward_s(denoiser, batch_size: int, repeats: int) -> float:
@@ -114,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--size", choices=("sd15", "tiny"), default="sd15")
+    parser.add_argument("--size", choices=SIZES, default="sd15")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--batch-size", type=int, default=32)

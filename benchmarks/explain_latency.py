@@ -13,18 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import urllib.request
-from pathlib import Path
 
-import torch
-
-from diffmem.adapters import wrap_pipeline
+from diffmem.benchmark_support import SIZES, benchmark_model, report
 from diffmem.explain import SignificanceConfig, token_significance
-from diffmem.full_size import stable_diffusion_15
-from diffmem.models import LAB_MODEL, open_model, resolve_device, resolve_dtype
+from diffmem.models import resolve_device, resolve_dtype
 from diffmem.run_record import environment
 from diffmem.serve import ExplanationServer, PromptExplainer
 from diffmem.timing import timed
-from diffmem.tiny_pipelines import tiny_stable_diffusion
 
 PROMPT = "the sulrhaquin quoobvel poster: a red pullover at the top left and pink trousers at the bottom left"
 
@@ -35,7 +30,9 @@ def main(argv: list[str] | None = None) -> dict:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     config = SignificanceConfig(num_inference_steps=args.num_inference_steps)
-    server = ExplanationServer(PromptExplainer(lambda: _model(args.size, device, dtype), config), port=0)
+    server = ExplanationServer(
+        PromptExplainer(lambda: benchmark_model(args.size, device, dtype), config), port=0
+    )
     worker = server.explainer
     explain_s = worker.run(
         lambda: timed(lambda: token_significance(worker.denoiser, PROMPT, config), device, args.repeats)
@@ -56,23 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
         "page_thumbnail_round_trip_s": thumbnail_s,
         **environment(),
     }
-    for key, value in record.items():
-        if isinstance(value, float):
-            print(f"{key:40s} {value:10.4f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    print(f"wrote {out}")
-    return record
-
-
-def _model(size: str, device: torch.device, dtype: torch.dtype):
-    if size == "lab":
-        return open_model(LAB_MODEL, device, dtype)
-    pipeline = (
-        stable_diffusion_15(device, dtype) if size == "sd15" else tiny_stable_diffusion().to(device, dtype)
-    )
-    return wrap_pipeline(pipeline)
+    return report(record, args.out)
 
 
 def _post(server: ExplanationServer, action: str) -> dict:
@@ -87,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--size", choices=("sd15", "lab", "tiny"), default="sd15")
+    parser.add_argument("--size", choices=SIZES, default="sd15")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--num-inference-steps", type=int, default=50)

@@ -14,21 +14,17 @@ only). Prints ratios and writes a JSON record.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from diffmem.adapters import wrap_pipeline
-from diffmem.full_size import stable_diffusion_15
+from diffmem.benchmark_support import SIZES, benchmark_model, report
 from diffmem.index import TrainingSetIndex
 from diffmem.metrics.copy_detection import CopyDetectionEncoder
 from diffmem.mitigate import ReferenceSet, SamplingOptions, mitigated_generate, mitigation_config
-from diffmem.models import LAB_MODEL, open_model, resolve_device, resolve_dtype
+from diffmem.models import resolve_device, resolve_dtype
 from diffmem.run_record import environment
 from diffmem.timing import timed
-from diffmem.tiny_pipelines import tiny_stable_diffusion
 
 PROMPT = "a photograph of an astronaut riding a horse, detailed, trending"
 
@@ -38,7 +34,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = _parser().parse_args(argv)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    denoiser = _model(args.size, device, dtype)
+    denoiser = benchmark_model(args.size, device, dtype)
     encoder = CopyDetectionEncoder().to(device).eval()
     vectors = F.normalize(
         torch.randn(
@@ -84,30 +80,14 @@ def main(argv: list[str] | None = None) -> dict:
         "index_query_share_of_amg_gate_closed": query_s / closed_s,
         **environment(),
     }
-    for key, value in record.items():
-        if isinstance(value, float):
-            print(f"{key:45s} {value:10.4f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    print(f"wrote {out}")
-    return record
-
-
-def _model(size: str, device: torch.device, dtype: torch.dtype):
-    if size == "lab":
-        return open_model(LAB_MODEL, device, dtype)
-    pipeline = (
-        stable_diffusion_15(device, dtype) if size == "sd15" else tiny_stable_diffusion().to(device, dtype)
-    )
-    return wrap_pipeline(pipeline)
+    return report(record, args.out)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--size", choices=("sd15", "lab", "tiny"), default="sd15")
+    parser.add_argument("--size", choices=SIZES, default="sd15")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--batch-size", type=int, default=8)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
+from dataclasses import fields
 from typing import Any
 
 from diffmem.errors import DiffmemError
@@ -30,3 +32,22 @@ def _value(text: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError:
         return text
+
+
+def lookup(kind: str, name: str, methods: Mapping[str, tuple[type, Callable]]) -> tuple[type, Callable]:
+    """The config class and function registered under ``name`` (a ``kind``, e.g. "detector")."""
+    if name not in methods:
+        raise DiffmemError(f"unknown {kind} {name!r}; choose one of {', '.join(methods)}")
+    return methods[name]
+
+
+def method_config(kind: str, name: str, methods: Mapping[str, tuple[type, Callable]], settings: dict) -> Any:
+    """The method's config with ``settings`` over its defaults; an unknown setting is an error."""
+    config_class, _ = lookup(kind, name, methods)
+    known = {f.name for f in fields(config_class)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise DiffmemError(
+            f"{kind} {name!r} has no setting {', '.join(unknown)}; its settings: {', '.join(sorted(known)) or 'none'}"
+        )
+    return config_class(**settings)

@@ -94,17 +94,7 @@ def detect(
 
 def _labelled(path: Path, prompt_column: str, label_column: str, groups: list[str] | None) -> pa.Table:
     """The labelled rows of a prompt table, checked and filtered by group."""
-    if not path.is_file():
-        raise DiffmemError(f"labels file not found: {path}")
-    reader = READERS.get(path.suffix.lower())
-    if reader is None:
-        raise DiffmemError(f"unsupported labels file {path.name}; use .parquet, .jsonl or .csv")
-    table = reader(path)
-    for column in (prompt_column, label_column, *(["group"] if groups else [])):
-        if column not in table.column_names:
-            raise DiffmemError(
-                f"{path.name} has no column {column!r}; columns: {', '.join(table.column_names)}"
-            )
+    table = _read_labels(path, [prompt_column, label_column, *(["group"] if groups else [])])
     if groups:
         table = table.filter(pc.is_in(table["group"], value_set=pa.array(groups)))
     if not pa.types.is_boolean(table[label_column].type) or table[label_column].null_count:
@@ -237,17 +227,7 @@ def _shipped_labels(model: str) -> Path:
 
 def _grouped(path: Path, prompt_column: str, groups: list[str]) -> pa.Table:
     """The rows of the two groups, checked."""
-    if not path.is_file():
-        raise DiffmemError(f"labels file not found: {path}")
-    reader = READERS.get(path.suffix.lower())
-    if reader is None:
-        raise DiffmemError(f"unsupported labels file {path.name}; use .parquet, .jsonl or .csv")
-    table = reader(path)
-    for column in (prompt_column, "group"):
-        if column not in table.column_names:
-            raise DiffmemError(
-                f"{path.name} has no column {column!r}; columns: {', '.join(table.column_names)}"
-            )
+    table = _read_labels(path, [prompt_column, "group"])
     present = set(table["group"].to_pylist())
     missing = [g for g in groups if g not in present]
     if missing:
@@ -274,3 +254,19 @@ def _quality(data, table, memorized_group, control_group, max_prompts, reference
     rows = table.filter(pc.equal(table["group"], control_group))
     scene_ids = rows["scene_id"].to_pylist()[:max_prompts]
     return Quality(load_lab_dataset(data).images(scene_ids), networks[0])
+
+
+def _read_labels(path: Path, columns: list[str]) -> pa.Table:
+    """A prompt table (.parquet, .jsonl or .csv) that has ``columns``."""
+    if not path.is_file():
+        raise DiffmemError(f"labels file not found: {path}")
+    reader = READERS.get(path.suffix.lower())
+    if reader is None:
+        raise DiffmemError(f"unsupported labels file {path.name}; use .parquet, .jsonl or .csv")
+    table = reader(path)
+    for column in columns:
+        if column not in table.column_names:
+            raise DiffmemError(
+                f"{path.name} has no column {column!r}; columns: {', '.join(table.column_names)}"
+            )
+    return table

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from typing import Any
 
 from diffmem.detect.attention_entropy import AttentionEntropyConfig, attention_entropy
@@ -11,7 +11,7 @@ from diffmem.detect.generation_agreement import GenerationAgreementConfig, gener
 from diffmem.detect.noise_norm import NoiseNormConfig, noise_norm
 from diffmem.detect.one_step import OneStepConfig, one_step
 from diffmem.detect.sharpness import SharpnessConfig, sharpness
-from diffmem.errors import DiffmemError
+from diffmem.method_spec import lookup, method_config
 
 DETECTORS: dict[str, tuple[type, Detect]] = {
     "noise_norm": (NoiseNormConfig, noise_norm),  # Wen et al. (ICLR 2024)
@@ -24,21 +24,12 @@ DETECTORS: dict[str, tuple[type, Detect]] = {
 
 def detector(name: str) -> tuple[type, Detect]:
     """The config class and function of a detector."""
-    if name not in DETECTORS:
-        raise DiffmemError(f"unknown detector {name!r}; choose one of {', '.join(DETECTORS)}")
-    return DETECTORS[name]
+    return lookup("detector", name, DETECTORS)
 
 
 def detector_config(name: str, **settings: Any) -> Any:
     """A detector's config with the given settings over its defaults; unknown settings are an error."""
-    config_class, _ = detector(name)
-    known = {f.name for f in fields(config_class)}
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        raise DiffmemError(
-            f"detector {name!r} has no setting {', '.join(unknown)}; its settings: {', '.join(sorted(known))}"
-        )
-    return config_class(**settings)
+    return method_config("detector", name, DETECTORS, settings)
 
 
 def config_settings(config: Any) -> dict[str, Any]:

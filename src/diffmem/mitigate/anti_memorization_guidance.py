@@ -20,7 +20,7 @@ import torch
 from diffmem.denoiser import Denoiser
 from diffmem.errors import DiffmemError
 from diffmem.metrics.nl2 import NL2_K
-from diffmem.mitigate.mitigation import OK, Mitigated, SamplingOptions, cfg_evaluations
+from diffmem.mitigate.mitigation import OK, Mitigated, SamplingOptions, sampled
 from diffmem.mitigate.training_similarity import ReferenceSet, training_similarity
 from diffmem.sampling import StepState, sample
 from diffmem.sampling.guided_sampler import resolve_guidance_scale
@@ -203,13 +203,14 @@ def anti_memorization_guidance(
         denoiser, denoiser.encode(list(prompts)), seeds, guidance=[term], **sampling.sample_kwargs()
     )
     index = config.reference.index
-    return Mitigated(
-        latents=latents,
-        prompts_used=[str(p) for p in prompts],
-        guided_steps=term.guided_steps,
+    return sampled(
+        denoiser,
+        sampling,
+        latents,
+        [str(p) for p in prompts],
+        term.guided_steps,
         status=term.status,
-        unet_evaluations=cfg_evaluations(denoiser, len(prompts), sampling.num_inference_steps)
-        + term.extra_evaluations,
+        extra_evaluations=term.extra_evaluations,
         extras={
             "amg_max_similarity": term.max_similarity,
             "amg_nearest_id": [index.ids[r] if r >= 0 else None for r in term.nearest_row],

@@ -31,7 +31,7 @@ from diffusers.models.attention_processor import Attention
 
 from diffmem.denoiser import Denoiser
 from diffmem.errors import DiffmemError
-from diffmem.mitigate.mitigation import OK, Mitigated, SamplingOptions, cfg_evaluations
+from diffmem.mitigate.mitigation import Mitigated, SamplingOptions, sampled
 from diffmem.sampling import sample
 
 
@@ -144,10 +144,4 @@ def bos_attention_scaling(
     with scaled_bos_attention(getattr(denoiser, "network", denoiser), config.scale):
         latents = sample(denoiser, cond, seeds, **sampling.sample_kwargs())
     changed = sampling.num_inference_steps if config.scale != 1.0 else 0
-    return Mitigated(
-        latents=latents,
-        prompts_used=list(prompts),
-        guided_steps=[changed] * len(prompts),
-        status=[OK] * len(prompts),
-        unet_evaluations=cfg_evaluations(denoiser, len(prompts), sampling.num_inference_steps),
-    )
+    return sampled(denoiser, sampling, latents, list(prompts), changed)

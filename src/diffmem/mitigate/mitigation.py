@@ -93,12 +93,30 @@ def no_mitigation(
 ) -> Mitigated:
     """Plain classifier-free-guided sampling of the prompts."""
     latents = sample(denoiser, denoiser.encode(list(prompts)), seeds, **sampling.sample_kwargs())
+    return sampled(denoiser, sampling, latents, list(prompts), 0)
+
+
+def sampled(
+    denoiser: Denoiser,
+    sampling: SamplingOptions,
+    latents: torch.Tensor,
+    prompts_used: list,
+    guided_steps: int | list[int],
+    *,
+    status: list[str] | None = None,
+    extra_evaluations: int = 0,
+    extras: dict[str, list] | None = None,
+) -> Mitigated:
+    """The record of a batch drawn with the shared CFG sampler: ``guided_steps`` per sample (or one
+    count for all), status "ok" unless given, the sampler's UNet evaluations plus ``extra_evaluations``."""
+    count = len(prompts_used)
     return Mitigated(
         latents=latents,
-        prompts_used=list(prompts),
-        guided_steps=[0] * len(prompts),
-        status=[OK] * len(prompts),
-        unet_evaluations=cfg_evaluations(denoiser, len(prompts), sampling.num_inference_steps),
+        prompts_used=prompts_used,
+        guided_steps=[guided_steps] * count if isinstance(guided_steps, int) else guided_steps,
+        status=[OK] * count if status is None else status,
+        unet_evaluations=cfg_evaluations(denoiser, count, sampling.num_inference_steps) + extra_evaluations,
+        extras=extras or {},
     )
 
 

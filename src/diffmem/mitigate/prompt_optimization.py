@@ -18,7 +18,7 @@ from diffmem.condition import Condition
 from diffmem.denoiser import Denoiser
 from diffmem.detect.detector import check_guidance
 from diffmem.errors import DiffmemError
-from diffmem.mitigate.mitigation import OK, Mitigated, SamplingOptions, cfg_evaluations
+from diffmem.mitigate.mitigation import Mitigated, SamplingOptions, sampled
 from diffmem.sampling import sample
 from diffmem.sampling.guided_sampler import first_step_input, resolve_guidance_scale
 
@@ -119,13 +119,13 @@ def prompt_optimization(
     )
     latents = sample(denoiser, optimized.cond, seeds, **sampling.sample_kwargs())
     changed = [n > 0 for n in optimized.iterations]
-    return Mitigated(
-        latents=latents,
-        prompts_used=list(prompts),
-        guided_steps=[sampling.num_inference_steps if c else 0 for c in changed],
-        status=[OK] * len(prompts),
-        unet_evaluations=optimized.unet_evaluations
-        + cfg_evaluations(denoiser, len(prompts), sampling.num_inference_steps),
+    return sampled(
+        denoiser,
+        sampling,
+        latents,
+        list(prompts),
+        [sampling.num_inference_steps if c else 0 for c in changed],
+        extra_evaluations=optimized.unet_evaluations,
         extras={
             "optimization_iterations": optimized.iterations,
             "initial_norm": optimized.initial_norm,

@@ -34,7 +34,7 @@ import torch
 
 from diffmem.denoiser import Denoiser
 from diffmem.errors import DiffmemError
-from diffmem.mitigate.mitigation import OK, Mitigated, SamplingOptions, cfg_evaluations
+from diffmem.mitigate.mitigation import Mitigated, SamplingOptions, sampled
 from diffmem.sampling import sample
 
 
@@ -105,13 +105,7 @@ def gaussian_noise_injection(
     noisy = cond.replace(prompt_embeds=embeds + config.std * noise)
     latents = sample(denoiser, noisy, seeds, **sampling.sample_kwargs())
     changed = sampling.num_inference_steps if config.std > 0 else 0
-    return Mitigated(
-        latents=latents,
-        prompts_used=list(prompts),
-        guided_steps=[changed] * len(prompts),
-        status=[OK] * len(prompts),
-        unet_evaluations=cfg_evaluations(denoiser, len(prompts), sampling.num_inference_steps),
-    )
+    return sampled(denoiser, sampling, latents, list(prompts), changed)
 
 
 def random_token(
@@ -198,13 +192,8 @@ def _sample_perturbed(
 ) -> Mitigated:
     """Plain sampling from the perturbed prompts; ``extras["inserted"]`` holds each sample's words."""
     latents = sample(denoiser, denoiser.encode(perturbed), seeds, **sampling.sample_kwargs())
-    return Mitigated(
-        latents=latents,
-        prompts_used=perturbed,
-        guided_steps=[sampling.num_inference_steps] * len(perturbed),
-        status=[OK] * len(perturbed),
-        unet_evaluations=cfg_evaluations(denoiser, len(perturbed), sampling.num_inference_steps),
-        extras={"inserted": inserted},
+    return sampled(
+        denoiser, sampling, latents, perturbed, sampling.num_inference_steps, extras={"inserted": inserted}
     )
 
 

@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
 from typing import Any
 
 from diffmem.errors import DiffmemError
+from diffmem.method_spec import lookup, method_config
 from diffmem.mitigate.anti_memorization_guidance import AntiMemorizationConfig, anti_memorization_guidance
 from diffmem.mitigate.bos_attention_scaling import BosAttentionScalingConfig, bos_attention_scaling
 from diffmem.mitigate.mitigation import Mitigate, NoMitigationConfig, no_mitigation
@@ -45,20 +45,11 @@ NEEDS_REFERENCE = ("amg",)  # mitigations whose config takes the training set (`
 
 def mitigation(name: str) -> tuple[type, Mitigate]:
     """The config class and function of a mitigation."""
-    if name not in MITIGATIONS:
-        raise DiffmemError(f"unknown mitigation {name!r}; choose one of {', '.join(MITIGATIONS)}")
-    return MITIGATIONS[name]
+    return lookup("mitigation", name, MITIGATIONS)
 
 
 def mitigation_config(name: str, **settings: Any) -> Any:
     """A mitigation's config with the given settings over its defaults; unknown settings are an error."""
-    config_class, _ = mitigation(name)
-    known = {f.name for f in fields(config_class)}
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        raise DiffmemError(
-            f"mitigation {name!r} has no setting {', '.join(unknown)}; its settings: {', '.join(sorted(known)) or 'none'}"
-        )
     if name in NEEDS_REFERENCE and settings.get("reference") is None:
         raise DiffmemError(f"mitigation {name!r} needs the training set: give an index (--index)")
-    return config_class(**settings)
+    return method_config("mitigation", name, MITIGATIONS, settings)

@@ -34,7 +34,7 @@ import torch
 
 from diffmem.denoiser import Denoiser
 from diffmem.errors import DiffmemError
-from diffmem.mitigate.mitigation import OK, Mitigated, SamplingOptions, cfg_evaluations
+from diffmem.mitigate.mitigation import Mitigated, SamplingOptions, sampled
 from diffmem.sampling import StepState, sample
 
 
@@ -161,12 +161,12 @@ def _sample_with_transition(
     latents = sample(
         denoiser, denoiser.encode(list(prompts)), seeds, guidance=[term], **sampling.sample_kwargs()
     )
-    return Mitigated(
-        latents=latents,
-        prompts_used=list(prompts),
-        guided_steps=term.changed_steps,
-        status=[OK] * len(prompts),
-        unet_evaluations=cfg_evaluations(denoiser, len(prompts), sampling.num_inference_steps),
+    return sampled(
+        denoiser,
+        sampling,
+        latents,
+        list(prompts),
+        term.changed_steps,
         extras={"transition_step": term.transition_step, "transition_t": term.transition_t},
     )
 

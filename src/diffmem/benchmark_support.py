@@ -1,0 +1,38 @@
+"""What the scripts in ``benchmarks/`` share: the models they time and how they report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from diffmem.adapters import wrap_pipeline
+from diffmem.denoiser import Denoiser
+from diffmem.full_size import stable_diffusion_15
+from diffmem.models import LAB_MODEL, open_model
+from diffmem.tiny_pipelines import tiny_stable_diffusion
+
+SIZES = ("sd15", "lab", "tiny")  # SD 1.5 architecture with random weights, the shipped lab model, tiny
+
+
+def benchmark_model(size: str, device: torch.device, dtype: torch.dtype) -> Denoiser:
+    """The model a benchmark times, by size."""
+    if size == "lab":
+        return open_model(LAB_MODEL, device, dtype)
+    pipeline = (
+        stable_diffusion_15(device, dtype) if size == "sd15" else tiny_stable_diffusion().to(device, dtype)
+    )
+    return wrap_pipeline(pipeline)
+
+
+def report(record: dict, out: str | Path) -> dict:
+    """Print the record's numbers and write it as JSON."""
+    for key, value in record.items():
+        if isinstance(value, float):
+            print(f"{key:45s} {value:10.4f}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    print(f"wrote {out}")
+    return record
