@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import torch
 
-from diffmem.benchmark_support import SIZES, benchmark_model, report
+from diffmem.benchmark_support import benchmark_model, benchmark_parser, report
 from diffmem.detect import NoiseNormConfig, noise_norm
 from diffmem.models import resolve_device, resolve_dtype
 from diffmem.run_record import environment
@@ -95,12 +95,7 @@ def _per_prompt_loop_pps(denoiser, prompts: list[str], config: NoiseNormConfig) 
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--size", choices=SIZES, default="sd15")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
+    parser = benchmark_parser(__doc__, "benchmarks/results/detect_throughput.json")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--prompts", type=int, default=512, help="prompts for the first-step settings")
     parser.add_argument("--loop-prompts", type=int, default=16, help="prompts for the all-steps comparison")
@@ -108,7 +103,6 @@ def _parser() -> argparse.ArgumentParser:
         "--num-inference-steps", type=int, default=50, help="schedule of the all-steps setting"
     )
     parser.add_argument("--repeats", type=int, default=10, help="timed raw forwards")
-    parser.add_argument("--out", default="benchmarks/results/detect_throughput.json")
     return parser
 
 

@@ -14,7 +14,7 @@ import argparse
 import json
 import urllib.request
 
-from diffmem.benchmark_support import SIZES, benchmark_model, report
+from diffmem.benchmark_support import benchmark_model, benchmark_parser, report
 from diffmem.explain import SignificanceConfig, token_significance
 from diffmem.models import resolve_device, resolve_dtype
 from diffmem.run_record import environment
@@ -65,15 +65,9 @@ def _post(server: ExplanationServer, action: str) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--size", choices=SIZES, default="sd15")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
+    parser = benchmark_parser(__doc__, "benchmarks/results/explain_latency.json")
     parser.add_argument("--num-inference-steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--out", default="benchmarks/results/explain_latency.json")
     return parser
 
 

@@ -18,7 +18,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from diffmem.benchmark_support import SIZES, benchmark_model, report
+from diffmem.benchmark_support import benchmark_model, benchmark_parser, report
 from diffmem.index import TrainingSetIndex
 from diffmem.metrics.copy_detection import CopyDetectionEncoder
 from diffmem.mitigate import ReferenceSet, SamplingOptions, mitigated_generate, mitigation_config
@@ -84,17 +84,11 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--size", choices=SIZES, default="sd15")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
+    parser = benchmark_parser(__doc__, "benchmarks/results/mitigation_overhead.json")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-inference-steps", type=int, default=50)
     parser.add_argument("--index-rows", type=int, default=100_000)
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--out", default="benchmarks/results/mitigation_overhead.json")
     return parser
 
 

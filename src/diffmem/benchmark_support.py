@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -36,3 +37,15 @@ def report(record: dict, out: str | Path) -> dict:
     out.write_text(json.dumps(record, indent=2, default=str) + "\n")
     print(f"wrote {out}")
     return record
+
+
+def benchmark_parser(description: str, out: str) -> argparse.ArgumentParser:
+    """The options every benchmark takes: --size, --device, --dtype and --out (the JSON record)."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--size", choices=SIZES, default="sd15")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--out", default=out)
+    return parser
