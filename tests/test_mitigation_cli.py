@@ -4,6 +4,7 @@
 import json
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -134,6 +135,9 @@ def test_evaluation_measures_each_method_on_each_group(sd, pixel_index, training
         sampling=SamplingOptions(3, 7.5),
         quality=quality,
         control_group="heldout",
+        alignment=lambda images, prompts: (
+            images.mean((1, 2, 3)) * torch.tensor([len(p) > 12 for p in prompts])
+        ),
     )
     plain, watched, guided = results
     assert plain.summaries["memorized"]["nl2"].top1 == pytest.approx(0.0, abs=1e-4)  # exact copies
@@ -143,6 +147,9 @@ def test_evaluation_measures_each_method_on_each_group(sd, pixel_index, training
     )  # a closed gate changes nothing
     assert guided.summaries["memorized"]["nl2"].top1 > 0.1 and guided.guided_share == 1.0
     assert plain.rows.num_rows == 8 and set(plain.rows["group"].to_pylist()) == {"memorized", "heldout"}
+    heldout = plain.rows.filter(pc.equal(plain.rows["group"], "heldout"))
+    assert plain.alignment["heldout"] == pytest.approx(sum(heldout["alignment"].to_pylist()) / 4)
+    assert heldout["alignment"].to_pylist()[:2] == [0.0, 0.0]  # "a blue bag" is the asked-for prompt
     assert plain.fid is not None and plain.kid is not None and plain.unet_evaluations_per_image == 6
     table = results_markdown(results)
     assert "`amg:gate=never`" in table and "memorized nl2 <1.4" in table

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -17,6 +18,7 @@ from diffmem.cli.app import Settings, app
 from diffmem.cli.generate import open_reference
 from diffmem.detect.evaluate import DEFAULT_SETTINGS, SettingSpec, evaluate_settings
 from diffmem.errors import DiffmemError
+from diffmem.lab.alignment import alignment, load_reader
 from diffmem.lab.dataset import load_lab_dataset
 from diffmem.mitigate.evaluate import (
     DEFAULT_METHODS,
@@ -147,6 +149,12 @@ def mitigate(
             help="The lab dataset: FID/KID of the control group against its real scenes (needs --encoder or an embedding index)."
         ),
     ] = None,
+    reader: Annotated[
+        Path | None,
+        typer.Option(
+            help="The lab's attribute reader (diffmem lab reader): text alignment, and FID/KID features."
+        ),
+    ] = None,
     n_generations: Annotated[int, typer.Option(help="Generations per prompt.")] = 4,
     num_inference_steps: Annotated[int, typer.Option(help="Sampling steps.")] = 50,
     guidance_scale: Annotated[float, typer.Option(help="CFG scale.")] = 7.5,
@@ -165,7 +173,8 @@ def mitigate(
     thresholds = {"nl2": nl2_threshold, "copy_similarity": copy_threshold}
     measures = [Measure(r, thresholds[r.measure]) for r in references]
     chosen = open_reference(amg_index, encoder, options.device) if amg_index else _amg_reference(references)
-    quality = _quality(data, table, memorized_group, control_group, max_prompts_per_group, references)
+    attribute_reader = load_reader(reader, options.device) if reader else None
+    quality = _quality(data, table, control_group, max_prompts_per_group, references, attribute_reader)
     denoiser = open_model(model, options.device, options.dtype)
     results = evaluate_mitigations(
         denoiser,
@@ -179,6 +188,7 @@ def mitigate(
         batch_size=batch_size,
         quality=quality,
         control_group=control_group,
+        alignment=None if attribute_reader is None else partial(alignment, attribute_reader),
         progress=True,
     )
     out.mkdir(parents=True, exist_ok=True)
@@ -205,6 +215,7 @@ def mitigate(
                 "summaries": {g: {m: s.to_dict() for m, s in ms.items()} for g, ms in r.summaries.items()},
                 "fid": r.fid,
                 "kid": r.kid,
+                "alignment": r.alignment,
                 "seconds_per_image": r.seconds_per_image,
                 "unet_evaluations_per_image": r.unet_evaluations_per_image,
                 "guided_share": r.guided_share,
@@ -242,14 +253,17 @@ def _amg_reference(references: list) -> object:
     return (embedding or references)[0]
 
 
-def _quality(data, table, memorized_group, control_group, max_prompts, references) -> Quality | None:
-    """FID/KID inputs: the control group's real scenes and the copy detector as feature network."""
+def _quality(data, table, control_group, max_prompts, references, reader) -> Quality | None:
+    """FID/KID inputs: the control group's real scenes and the feature network (the attribute reader's
+    glimpse features, else the copy detector's embedding)."""
     if data is None:
         return None
     networks = [r.encoder for r in references if r.encoder is not None]
+    if reader is not None:
+        networks.insert(0, reader.encoder)
     if not networks or "scene_id" not in table.column_names:
         raise DiffmemError(
-            "FID/KID needs an embedding index (its encoder is the feature network) and scene ids in the labels"
+            "FID/KID needs a feature network (--reader, or an embedding index's encoder) and scene ids in the labels"
         )
     rows = table.filter(pc.equal(table["group"], control_group))
     scene_ids = rows["scene_id"].to_pylist()[:max_prompts]

@@ -5,7 +5,7 @@ under every measure given, image quality on the non-memorized prompts, and the c
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +73,11 @@ class Quality:
     kid_subset_size: int = 50
 
 
+Alignment = Callable[
+    [torch.Tensor, Sequence[str]], torch.Tensor
+]  # images [N, 3, H, W], prompts -> [N] in [0, 1]
+
+
 @dataclass(frozen=True)
 class MitigationEvaluation:
     """One method's results."""
@@ -83,6 +88,9 @@ class MitigationEvaluation:
     summaries: dict[str, dict[str, MemorizationSummary]]  # group -> measure name -> summary
     fid: float | None  # on the control group, against Quality.real
     kid: tuple[float, float] | None  # mean, std
+    alignment: (
+        dict[str, float] | None
+    )  # group -> mean text alignment of its images (to the prompts asked for)
     seconds_per_image: float
     unet_evaluations_per_image: float
     guided_share: float  # share of images the mitigation changed at one step or more
@@ -102,6 +110,7 @@ def evaluate_mitigations(
     batch_size: int = 16,
     quality: Quality | None = None,
     control_group: str | None = None,
+    alignment: Alignment | None = None,
     progress: bool = False,
 ) -> list[MitigationEvaluation]:
     """Generate every group's prompts with every method (``name[:key=value,...]``) and measure them."""
@@ -119,7 +128,7 @@ def evaluate_mitigations(
                 raise DiffmemError(f"{method} needs a training-set index to guide against")
             settings = {**settings, "reference": amg_reference}
         config = mitigation_config(method, **settings)
-        tables, summaries, images_by_group = [], {}, {}
+        tables, summaries, images_by_group, aligned = [], {}, {}, {}
         seconds = evaluations = images = guided = 0
         for group, prompts in groups.items():
             synchronize(denoiser.device)
@@ -148,6 +157,10 @@ def evaluate_mitigations(
                 table = table.append_column(measure.name, pa.array(values, pa.float64()))
             tables.append(table.append_column("mitigation", pa.array([text] * len(result.seeds))))
             images_by_group[group] = result.images
+            if alignment is not None:
+                scores = alignment(result.images, [str(p) for p in result.items])
+                aligned[group] = float(scores.mean())
+                tables[-1] = tables[-1].append_column("alignment", pa.array(scores.tolist(), pa.float64()))
         fid_value = kid_value = None
         if quality is not None:
             fake = images_by_group[control_group]
@@ -166,6 +179,7 @@ def evaluate_mitigations(
                 summaries=summaries,
                 fid=fid_value,
                 kid=kid_value,
+                alignment=aligned or None,
                 seconds_per_image=seconds / images,
                 unet_evaluations_per_image=evaluations / images,
                 guided_share=guided / images,
@@ -189,7 +203,14 @@ def results_markdown(results: Sequence[MitigationEvaluation]) -> str:
                 f"{group} {measure} top 1",
                 f"{group} {measure} {side}{threshold:g}",
             ]
-    header += ["FID", "KID x1000", "s / image", "UNet evals / image", "guided"]
+    header += [
+        "FID",
+        "KID x1000",
+        *(f"{g} alignment" for g in groups),
+        "s / image",
+        "UNet evals / image",
+        "guided",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for result in results:
         cells = [f"`{result.name}`"]
@@ -200,6 +221,7 @@ def results_markdown(results: Sequence[MitigationEvaluation]) -> str:
         cells += [
             "–" if result.fid is None else f"{result.fid:.2f}",
             "–" if result.kid is None else f"{1000 * result.kid[0]:.2f} ± {1000 * result.kid[1]:.2f}",
+            *("–" if result.alignment is None else f"{result.alignment[g]:.1%}" for g in groups),
             f"{result.seconds_per_image:.3f}",
             f"{result.unet_evaluations_per_image:.0f}",
             f"{result.guided_share:.0%}",
