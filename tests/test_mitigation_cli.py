@@ -189,3 +189,35 @@ def test_eval_mitigate_command_writes_the_table(tmp_path, pixel_index):
     assert record["prompts"] == {"memorized": 2, "heldout": 2}
     assert pq.read_table(out / "images.parquet").num_rows == 8
     assert "| `cwr` |" in (out / "results.md").read_text()
+
+
+def test_the_lab_model_ships_its_training_set_index_for_amg_and_eval(tmp_path):
+    out = tmp_path / "amg"
+    prompt = "the droquo dulyr poster: a red shirt at the top left on a black background"
+    args = [
+        "generate",
+        prompt,
+        "--model",
+        "builtin:lab-micro",
+        "--mitigation",
+        "amg:gate=always",
+        "--steps",
+        "3",
+    ]
+    assert run([*args, "--out", str(out)]) == 0
+    row = pq.read_table(out / "generations.parquet").to_pylist()[0]
+    assert row["method"] == "amg" and row["guided_steps"] == 3 and row["amg_nearest_id"] is not None
+    report = tmp_path / "eval"
+    args = [
+        "eval",
+        "mitigate",
+        "--max-prompts-per-group",
+        "1",
+        "--n-generations",
+        "1",
+        "--num-inference-steps",
+        "2",
+    ]
+    assert run([*args, "--method", "none", "--out", str(report)]) == 0
+    record = json.loads((report / "results.json").read_text())
+    assert "copy_similarity" in record["results"][0]["summaries"]["memorized"]

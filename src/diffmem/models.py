@@ -55,6 +55,14 @@ def shipped_directory(name: str | None) -> Path | None:
     return directory
 
 
+def shipped_reference(name: str | None) -> tuple[Path, Path] | None:
+    """The training-set index (copy-detection embeddings) and its encoder shipped with a lab model, else None."""
+    directory = shipped_directory(name)
+    if directory is None or not (directory / "copy_index" / "manifest.json").is_file():
+        return None
+    return directory / "copy_index", directory / "copy_detector"
+
+
 def model_identity(name: str | None = None) -> str:
     """What results are recorded against: the weights' hash for a directory, the name for a built-in."""
     name = name or DEFAULT_MODEL

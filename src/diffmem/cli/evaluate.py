@@ -28,7 +28,14 @@ from diffmem.mitigate.evaluate import (
     results_markdown,
 )
 from diffmem.mitigate.mitigation import SamplingOptions
-from diffmem.models import DEFAULT_MODEL, LAB_MODEL, model_identity, open_model, shipped_directory
+from diffmem.models import (
+    DEFAULT_MODEL,
+    LAB_MODEL,
+    model_identity,
+    open_model,
+    shipped_directory,
+    shipped_reference,
+)
 from diffmem.prompts_io import READERS
 from diffmem.report.detection_report import write_detection_report
 from diffmem.run_record import environment
@@ -108,11 +115,12 @@ def _labelled(path: Path, prompt_column: str, label_column: str, groups: list[st
 def mitigate(
     ctx: typer.Context,
     index: Annotated[
-        list[Path],
+        list[Path] | None,
         typer.Option(
-            help="Training-set index (repeatable): each adds its measure, nL2 (pixels) or copy similarity."
+            help="Training-set index (repeatable): each adds its measure, nL2 (pixels) or copy similarity "
+            "(default: the lab model's copy-detection index)."
         ),
-    ],
+    ] = None,
     model: Annotated[
         str | None, typer.Option(help=f"Model directory or builtin:NAME (default {LAB_MODEL}).")
     ] = None,
@@ -169,6 +177,11 @@ def mitigate(
     for name in (memorized_group, control_group):
         rows = table.filter(pc.equal(table["group"], name))
         groups[name] = rows[prompt_column].to_pylist()[:max_prompts_per_group]
+    shipped = shipped_reference(model)
+    if not index:
+        if shipped is None:
+            raise DiffmemError("give --index: only the shipped lab model comes with its training-set index")
+        index, encoder = [shipped[0]], shipped[1]
     references = [open_reference(path, encoder, options.device) for path in index]
     thresholds = {"nl2": nl2_threshold, "copy_similarity": copy_threshold}
     measures = [Measure(r, thresholds[r.measure]) for r in references]

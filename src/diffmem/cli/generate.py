@@ -29,7 +29,7 @@ from diffmem.mitigate import (
 )
 from diffmem.mitigate.registry import NEEDS_REFERENCE
 from diffmem.mitigate.training_similarity import training_similarity
-from diffmem.models import DEFAULT_MODEL, model_identity, open_model, shipped_directory
+from diffmem.models import DEFAULT_MODEL, model_identity, open_model, shipped_directory, shipped_reference
 from diffmem.prompts_io import read_prompts
 from diffmem.run_record import write_summary
 from diffmem.sampling.schedulers import scheduler_like
@@ -88,6 +88,9 @@ def generate(
     settings: Settings = ctx.obj
     model = model or DEFAULT_MODEL
     name, method_settings = parse_method_spec(mitigation)
+    shipped = shipped_reference(model)
+    if index is None and name in NEEDS_REFERENCE and shipped is not None:
+        index, encoder = shipped  # the lab model's own training set
     reference = open_reference(index, encoder, settings.device) if index else None
     if encoder is not None and index is None:
         raise DiffmemError("--encoder goes with an embedding index: give --index too")
