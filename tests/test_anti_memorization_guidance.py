@@ -184,7 +184,8 @@ def test_a_nonfinite_guidance_stops_for_that_sample_only(sd, embeddings):
         @staticmethod
         def backward(ctx, grad):
             grad = grad.clone()
-            grad[1] = float("nan")
+            if len(grad) == 2:  # the second sample, while both are guided
+                grad[1] = float("nan")
             return grad
 
     class Broken(torch.nn.Module):

@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from diffmem.denoiser import Denoiser
+from diffmem.denoiser import Denoiser, x0_from_eps
 from diffmem.errors import DiffmemError
 from diffmem.metrics.nl2 import NL2_K
 from diffmem.mitigate.mitigation import OK, Mitigated, SamplingOptions, sampled
 from diffmem.mitigate.training_similarity import ReferenceSet, training_similarity
 from diffmem.sampling import StepState, sample
-from diffmem.sampling.guided_sampler import resolve_guidance_scale
+from diffmem.sampling.guided_sampler import predict_pair, resolve_guidance_scale
 
 NONFINITE = "nonfinite"
 TERMS = ("despecification", "deduplication", "dissimilarity")
@@ -81,9 +81,11 @@ NL2_C3 = 50.0  # diffmem's dissimilarity strength for sigma = -nL2 (the referenc
 
 class AntiMemorizationGuidance:
     """The AMG guidance term for one batch: returns ``1{sigma_t > lambda_t} (G_spe + G_dup + G_sim)``
-    (eq. 10) and records, per sample, the steps guided, the highest similarity and its neighbour."""
+    (eq. 10) and records, per sample, the steps guided, the highest similarity and its neighbour.
 
-    needs_grad = True
+    The similarity is watched without gradients; only the samples whose gate opens are evaluated again
+    with gradients for G_sim, so steps without guidance cost a decode and an index query.
+    """
 
     def __init__(self, denoiser: Denoiser, config: AntiMemorizationConfig, batch_size: int) -> None:
         self.denoiser = denoiser
@@ -97,8 +99,9 @@ class AntiMemorizationGuidance:
         self.extra_evaluations = 0
 
     def __call__(self, step: StepState) -> torch.Tensor:
-        images = self.denoiser.decode(step.x0_hat).float()
-        sigma, nearest = training_similarity(images, self.config.reference, self.config.nl2_k)
+        with torch.no_grad():
+            images = self.denoiser.decode(step.x0_hat.detach()).float()
+            sigma, nearest = training_similarity(images, self.config.reference, self.config.nl2_k)
         t = float(step.t) * 1000.0 / self.train_timesteps
         active = torch.tensor([s == OK for s in self.status], device=sigma.device)
         gate = (sigma.detach() > self.config.lambda_t(t)) & active & sigma.detach().isfinite()
@@ -130,15 +133,36 @@ class AntiMemorizationGuidance:
         if self.denoiser.conditioning == "text" and "deduplication" in terms:
             correction = correction + self._deduplication(step, sig, s1, nearest, gate)
         if "dissimilarity" in terms:
-            (gradient,) = torch.autograd.grad(sigma[gate].sum(), step.x_t)
+            gradient = self._similarity_gradient(step, gate)
             c3 = (
                 reference_c3(sig, t, self.config.gate_shift)
                 if self._c3 is None
                 else torch.full_like(sig, self._c3)
             )
             # G_sim = c3 sqrt(1 - abar_t) grad_{x_t} sigma_t   (eq. 17)
-            correction = correction + c3.view(shape) * (1 - step.alpha_bar_t).sqrt() * gradient.detach()
+            correction = correction + c3.view(shape) * (1 - step.alpha_bar_t).sqrt() * gradient
         return correction
+
+    def _similarity_gradient(self, step: StepState, gate: torch.Tensor) -> torch.Tensor:
+        """grad_{x_t} sigma_t of the gated samples (zero elsewhere), through the UNet and the decoder."""
+        rows = torch.nonzero(gate).flatten().tolist()
+        gradient = torch.zeros_like(step.x_t, dtype=torch.float32)
+        with torch.enable_grad():
+            x_t = step.x_t[rows].detach().requires_grad_(True)
+            eps_cond, eps_uncond, _ = predict_pair(
+                self.denoiser, x_t, step.t, step.cond.select(rows), step.null.select(rows)
+            )
+            # the guided prediction, as the sampler forms it (Ho & Salimans 2022, eq. 6)
+            eps = (
+                eps_cond
+                if eps_cond is eps_uncond
+                else eps_uncond + step.guidance_scale * (eps_cond - eps_uncond)
+            )
+            x0_hat = x0_from_eps(x_t, eps, step.alpha_bar_t.to(eps.dtype))
+            images = self.denoiser.decode(x0_hat).float()
+            sigma, _ = training_similarity(images, self.config.reference, self.config.nl2_k)
+            (gradient[rows],) = torch.autograd.grad(sigma.sum(), x_t)
+        return gradient.to(step.x_t.dtype)
 
     @property
     def _c3(self) -> float | None:

@@ -101,7 +101,7 @@ def sample(
         with torch.set_grad_enabled(grad):
             if grad:
                 x_t = x_t.detach().requires_grad_(True)
-            eps_cond, eps_uncond, variance = _predict_pair(denoiser, x_t, t, cond, null)
+            eps_cond, eps_uncond, variance = predict_pair(denoiser, x_t, t, cond, null)
             # classifier-free guidance (Ho & Salimans 2022, eq. 6)
             eps = eps_cond if eps_cond is eps_uncond else eps_uncond + scale * (eps_cond - eps_uncond)
             alpha_bar_t = denoiser.alpha_bar(t).to(x_t.device)
@@ -154,10 +154,11 @@ def _start(
     return steps, generators, latents * steps.init_noise_sigma
 
 
-def _predict_pair(
+def predict_pair(
     denoiser: Denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: Condition, null: Condition
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """eps_cond, eps_uncond (one batched call) and the conditional learned variance, if any."""
+    """eps_cond, eps_uncond (one batched call; the same tensor for unconditional models) and the
+    conditional learned variance, if any."""
     if denoiser.conditioning == "none":
         prediction = denoiser.predict(x_t, t, cond)
         return prediction.eps, prediction.eps, prediction.variance
