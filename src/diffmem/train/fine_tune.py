@@ -1,0 +1,324 @@
+"""Text-to-image fine-tuning of a Stable-Diffusion-architecture pipeline on ``accelerate``, shaped like
+diffusers' ``train_text_to_image.py`` (UNet trained, VAE and text encoder frozen; mixed precision,
+gradient accumulation, EMA, checkpoints and resume) with one seam: per-sample losses ([B]) pass through
+the training policies before they are reduced.
+
+Policies (SPEC §4, §6, §7): ``ambient`` (Shah et al.: the noisy-copy loss above sigma_n, VP form),
+``filter`` (Wen et al.: samples whose ``||eps_c - eps_u||`` reaches the threshold are masked out; a step
+where every process masks everything makes no update) and ``captions`` (Somepalli et al.: captions
+randomised with probability p). The clean latents are the VAE posterior means times the scaling factor,
+so an image's noisy copy (ambient) is a fixed latent.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from diffmem.atomic_io import write_atomic
+from diffmem.errors import DiffmemError
+from diffmem.lab.dataset import load_lab_dataset
+from diffmem.method_spec import method_config, parse_method_spec
+from diffmem.run_record import environment
+from diffmem.train.ambient_loss import ambient_loss_vp, ambient_vp_input, noisy_copies, timestep_of_sigma
+from diffmem.train.caption_randomisation import CaptionRandomisationConfig, randomise_captions
+from diffmem.train.magnitude_filter import MagnitudeFilter, MagnitudeFilterConfig
+
+RECORD = "fine_tune.json"
+
+
+@dataclass(frozen=True)
+class AmbientConfig:
+    """Shah et al.'s noise level of the fixed noisy copies (0.5 for FFHQ 64x64 with 300 images)."""
+
+    sigma_n: float = 0.5
+    seed: int = 0
+
+
+POLICIES: dict[str, tuple[type, type]] = {
+    "ambient": (AmbientConfig, AmbientConfig),  # Shah, Kalavasis, Klivans, Daras (2025)
+    "filter": (MagnitudeFilterConfig, MagnitudeFilterConfig),  # Wen et al. (ICLR 2024)
+    "captions": (CaptionRandomisationConfig, CaptionRandomisationConfig),  # Somepalli et al. (NeurIPS 2023)
+}
+
+
+@dataclass(frozen=True)
+class FineTuneConfig:
+    """Optimisation settings (train_text_to_image.py's defaults where it has them)."""
+
+    steps: int = 1000
+    batch_size: int = 16
+    lr: float = 1e-5
+    warmup_steps: int = 0
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"  # "no", "fp16" or "bf16"
+    ema_decay: float | None = None  # e.g. 0.9999; None: no EMA
+    max_grad_norm: float = 1.0
+    checkpoint_every: int = 500
+    max_images: int | None = (
+        None  # train on the first N distinct training images (the ambient paper's subsets)
+    )
+    seed: int = 0
+    policies: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> settings
+
+    def __post_init__(self) -> None:
+        if (
+            self.steps < 1
+            or self.batch_size < 1
+            or self.gradient_accumulation_steps < 1
+            or self.checkpoint_every < 1
+        ):
+            raise DiffmemError(
+                "steps, batch_size, gradient_accumulation_steps and checkpoint_every must be >= 1"
+            )
+        for name, settings in self.policies.items():
+            method_config("policy", name, POLICIES, settings)  # unknown policies or settings fail here
+
+    @staticmethod
+    def parse_policies(texts: list[str]) -> dict[str, dict[str, Any]]:
+        """``["filter:threshold=2", "ambient:sigma_n=0.5"]`` -> policy settings by name."""
+        policies = {}
+        for text in texts:
+            name, settings = parse_method_spec(text)
+            if name in policies:
+                raise DiffmemError(f"policy {name!r} given twice")
+            policies[name] = settings
+        return policies
+
+
+@dataclass(frozen=True)
+class FineTuneStatus:
+    """Where a (possibly interrupted) run stands."""
+
+    directory: Path
+    complete: bool
+    step: int
+    drop_rate: float | None  # the magnitude filter's mean drop rate over this call's steps
+
+
+def fine_tune(
+    model_dir: Path,
+    data_dir: Path,
+    out_dir: Path,
+    config: FineTuneConfig = FineTuneConfig(),
+    time_budget_s: float | None = None,
+    progress: bool = True,
+) -> FineTuneStatus:
+    """Fine-tune the pipeline in ``model_dir`` on a lab dataset with the configured policies; the result
+    goes to ``out_dir/model``. With a time budget, the run checkpoints and stops; calling again continues."""
+    out_dir = Path(out_dir)
+    if (out_dir / RECORD).is_file():
+        record = json.loads((out_dir / RECORD).read_text())
+        return FineTuneStatus(out_dir, True, record["config"]["steps"], record.get("drop_rate"))
+    started = time.monotonic()
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps
+    )
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        model_dir, torch_dtype=torch.float32, safety_checker=None
+    )
+    if pipeline.scheduler.config.get("prediction_type", "epsilon") != "epsilon":
+        raise DiffmemError("fine-tuning supports eps-prediction models; this one predicts v or x0")
+    data = _Data(pipeline, load_lab_dataset(data_dir), config, accelerator.device)
+    schedule = DDPMScheduler.from_config(pipeline.scheduler.config)
+    policies = {name: method_config("policy", name, POLICIES, s) for name, s in config.policies.items()}
+    ambient = policies.get("ambient")
+    if ambient is not None:
+        timestep_of_sigma(
+            schedule.alphas_cumprod, ambient.sigma_n
+        )  # sigma_n inside the schedule, or an error
+    flt = MagnitudeFilter(policies["filter"]) if "filter" in policies else None
+    unet = pipeline.unet.train()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr)
+    warmup = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps))
+    )
+    unet, optimizer, warmup = accelerator.prepare(unet, optimizer, warmup)
+    ema = EMAModel(unet.parameters(), decay=config.ema_decay) if config.ema_decay else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    checkpoint = out_dir / "checkpoint"
+    step = _resume(accelerator, checkpoint, config)
+    alphas_cumprod = schedule.alphas_cumprod.to(accelerator.device)
+    drop_rates = []
+    bar = tqdm(total=config.steps, initial=step, desc="fine-tuning", disable=not progress)
+    while step < config.steps:
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)  # the same batch on resume
+        batch = data.batch(generator, step, policies.get("captions"))
+        t = torch.randint(schedule.config.num_train_timesteps, (config.batch_size,), generator=generator)
+        z = torch.randn(batch.latents.shape, generator=generator).to(accelerator.device)
+        t = t.to(accelerator.device)
+        alpha_bar = alphas_cumprod[t]
+        with accelerator.accumulate(unet):
+            if ambient is None:
+                x_t = (
+                    alpha_bar.sqrt().view(-1, 1, 1, 1) * batch.latents
+                    + (1 - alpha_bar).sqrt().view(-1, 1, 1, 1) * z
+                )
+            else:
+                x_t = ambient_vp_input(batch.latents, batch.noisy, alpha_bar, ambient.sigma_n, z)
+            eps = unet(x_t, t, encoder_hidden_states=batch.text).sample.float()
+            if ambient is None:
+                losses = (
+                    (eps - z).square().flatten(1).mean(1)
+                )  # ||eps_theta(x_t, t, c) - z||^2 (Ho et al., eq. 14)
+            else:
+                losses = ambient_loss_vp(eps, x_t, alpha_bar, batch.latents, batch.noisy, ambient.sigma_n)
+            update = True
+            if flt is None:
+                loss = losses.mean()
+            else:
+                with torch.no_grad():
+                    eps_uncond = unet(x_t, t, encoder_hidden_states=data.null_text(len(t))).sample.float()
+                filtered = flt(losses, eps, eps_uncond)
+                loss = filtered.loss
+                drop_rates.append(filtered.drop_rate)
+                update = bool(accelerator.gather(filtered.kept.sum().reshape(1)).sum() > 0)  # all ranks agree
+            accelerator.backward(loss)
+            if update:
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(unet.parameters(), config.max_grad_norm)
+                optimizer.step()
+                warmup.step()
+            optimizer.zero_grad(set_to_none=True)
+        if ema is not None and accelerator.sync_gradients:
+            ema.step(unet.parameters())
+        step += 1
+        bar.update()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        out_of_time = time_budget_s is not None and time.monotonic() - started > time_budget_s
+        if step % config.checkpoint_every == 0 or out_of_time or step == config.steps:
+            _checkpoint(accelerator, checkpoint, config, step)
+        if out_of_time:
+            break
+    bar.close()
+    drop_rate = sum(drop_rates) / len(drop_rates) if drop_rates else None
+    if step < config.steps:
+        return FineTuneStatus(out_dir, False, step, drop_rate)
+    trained = accelerator.unwrap_model(unet)
+    if ema is not None:
+        ema.copy_to(trained.parameters())
+    pipeline.unet = trained.eval()
+    pipeline.save_pretrained(out_dir / "model", safe_serialization=True)
+    record = {
+        "command": " ".join(sys.argv),
+        "model": str(model_dir),
+        "data": str(data_dir),
+        "images": data.num_images,
+        "config": asdict(config),
+        "ambient_t_n": None
+        if ambient is None
+        else timestep_of_sigma(schedule.alphas_cumprod, ambient.sigma_n),
+        "drop_rate": drop_rate,
+        **environment(),
+    }
+    write_atomic(out_dir / RECORD, (json.dumps(record, indent=2, default=str) + "\n").encode())
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    return FineTuneStatus(out_dir, True, step, drop_rate)
+
+
+@dataclass(frozen=True)
+class _Batch:
+    latents: torch.Tensor  # [B, C, h, w] clean latents (posterior means x scaling factor)
+    noisy: torch.Tensor  # [B, C, h, w] their fixed noisy copies (ambient), else the latents
+    text: torch.Tensor  # [B, L, D] text-encoder states of the (possibly randomised) captions
+
+
+class _Data:
+    """The training rows of a lab dataset as frozen latents and captions, with the frozen text encoder."""
+
+    def __init__(
+        self, pipeline: StableDiffusionPipeline, dataset, config: FineTuneConfig, device: torch.device
+    ):
+        scene_ids, images = dataset.unique_train_images()
+        keep = scene_ids[: config.max_images] if config.max_images else scene_ids
+        position = {scene_id: i for i, scene_id in enumerate(keep)}
+        rows = [r for r in dataset.train.to_pylist() if r["scene_id"] in position]
+        if not rows:
+            raise DiffmemError("the dataset has no training rows to fine-tune on")
+        if any(not r["caption"] for r in rows) and "captions" in config.policies:
+            raise DiffmemError("caption randomisation needs a caption on every training row")
+        self.num_images = len(keep)
+        self.batch_size = config.batch_size
+        self.rows = rows
+        self.row_image = torch.tensor([position[r["scene_id"]] for r in rows])
+        self.pipeline = pipeline.to(device)
+        self.device = device
+        vae = pipeline.vae.eval()
+        with torch.no_grad():
+            means = [
+                vae.encode(chunk.to(device) * 2 - 1).latent_dist.mean
+                for chunk in images[: len(keep)].split(64)
+            ]
+        self.latents = torch.cat(means) * vae.config.scaling_factor
+        ambient = config.policies.get("ambient")
+        self.noisy = self.latents
+        if ambient is not None:
+            settings = method_config("policy", "ambient", POLICIES, ambient)
+            self.noisy = noisy_copies(self.latents, list(range(len(keep))), settings.sigma_n, settings.seed)
+        self.vocabulary = sorted({w for r in rows for w in r["caption"].split()})
+        pipeline.text_encoder.eval().requires_grad_(False)
+        pipeline.vae.requires_grad_(False)
+
+    def batch(
+        self, generator: torch.Generator, step: int, captions: CaptionRandomisationConfig | None
+    ) -> _Batch:
+        """``batch_size`` training rows drawn with ``generator`` (duplicates as often as they occur)."""
+        rows = torch.randint(len(self.rows), (self.batch_size,), generator=generator)
+        images = self.row_image[rows]
+        texts = [self.rows[int(r)]["caption"] for r in rows]
+        if captions is not None:
+            texts = randomise_captions(texts, rows.tolist(), step, self.vocabulary, captions)
+        return _Batch(self.latents[images], self.noisy[images], self._encode(texts))
+
+    def null_text(self, count: int) -> torch.Tensor:
+        return self._encode([""] * count)
+
+    @torch.no_grad()
+    def _encode(self, texts: list[str]) -> torch.Tensor:
+        tokenizer = self.pipeline.tokenizer
+        ids = tokenizer(
+            texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True
+        ).input_ids
+        return self.pipeline.text_encoder(torch.tensor(ids, device=self.device))[0]
+
+
+def _resume(accelerator: Accelerator, checkpoint: Path, config: FineTuneConfig) -> int:
+    """The step to continue from (0 for a new run); refuses a checkpoint made with other settings."""
+    state = checkpoint / "run.json"
+    if not state.is_file():
+        return 0
+    recorded = json.loads(state.read_text())
+    if recorded["config"] != json.loads(json.dumps(asdict(config))):
+        differ = sorted(
+            k
+            for k in recorded["config"]
+            if recorded["config"][k] != json.loads(json.dumps(asdict(config)))[k]
+        )
+        raise DiffmemError(
+            f"{checkpoint.parent} holds a run with other settings ({', '.join(differ)}); resume with the same "
+            "policies and configuration or use a new directory"
+        )
+    accelerator.load_state(str(checkpoint / "state"))
+    return int(recorded["step"])
+
+
+def _checkpoint(accelerator: Accelerator, checkpoint: Path, config: FineTuneConfig, step: int) -> None:
+    """Replace the checkpoint: accelerate's state (model, optimizer, scheduler, EMA) and the step."""
+    partial = checkpoint.with_name(checkpoint.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    accelerator.save_state(str(partial / "state"))
+    (partial / "run.json").write_text(json.dumps({"step": step, "config": asdict(config)}, default=str))
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    partial.rename(checkpoint)

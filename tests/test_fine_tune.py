@@ -1,0 +1,106 @@
+"""Fine-tuning with training policies on accelerate: the shipped lab model on a micro-lab dataset, a few
+steps on CPU — resume, policy checks, the filter's masking, subsets and the CLI."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffmem.adapters import load_denoiser
+from diffmem.cli.main import run
+from diffmem.errors import DiffmemError
+from diffmem.lab.dataset import LabConfig, build_lab_dataset
+from diffmem.models import shipped_directory
+from diffmem.train.fine_tune import FineTuneConfig, fine_tune
+
+MODEL = shipped_directory("builtin:lab-micro") / "model"
+QUICK = FineTuneConfig(steps=4, batch_size=4, lr=1e-3, checkpoint_every=2, ema_decay=0.9)
+WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from diffmem.lab.fashion_mnist import fashion_mnist_root
+
+    try:
+        fashion_mnist_root()
+    except DiffmemError as error:
+        pytest.skip(str(error))
+    return build_lab_dataset(tmp_path_factory.mktemp("lab") / "data", LabConfig.micro(), progress=False)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ft") / "run"
+    assert fine_tune(MODEL, data_dir, out, QUICK, progress=False).complete
+    return out
+
+
+def _unet(directory):
+    return load_file(directory / "model" / WEIGHTS)
+
+
+def test_a_fine_tuned_model_loads_and_records_how_it_was_made(uninterrupted):
+    denoiser = load_denoiser(uninterrupted / "model")
+    assert denoiser.family == "stable-diffusion"
+    record = json.loads((uninterrupted / "fine_tune.json").read_text())
+    assert record["config"]["steps"] == 4 and record["images"] > 0 and record["drop_rate"] is None
+    before = load_file(MODEL / WEIGHTS)
+    after = _unet(uninterrupted)
+    assert any(not torch.equal(before[k].float(), after[k].float()) for k in before)
+    assert not (uninterrupted / "checkpoint").exists()
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(data_dir, uninterrupted, tmp_path):
+    out, calls = tmp_path / "resumed", 0
+    while not fine_tune(MODEL, data_dir, out, QUICK, time_budget_s=0.0, progress=False).complete:
+        calls += 1
+    assert calls == 3  # one step a call, the fourth completes
+    expected, resumed = _unet(uninterrupted), _unet(out)
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key], rtol=1e-5, atol=1e-6)
+
+
+def test_resuming_with_another_policy_is_refused(data_dir, tmp_path):
+    out = tmp_path / "run"
+    assert not fine_tune(MODEL, data_dir, out, QUICK, time_budget_s=0.0, progress=False).complete
+    other = FineTuneConfig(**{**QUICK.__dict__, "policies": {"filter": {"threshold": 5.0}}})
+    with pytest.raises(DiffmemError, match=r"other settings \(policies\)"):
+        fine_tune(MODEL, data_dir, out, other, progress=False)
+
+
+def test_a_filter_that_drops_every_sample_makes_no_update(data_dir, tmp_path):
+    config = FineTuneConfig(steps=2, batch_size=4, lr=1e-3, policies={"filter": {"threshold": 1e-6}})
+    status = fine_tune(MODEL, data_dir, tmp_path / "run", config, progress=False)
+    assert status.complete and status.drop_rate == 1.0
+    before, after = load_file(MODEL / WEIGHTS), _unet(tmp_path / "run")
+    assert all(torch.equal(before[k].float(), after[k].float()) for k in before)
+
+
+def test_ambient_and_caption_policies_on_a_subset(data_dir, tmp_path):
+    policies = {"ambient": {"sigma_n": 0.5}, "captions": {"p": 0.5}, "filter": {"threshold": 100.0}}
+    config = FineTuneConfig(steps=2, batch_size=4, max_images=40, policies=policies)
+    status = fine_tune(MODEL, data_dir, tmp_path / "run", config, progress=False)
+    record = json.loads((tmp_path / "run" / "fine_tune.json").read_text())
+    assert status.drop_rate == 0.0 and record["images"] == 40 and 0 < record["ambient_t_n"] < 1000
+
+
+def test_bad_policies_are_one_line_errors(data_dir, tmp_path):
+    with pytest.raises(DiffmemError, match="unknown policy 'dedupe'"):
+        FineTuneConfig(policies={"dedupe": {}})
+    with pytest.raises(DiffmemError, match="policy 'ambient' has no setting t"):
+        FineTuneConfig(policies={"ambient": {"t": 3}})
+    with pytest.raises(DiffmemError, match="outside the schedule"):
+        fine_tune(
+            MODEL, data_dir, tmp_path / "x", FineTuneConfig(steps=1, policies={"ambient": {"sigma_n": 1e5}})
+        )
+
+
+def test_train_command(data_dir, tmp_path, capsys):
+    out = tmp_path / "cli"
+    args = ["train", "--model", str(MODEL), "--data", str(data_dir), "--out", str(out), "--steps", "2"]
+    assert run([*args, "--batch-size", "2", "--policy", "filter:threshold=100"]) == 0
+    assert "fine-tuned" in capsys.readouterr().out and (out / "model" / "model_index.json").is_file()
+    assert run([*args, "--policy", "ambient", "--policy", "ambient"]) == 2
+    assert "given twice" in capsys.readouterr().err
