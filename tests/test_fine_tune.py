@@ -104,3 +104,25 @@ def test_train_command(data_dir, tmp_path, capsys):
     assert "fine-tuned" in capsys.readouterr().out and (out / "model" / "model_index.json").is_file()
     assert run([*args, "--policy", "ambient", "--policy", "ambient"]) == 2
     assert "given twice" in capsys.readouterr().err
+
+
+def test_deduplication_keeps_each_image_once_and_reports_it(data_dir, tmp_path):
+    config = FineTuneConfig(steps=1, batch_size=2, policies={"dedup": {"max_l2": 0.0}})
+    assert fine_tune(MODEL, data_dir, tmp_path / "run", config, progress=False).complete
+    record = json.loads((tmp_path / "run" / "fine_tune.json").read_text())["deduplication"]
+    config_micro = LabConfig.micro()
+    repeated = config_micro.num_memorized * (
+        config_micro.memorized_repeats - 1
+    ) + config_micro.num_duplicated_image * (config_micro.duplicated_image_repeats - 1)
+    assert record["rows_before"] - record["rows_after"] == repeated  # exact repeats collapse to one row
+    assert record["images_dropped"] == 0  # distinct scenes are never within l2 = 0 of each other
+
+
+def test_near_duplicate_images_are_dropped():
+    from diffmem.train.deduplication import DeduplicationConfig, deduplicate
+
+    base = torch.rand(5, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    images = torch.cat([base, base[:2] + 0.001])  # images 5 and 6 nearly copy 0 and 1
+    result = deduplicate(images, [0, 1, 2, 3, 4, 5, 6, 6], DeduplicationConfig(max_l2=0.01))
+    assert result.kept_images == [0, 1, 2, 3, 4] and result.images_dropped == 2
+    assert (result.rows_before, result.rows_after) == (8, 5)

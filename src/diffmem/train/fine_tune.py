@@ -6,7 +6,8 @@ the training policies before they are reduced.
 Policies (SPEC §4, §6, §7): ``ambient`` (Shah et al.: the noisy-copy loss above sigma_n, VP form),
 ``filter`` (Wen et al.: samples whose ``||eps_c - eps_u||`` reaches the threshold are masked out; a step
 where every process masks everything makes no update) and ``captions`` (Somepalli et al.: captions
-randomised with probability p). The clean latents are the VAE posterior means times the scaling factor,
+randomised with probability p) and ``dedup`` (each training image once, near-duplicates dropped, before
+training). The clean latents are the VAE posterior means times the scaling factor,
 so an image's noisy copy (ambient) is a fixed latent.
 """
 
@@ -33,6 +34,7 @@ from diffmem.method_spec import method_config, parse_method_spec
 from diffmem.run_record import environment
 from diffmem.train.ambient_loss import ambient_loss_vp, ambient_vp_input, noisy_copies, timestep_of_sigma
 from diffmem.train.caption_randomisation import CaptionRandomisationConfig, randomise_captions
+from diffmem.train.deduplication import DeduplicationConfig, deduplicate
 from diffmem.train.magnitude_filter import MagnitudeFilter, MagnitudeFilterConfig
 
 RECORD = "fine_tune.json"
@@ -50,6 +52,10 @@ POLICIES: dict[str, tuple[type, type]] = {
     "ambient": (AmbientConfig, AmbientConfig),  # Shah, Kalavasis, Klivans, Daras (2025)
     "filter": (MagnitudeFilterConfig, MagnitudeFilterConfig),  # Wen et al. (ICLR 2024)
     "captions": (CaptionRandomisationConfig, CaptionRandomisationConfig),  # Somepalli et al. (NeurIPS 2023)
+    "dedup": (
+        DeduplicationConfig,
+        DeduplicationConfig,
+    ),  # before training: each image once, near-duplicates out
 }
 
 
@@ -221,6 +227,9 @@ def fine_tune(
         if ambient is None
         else timestep_of_sigma(schedule.alphas_cumprod, ambient.sigma_n),
         "drop_rate": drop_rate,
+        "deduplication": None
+        if data.deduplication is None
+        else asdict(data.deduplication) | {"kept_images": None},
         **environment(),
     }
     write_atomic(out_dir / RECORD, (json.dumps(record, indent=2, default=str) + "\n").encode())
@@ -249,6 +258,18 @@ class _Data:
             raise DiffmemError("the dataset has no training rows to fine-tune on")
         if any(not r["caption"] for r in rows) and "captions" in config.policies:
             raise DiffmemError("caption randomisation needs a caption on every training row")
+        self.deduplication = None
+        if "dedup" in config.policies:
+            settings = method_config("policy", "dedup", POLICIES, config.policies["dedup"])
+            self.deduplication = deduplicate(
+                images[: len(keep)], [position[r["scene_id"]] for r in rows], settings
+            )
+            survivors = {keep[i] for i in self.deduplication.kept_images}
+            first = {}
+            for r in rows:
+                if r["scene_id"] in survivors:
+                    first.setdefault(r["scene_id"], r)
+            rows = list(first.values())
         self.num_images = len(keep)
         self.batch_size = config.batch_size
         self.rows = rows
