@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from diffmem.adapters import load_denoiser
 from diffmem.cli.main import run
 from diffmem.errors import DiffmemError
-from diffmem.lab.dataset import LabConfig, build_lab_dataset
+from diffmem.lab.dataset import LabConfig
 from diffmem.models import shipped_directory
 from diffmem.train.fine_tune import FineTuneConfig, fine_tune
 
@@ -20,14 +20,8 @@ WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from diffmem.lab.fashion_mnist import fashion_mnist_root
-
-    try:
-        fashion_mnist_root()
-    except DiffmemError as error:
-        pytest.skip(str(error))
-    return build_lab_dataset(tmp_path_factory.mktemp("lab") / "data", LabConfig.micro(), progress=False)
+def data_dir(micro_lab_data):
+    return micro_lab_data
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from diffmem.adapters import StableDiffusionDenoiser, load_denoiser
 from diffmem.cli.main import run
 from diffmem.errors import DiffmemError
-from diffmem.lab.dataset import LabConfig, build_lab_dataset, load_lab_dataset
+from diffmem.lab.dataset import load_lab_dataset
 from diffmem.lab.label import LabelConfig, lab_prompts, label_lab_model
 from diffmem.lab.model import LabModelConfig
 from diffmem.lab.train import LabTrainConfig, train_lab_model
@@ -23,14 +23,8 @@ QUICK = replace(
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from diffmem.lab.fashion_mnist import fashion_mnist_root
-
-    try:
-        fashion_mnist_root()
-    except DiffmemError as error:
-        pytest.skip(str(error))
-    return build_lab_dataset(tmp_path_factory.mktemp("lab") / "data", LabConfig.micro(), progress=False)
+def data_dir(micro_lab_data):
+    return micro_lab_data
 
 
 @pytest.fixture(scope="module")
