@@ -120,3 +120,38 @@ def test_near_duplicate_images_are_dropped():
     result = deduplicate(images, [0, 1, 2, 3, 4, 5, 6, 6], DeduplicationConfig(max_l2=0.01))
     assert result.kept_images == [0, 1, 2, 3, 4] and result.images_dropped == 2
     assert (result.rows_before, result.rows_after) == (8, 5)
+
+
+@pytest.mark.parametrize("class_conditional", [True, False])
+def test_unet2d_pipelines_train_on_pixels(data_dir, tmp_path, class_conditional):
+    from diffmem.tiny_pipelines import tiny_unet2d
+
+    model = tmp_path / "unet2d"
+    tiny_unet2d(class_conditional=class_conditional).save_pretrained(model)
+    policies = {"ambient": {"sigma_n": 0.5}} | ({"filter": {"threshold": 100.0}} if class_conditional else {})
+    config = FineTuneConfig(steps=2, batch_size=4, lr=1e-3, policies=policies)
+    status = fine_tune(model, data_dir, tmp_path / "run", config, progress=False)
+    assert status.complete and status.drop_rate == (0.0 if class_conditional else None)
+    denoiser = load_denoiser(tmp_path / "run" / "model")
+    assert denoiser.conditioning == ("class" if class_conditional else "none")
+    before = load_file(model / WEIGHTS)
+    assert any(not torch.equal(before[k], v) for k, v in _unet(tmp_path / "run").items())
+
+
+def test_policies_that_need_conditioning_refuse_an_unconditional_model(data_dir, tmp_path):
+    from diffmem.tiny_pipelines import tiny_unet2d
+
+    model = tmp_path / "unet2d"
+    tiny_unet2d().save_pretrained(model)
+    for policy, message in (
+        ("filter", "this model is unconditional"),
+        ("captions", "needs a text-to-image model"),
+    ):
+        with pytest.raises(DiffmemError, match=message):
+            fine_tune(
+                model,
+                data_dir,
+                tmp_path / policy,
+                FineTuneConfig(steps=1, policies={policy: {}}),
+                progress=False,
+            )

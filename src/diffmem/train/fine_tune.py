@@ -1,4 +1,5 @@
-"""Text-to-image fine-tuning of a Stable-Diffusion-architecture pipeline on ``accelerate``, shaped like
+"""Fine-tuning (or training from a fresh pipeline) on ``accelerate``: Stable-Diffusion-architecture
+text-to-image pipelines and unconditional or class-conditional ``UNet2DModel`` pipelines, shaped like
 diffusers' ``train_text_to_image.py`` (UNet trained, VAE and text encoder frozen; mixed precision,
 gradient accumulation, EMA, checkpoints and resume) with one seam: per-sample losses ([B]) pass through
 the training policies before they are reduced.
@@ -22,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
-from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers import DDPMScheduler, DiffusionPipeline
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
@@ -131,9 +133,7 @@ def fine_tune(
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps
     )
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        model_dir, torch_dtype=torch.float32, safety_checker=None
-    )
+    pipeline = _open_pipeline(model_dir)
     if pipeline.scheduler.config.get("prediction_type", "epsilon") != "epsilon":
         raise DiffmemError("fine-tuning supports eps-prediction models; this one predicts v or x0")
     data = _Data(pipeline, load_lab_dataset(data_dir), config, accelerator.device)
@@ -174,7 +174,7 @@ def fine_tune(
                 )
             else:
                 x_t = ambient_vp_input(batch.latents, batch.noisy, alpha_bar, ambient.sigma_n, z)
-            eps = unet(x_t, t, encoder_hidden_states=batch.text).sample.float()
+            eps = _eps(unet(x_t, t, **batch.condition).sample, x_t)
             if ambient is None:
                 losses = (
                     (eps - z).square().flatten(1).mean(1)
@@ -186,7 +186,7 @@ def fine_tune(
                 loss = losses.mean()
             else:
                 with torch.no_grad():
-                    eps_uncond = unet(x_t, t, encoder_hidden_states=data.null_text(len(t))).sample.float()
+                    eps_uncond = _eps(unet(x_t, t, **data.null_condition(len(t))).sample, x_t)
                 filtered = flt(losses, eps, eps_uncond)
                 loss = filtered.loss
                 drop_rates.append(filtered.drop_rate)
@@ -239,25 +239,31 @@ def fine_tune(
 
 @dataclass(frozen=True)
 class _Batch:
-    latents: torch.Tensor  # [B, C, h, w] clean latents (posterior means x scaling factor)
-    noisy: torch.Tensor  # [B, C, h, w] their fixed noisy copies (ambient), else the latents
-    text: torch.Tensor  # [B, L, D] text-encoder states of the (possibly randomised) captions
+    latents: (
+        torch.Tensor
+    )  # [B, C, h, w] clean data: VAE posterior means x scaling factor, or pixels in [-1, 1]
+    noisy: torch.Tensor  # [B, C, h, w] their fixed noisy copies (ambient), else the clean data
+    condition: dict[str, torch.Tensor]  # the UNet's keyword arguments: text states, class labels or none
 
 
 class _Data:
-    """The training rows of a lab dataset as frozen latents and captions, with the frozen text encoder."""
+    """The training rows of a lab dataset as frozen clean data and conditions: latents and captions for a
+    text-to-image pipeline; pixels and, for a class-conditional UNet, the first item's category."""
 
-    def __init__(
-        self, pipeline: StableDiffusionPipeline, dataset, config: FineTuneConfig, device: torch.device
-    ):
+    def __init__(self, pipeline, dataset, config: FineTuneConfig, device: torch.device):
         scene_ids, images = dataset.unique_train_images()
         keep = scene_ids[: config.max_images] if config.max_images else scene_ids
         position = {scene_id: i for i, scene_id in enumerate(keep)}
         rows = [r for r in dataset.train.to_pylist() if r["scene_id"] in position]
         if not rows:
             raise DiffmemError("the dataset has no training rows to fine-tune on")
-        if any(not r["caption"] for r in rows) and "captions" in config.policies:
-            raise DiffmemError("caption randomisation needs a caption on every training row")
+        self.kind = _kind(pipeline)
+        if "captions" in config.policies and (self.kind != "text" or any(not r["caption"] for r in rows)):
+            raise DiffmemError("caption randomisation needs a text-to-image model and a caption on every row")
+        if "filter" in config.policies and self.kind == "none":
+            raise DiffmemError(
+                "the magnitude filter compares conditional and unconditional predictions; this model is unconditional"
+            )
         self.deduplication = None
         if "dedup" in config.policies:
             settings = method_config("policy", "dedup", POLICIES, config.policies["dedup"])
@@ -276,21 +282,21 @@ class _Data:
         self.row_image = torch.tensor([position[r["scene_id"]] for r in rows])
         self.pipeline = pipeline.to(device)
         self.device = device
-        vae = pipeline.vae.eval()
-        with torch.no_grad():
-            means = [
-                vae.encode(chunk.to(device) * 2 - 1).latent_dist.mean
-                for chunk in images[: len(keep)].split(64)
-            ]
-        self.latents = torch.cat(means) * vae.config.scaling_factor
+        self.latents = self._clean(images[: len(keep)])
         ambient = config.policies.get("ambient")
         self.noisy = self.latents
         if ambient is not None:
             settings = method_config("policy", "ambient", POLICIES, ambient)
             self.noisy = noisy_copies(self.latents, list(range(len(keep))), settings.sigma_n, settings.seed)
-        self.vocabulary = sorted({w for r in rows for w in r["caption"].split()})
-        pipeline.text_encoder.eval().requires_grad_(False)
-        pipeline.vae.requires_grad_(False)
+        self.vocabulary = sorted({w for r in rows for w in (r["caption"] or "").split()})
+        if self.kind == "class":
+            categories = {r["scene_id"]: r["items"][0]["category"] for r in dataset.scenes.to_pylist()}
+            self.row_class = torch.tensor([categories[r["scene_id"]] for r in rows], device=device)
+            self.null_class = pipeline.unet.config.num_class_embeds - 1  # diffmem's unconditional class
+            if int(self.row_class.max()) >= self.null_class:
+                raise DiffmemError(
+                    f"the UNet has {self.null_class} classes besides the null class; the lab needs 10"
+                )
 
     def batch(
         self, generator: torch.Generator, step: int, captions: CaptionRandomisationConfig | None
@@ -298,13 +304,39 @@ class _Data:
         """``batch_size`` training rows drawn with ``generator`` (duplicates as often as they occur)."""
         rows = torch.randint(len(self.rows), (self.batch_size,), generator=generator)
         images = self.row_image[rows]
-        texts = [self.rows[int(r)]["caption"] for r in rows]
-        if captions is not None:
-            texts = randomise_captions(texts, rows.tolist(), step, self.vocabulary, captions)
-        return _Batch(self.latents[images], self.noisy[images], self._encode(texts))
+        if self.kind == "text":
+            texts = [self.rows[int(r)]["caption"] for r in rows]
+            if captions is not None:
+                texts = randomise_captions(texts, rows.tolist(), step, self.vocabulary, captions)
+            condition = {"encoder_hidden_states": self._encode(texts)}
+        elif self.kind == "class":
+            condition = {"class_labels": self.row_class[rows.to(self.device)]}
+        else:
+            condition = {}
+        return _Batch(self.latents[images], self.noisy[images], condition)
 
-    def null_text(self, count: int) -> torch.Tensor:
-        return self._encode([""] * count)
+    def null_condition(self, count: int) -> dict[str, torch.Tensor]:
+        """The unconditional keyword arguments: the empty prompt, or the null class."""
+        if self.kind == "text":
+            return {"encoder_hidden_states": self._encode([""] * count)}
+        return {"class_labels": torch.full((count,), self.null_class, device=self.device)}
+
+    @torch.no_grad()
+    def _clean(self, images: torch.Tensor) -> torch.Tensor:
+        """The clean training data: scaled VAE posterior means, or pixels in [-1, 1] at the UNet's size."""
+        if self.kind != "text":
+            size = self.pipeline.unet.config.sample_size
+            size = (size, size) if isinstance(size, int) else tuple(size)
+            pixels = (
+                F.interpolate(images, size=size, mode="bilinear", antialias=True)
+                if images.shape[-2:] != size
+                else images
+            )
+            return (pixels * 2 - 1).to(self.device)
+        vae = self.pipeline.vae.eval().requires_grad_(False)
+        self.pipeline.text_encoder.eval().requires_grad_(False)
+        means = [vae.encode(chunk.to(self.device) * 2 - 1).latent_dist.mean for chunk in images.split(64)]
+        return torch.cat(means) * vae.config.scaling_factor
 
     @torch.no_grad()
     def _encode(self, texts: list[str]) -> torch.Tensor:
@@ -313,6 +345,34 @@ class _Data:
             texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True
         ).input_ids
         return self.pipeline.text_encoder(torch.tensor(ids, device=self.device))[0]
+
+
+def _open_pipeline(model_dir: Path):
+    """A Stable-Diffusion-architecture pipeline, or a ``UNet2DModel`` one (DDPM/DDIM), from its directory."""
+    if not (Path(model_dir) / "model_index.json").is_file():
+        raise DiffmemError(f"{model_dir} is not a diffusers pipeline directory (no model_index.json)")
+    pipeline = DiffusionPipeline.from_pretrained(model_dir, dtype=torch.float32)
+    if not hasattr(pipeline, "unet") or not hasattr(pipeline, "scheduler"):
+        raise DiffmemError(
+            f"{model_dir} holds a {type(pipeline).__name__}; fine-tuning needs a UNet and a scheduler"
+        )
+    if hasattr(pipeline, "text_encoder_2"):
+        raise DiffmemError(
+            "fine-tuning supports SD 1.x/2.x-style and UNet2DModel pipelines; SDXL is not supported yet"
+        )
+    return pipeline
+
+
+def _kind(pipeline) -> str:
+    """ "text" (a text-to-image pipeline), "class" (a class-conditional UNet) or "none"."""
+    if getattr(pipeline, "text_encoder", None) is not None:
+        return "text"
+    return "class" if pipeline.unet.config.get("num_class_embeds") else "none"
+
+
+def _eps(output: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+    """The noise prediction (a learned-variance UNet's extra channels are not trained here)."""
+    return output[:, : x_t.shape[1]].float()
 
 
 def _resume(accelerator: Accelerator, checkpoint: Path, config: FineTuneConfig) -> int:
