@@ -56,3 +56,16 @@ def test_mitigation_overhead_smoke(tmp_path):
     record = _load("mitigation_overhead").main([*args, "--index-rows", "64", "--out", str(out)])
     assert json.loads(out.read_text())["amg_gate_open_vs_plain"] == record["amg_gate_open_vs_plain"] > 0
     assert 0 < record["index_query_share_of_amg_gate_closed"]
+
+
+def test_training_memorization_smoke(tmp_path, micro_lab_data):
+    from diffmem.tiny_pipelines import tiny_unet2d
+
+    tiny_unet2d().save_pretrained(tmp_path / "model")
+    out = tmp_path / "record.json"
+    args = ["--data", str(micro_lab_data), "--max-images", "60", "--model", f"tiny={tmp_path / 'model'}"]
+    record = _load("training_memorization").main(
+        [*args, "--samples", "4", "--steps", "2", "--device", "cpu", "--out", str(out)]
+    )
+    assert json.loads(out.read_text())["tiny_nl2_top1"] == record["tiny_nl2_top1"] > 0
+    assert 0 <= record["tiny_nl2_share_memorized"] <= 1
