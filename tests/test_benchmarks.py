@@ -69,3 +69,12 @@ def test_training_memorization_smoke(tmp_path, micro_lab_data):
     )
     assert json.loads(out.read_text())["tiny_nl2_top1"] == record["tiny_nl2_top1"] > 0
     assert 0 <= record["tiny_nl2_share_memorized"] <= 1
+
+
+def test_index_search_smoke(tmp_path):
+    out = tmp_path / "record.json"
+    record = _load("index_search").main(
+        ["--rows", "2000", "--dim", "16", "--queries", "20", "--out", str(out)]
+    )
+    assert json.loads(out.read_text())["ivf_pq_recall_at_1"] == record["ivf_pq_recall_at_1"]
+    assert record["exact_recall_at_1"] == 1.0 and record["ivf_pq_ms_per_query"] > 0
