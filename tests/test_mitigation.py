@@ -134,3 +134,16 @@ def test_unknown_mitigations_and_settings_are_refused():
         mitigation_config("amg")
     with pytest.raises(DiffmemError, match="learning_rate > 0"):
         PromptOptimizationConfig(learning_rate=0)
+
+
+def test_the_guard_with_no_mitigation_only_scores(sd):
+    guard = Guard(-1.0, NoiseNormConfig(num_inference_steps=4))  # every prompt flagged
+    guarded = mitigated_generate(
+        sd, PROMPTS, "none", mitigation_config("none"), sampling=SAMPLING, guard=guard
+    )
+    plain = mitigated_generate(sd, PROMPTS, "none", mitigation_config("none"), sampling=SAMPLING)
+    assert torch.equal(guarded.images, plain.images) and guarded.method == ["none"] * 3
+    assert (
+        guarded.unet_evaluations == plain.unet_evaluations + 3 * 2
+    )  # sampled once, plus the first-step scores
+    assert all(s is not None for s in guarded.guard_score)

@@ -144,3 +144,13 @@ def test_caption_randomisation_is_seeded_per_sample_and_step():
     )
     with pytest.raises(DiffmemError, match="needs a caption for every sample"):
         randomise_captions([None], [0], 0, vocabulary, config)
+
+
+def test_with_sigma_n_zero_the_ambient_input_and_loss_are_plain_ddpm_training():
+    clean, z, eps = _randn(*SHAPE, seed=1), _randn(*SHAPE, seed=3), _randn(*SHAPE, seed=5)
+    alpha_bar = torch.tensor([0.9991, 0.9, 0.7, 0.5, 0.2, 0.0047], dtype=torch.float64)
+    x_t = ambient_vp_input(clean, clean, alpha_bar, 0.0, z)
+    a = alpha_bar.view(-1, 1, 1, 1)
+    torch.testing.assert_close(x_t, a.sqrt() * clean + (1 - a).sqrt() * z)  # Ho et al., eq. 4
+    loss = ambient_loss_vp(eps, x_t, alpha_bar, clean, clean, 0.0)
+    torch.testing.assert_close(loss, (eps - z).square().flatten(1).mean(1))  # Ho et al., eq. 14

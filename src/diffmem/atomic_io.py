@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -22,6 +23,11 @@ def write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, record: object) -> None:
+    """``record`` as indented JSON (non-JSON values as strings), written with :func:`write_atomic`."""
+    write_atomic(path, (json.dumps(record, indent=2, default=str) + "\n").encode())
 
 
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import platform
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from diffmem.atomic_io import write_atomic
+from diffmem.atomic_io import write_json_atomic
 
 PACKAGES = ("diffmem", "torch", "diffusers", "transformers", "numpy")
 
@@ -34,7 +33,7 @@ def environment() -> dict:
 def write_summary(path: Path, config: dict, results: dict) -> None:
     """A JSON summary of one run: its configuration, its environment and its results."""
     record = {"config": config, "environment": environment(), "results": results}
-    write_atomic(path, (json.dumps(record, indent=2, default=str) + "\n").encode())
+    write_json_atomic(path, record)
 
 
 def _git_revision() -> str | None:

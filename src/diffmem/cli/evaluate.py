@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from functools import partial
 from pathlib import Path
@@ -13,7 +12,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import typer
 
-from diffmem.atomic_io import write_atomic, write_parquet_atomic
+from diffmem.atomic_io import write_atomic, write_json_atomic, write_parquet_atomic
 from diffmem.cli.app import Settings, app
 from diffmem.cli.generate import open_reference
 from diffmem.detect.evaluate import DEFAULT_SETTINGS, SettingSpec, evaluate_settings
@@ -237,7 +236,7 @@ def mitigate(
         ],
         **environment(),
     }
-    write_atomic(out / "results.json", (json.dumps(record, indent=2, default=str) + "\n").encode())
+    write_json_atomic(out / "results.json", record)
     typer.echo(markdown)
     typer.echo(f"wrote {out / 'results.md'}, results.json and images.parquet")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
@@ -12,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from diffmem.atomic_io import write_atomic
+from diffmem.atomic_io import write_atomic, write_json_atomic
 from diffmem.cli.app import Settings, app
 from diffmem.detect.calibration import Calibration
 from diffmem.detect.noise_norm import NoiseNormConfig
@@ -64,7 +63,7 @@ def explain(
     summary = {"prompt": prompt, "model": model, "config": asdict(config), "score": result.score}
     summary |= {"threshold": threshold, "flagged": None if threshold is None else result.score > threshold}
     summary |= {"truncated": result.truncated, "words": result.words, "normalized": result.normalized}
-    write_atomic(out / "explanation.json", (json.dumps(summary, indent=2) + "\n").encode())
+    write_json_atomic(out / "explanation.json", summary)
     if html is not None:
         step = num_inference_steps // 2 if attention_step is None else attention_step
         attention = word_attention_maps(denoiser, prompt, step, config)

@@ -28,7 +28,7 @@ from diffmem.mitigate import (
     mitigation_config,
 )
 from diffmem.mitigate.registry import NEEDS_REFERENCE
-from diffmem.mitigate.training_similarity import training_similarity
+from diffmem.mitigate.training_similarity import measure_against_training
 from diffmem.models import DEFAULT_MODEL, model_identity, open_model, shipped_directory, shipped_reference
 from diffmem.prompts_io import read_prompts
 from diffmem.run_record import write_summary
@@ -180,16 +180,8 @@ def _guard(model: str, calibration: Path | None) -> Guard:
 
 def _with_nearest(table: pa.Table, images: torch.Tensor, reference: ReferenceSet) -> pa.Table:
     """The table with each image's nearest training image and its similarity (nL2 or copy similarity)."""
-    sigmas, rows = [], []
-    with torch.no_grad():
-        for start in range(0, len(images), 64):
-            sigma, nearest = training_similarity(images[start : start + 64], reference)
-            sigmas += sigma.tolist()
-            rows += nearest.tolist()
-    values = [-s for s in sigmas] if reference.measure == "nl2" else sigmas
-    table = table.append_column(
-        "nearest_training_id", pa.array([reference.index.ids[r] for r in rows], pa.int64())
-    )
+    values, ids = measure_against_training(images, reference)
+    table = table.append_column("nearest_training_id", pa.array(ids, pa.int64()))
     return table.append_column(reference.measure, pa.array(values, pa.float64()))
 
 

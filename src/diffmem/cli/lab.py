@@ -11,7 +11,7 @@ import torch
 import typer
 
 from diffmem.adapters import load_denoiser
-from diffmem.atomic_io import write_atomic
+from diffmem.atomic_io import write_json_atomic
 from diffmem.cli.app import Settings, app
 from diffmem.errors import DiffmemError
 from diffmem.lab.alignment import alignment, lab_scenes, reader_accuracy, save_reader, train_attribute_reader
@@ -154,7 +154,7 @@ def copy_detector_command(
         "copy_accuracy": accuracy,
         "queries": queries,
     }
-    write_atomic(out / "training.json", (json.dumps(record, indent=2) + "\n").encode())
+    write_json_atomic(out / "training.json", record)
     typer.echo(
         f"copy detector: {accuracy:.1%} of {queries} edited copies matched to their source; wrote {out}"
     )
@@ -182,7 +182,7 @@ def reader_command(
     save_reader(reader.cpu(), out)
     record = {"data": str(data), "steps": steps, "extra_scenes": extra_scenes, "seed": settings.seed}
     record |= {"heldout_accuracy": accuracy.to_dict(), "heldout_alignment_own_captions": own}
-    write_atomic(out / "training.json", (json.dumps(record, indent=2) + "\n").encode())
+    write_json_atomic(out / "training.json", record)
     typer.echo(
         f"reader: categories {accuracy.item_category:.1%}, colours {accuracy.item_colour:.1%}, backgrounds "
         f"{accuracy.background:.1%} on held-out scenes; alignment with their captions {own:.1%}; wrote {out}"

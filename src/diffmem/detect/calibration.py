@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from diffmem.atomic_io import write_atomic
+from diffmem.atomic_io import write_json_atomic
 from diffmem.denoiser import Denoiser
 from diffmem.detect.registry import config_settings, detector
 from diffmem.errors import DiffmemError
@@ -53,7 +53,7 @@ class Calibration:
     def save(self, path: Path) -> None:
         """Write the calibration as JSON (atomically)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, (json.dumps(asdict(self), indent=2) + "\n").encode())
+        write_json_atomic(path, asdict(self))
 
     @classmethod
     def load(cls, path: Path) -> Calibration:

@@ -21,7 +21,7 @@ from diffmem.metrics.quality import fid, kid
 from diffmem.mitigate.generate import mitigated_generate
 from diffmem.mitigate.mitigation import SamplingOptions
 from diffmem.mitigate.registry import NEEDS_REFERENCE, mitigation_config
-from diffmem.mitigate.training_similarity import ReferenceSet, training_similarity
+from diffmem.mitigate.training_similarity import ReferenceSet, measure_against_training
 from diffmem.timing import synchronize
 
 DEFAULT_METHODS = (
@@ -50,14 +50,9 @@ class Measure:
         """ "nl2" (lower is more similar) or "copy_similarity" (higher is more similar)."""
         return self.reference.measure
 
-    def values(self, images: torch.Tensor, batch_size: int = 64) -> list[float]:
+    def values(self, images: torch.Tensor) -> list[float]:
         """The measure of each image [N, 3, H, W] against the training set."""
-        values = []
-        with torch.no_grad():
-            for start in range(0, len(images), batch_size):
-                sigma, _ = training_similarity(images[start : start + batch_size], self.reference)
-                values += (-sigma if self.name == "nl2" else sigma).tolist()
-        return values
+        return measure_against_training(images, self.reference)[0]
 
     def summary(self, values: Sequence[float]) -> MemorizationSummary:
         """95th percentile, max and share memorized in the direction of more similar."""

@@ -93,14 +93,15 @@ def mitigated_generate(
     rows = [(i, g) for i in range(len(items)) for g in range(n_generations)]
     seeds = [generation_seed(base_seed, prompt_ids[i], g) for i, g in rows]
     outputs: list[Any] = [None] * len(rows)  # (latent, image, method, prompt_used, steps, status, extras)
-    mitigated = [r for r, (i, _) in enumerate(rows) if flagged[i]]
+    routed = flagged if name != "none" else [False] * len(items)  # "none" behind the guard only scores
+    mitigated = [r for r, (i, _) in enumerate(rows) if routed[i]]
     # a batch with a prompt the guard lets through runs exactly as plain sampling would run it (same
     # rows, same batch), so those samples are bit-identical to plain sampling; its flagged rows are
     # mitigated below and their plain samples discarded
     plain_batches = [
         ("none", list(range(start, min(start + batch_size, len(rows)))))
         for start in range(0, len(rows), batch_size)
-        if not all(flagged[i] for i, _ in rows[start : start + batch_size])
+        if not all(routed[i] for i, _ in rows[start : start + batch_size])
     ]
     batches = plain_batches + [
         (name, mitigated[s : s + batch_size]) for s in range(0, len(mitigated), batch_size)
@@ -116,7 +117,7 @@ def mitigated_generate(
             with torch.no_grad():
                 images = denoiser.decode(result.latents).float().cpu()
         for k, r in enumerate(batch):
-            if method != name and flagged[rows[r][0]]:
+            if method != name and routed[rows[r][0]]:
                 continue  # the plain twin of a flagged sample
             extras = {key: values[k] for key, values in result.extras.items()}
             outputs[r] = (

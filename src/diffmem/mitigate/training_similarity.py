@@ -52,3 +52,17 @@ def training_similarity(
     nl2, position = nl2_to_neighbours(images, index.vectors(rows).to(images), NL2_ALPHA)
     # sigma_t = -nL2   (AMG eq. 8)
     return -nl2, rows.gather(1, position[:, None])[:, 0]
+
+
+@torch.no_grad()
+def measure_against_training(
+    images: torch.Tensor, reference: ReferenceSet, batch_size: int = 64
+) -> tuple[list[float], list[int]]:
+    """Each image's similarity as reported (nL2, lower is closer; or copy similarity, higher is closer)
+    and the id of its nearest training image, ``batch_size`` images at a time."""
+    values, ids = [], []
+    for start in range(0, len(images), batch_size):
+        sigma, nearest = training_similarity(images[start : start + batch_size], reference)
+        values += (-sigma if reference.measure == "nl2" else sigma).tolist()
+        ids += [reference.index.ids[int(r)] for r in nearest]
+    return values, ids

@@ -29,7 +29,7 @@ from diffusers import DDPMScheduler, DiffusionPipeline
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from diffmem.atomic_io import write_atomic
+from diffmem.atomic_io import write_json_atomic
 from diffmem.errors import DiffmemError
 from diffmem.lab.dataset import load_lab_dataset
 from diffmem.method_spec import method_config, parse_method_spec
@@ -40,6 +40,7 @@ from diffmem.train.deduplication import DeduplicationConfig, deduplicate
 from diffmem.train.magnitude_filter import MagnitudeFilter, MagnitudeFilterConfig
 
 RECORD = "fine_tune.json"
+PROGRESS_EVERY = 25  # steps between loss read-outs on the progress bar
 
 
 @dataclass(frozen=True)
@@ -140,10 +141,9 @@ def fine_tune(
     schedule = DDPMScheduler.from_config(pipeline.scheduler.config)
     policies = {name: method_config("policy", name, POLICIES, s) for name, s in config.policies.items()}
     ambient = policies.get("ambient")
-    if ambient is not None:
-        timestep_of_sigma(
-            schedule.alphas_cumprod, ambient.sigma_n
-        )  # sigma_n inside the schedule, or an error
+    # without the ambient policy, sigma_n = 0: the ambient input and loss are the ordinary ones (SPEC §6)
+    sigma_n = 0.0 if ambient is None else ambient.sigma_n
+    t_n = None if ambient is None else timestep_of_sigma(schedule.alphas_cumprod, sigma_n)  # or an error
     flt = MagnitudeFilter(policies["filter"]) if "filter" in policies else None
     unet = pipeline.unet.train()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr)
@@ -157,7 +157,7 @@ def fine_tune(
     checkpoint = out_dir / "checkpoint"
     step = _resume(accelerator, checkpoint, config)
     alphas_cumprod = schedule.alphas_cumprod.to(accelerator.device)
-    drop_rates = []
+    dropped = seen = 0  # the filter's dropped and examined samples, summed on the device
     bar = tqdm(total=config.steps, initial=step, desc="fine-tuning", disable=not progress)
     while step < config.steps:
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)  # the same batch on resume
@@ -167,20 +167,9 @@ def fine_tune(
         t = t.to(accelerator.device)
         alpha_bar = alphas_cumprod[t]
         with accelerator.accumulate(unet):
-            if ambient is None:
-                x_t = (
-                    alpha_bar.sqrt().view(-1, 1, 1, 1) * batch.latents
-                    + (1 - alpha_bar).sqrt().view(-1, 1, 1, 1) * z
-                )
-            else:
-                x_t = ambient_vp_input(batch.latents, batch.noisy, alpha_bar, ambient.sigma_n, z)
+            x_t = ambient_vp_input(batch.latents, batch.noisy, alpha_bar, sigma_n, z)
             eps = _eps(unet(x_t, t, **batch.condition).sample, x_t)
-            if ambient is None:
-                losses = (
-                    (eps - z).square().flatten(1).mean(1)
-                )  # ||eps_theta(x_t, t, c) - z||^2 (Ho et al., eq. 14)
-            else:
-                losses = ambient_loss_vp(eps, x_t, alpha_bar, batch.latents, batch.noisy, ambient.sigma_n)
+            losses = ambient_loss_vp(eps, x_t, alpha_bar, batch.latents, batch.noisy, sigma_n)  # [B]
             update = True
             if flt is None:
                 loss = losses.mean()
@@ -189,7 +178,7 @@ def fine_tune(
                     eps_uncond = _eps(unet(x_t, t, **data.null_condition(len(t))).sample, x_t)
                 filtered = flt(losses, eps, eps_uncond)
                 loss = filtered.loss
-                drop_rates.append(filtered.drop_rate)
+                dropped, seen = dropped + (~filtered.kept).sum(), seen + len(filtered.kept)
                 update = bool(accelerator.gather(filtered.kept.sum().reshape(1)).sum() > 0)  # all ranks agree
             accelerator.backward(loss)
             if update:
@@ -202,14 +191,15 @@ def fine_tune(
             ema.step(unet.parameters())
         step += 1
         bar.update()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % PROGRESS_EVERY == 0:  # reading the loss waits for the device
+            bar.set_postfix(loss=f"{loss.item():.4f}")
         out_of_time = time_budget_s is not None and time.monotonic() - started > time_budget_s
         if step % config.checkpoint_every == 0 or out_of_time or step == config.steps:
             _checkpoint(accelerator, checkpoint, config, step)
         if out_of_time:
             break
     bar.close()
-    drop_rate = sum(drop_rates) / len(drop_rates) if drop_rates else None
+    drop_rate = float(dropped) / seen if seen else None
     if step < config.steps:
         return FineTuneStatus(out_dir, False, step, drop_rate)
     trained = accelerator.unwrap_model(unet)
@@ -223,16 +213,14 @@ def fine_tune(
         "data": str(data_dir),
         "images": data.num_images,
         "config": asdict(config),
-        "ambient_t_n": None
-        if ambient is None
-        else timestep_of_sigma(schedule.alphas_cumprod, ambient.sigma_n),
+        "ambient_t_n": t_n,
         "drop_rate": drop_rate,
         "deduplication": None
         if data.deduplication is None
         else asdict(data.deduplication) | {"kept_images": None},
         **environment(),
     }
-    write_atomic(out_dir / RECORD, (json.dumps(record, indent=2, default=str) + "\n").encode())
+    write_json_atomic(out_dir / RECORD, record)
     shutil.rmtree(checkpoint, ignore_errors=True)
     return FineTuneStatus(out_dir, True, step, drop_rate)
 
