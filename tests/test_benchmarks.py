@@ -78,3 +78,10 @@ def test_index_search_smoke(tmp_path):
     )
     assert json.loads(out.read_text())["ivf_pq_recall_at_1"] == record["ivf_pq_recall_at_1"]
     assert record["exact_recall_at_1"] == 1.0 and record["ivf_pq_ms_per_query"] > 0
+
+
+def test_scan_scaling_smoke(tmp_path):
+    args = ["--size", "tiny", "--device", "cpu", "--workers", "1", "--prompts", "6", "--chunk-size", "2"]
+    record = _load("scan_scaling").main([*args, "--cpus", "2", "--out", str(tmp_path / "record.json")])
+    assert record["ray_1_workers_steady_vs_1_worker"] == 1.0
+    assert record["local_prompts_per_s"] > 0 and record["ray_1_workers_end_to_end_prompts_per_s"] > 0

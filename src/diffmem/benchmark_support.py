@@ -27,6 +27,12 @@ def benchmark_model(size: str, device: torch.device, dtype: torch.dtype) -> Deno
     return wrap_pipeline(pipeline)
 
 
+def load_benchmark_model(size: str, model: str, device: str, dtype: torch.dtype) -> Denoiser:
+    """A scan engine's loader for a benchmark size (``model`` is the scan's name for it, unused): with
+    ``functools.partial(load_benchmark_model, size)``, scan workers build the benchmark's model."""
+    return benchmark_model(size, torch.device(device), dtype)
+
+
 def report(record: dict, out: str | Path) -> dict:
     """Print the record's numbers and write it as JSON."""
     for key, value in record.items():

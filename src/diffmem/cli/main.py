@@ -58,7 +58,7 @@ def _option_value(args: list[str], name: str) -> str | None:
 def _quiet_libraries(debug: bool) -> None:
     """Library warnings (e.g. transformers on torchvision) only with --debug."""
     level = logging.DEBUG if debug else logging.ERROR
-    for name in ("diffusers", "transformers"):
+    for name in ("diffusers", "transformers", "ray"):
         logging.getLogger(name).setLevel(level)
 
 

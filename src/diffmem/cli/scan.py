@@ -6,19 +6,22 @@ import hashlib
 from pathlib import Path
 from typing import Annotated, Any
 
+import torch
 import typer
 
 from diffmem.cli.app import Settings, app
 from diffmem.detect.calibration import Calibration, calibrate
+from diffmem.detect.distributed_scan import distributed_scan_prompts
+from diffmem.detect.ray_scan import RayOptions, ray_scan_prompts
 from diffmem.detect.registry import config_settings, detector_config
-from diffmem.detect.scan import scan_prompts
+from diffmem.detect.scan import ScanJob, scan_prompts
 from diffmem.detect.scan_store import SUMMARY_FILE, ScanStore
-from diffmem.detect.scanner import Scanner
 from diffmem.errors import DiffmemError
 from diffmem.models import DEFAULT_MODEL, LAB_MODEL, model_identity, open_model, shipped_directory
 from diffmem.prompts_io import read_prompt_records, read_prompts
 from diffmem.run_record import write_summary
 
+ENGINES = ("local", "ray", "accelerate")
 ModelOption = Annotated[
     str | None, typer.Option(help=f"Model directory or builtin:NAME (default {DEFAULT_MODEL}).")
 ]
@@ -72,9 +75,27 @@ def scan(
     chunk_size: Annotated[int, typer.Option(help="Prompts per committed part file.")] = 256,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted scan in --out.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace the scan in --out.")] = False,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="local (this process), ray (Ray Data actors, one model each) or accelerate "
+            "(every process of `accelerate launch`)."
+        ),
+    ] = "local",
+    workers: Annotated[
+        int | None, typer.Option(help="Ray actors (default: one per visible GPU, else 1).", min=1)
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster to join (auto, ray://host:port); default: start a local one."),
+    ] = None,
 ) -> None:
     """Score every prompt with a detector; one Parquet row per prompt, resumable, with a JSON summary."""
     settings: Settings = ctx.obj
+    if engine not in ENGINES:
+        raise DiffmemError(f"unknown --engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if engine != "ray" and (workers is not None or ray_address is not None):
+        raise DiffmemError("--workers and --ray-address apply to --engine ray only")
     if resume and overwrite:
         raise DiffmemError("pass --resume or --overwrite, not both")
     if chunk_size < 1:
@@ -116,9 +137,27 @@ def scan(
         "id_column": id_column,
         "threshold": threshold,
     }
-    store = ScanStore(out, store_settings, "resume" if resume else "overwrite" if overwrite else "new")
-    scanner = Scanner(open_model(model, settings.device, settings.dtype), detector, config, threshold)
-    table, summary = scan_prompts(scanner, records, store, identity, chunk_size)
+    mode = "resume" if resume else "overwrite" if overwrite else "new"
+    job = ScanJob(model, str(settings.device), settings.dtype, detector, config, threshold, identity)
+    if engine == "accelerate":
+        result = distributed_scan_prompts(job, open_model, records, out, store_settings, mode, chunk_size)
+        if result is None:  # not the main process: it has committed its rows
+            return
+        table, summary = result
+    elif engine == "ray":
+        cuda = settings.device.type == "cuda"
+        options = RayOptions(
+            workers=workers or (torch.cuda.device_count() if cuda else 1),
+            gpus_per_worker=1.0 if cuda else 0.0,
+            address=ray_address,
+        )
+        store = ScanStore(out, store_settings, mode)
+        table, summary = ray_scan_prompts(job, open_model, records, store, options, chunk_size)
+    else:
+        store = ScanStore(out, store_settings, mode)
+        table, summary = scan_prompts(
+            job.scanner(open_model, job.device), records, store, identity, chunk_size
+        )
     run_config = {
         **store_settings,
         "model": model,

@@ -5,16 +5,37 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
+import torch
 from tqdm.auto import tqdm
 
+from diffmem.denoiser import Denoiser
 from diffmem.detect.detector import DetectionResult
 from diffmem.detect.scan_store import SCHEMA, ScanStore
 from diffmem.detect.scanner import Scanner
 from diffmem.prompt_tokens import token_counts
 from diffmem.prompts_io import PromptRecord
+
+
+@dataclass(frozen=True)
+class ScanJob:
+    """What a scan engine's workers need to build the scanner themselves: the model and the detector."""
+
+    model: str
+    device: str
+    dtype: torch.dtype
+    detector: str
+    config: Any
+    threshold: float | None
+    model_hash: str
+
+    def scanner(self, load: Callable[[str, str, torch.dtype], Denoiser], device: str) -> Scanner:
+        """A scanner for this job on ``device``; ``load(model, device, dtype)`` opens the denoiser."""
+        return Scanner(load(self.model, device, self.dtype), self.detector, self.config, self.threshold)
 
 
 def scan_prompts(
@@ -27,32 +48,59 @@ def scan_prompts(
 ) -> tuple[pa.Table, dict]:
     """Score every record not yet committed in ``store``, commit rows chunk by chunk, and return the
     merged table (one row per record, in input order) with a summary of the whole scan."""
-    done = store.done_ids()
-    todo = [r for r in records if r.prompt_id not in done]
-    unscorable = [r for r in todo if r.status != "ok"]
-    store.commit(_rows(unscorable, scanner, model_hash))
-    scorable = [r for r in todo if r.status == "ok"]
+    unscorable, chunks = pending_chunks(records, store, chunk_size)
+    store.commit(score_records(scanner, unscorable, model_hash))
+    scored = sum(len(chunk) for chunk in chunks)
     started = time.perf_counter()
-    bar = tqdm(total=len(records), initial=len(records) - len(scorable), unit="prompt", disable=not progress)
+    bar = tqdm(total=len(records), initial=len(records) - scored, unit="prompt", disable=not progress)
     with bar:
-        for start in range(0, len(scorable), chunk_size):
-            chunk = scorable[start : start + chunk_size]
-            result = scanner.update([r.prompt for r in chunk], [r.prompt_id for r in chunk])
-            store.commit(_rows(chunk, scanner, model_hash, result))
+        for chunk in chunks:
+            store.commit(score_records(scanner, chunk, model_hash))
             bar.update(len(chunk))
     wall = time.perf_counter() - started
     table = store.merge([r.prompt_id for r in records])
-    return table, _summary(table, scanner, len(scorable), wall)
+    return table, scan_summary(table, scanner.threshold, scored, wall, scanner.batch_size, scanner.halvings)
+
+
+def pending_chunks(
+    records: Sequence[PromptRecord], store: ScanStore, chunk_size: int
+) -> tuple[list[PromptRecord], list[list[PromptRecord]]]:
+    """The records not committed yet: those that cannot be scored, and the scorable ones in chunks."""
+    done = store.done_ids()
+    todo = [r for r in records if r.prompt_id not in done]
+    scorable = [r for r in todo if r.status == "ok"]
+    chunks = [scorable[start : start + chunk_size] for start in range(0, len(scorable), chunk_size)]
+    return [r for r in todo if r.status != "ok"], chunks
+
+
+def score_records(scanner: Scanner, records: Sequence[PromptRecord], model_hash: str) -> pa.Table:
+    """One scan row per record: scored when its status is "ok", else kept with its status and no score.
+    The one scoring function of every scan engine (local, Ray actors, accelerate processes)."""
+    scorable = [r for r in records if r.status == "ok"]
+    result = None
+    if scorable:
+        result = scanner.update([r.prompt for r in scorable], [r.prompt_id for r in scorable])
+    scores = dict(zip([r.prompt_id for r in scorable], _scored(result), strict=True))
+    return _rows(records, scanner, model_hash, scores)
+
+
+def _scored(result: DetectionResult | None) -> list[tuple[float, list[int]]]:
+    if result is None:
+        return []
+    return [(float(score), seeds.tolist()) for score, seeds in zip(result.scores, result.seeds, strict=True)]
 
 
 def _rows(
-    records: Sequence[PromptRecord], scanner: Scanner, model_hash: str, result: DetectionResult | None = None
+    records: Sequence[PromptRecord],
+    scanner: Scanner,
+    model_hash: str,
+    scores: dict[int, tuple[float, list[int]]],
 ) -> pa.Table:
     config = scanner.config
     counts = token_counts(scanner.denoiser, [r.prompt for r in records]) if records else None
     rows = []
     for i, record in enumerate(records):
-        score = None if result is None else float(result.scores[i])
+        score, seeds = scores.get(record.prompt_id, (None, None))
         status = record.status if score is None or math.isfinite(score) else "nonfinite"
         flagged = None
         if scanner.threshold is not None and status == "ok":
@@ -66,7 +114,7 @@ def _rows(
                 "flagged": flagged,
                 "tokens": None if counts is None else counts.counts[i],
                 "truncated": None if counts is None else counts.truncated[i],
-                "seeds": None if result is None else result.seeds[i].tolist(),
+                "seeds": seeds,
                 "num_inference_steps": getattr(config, "num_inference_steps", None),
                 "scored_steps": _scored_steps(config),
                 "generations": getattr(config, "n_generations", None),
@@ -82,19 +130,27 @@ def _scored_steps(config: object) -> int | None:
     return getattr(config, "num_inference_steps", None) if steps is None else steps
 
 
-def _summary(table: pa.Table, scanner: Scanner, scored_now: int, wall_s: float) -> dict:
+def scan_summary(
+    table: pa.Table,
+    threshold: float | None,
+    scored_now: int,
+    wall_s: float,
+    batch_size: int,
+    halvings: Sequence[tuple[int, int]] | None,
+) -> dict:
+    """The summary of a finished scan; ``halvings`` is None when the engine does not collect them."""
     status = Counter(table["status"].to_pylist())
     flagged = table["flagged"].to_pylist()
     truncated = table["truncated"].to_pylist()
     return {
         "prompts": table.num_rows,
         "status": dict(status),
-        "flagged": sum(f is True for f in flagged) if scanner.threshold is not None else None,
-        "threshold": scanner.threshold,
+        "flagged": sum(f is True for f in flagged) if threshold is not None else None,
+        "threshold": threshold,
         "truncated": sum(t is True for t in truncated),
         "scored_this_run": scored_now,
         "wall_s_this_run": round(wall_s, 3),
         "prompts_per_s_this_run": round(scored_now / wall_s, 3) if wall_s > 0 and scored_now else None,
-        "batch_size": scanner.batch_size,
-        "out_of_memory_halvings": [{"from": a, "to": b} for a, b in scanner.halvings],
+        "batch_size": batch_size,
+        "out_of_memory_halvings": None if halvings is None else [{"from": a, "to": b} for a, b in halvings],
     }

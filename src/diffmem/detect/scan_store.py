@@ -38,13 +38,17 @@ PARTS_DIR = "parts"
 
 
 class ScanStore:
-    """Opens (or creates) a scan directory for ``settings``; ``mode`` is "new", "resume" or "overwrite"."""
+    """Opens (or creates) a scan directory for ``settings``; ``mode`` is "new", "resume" or "overwrite".
+    Processes scanning into one directory at once each commit under their own ``rank``."""
 
-    def __init__(self, out_dir: Path, settings: dict[str, Any], mode: str = "new") -> None:
+    def __init__(
+        self, out_dir: Path, settings: dict[str, Any], mode: str = "new", rank: int | None = None
+    ) -> None:
         if mode not in ("new", "resume", "overwrite"):
             raise DiffmemError(f"unknown scan mode {mode!r}")
         self.out_dir = Path(out_dir)
         self.parts_dir = self.out_dir / PARTS_DIR
+        self.part_prefix = "part-" if rank is None else f"part-rank{rank}-"
         self.settings = json.loads(json.dumps(settings, default=str))
         if self.out_dir.exists() and any(self.out_dir.iterdir()):
             self._open_existing(mode)
@@ -92,9 +96,10 @@ class ScanStore:
         """Write rows as the next part file: all of them become visible at once, or none."""
         if rows.num_rows == 0:
             return
-        parts = self.parts()
-        number = int(parts[-1].stem.removeprefix("part-")) + 1 if parts else 0
-        path = self.parts_dir / f"part-{number:06d}.parquet"
+        prefix = self.part_prefix
+        own = sorted(self.parts_dir.glob(f"{prefix}[0-9]*.parquet"))
+        number = int(own[-1].stem.removeprefix(prefix)) + 1 if own else 0
+        path = self.parts_dir / f"{prefix}{number:06d}.parquet"
         write_parquet_atomic(rows.cast(SCHEMA), path)
 
     def merge(self, order: list[int]) -> pa.Table:
