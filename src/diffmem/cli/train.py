@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from accelerate import PartialState
 
 from diffmem.cli.app import Settings, app
 from diffmem.train.fine_tune import POLICIES, FineTuneConfig, fine_tune
@@ -57,6 +58,8 @@ def train(
         policies=FineTuneConfig.parse_policies(policy or []),
     )
     status = fine_tune(model, data, out, config, time_budget_s=time_budget_s)
+    if not PartialState().is_main_process:  # under `accelerate launch`, one process reports
+        return
     dropped = "" if status.drop_rate is None else f"; the filter dropped {status.drop_rate:.1%} of samples"
     if status.complete:
         typer.echo(f"fine-tuned {steps} steps{dropped}; wrote {out / 'model'}")

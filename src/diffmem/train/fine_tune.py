@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -132,7 +133,9 @@ def fine_tune(
         return FineTuneStatus(out_dir, True, record["config"]["steps"], record.get("drop_rate"))
     started = time.monotonic()
     accelerator = Accelerator(
-        mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        cpu=not torch.cuda.is_available(),  # launched processes without GPUs train together on gloo
     )
     pipeline = _open_pipeline(model_dir)
     if pipeline.scheduler.config.get("prediction_type", "epsilon") != "epsilon":
@@ -158,9 +161,10 @@ def fine_tune(
     step = _resume(accelerator, checkpoint, config)
     alphas_cumprod = schedule.alphas_cumprod.to(accelerator.device)
     dropped = seen = 0  # the filter's dropped and examined samples, summed on the device
-    bar = tqdm(total=config.steps, initial=step, desc="fine-tuning", disable=not progress)
+    main = accelerator.is_main_process
+    bar = tqdm(total=config.steps, initial=step, desc="fine-tuning", disable=not (progress and main))
     while step < config.steps:
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)  # the same batch on resume
+        generator = torch.Generator().manual_seed(_batch_seed(config.seed, step, accelerator.process_index))
         batch = data.batch(generator, step, policies.get("captions"))
         t = torch.randint(schedule.config.num_train_timesteps, (config.batch_size,), generator=generator)
         z = torch.randn(batch.latents.shape, generator=generator).to(accelerator.device)
@@ -193,18 +197,26 @@ def fine_tune(
         bar.update()
         if step % PROGRESS_EVERY == 0:  # reading the loss waits for the device
             bar.set_postfix(loss=f"{loss.item():.4f}")
-        out_of_time = time_budget_s is not None and time.monotonic() - started > time_budget_s
+        out_of_time = time_budget_s is not None and _any_process(
+            accelerator, time.monotonic() - started > time_budget_s
+        )
         if step % config.checkpoint_every == 0 or out_of_time or step == config.steps:
             _checkpoint(accelerator, checkpoint, config, step)
         if out_of_time:
             break
     bar.close()
-    drop_rate = float(dropped) / seen if seen else None
+    dropped, seen = accelerator.reduce(
+        torch.tensor([float(dropped), float(seen)], device=accelerator.device), "sum"
+    )
+    drop_rate = float(dropped) / float(seen) if seen else None
     if step < config.steps:
         return FineTuneStatus(out_dir, False, step, drop_rate)
     trained = accelerator.unwrap_model(unet)
     if ema is not None:
         ema.copy_to(trained.parameters())
+    if not main:
+        accelerator.wait_for_everyone()  # the main process saves the model and the record
+        return FineTuneStatus(out_dir, True, step, drop_rate)
     pipeline.unet = trained.eval()
     pipeline.save_pretrained(out_dir / "model", safe_serialization=True)
     record = {
@@ -213,6 +225,7 @@ def fine_tune(
         "data": str(data_dir),
         "images": data.num_images,
         "config": asdict(config),
+        "processes": accelerator.num_processes,  # each drew config.batch_size rows a step
         "ambient_t_n": t_n,
         "drop_rate": drop_rate,
         "deduplication": None
@@ -222,6 +235,7 @@ def fine_tune(
     }
     write_json_atomic(out_dir / RECORD, record)
     shutil.rmtree(checkpoint, ignore_errors=True)
+    accelerator.wait_for_everyone()
     return FineTuneStatus(out_dir, True, step, drop_rate)
 
 
@@ -384,10 +398,27 @@ def _resume(accelerator: Accelerator, checkpoint: Path, config: FineTuneConfig) 
 
 
 def _checkpoint(accelerator: Accelerator, checkpoint: Path, config: FineTuneConfig, step: int) -> None:
-    """Replace the checkpoint: accelerate's state (model, optimizer, scheduler, EMA) and the step."""
+    """Replace the checkpoint: accelerate's state (model, optimizer, scheduler, EMA, each process's random
+    state) and the step. Every process saves its part; the main process swaps the directories."""
     partial = checkpoint.with_name(checkpoint.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+    accelerator.wait_for_everyone()
     accelerator.save_state(str(partial / "state"))
-    (partial / "run.json").write_text(json.dumps({"step": step, "config": asdict(config)}, default=str))
-    shutil.rmtree(checkpoint, ignore_errors=True)
-    partial.rename(checkpoint)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (partial / "run.json").write_text(json.dumps({"step": step, "config": asdict(config)}, default=str))
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        partial.rename(checkpoint)
+    accelerator.wait_for_everyone()
+
+
+def _batch_seed(seed: int, step: int, process: int) -> int:
+    """The seed of one process's batch at one step: the same batch on resume, other rows on each process.
+    32 bits, all that a CPU generator uses."""
+    return int(np.random.SeedSequence([seed, step, process]).generate_state(1)[0])
+
+
+def _any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """Whether ``flag`` holds on any process, so that all of them stop at the same step."""
+    return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum") > 0)
