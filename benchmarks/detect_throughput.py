@@ -6,6 +6,10 @@
 Goals (detection issue): first step n = 1 at >= 0.9x the bound of one batched UNet forward of the CFG
 pair at the same batch size; all steps n = 4 at >= 5x a one-prompt-at-a-time loop like the reference
 implementation's (each prompt's n generations in one batch). Prints the ratios and writes a JSON record.
+
+--speedups measures first step n = 1 with each speedup against plain (scaled-dot-product attention is
+diffusers' default, so it is measured by switching it off: `eager_attention`); compiled variants are
+timed after a warm-up run that compiles every batch shape.
 """
 
 from __future__ import annotations
@@ -14,12 +18,21 @@ import argparse
 from dataclasses import replace
 
 import torch
+from diffusers.models.attention_processor import AttnProcessor
 
 from diffmem.benchmark_support import benchmark_model, benchmark_parser, report
 from diffmem.detect import NoiseNormConfig, noise_norm
 from diffmem.models import resolve_device, resolve_dtype
 from diffmem.run_record import environment
+from diffmem.speedups import Speedups, apply_speedups
 from diffmem.timing import timed
+
+SPEEDUPS = {
+    "channels_last": Speedups(channels_last=True),
+    "compile": Speedups(compile_mode="default"),
+    "compile_channels_last": Speedups(channels_last=True, compile_mode="default"),
+    "cuda_graphs": Speedups(compile_mode="reduce-overhead"),  # CUDA only
+}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -58,8 +71,12 @@ def main(argv: list[str] | None = None) -> dict:
         "all_steps_n4_batched_prompts_per_s": batched_pps,
         "all_steps_n4_per_prompt_loop_prompts_per_s": loop_pps,
         "all_steps_n4_batched_vs_loop": batched_pps / loop_pps,
-        **environment(),
     }
+    for variant in args.speedups:
+        variant_pps = _speedup_pps(variant, args.size, device, dtype, prompts, first)
+        record[f"first_step_{variant}_prompts_per_s"] = variant_pps
+        record[f"first_step_{variant}_vs_plain"] = variant_pps / first_pps
+    record.update(environment())
     return report(record, args.out)
 
 
@@ -83,6 +100,25 @@ def _prompts_per_s(denoiser, prompts: list[str], config: NoiseNormConfig) -> flo
     return len(prompts) / seconds
 
 
+def _speedup_pps(
+    variant: str,
+    size: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    prompts: list[str],
+    config: NoiseNormConfig,
+) -> float:
+    """First-step prompts/s of a fresh model with one speedup (or SDPA switched off)."""
+    denoiser = benchmark_model(size, device, dtype)
+    if variant == "eager_attention":
+        denoiser.network.set_attn_processor(AttnProcessor())
+    else:
+        apply_speedups(denoiser, SPEEDUPS[variant])
+        if SPEEDUPS[variant].compile_mode is not None:
+            noise_norm(denoiser, prompts, config)  # compiles each batch shape
+    return _prompts_per_s(denoiser, prompts, config)
+
+
 def _per_prompt_loop_pps(denoiser, prompts: list[str], config: NoiseNormConfig) -> float:
     """One prompt at a time, its generations batched together (as the reference implementation runs)."""
     single = replace(config, batch_size=config.n_generations)
@@ -103,6 +139,13 @@ def _parser() -> argparse.ArgumentParser:
         "--num-inference-steps", type=int, default=50, help="schedule of the all-steps setting"
     )
     parser.add_argument("--repeats", type=int, default=10, help="timed raw forwards")
+    parser.add_argument(
+        "--speedups",
+        nargs="*",
+        default=[],
+        choices=["eager_attention", *SPEEDUPS],
+        help="first-step variants to time against plain",
+    )
     return parser
 
 

@@ -30,6 +30,7 @@ def test_detect_throughput_smoke(tmp_path):
         "--num-inference-steps",
         "4",
     ]
+    args += ["--speedups", "eager_attention", "channels_last"]
     record = _load("detect_throughput").main([*args, "--repeats", "1", "--out", str(out)])
     assert (
         json.loads(out.read_text())["first_step_n1_prompts_per_s"]
@@ -37,6 +38,9 @@ def test_detect_throughput_smoke(tmp_path):
         > 0
     )
     assert record["first_step_n1_vs_bound"] > 0 and record["all_steps_n4_batched_vs_loop"] > 0
+    assert (
+        record["first_step_eager_attention_vs_plain"] > 0 and record["first_step_channels_last_vs_plain"] > 0
+    )
 
 
 def test_explain_latency_smoke(tmp_path):

@@ -31,3 +31,25 @@ def test_float16_parity_on_cuda(build, size):
     denoiser = load_denoiser(pipe, device="cuda", dtype=torch.float16)
     images = denoiser.decode(sample(denoiser, denoiser.encode(PROMPTS), SEEDS, num_inference_steps=10))
     assert (images.float() - reference.float()).abs().max() <= 2e-2
+
+
+def test_a_real_cuda_out_of_memory_halves_the_batch_and_scores_the_same():
+    """An SD 1.5-size UNet under a 6 GiB cap: a CFG batch of 2 x 64 latents does not fit, the scanner
+    halves until it does, and the scores equal a scan at a batch size that fits from the start."""
+    from diffmem.adapters import wrap_pipeline
+    from diffmem.detect import NoiseNormConfig
+    from diffmem.detect.scanner import Scanner
+    from diffmem.full_size import stable_diffusion_15
+
+    denoiser = wrap_pipeline(stable_diffusion_15("cuda", torch.float16))
+    prompts = [f"a photograph of item {i}, detailed" for i in range(64)]
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(6 * 2**30 / total)
+    try:
+        scanner = Scanner(denoiser, config=NoiseNormConfig(batch_size=64))
+        halved = scanner.update(prompts).scores
+        assert scanner.halvings and scanner.halvings[0][0] == 64 and scanner.batch_size < 64
+        reference = Scanner(denoiser, config=NoiseNormConfig(batch_size=4)).update(prompts).scores
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    torch.testing.assert_close(halved, reference, rtol=2e-2, atol=2e-2)

@@ -12,6 +12,7 @@ from diffusers import DiffusionPipeline
 from diffmem import tiny_pipelines
 from diffmem.adapters import DiffusersDenoiser, load_denoiser
 from diffmem.errors import DiffmemError
+from diffmem.speedups import Speedups, apply_speedups
 
 BUILTIN_PREFIX = "builtin:"
 BUILTINS: dict[str, Callable[[], DiffusionPipeline]] = {
@@ -30,10 +31,17 @@ HASHED_SUFFIXES = {".safetensors", ".bin", ".json", ".txt"}
 
 
 def open_model(
-    name: str | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    name: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    speedups: Speedups | None = None,
 ) -> DiffusersDenoiser:
-    """A denoiser for a model directory or ``builtin:NAME`` (random-weight tiny pipelines); None is the default."""
-    name = name or DEFAULT_MODEL
+    """A denoiser for a model directory or ``builtin:NAME`` (random-weight tiny pipelines); None is the
+    default. ``speedups`` (channels-last, torch.compile) apply to its UNet."""
+    return apply_speedups(_open(name or DEFAULT_MODEL, device, dtype), speedups)
+
+
+def _open(name: str, device: str | torch.device, dtype: torch.dtype) -> DiffusersDenoiser:
     if name.startswith(BUILTIN_PREFIX):
         key = name.removeprefix(BUILTIN_PREFIX)
         if key in SHIPPED:

@@ -10,6 +10,7 @@ import torch
 import typer
 
 from diffmem.models import resolve_device, resolve_dtype
+from diffmem.speedups import Speedups
 
 app = typer.Typer(
     name="diffmem",
@@ -29,6 +30,7 @@ class Settings:
     dtype: torch.dtype
     seed: int
     debug: bool
+    speedups: Speedups
 
 
 @app.callback()
@@ -43,7 +45,21 @@ def main(
         Path | None, typer.Option(help="YAML or JSON file of option values; flags given here override it.")
     ] = None,
     debug: Annotated[bool, typer.Option(help="Show tracebacks and library logs.")] = False,
+    channels_last: Annotated[bool, typer.Option(help="Run the UNet in channels-last memory.")] = False,
+    compile_mode: Annotated[
+        str | None,
+        typer.Option(
+            "--compile",
+            help="torch.compile the UNet: default, reduce-overhead (CUDA graphs) or max-autotune.",
+        ),
+    ] = None,
 ) -> None:
     """Find, explain and remove memorization in diffusion models."""
     resolved = resolve_device(device)
-    ctx.obj = Settings(device=resolved, dtype=resolve_dtype(dtype, resolved), seed=seed, debug=debug)
+    ctx.obj = Settings(
+        device=resolved,
+        dtype=resolve_dtype(dtype, resolved),
+        seed=seed,
+        debug=debug,
+        speedups=Speedups(channels_last=channels_last, compile_mode=compile_mode),
+    )

@@ -78,7 +78,7 @@ def detect(
         raise DiffmemError(
             f"{labels.name} needs memorized and non-memorized prompts; it has {sum(truth)} of {len(truth)} memorized"
         )
-    denoiser = open_model(model, options.device, options.dtype)
+    denoiser = open_model(model, options.device, options.dtype, options.speedups)
     evaluated = evaluate_settings(denoiser, prompts, truth, specs, options.seed, progress=True)
     out.mkdir(parents=True, exist_ok=True)
     scores = {"prompt": prompts, "memorized": truth} | {s.name: s.scores for s in evaluated}
@@ -181,13 +181,15 @@ def mitigate(
         if shipped is None:
             raise DiffmemError("give --index: only the shipped lab model comes with its training-set index")
         index, encoder = [shipped[0]], shipped[1]
-    references = [open_reference(path, encoder, options.device) for path in index]
+    references = [open_reference(path, encoder, options.device, model) for path in index]
     thresholds = {"nl2": nl2_threshold, "copy_similarity": copy_threshold}
     measures = [Measure(r, thresholds[r.measure]) for r in references]
-    chosen = open_reference(amg_index, encoder, options.device) if amg_index else _amg_reference(references)
+    chosen = (
+        open_reference(amg_index, encoder, options.device, model) if amg_index else _amg_reference(references)
+    )
     attribute_reader = load_reader(reader, options.device) if reader else None
     quality = _quality(data, table, control_group, max_prompts_per_group, references, attribute_reader)
-    denoiser = open_model(model, options.device, options.dtype)
+    denoiser = open_model(model, options.device, options.dtype, options.speedups)
     results = evaluate_mitigations(
         denoiser,
         groups,

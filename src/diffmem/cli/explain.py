@@ -54,7 +54,7 @@ def explain(
     config = SignificanceConfig(
         num_inference_steps, first_steps, n_generations, guidance_scale, settings.seed
     )
-    denoiser = open_model(model, settings.device, settings.dtype)
+    denoiser = open_model(model, settings.device, settings.dtype, settings.speedups)
     result = token_significance(denoiser, prompt, config)
     threshold = explanation_threshold(model, calibration, config)
     out.mkdir(parents=True, exist_ok=True)

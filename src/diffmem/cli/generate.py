@@ -18,6 +18,7 @@ from diffmem.detect.noise_norm import NoiseNormConfig
 from diffmem.errors import DiffmemError
 from diffmem.index import TrainingSetIndex
 from diffmem.index.build import describe_encoder, open_encoder
+from diffmem.index.model_match import dataset_mismatch
 from diffmem.method_spec import parse_method_spec
 from diffmem.mitigate import (
     MITIGATIONS,
@@ -91,14 +92,14 @@ def generate(
     shipped = shipped_reference(model)
     if index is None and name in NEEDS_REFERENCE and shipped is not None:
         index, encoder = shipped  # the lab model's own training set
-    reference = open_reference(index, encoder, settings.device) if index else None
+    reference = open_reference(index, encoder, settings.device, model) if index else None
     if encoder is not None and index is None:
         raise DiffmemError("--encoder goes with an embedding index: give --index too")
     if name in NEEDS_REFERENCE:
         method_settings["reference"] = reference
     config = mitigation_config(name, **method_settings)
     guarded = _guard(model, calibration) if guard else None
-    denoiser = open_model(model, settings.device, settings.dtype)
+    denoiser = open_model(model, settings.device, settings.dtype, settings.speedups)
     items = _items(denoiser.conditioning, list(prompts or []), prompts_file, column)
     steps_scheduler = scheduler_like(scheduler, denoiser.scheduler) if scheduler else None
     result = mitigated_generate(
@@ -147,9 +148,13 @@ def generate(
     typer.echo(f"wrote {len(paths)} images{note}, generations.parquet and summary.json to {out}")
 
 
-def open_reference(index: Path, encoder: Path | None, device: torch.device) -> ReferenceSet:
-    """The training set from an index directory, with its copy-detection encoder for an embedding index."""
+def open_reference(index: Path, encoder: Path | None, device: torch.device, model: str) -> ReferenceSet:
+    """The training set from an index directory, with its copy-detection encoder for an embedding index;
+    warns when the index and ``model`` name different lab datasets."""
     opened = TrainingSetIndex.load(index)
+    mismatch = dataset_mismatch(opened.manifest, model)
+    if mismatch is not None:
+        typer.echo(f"warning: {index}: {mismatch}", err=True)
     network = None
     if opened.kind == "embedding":
         recorded_path, _, recorded_digest = (opened.encoder or "").rpartition(" sha256=")

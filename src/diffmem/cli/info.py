@@ -25,7 +25,7 @@ def info(
 ) -> None:
     """Family, prediction type, resolution, text encoders and parameter counts of a model."""
     settings: Settings = ctx.obj
-    summary = describe(open_model(model, settings.device, settings.dtype))
+    summary = describe(open_model(model, settings.device, settings.dtype, settings.speedups))
     if json_output:
         typer.echo(json.dumps({"model": model or DEFAULT_MODEL, **summary.to_dict()}, indent=2))
         return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -138,7 +139,9 @@ def scan(
         "threshold": threshold,
     }
     mode = "resume" if resume else "overwrite" if overwrite else "new"
-    job = ScanJob(model, str(settings.device), settings.dtype, detector, config, threshold, identity)
+    job = ScanJob(
+        model, str(settings.device), settings.dtype, detector, config, threshold, identity, settings.speedups
+    )
     if engine == "accelerate":
         result = distributed_scan_prompts(job, open_model, records, out, store_settings, mode, chunk_size)
         if result is None:  # not the main process: it has committed its rows
@@ -164,6 +167,7 @@ def scan(
         "prompts": str(prompts),
         "device": str(settings.device),
         "dtype": str(settings.dtype),
+        "speedups": asdict(settings.speedups),
         "calibration": None if calibration is None else str(calibration),
     }
     write_summary(out / SUMMARY_FILE, run_config, summary)
@@ -204,7 +208,7 @@ def calibrate_command(
     texts = [p for p in read_prompts(prompts, column) if p.strip()]
     if not texts:
         raise DiffmemError(f"{prompts} holds no non-empty prompts")
-    denoiser = open_model(model, settings.device, settings.dtype)
+    denoiser = open_model(model, settings.device, settings.dtype, settings.speedups)
     result = calibrate(denoiser, texts, detector, config, model_identity(model), target_fpr, progress=True)
     result.save(out)
     typer.echo(

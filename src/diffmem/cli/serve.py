@@ -42,7 +42,7 @@ def serve(
         num_inference_steps, first_steps, n_generations, guidance_scale, settings.seed
     )
     explainer = PromptExplainer(
-        lambda: open_model(model, settings.device, settings.dtype),
+        lambda: open_model(model, settings.device, settings.dtype, settings.speedups),
         config,
         explanation_threshold(model, calibration, config),
         model_name=model,

@@ -19,6 +19,7 @@ from diffmem.detect.scan_store import SCHEMA, ScanStore
 from diffmem.detect.scanner import Scanner
 from diffmem.prompt_tokens import token_counts
 from diffmem.prompts_io import PromptRecord
+from diffmem.speedups import Speedups, apply_speedups
 
 
 @dataclass(frozen=True)
@@ -32,10 +33,12 @@ class ScanJob:
     config: Any
     threshold: float | None
     model_hash: str
+    speedups: Speedups | None = None
 
     def scanner(self, load: Callable[[str, str, torch.dtype], Denoiser], device: str) -> Scanner:
         """A scanner for this job on ``device``; ``load(model, device, dtype)`` opens the denoiser."""
-        return Scanner(load(self.model, device, self.dtype), self.detector, self.config, self.threshold)
+        denoiser = apply_speedups(load(self.model, device, self.dtype), self.speedups)
+        return Scanner(denoiser, self.detector, self.config, self.threshold)
 
 
 def scan_prompts(

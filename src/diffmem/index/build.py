@@ -39,6 +39,7 @@ def index_images(
         "ids": source.ids,
         "exact": exact,
         "source": source.description,
+        "lab_config": source.lab_config,
     }
     if kind == PIXELS:
         if encoder is not None:

@@ -16,6 +16,7 @@ PIXELS = "pixels"
 EMBEDDING = "embedding"
 KINDS = (PIXELS, EMBEDDING)
 REBUILD = "rebuild the index with `diffmem index build`"
+OPTIONAL = {"lab_config"}  # fields that indexes built before them lack
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class IndexManifest:
     fingerprint: str  # sha256 of the stored vectors, ids, captions and caption counts
     encoder: str | None  # the embedding network (path and weights hash), for embeddings
     diffmem_version: str
+    lab_config: dict | None = None  # the generation settings of an indexed lab dataset, else None
 
     def __post_init__(self) -> None:
         problem = _problem(self)
@@ -80,7 +82,7 @@ def read_manifest(path: Path) -> IndexManifest:
         )
     names = {f.name for f in fields(IndexManifest)}
     settings = {k: v for k, v in record.items() if k not in ("format", "format_version")}
-    if set(settings) != names:
+    if not names - OPTIONAL <= set(settings) <= names:
         raise DiffmemError(
             f"{path} lacks or adds manifest fields ({sorted(set(settings) ^ names)}); {REBUILD}"
         )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,7 @@ class ImageSource:
     captions: list[str]  # per image: its most frequent caption
     caption_counts: list[int]  # per image: training rows carrying exactly that caption
     read: Callable[[Sequence[int]], torch.Tensor]  # positions in ``ids`` -> images [n, 3, H, W] in [0, 1]
+    lab_config: dict | None = None  # a lab dataset's generation settings
 
     def batches(self, batch_size: int = 256, progress: bool = True) -> Iterator[torch.Tensor]:
         """All images in order, ``batch_size`` at a time, float [n, 3, H, W] in [0, 1]."""
@@ -79,6 +80,7 @@ def lab_source(directory: Path) -> ImageSource:
         captions=[chosen[i][0] for i in ids],
         caption_counts=[chosen[i][1] for i in ids],
         read=lambda positions: lab.images([ids[p] for p in positions]),
+        lab_config=asdict(lab.config),
     )
 
 

@@ -82,12 +82,13 @@ class TrainingSetIndex:
         ids: Sequence[int] | None = None,
         exact: bool | None = None,
         source: str = "tensors",
+        lab_config: dict | None = None,
     ) -> TrainingSetIndex:
         """Index training ``images`` [N, 3, H, W] in [0, 1] for pixel-level (nL2) search.
 
         ``caption_counts`` (training rows carrying each caption) default to the counts within
         ``captions``; ``ids`` (e.g. scene ids) to 0..N-1; ``exact`` to exact search while the images fit
-        in 1 GiB; ``source`` says what was indexed.
+        in 1 GiB; ``source`` says what was indexed, ``lab_config`` which lab dataset it was.
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise DiffmemError(f"build_pixels takes RGB images [N, 3, H, W]; got shape {tuple(images.shape)}")
@@ -97,7 +98,8 @@ class TrainingSetIndex:
             images.detach().to("cpu", torch.float32).flatten(1).numpy().copy()
         )  # never the caller's memory
         shape = tuple(images.shape[1:])
-        return cls._build(PIXELS, vectors, shape, captions, caption_counts, ids, exact, source, None)
+        metadata = (captions, caption_counts, ids)
+        return cls._build(PIXELS, vectors, shape, *metadata, exact, source, None, lab_config)
 
     @classmethod
     def build_embeddings(
@@ -109,6 +111,7 @@ class TrainingSetIndex:
         exact: bool | None = None,
         encoder: str | None = None,
         source: str = "tensors",
+        lab_config: dict | None = None,
     ) -> TrainingSetIndex:
         """Index unit-normalised training ``embeddings`` [N, D] for cosine-similarity search.
 
@@ -126,7 +129,8 @@ class TrainingSetIndex:
                 f"embeddings must be unit-normalised; norms range from {norms.min():.3g} to "
                 f"{norms.max():.3g}: pass torch.nn.functional.normalize(embeddings, dim=1)"
             )
-        return cls._build(EMBEDDING, vectors, None, captions, caption_counts, ids, exact, source, encoder)
+        metadata = (captions, caption_counts, ids)
+        return cls._build(EMBEDDING, vectors, None, *metadata, exact, source, encoder, lab_config)
 
     @classmethod
     def _build(
@@ -140,6 +144,7 @@ class TrainingSetIndex:
         exact: bool | None,
         source: str,
         encoder: str | None,
+        lab_config: dict | None,
     ) -> TrainingSetIndex:
         rows, dim = vectors.shape
         if rows == 0:
@@ -164,6 +169,7 @@ class TrainingSetIndex:
             fingerprint=_fingerprint(vectors, metadata),
             encoder=encoder,
             diffmem_version=version("diffmem"),
+            lab_config=lab_config,
         )
         return cls(manifest, build_faiss_index(vectors, kind == EMBEDDING, ivf_pq), vectors, metadata)
 

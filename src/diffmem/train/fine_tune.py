@@ -140,7 +140,8 @@ def fine_tune(
     pipeline = _open_pipeline(model_dir)
     if pipeline.scheduler.config.get("prediction_type", "epsilon") != "epsilon":
         raise DiffmemError("fine-tuning supports eps-prediction models; this one predicts v or x0")
-    data = _Data(pipeline, load_lab_dataset(data_dir), config, accelerator.device)
+    dataset = load_lab_dataset(data_dir)
+    data = _Data(pipeline, dataset, config, accelerator.device)
     schedule = DDPMScheduler.from_config(pipeline.scheduler.config)
     policies = {name: method_config("policy", name, POLICIES, s) for name, s in config.policies.items()}
     ambient = policies.get("ambient")
@@ -223,6 +224,7 @@ def fine_tune(
         "command": " ".join(sys.argv),
         "model": str(model_dir),
         "data": str(data_dir),
+        "lab_config": asdict(dataset.config),  # which lab dataset: compared with training-set indexes
         "images": data.num_images,
         "config": asdict(config),
         "processes": accelerator.num_processes,  # each drew config.batch_size rows a step
