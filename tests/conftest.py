@@ -18,3 +18,22 @@ def micro_lab_data(tmp_path_factory):
     except DiffmemError as error:
         pytest.skip(str(error))
     return build_lab_dataset(tmp_path_factory.mktemp("lab") / "data", LabConfig.micro(), progress=False)
+
+
+@pytest.fixture
+def accelerate_launch():
+    """Runs ``python -m MODULE ARGS`` as two CPU processes of ``accelerate launch`` (gloo, one thread each:
+    a CPU's results depend on its thread count) and returns their stdout; a failure shows their stderr."""
+    import os
+    import subprocess
+    import sys
+
+    def launch(*args: str) -> str:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+        command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *args]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        done = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    return launch

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 MODEL = "builtin:tiny-sd"
 
 
-def test_accelerate_launch_writes_the_rows_of_the_local_scan(tmp_path):
+def test_accelerate_launch_writes_the_rows_of_the_local_scan(tmp_path, accelerate_launch):
     lines = [
         json.dumps({"prompt": f"a {c} coat at the top right"})
         for c in ("red", "blue", "green", "pink", "tan")
@@ -22,18 +22,8 @@ def test_accelerate_launch_writes_the_rows_of_the_local_scan(tmp_path):
     scan += ["--num-inference-steps", "3", "--batch-size", "2", "--chunk-size", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a CPU's results depend on its thread count
     subprocess.run([sys.executable, *scan, "--out", str(tmp_path / "local")], env=env, check=True)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    done = subprocess.run(
-        [*launch, *scan, "--out", str(tmp_path / "two"), "--engine", "accelerate"],
-        check=False,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("scanned 7 prompts") == 1, "only the main process reports"
+    stdout = accelerate_launch(*scan, "--out", str(tmp_path / "two"), "--engine", "accelerate")
+    assert stdout.count("scanned 7 prompts") == 1, "only the main process reports"
     local, two = (pq.read_table(tmp_path / name / "scan.parquet").to_pylist() for name in ("local", "two"))
     assert two == local
     assert [r["status"] for r in two] == ["ok"] * 5 + ["empty", "missing"]

@@ -160,51 +160,28 @@ def test_policies_that_need_conditioning_refuse_an_unconditional_model(data_dir,
             )
 
 
-def test_two_processes_draw_their_own_rows_and_resume_to_the_same_weights(data_dir, tmp_path):
+def test_two_processes_draw_their_own_rows_and_resume_to_the_same_weights(
+    data_dir, tmp_path, accelerate_launch
+):
     """`accelerate launch` with two CPU processes (gloo): every process trains on its own rows (so the
     weights differ from one process's run), checkpoints together and resumes exactly; the filter's drop
     rate is summed over both."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    train = [
-        "-m",
-        "diffmem.cli.main",
-        "train",
-        "--model",
-        str(MODEL),
-        "--data",
-        str(data_dir),
-        "--steps",
-        "3",
-    ]
-    train += ["--batch-size", "2", "--lr", "1e-3", "--ema-decay", "0.9", "--checkpoint-every", "2"]
-    train += ["--policy", "filter:threshold=100"]
-
-    def launched(out, *extra):
-        done = subprocess.run(
-            [*launch, *train, "--out", str(out), *extra],
-            check=False,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        return done.stdout
-
-    assert launched(tmp_path / "two").count("fine-tuned") == 1, "only the main process reports"
+    train = ["-m", "diffmem.cli.main", "train", "--model", str(MODEL), "--data", str(data_dir)]
+    train += ["--steps", "3", "--batch-size", "2", "--lr", "1e-3", "--ema-decay", "0.9"]
+    train += ["--checkpoint-every", "2", "--policy", "filter:threshold=100"]
+    assert accelerate_launch(*train, "--out", str(tmp_path / "two")).count("fine-tuned") == 1
     record = json.loads((tmp_path / "two" / "fine_tune.json").read_text())
     assert record["processes"] == 2 and record["drop_rate"] == 0.0
     calls = 0
-    while "fine-tuned" not in launched(tmp_path / "resumed", "--time-budget-s", "0"):
+    resume = [*train, "--out", str(tmp_path / "resumed"), "--time-budget-s", "0"]
+    while "fine-tuned" not in accelerate_launch(*resume):
         calls += 1
     assert calls == 2  # one step a call, the third completes
     two, resumed = _unet(tmp_path / "two"), _unet(tmp_path / "resumed")
     for key in two:
         torch.testing.assert_close(resumed[key], two[key], rtol=1e-5, atol=1e-6)
-    subprocess.run(
-        [sys.executable, *train, "--out", str(tmp_path / "one")], check=True, env=env, capture_output=True
-    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as in the launched processes
+    one = [sys.executable, *train, "--out", str(tmp_path / "one")]
+    subprocess.run(one, check=True, env=env, capture_output=True)
     one = _unet(tmp_path / "one")
     assert any(not torch.allclose(one[k], two[k]) for k in two), "the second process trained on the same rows"
