@@ -1,20 +1,33 @@
 """Memorization and quality of unconditional models trained on a lab subset (the ambient-diffusion
-comparison, SPEC §6): for each model, N generations, their nL2 to the training images (share below 1.4,
-Top 5%, Top 1) and FID/KID against those images with the lab attribute reader's features.
+comparison, SPEC §6): for each model, N generations; their nL2 to the training subset (share below 1.4,
+Top 5%, Top 1) and, with --encoder, their copy-detection similarity to it (share above
+--copy-threshold); FID/KID with the lab attribute reader's features against the subset or the whole
+lab training set. Images are compared at the model's resolution. With --plot, memorized share against
+FID, one point per model (the t_n sweep).
 
-    python benchmarks/training_memorization.py --data data/micro --max-images 150 --reader data/reader-micro \\
-        --model baseline=data/amb-base/model --model ambient=data/amb-ambient/model --samples 256
+    python benchmarks/training_memorization.py --data data/micro --max-images 64 --reader data/reader-micro \\
+        --encoder src/diffmem/assets/lab-micro/copy_detector --model baseline=data/amb16/base/model \\
+        --model ambient=data/amb16/s05/model --samples 256 --plot docs/ambient_sweep.png
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
 import torch
+import torch.nn.functional as F
 
 from diffmem.benchmark_support import report
+from diffmem.index.build import open_encoder
 from diffmem.lab.alignment import load_reader
 from diffmem.lab.dataset import load_lab_dataset
+from diffmem.metrics.copy_detection import embed
 from diffmem.metrics.memorization import summarize
 from diffmem.metrics.nl2 import NL2_THRESHOLD, nl2
 from diffmem.metrics.quality import fid, kid
@@ -29,29 +42,92 @@ def main(argv: list[str] | None = None) -> dict:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     _, images = load_lab_dataset(args.data).unique_train_images()
-    training = images[: args.max_images]
+    subset = images[: args.max_images]
     reader = load_reader(args.reader, device) if args.reader else None
-    record = {"data": args.data, "training_images": len(training), "samples": args.samples}
+    encoder = open_encoder(Path(args.encoder), device) if args.encoder else None
+    record = {
+        "data": args.data,
+        "training_images": len(subset),
+        "samples": args.samples,
+        "fid_against": args.fid_against,
+        "copy_threshold": args.copy_threshold if encoder is not None else None,
+        "models": {},
+    }
     for spec in args.model:
         name, _, path = spec.partition("=")
-        denoiser = open_model(path, device, dtype)
         samples = generate(
-            denoiser, [None], n_generations=args.samples, num_inference_steps=args.steps, batch_size=64
-        ).images
-        samples = torch.nn.functional.interpolate(
-            samples, size=training.shape[-2:], mode="bilinear", antialias=True
-        )
-        distances = nl2(samples, training).nl2
-        summary = summarize(distances, NL2_THRESHOLD, higher_is_more_similar=False)
-        record[f"{name}_nl2_share_memorized"] = summary.share_memorized
-        record[f"{name}_nl2_top5_percent"] = summary.top5_percent
-        record[f"{name}_nl2_top1"] = summary.top1
+            open_model(path, device, dtype),
+            [None],
+            n_generations=args.samples,
+            num_inference_steps=args.steps,
+            batch_size=64,
+        ).images.float()
+        size = samples.shape[-2:]
+        training = _resized(subset, size)
+        measured = {"ambient_t_n": _recorded_t_n(Path(path))}
+        nl2_summary = summarize(nl2(samples, training).nl2, NL2_THRESHOLD, higher_is_more_similar=False)
+        measured |= {
+            "nl2_share_memorized": nl2_summary.share_memorized,
+            "nl2_top5_percent": nl2_summary.top5_percent,
+            "nl2_top1": nl2_summary.top1,
+        }
+        if encoder is not None:
+            similarity = (embed(encoder, samples) @ embed(encoder, training).T).max(dim=1).values
+            copy = summarize(similarity.cpu(), args.copy_threshold, higher_is_more_similar=True)
+            measured |= {"copy_share_memorized": copy.share_memorized, "copy_top1": copy.top1}
         if reader is not None:
-            record[f"{name}_fid"] = fid(training, samples, reader.encoder)
-            record[f"{name}_kid"] = kid(
-                training, samples, reader.encoder, min(50, len(training), len(samples))
-            )[0]
+            real = training if args.fid_against == "subset" else _resized(images, size)
+            measured["fid"] = fid(real, samples, reader.encoder)
+            measured["kid"] = kid(real, samples, reader.encoder, min(50, len(real), len(samples)))[0]
+        record["models"][name] = measured
+        for key, value in measured.items():
+            record[f"{name}_{key}"] = value
+    if args.plot:
+        _plot(record, Path(args.plot))
     return report({**record, **environment()}, args.out)
+
+
+def _resized(images: torch.Tensor, size: torch.Size) -> torch.Tensor:
+    if images.shape[-2:] == size:
+        return images
+    return F.interpolate(images, size=tuple(size), mode="bilinear", antialias=True).clamp(0, 1)
+
+
+def _recorded_t_n(model_dir: Path) -> int | None:
+    """t_n from the fine-tuning record beside a model trained by `diffmem train`, if any."""
+    record = model_dir.parent / "fine_tune.json"
+    return json.loads(record.read_text()).get("ambient_t_n") if record.is_file() else None
+
+
+def _plot(record: dict, path: Path) -> None:
+    """Memorized share (nL2 and, when measured, copy similarity) against FID, one labelled point a model."""
+    models = record["models"]
+    if not all("fid" in m for m in models.values()):
+        raise SystemExit("--plot needs --reader (FID)")
+    figure, axis = plt.subplots(figsize=(5.5, 4))
+    for key, marker, label in (
+        ("nl2_share_memorized", "o", "nL2 < 1.4"),
+        ("copy_share_memorized", "s", "copy"),
+    ):
+        if all(key in m for m in models.values()):
+            axis.scatter(
+                [m["fid"] for m in models.values()],
+                [100 * m[key] for m in models.values()],
+                marker=marker,
+                label=label,
+            )
+            for name, m in models.items():
+                axis.annotate(
+                    name, (m["fid"], 100 * m[key]), textcoords="offset points", xytext=(4, 4), fontsize=8
+                )
+    axis.set_xlabel(f"FID against the {record['fid_against']} (lab reader features)")
+    axis.set_ylabel("generations memorized (%)")
+    axis.set_title(f"{record['training_images']} training images, {record['samples']} samples a model")
+    axis.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,8 +138,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-images", type=int, required=True, help="the subset the models were trained on")
     parser.add_argument("--model", action="append", required=True, help="NAME=DIR, repeatable")
     parser.add_argument("--reader", help="lab attribute reader (diffmem lab reader) for FID/KID features")
+    parser.add_argument(
+        "--encoder", help="copy-detection encoder (diffmem lab copy-detector) for the embedding measure"
+    )
+    parser.add_argument(
+        "--copy-threshold", type=float, default=0.75, help="copy similarity counted as memorized"
+    )
+    parser.add_argument(
+        "--fid-against", choices=("subset", "all"), default="all", help="FID reference images"
+    )
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--plot", help="PNG of memorized share against FID")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--out", default="benchmarks/results/training_memorization.json")

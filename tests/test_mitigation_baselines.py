@@ -29,6 +29,7 @@ from diffmem.mitigate.prompt_perturbation import (
     random_number,
     random_token,
 )
+from diffmem.mitigate.registry import mitigation_config
 from diffmem.mitigate.transition_point import (
     DynamicTransition,
     DynamicTransitionConfig,
@@ -337,6 +338,26 @@ def test_bos_scaling_changes_only_the_conditional_branch_and_restores_processors
     assert (result.latents - _plain(sd)).abs().max() > 1e-4 and result.guided_steps == [STEPS] * 3
     after = sd.network.attn_processors
     assert before.keys() == after.keys() and all(before[k] is after[k] for k in before)
+
+
+def test_the_padding_mask_attends_to_each_prompts_tokens_only():
+    torch.manual_seed(0)
+    attn = Attention(query_dim=8, cross_attention_dim=6, heads=2, dim_head=4)
+    hidden, keys, lengths = torch.randn(2, 5, 8), torch.randn(2, 7, 6), [3, 5]  # [unconditional, conditional]
+    masked = BosScaledCrossAttention(AttnProcessor2_0(), scale=1.0, key_lengths=lengths)(attn, hidden, keys)
+    for row, length in enumerate(lengths):
+        alone = AttnProcessor2_0()(attn, hidden[row : row + 1], keys[row : row + 1, :length])
+        torch.testing.assert_close(masked[row : row + 1], alone)
+    with pytest.raises(DiffmemError, match="the padding mask has 2 rows; the attention batch has 4"):
+        BosScaledCrossAttention(AttnProcessor2_0(), 1.0, lengths)(
+            attn, hidden.repeat(2, 1, 1), keys.repeat(2, 1, 1)
+        )
+
+
+def test_bos_scaling_with_the_reference_padding_mask(sd):
+    config = mitigation_config("bos_scaling", scale=1.0, mask_padding=True)
+    result = bos_attention_scaling(sd, PROMPTS, SEEDS, config, SAMPLING)
+    assert (result.latents - _plain(sd)).abs().max() > 1e-4 and result.guided_steps == [STEPS] * 3
 
 
 def test_bos_processors_are_restored_after_an_error(sd):

@@ -14,9 +14,9 @@ in the conditional half of the batch. This equals the authors' explicit ``attn_w
 The conditional half is the second half of each UNet batch: the sampler evaluates ``[null, cond]`` in one
 call.
 
-Where this differs from the reference code: its mitigation command also passes ``--cross_attn_mask``,
-which masks the padding tokens after the prompt's end token in both branches; SPEC §7 names the BOS
-scaling alone, and that is all this module does.
+The reference's mitigation command also passes ``--cross_attn_mask``, which masks the padding tokens
+after each prompt's end token in both branches; SPEC §7 names the BOS scaling alone, so the mask is an
+option here (``mask_padding``, off by default).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from diffusers.models.attention_processor import Attention
 from diffmem.denoiser import Denoiser
 from diffmem.errors import DiffmemError
 from diffmem.mitigate.mitigation import Mitigated, SamplingOptions, sampled
+from diffmem.prompt_tokens import token_counts
 from diffmem.sampling import sample
 
 
@@ -40,6 +41,7 @@ class BosAttentionScalingConfig:
     """How much to scale the BOS attention logit of the conditional branch."""
 
     scale: float = 1.25  # C, Ren et al.'s c1; 1.0 leaves the model unchanged
+    mask_padding: bool = False  # the reference's --cross_attn_mask: no attention to keys after the end token
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.scale) and self.scale > 0):
@@ -73,11 +75,13 @@ class _BosScaledKeys:
 
 class BosScaledCrossAttention:
     """A cross-attention processor that runs the processor it replaces with the conditional branch's BOS
-    key scaled (so the model's scaled-dot-product attention is kept)."""
+    key scaled (so the model's scaled-dot-product attention is kept) and, given each row's number of
+    prompt tokens, the keys after them masked."""
 
-    def __init__(self, replaced: object, scale: float) -> None:
+    def __init__(self, replaced: object, scale: float, key_lengths: Sequence[int] | None = None) -> None:
         self.replaced = replaced
         self.scale = scale
+        self.key_lengths = key_lengths
 
     def __call__(
         self,
@@ -90,6 +94,9 @@ class BosScaledCrossAttention:
         **kwargs: object,
     ) -> torch.Tensor:
         scaled = _BosScaledKeys(attn, self.scale)
+        if self.key_lengths is not None:
+            padding = _padding_bias(self.key_lengths, encoder_hidden_states, hidden_states.dtype)
+            attention_mask = padding if attention_mask is None else attention_mask + padding
         output = self.replaced(
             scaled, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs
         )
@@ -101,10 +108,29 @@ class BosScaledCrossAttention:
         return output
 
 
+def _padding_bias(key_lengths: Sequence[int], keys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An additive attention mask [rows, 1, tokens]: 0 on each row's first ``key_lengths`` keys, the
+    dtype's minimum on the padding after them."""
+    if keys is None or keys.shape[0] != len(key_lengths):
+        rows = None if keys is None else keys.shape[0]
+        raise DiffmemError(f"the padding mask has {len(key_lengths)} rows; the attention batch has {rows}")
+    positions = torch.arange(keys.shape[1], device=keys.device)
+    lengths = torch.tensor(list(key_lengths), device=keys.device)
+    padding = positions[None, :] >= lengths[:, None]  # [rows, tokens]
+    bias = torch.zeros(padding.shape, dtype=dtype, device=keys.device).masked_fill(
+        padding, torch.finfo(dtype).min
+    )
+    return bias[:, None, :]
+
+
 @contextmanager
-def scaled_bos_attention(network: torch.nn.Module, scale: float) -> Iterator[None]:
+def scaled_bos_attention(
+    network: torch.nn.Module, scale: float, key_lengths: Sequence[int] | None = None
+) -> Iterator[None]:
     """Within the block, every cross-attention layer of ``network`` multiplies the BOS logit of the second
-    half of its batch (the conditional branch) by ``scale``; the original processors are restored after."""
+    half of its batch (the conditional branch) by ``scale`` and, with ``key_lengths`` (prompt tokens of
+    each row of the [unconditional, conditional] batch), attends to no key after them; the original
+    processors are restored after."""
     if not hasattr(network, "set_attn_processor"):
         raise DiffmemError(f"{type(network).__name__} has no diffusers attention processors to scale")
     replaced = network.attn_processors
@@ -114,7 +140,10 @@ def scaled_bos_attention(network: torch.nn.Module, scale: float) -> Iterator[Non
     for name in cross:
         if getattr(_layer(network, name), "norm_k", None) is not None:
             raise DiffmemError(f"{name} normalises its keys, which would undo the BOS scaling")
-    scaled = {name: BosScaledCrossAttention(p, scale) if name in cross else p for name, p in replaced.items()}
+    scaled = {
+        name: BosScaledCrossAttention(p, scale, key_lengths) if name in cross else p
+        for name, p in replaced.items()
+    }
     try:
         network.set_attn_processor(scaled)
         yield
@@ -141,7 +170,17 @@ def bos_attention_scaling(
             f"{denoiser.conditioning!r}"
         )
     cond = denoiser.encode(list(prompts))
-    with scaled_bos_attention(getattr(denoiser, "network", denoiser), config.scale):
+    key_lengths = _key_lengths(denoiser, list(prompts)) if config.mask_padding else None
+    with scaled_bos_attention(getattr(denoiser, "network", denoiser), config.scale, key_lengths):
         latents = sample(denoiser, cond, seeds, **sampling.sample_kwargs())
-    changed = sampling.num_inference_steps if config.scale != 1.0 else 0
+    changed = sampling.num_inference_steps if config.scale != 1.0 or config.mask_padding else 0
     return sampled(denoiser, sampling, latents, list(prompts), changed)
+
+
+def _key_lengths(denoiser: Denoiser, prompts: list[str]) -> list[int]:
+    """Tokens (start and end included, at most the encoder's limit) of each row of the sampler's
+    [unconditional, conditional] batch: the empty prompt's, then each prompt's."""
+    counts = token_counts(denoiser, [""] * len(prompts) + prompts)
+    if counts is None:
+        raise DiffmemError("mask_padding needs the model's tokenizer to find where each prompt ends")
+    return [min(n, counts.limit) for n in counts.counts]
