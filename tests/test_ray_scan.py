@@ -67,7 +67,7 @@ def records(n: int) -> list[PromptRecord]:
     return [*prompts, PromptRecord(n, "", "empty"), PromptRecord(n + 1, "", "missing")]
 
 
-def test_the_ray_scan_writes_the_rows_of_the_local_scan(tmp_path):
+def test_the_ray_scan_writes_the_rows_of_the_local_scan(tmp_path, capsys):
     lines = [
         json.dumps({"prompt": f"a {c} bag at the bottom right"})
         for c in ("red", "blue", "green", "pink", "tan")
@@ -94,6 +94,8 @@ def test_the_ray_scan_writes_the_rows_of_the_local_scan(tmp_path):
     summary = json.loads((tmp_path / "ray" / "summary.json").read_text())
     assert summary["results"]["engine"] == "ray" and summary["results"]["workers"] == 2
     assert summary["results"]["scored_this_run"] == 5
+    assert run([*common, "--out", str(tmp_path / "x"), "--gpus-per-worker", "1"]) == 2
+    assert "apply to --engine ray only" in capsys.readouterr().err
 
 
 def test_a_crashed_worker_is_restarted_and_an_error_keeps_the_rows_scored_so_far(tmp_path):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -90,13 +90,21 @@ def scan(
         str | None,
         typer.Option(help="Ray cluster to join (auto, ray://host:port); default: start a local one."),
     ] = None,
+    gpus_per_worker: Annotated[
+        float | None,
+        typer.Option(
+            help="GPUs a Ray actor takes (default: 1 when --device is CUDA, else 0); above 0 the actors run "
+            "on CUDA even when this machine has no GPU (a CPU head node).",
+            min=0,
+        ),
+    ] = None,
 ) -> None:
     """Score every prompt with a detector; one Parquet row per prompt, resumable, with a JSON summary."""
     settings: Settings = ctx.obj
     if engine not in ENGINES:
         raise DiffmemError(f"unknown --engine {engine!r}; choose one of {', '.join(ENGINES)}")
-    if engine != "ray" and (workers is not None or ray_address is not None):
-        raise DiffmemError("--workers and --ray-address apply to --engine ray only")
+    if engine != "ray" and (workers is not None or ray_address is not None or gpus_per_worker is not None):
+        raise DiffmemError("--workers, --ray-address and --gpus-per-worker apply to --engine ray only")
     if resume and overwrite:
         raise DiffmemError("pass --resume or --overwrite, not both")
     if chunk_size < 1:
@@ -149,11 +157,14 @@ def scan(
         table, summary = result
     elif engine == "ray":
         cuda = settings.device.type == "cuda"
+        gpus = (1.0 if cuda else 0.0) if gpus_per_worker is None else gpus_per_worker
         options = RayOptions(
             workers=workers or (torch.cuda.device_count() if cuda else 1),
-            gpus_per_worker=1.0 if cuda else 0.0,
+            gpus_per_worker=gpus,
             address=ray_address,
         )
+        if gpus > 0 and not cuda:  # the actors hold the GPUs; --dtype applies as given (auto: float32)
+            job = replace(job, device="cuda")
         store = ScanStore(out, store_settings, mode)
         table, summary = ray_scan_prompts(job, open_model, records, store, options, chunk_size)
     else:
