@@ -68,3 +68,12 @@ def test_prompt_records_keep_every_row_with_its_status(tmp_path):
         read_prompt_records(table, id_column="id")
     with pytest.raises(DiffmemError, match="has no column 'key'"):
         read_prompt_records(table, id_column="key")
+
+
+def test_the_noise_depends_on_the_low_32_bits_of_a_seed_as_documented():
+    import torch
+
+    from diffmem.sampling.seeds import seeded_generators
+
+    low, high = seeded_generators([5, 5 + (1 << 40)])
+    assert torch.equal(torch.randn(4, generator=low), torch.randn(4, generator=high))
