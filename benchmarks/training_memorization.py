@@ -62,29 +62,44 @@ def main(argv: list[str] | None = None) -> dict:
             num_inference_steps=args.steps,
             batch_size=64,
         ).images.float()
-        size = samples.shape[-2:]
-        training = _resized(subset, size)
-        measured = {"ambient_t_n": _recorded_t_n(Path(path))}
-        nl2_summary = summarize(nl2(samples, training).nl2, NL2_THRESHOLD, higher_is_more_similar=False)
-        measured |= {
-            "nl2_share_memorized": nl2_summary.share_memorized,
-            "nl2_top5_percent": nl2_summary.top5_percent,
-            "nl2_top1": nl2_summary.top1,
-        }
-        if encoder is not None:
-            similarity = (embed(encoder, samples) @ embed(encoder, training).T).max(dim=1).values
-            copy = summarize(similarity.cpu(), args.copy_threshold, higher_is_more_similar=True)
-            measured |= {"copy_share_memorized": copy.share_memorized, "copy_top1": copy.top1}
-        if reader is not None:
-            real = training if args.fid_against == "subset" else _resized(images, size)
-            measured["fid"] = fid(real, samples, reader.encoder)
-            measured["kid"] = kid(real, samples, reader.encoder, min(50, len(real), len(samples)))[0]
-        record["models"][name] = measured
-        for key, value in measured.items():
-            record[f"{name}_{key}"] = value
+        measured = _measure(samples, subset, images, encoder, reader, args)
+        record["models"][name] = {"ambient_t_n": _recorded_t_n(Path(path)), **measured}
+    if args.heldout:  # real lab images outside the subset: what "not memorized" measures (no FID)
+        real = _resized(images[args.max_images : args.max_images + args.heldout], samples.shape[-2:])
+        record["models"]["heldout_real"] = _measure(real, subset, images, encoder, None, args)
+    for name, measured in record["models"].items():
+        record |= {f"{name}_{key}": value for key, value in measured.items()}
     if args.plot:
         _plot(record, Path(args.plot))
     return report({**record, **environment()}, args.out)
+
+
+def _measure(
+    samples: torch.Tensor,
+    subset: torch.Tensor,
+    images: torch.Tensor,
+    encoder: torch.nn.Module | None,
+    reader: torch.nn.Module | None,
+    args: argparse.Namespace,
+) -> dict:
+    """nL2 and copy similarity of ``samples`` to the training subset, and their FID/KID, at their size."""
+    size = samples.shape[-2:]
+    training = _resized(subset, size)
+    nl2_summary = summarize(nl2(samples, training).nl2, NL2_THRESHOLD, higher_is_more_similar=False)
+    measured = {
+        "nl2_share_memorized": nl2_summary.share_memorized,
+        "nl2_top5_percent": nl2_summary.top5_percent,
+        "nl2_top1": nl2_summary.top1,
+    }
+    if encoder is not None:
+        similarity = (embed(encoder, samples) @ embed(encoder, training).T).max(dim=1).values
+        copy = summarize(similarity.cpu(), args.copy_threshold, higher_is_more_similar=True)
+        measured |= {"copy_share_memorized": copy.share_memorized, "copy_top1": copy.top1}
+    if reader is not None:
+        real = training if args.fid_against == "subset" else _resized(images, size)
+        measured["fid"] = fid(real, samples, reader.encoder)
+        measured["kid"] = kid(real, samples, reader.encoder, min(50, len(real), len(samples)))[0]
+    return measured
 
 
 def _resized(images: torch.Tensor, size: torch.Size) -> torch.Tensor:
@@ -101,8 +116,8 @@ def _recorded_t_n(model_dir: Path) -> int | None:
 
 def _plot(record: dict, path: Path) -> None:
     """Memorized share (nL2 and, when measured, copy similarity) against FID, one labelled point a model."""
-    models = record["models"]
-    if not all("fid" in m for m in models.values()):
+    models = {name: m for name, m in record["models"].items() if "fid" in m}
+    if not models:
         raise SystemExit("--plot needs --reader (FID)")
     figure, axis = plt.subplots(figsize=(5.5, 4))
     for key, marker, label in (
@@ -148,6 +163,9 @@ def _parser() -> argparse.ArgumentParser:
         "--fid-against", choices=("subset", "all"), default="all", help="FID reference images"
     )
     parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument(
+        "--heldout", type=int, default=0, help="also measure this many real lab images outside the subset"
+    )
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--plot", help="PNG of memorized share against FID")
     parser.add_argument("--device", default="auto")

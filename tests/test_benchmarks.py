@@ -63,16 +63,22 @@ def test_mitigation_overhead_smoke(tmp_path):
 
 
 def test_training_memorization_smoke(tmp_path, micro_lab_data):
+    from diffmem.lab.alignment import AttributeReader, AttributeReaderConfig, save_reader
+    from diffmem.models import LAB_MODEL, shipped_reference
     from diffmem.tiny_pipelines import tiny_unet2d
 
     tiny_unet2d().save_pretrained(tmp_path / "model")
-    out = tmp_path / "record.json"
+    save_reader(AttributeReader(AttributeReaderConfig()), tmp_path / "reader")  # untrained: features only
+    out, plot = tmp_path / "record.json", tmp_path / "sweep.png"
     args = ["--data", str(micro_lab_data), "--max-images", "60", "--model", f"tiny={tmp_path / 'model'}"]
-    record = _load("training_memorization").main(
-        [*args, "--samples", "4", "--steps", "2", "--device", "cpu", "--out", str(out)]
-    )
+    args += ["--encoder", str(shipped_reference(LAB_MODEL)[1]), "--reader", str(tmp_path / "reader")]
+    args += ["--heldout", "8", "--samples", "4", "--steps", "2", "--device", "cpu", "--plot", str(plot)]
+    record = _load("training_memorization").main([*args, "--out", str(out)])
     assert json.loads(out.read_text())["tiny_nl2_top1"] == record["tiny_nl2_top1"] > 0
-    assert 0 <= record["tiny_nl2_share_memorized"] <= 1
+    assert 0 <= record["tiny_nl2_share_memorized"] <= 1 and -1 <= record["tiny_copy_top1"] <= 1
+    assert record["models"]["tiny"]["fid"] > 0 and plot.stat().st_size > 0
+    assert "fid" not in record["models"]["heldout_real"]
+    assert 0 <= record["heldout_real_copy_share_memorized"] <= 1
 
 
 def test_index_search_smoke(tmp_path):
