@@ -96,6 +96,8 @@ def test_the_ray_scan_writes_the_rows_of_the_local_scan(tmp_path, capsys):
     assert summary["results"]["scored_this_run"] == 5
     assert run([*common, "--out", str(tmp_path / "x"), "--gpus-per-worker", "1"]) == 2
     assert "apply to --engine ray only" in capsys.readouterr().err
+    assert run([*common, "--out", str(tmp_path / "y"), "--engine", "ray", "--workers", "3"]) == 2
+    assert "3 Ray workers need 3 CPUs; this cluster has 2" in capsys.readouterr().err
 
 
 def test_a_crashed_worker_is_restarted_and_an_error_keeps_the_rows_scored_so_far(tmp_path):

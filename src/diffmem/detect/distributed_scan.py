@@ -4,7 +4,7 @@ chunks dealt out round-robin, every process committing its own part files to one
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,15 +14,14 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from diffmem.denoiser import Denoiser
-from diffmem.detect.scan import ScanJob, pending_chunks, scan_summary, score_records
+from diffmem.detect.scan import Loader, ScanJob, pending_chunks, scan_summary, score_records
 from diffmem.detect.scan_store import ScanStore
 from diffmem.prompts_io import PromptRecord
 
 
 def distributed_scan_prompts(
     job: ScanJob,
-    load: Callable[[str, str, torch.dtype], Denoiser],
+    load: Loader,
     records: Sequence[PromptRecord],
     out_dir: Path,
     settings: dict[str, Any],

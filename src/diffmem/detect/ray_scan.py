@@ -4,7 +4,7 @@ rows streamed back and committed to the same resumable scan directory as they fi
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,13 +14,11 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
-from diffmem.denoiser import Denoiser
-from diffmem.detect.scan import ScanJob, pending_chunks, scan_summary, score_records
+from diffmem.detect.scan import Loader, ScanJob, pending_chunks, scan_summary, score_records
 from diffmem.detect.scan_store import ScanStore
 from diffmem.errors import DiffmemError
 from diffmem.prompts_io import PromptRecord
 
-Loader = Callable[[str, str, torch.dtype], Denoiser]  # (model, device, dtype) -> the denoiser, on a worker
 FIELDS = ("prompt_id", "prompt", "status")  # a PromptRecord's, one list of each per chunk row
 
 
@@ -75,6 +73,8 @@ def ray_scan_prompts(
     if chunks:
         if not ray.is_initialized():
             ray.init(address=options.address, include_dashboard=False, logging_level="ERROR")
+        if options.address is None:
+            _check_room(ray.cluster_resources(), options)
         context = data.DataContext.get_current()
         context.enable_progress_bars = False
         context.raise_original_map_exception = True  # a scoring error reaches the driver as itself
@@ -105,6 +105,17 @@ def ray_scan_prompts(
     table = store.merge([r.prompt_id for r in records])
     summary = scan_summary(table, job.threshold, scored, wall, int(job.config.batch_size), None)
     return table, {**summary, "engine": "ray", "workers": options.workers}
+
+
+def _check_room(resources: dict, options: RayOptions) -> None:
+    """Refuse a worker pool that a cluster of fixed size cannot hold (Ray would wait for it forever)."""
+    for name, each in (("CPU", options.cpus_per_worker), ("GPU", options.gpus_per_worker)):
+        have = resources.get(name, 0.0)
+        if options.workers * each > have:
+            raise DiffmemError(
+                f"{options.workers} Ray workers need {options.workers * each:g} {name}s; this cluster has "
+                f"{have:g}: pass fewer --workers"
+            )
 
 
 def _gist(error: BaseException) -> str:

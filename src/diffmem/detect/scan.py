@@ -21,6 +21,8 @@ from diffmem.prompt_tokens import token_counts
 from diffmem.prompts_io import PromptRecord
 from diffmem.speedups import Speedups, apply_speedups
 
+Loader = Callable[[str, str, torch.dtype], Denoiser]  # (model, device, dtype) -> a denoiser, in a worker
+
 
 @dataclass(frozen=True)
 class ScanJob:
@@ -35,7 +37,7 @@ class ScanJob:
     model_hash: str
     speedups: Speedups | None = None
 
-    def scanner(self, load: Callable[[str, str, torch.dtype], Denoiser], device: str) -> Scanner:
+    def scanner(self, load: Loader, device: str) -> Scanner:
         """A scanner for this job on ``device``; ``load(model, device, dtype)`` opens the denoiser."""
         denoiser = apply_speedups(load(self.model, device, self.dtype), self.speedups)
         return Scanner(denoiser, self.detector, self.config, self.threshold)
