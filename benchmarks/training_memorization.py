@@ -115,30 +115,25 @@ def _recorded_t_n(model_dir: Path) -> int | None:
 
 
 def _plot(record: dict, path: Path) -> None:
-    """Memorized share (nL2 and, when measured, copy similarity) against FID, one labelled point a model."""
+    """Memorized share against FID, one labelled point a model: the copy-detection share when measured
+    (nL2 saturates at low resolution), else nL2's."""
     models = {name: m for name, m in record["models"].items() if "fid" in m}
     if not models:
         raise SystemExit("--plot needs --reader (FID)")
+    key, label = (
+        ("copy_share_memorized", "copy similarity")
+        if record["copy_threshold"]
+        else ("nl2_share_memorized", "nL2")
+    )
+    threshold = f"> {record['copy_threshold']}" if record["copy_threshold"] else f"< {NL2_THRESHOLD}"
     figure, axis = plt.subplots(figsize=(5.5, 4))
-    for key, marker, label in (
-        ("nl2_share_memorized", "o", "nL2 < 1.4"),
-        ("copy_share_memorized", "s", "copy"),
-    ):
-        if all(key in m for m in models.values()):
-            axis.scatter(
-                [m["fid"] for m in models.values()],
-                [100 * m[key] for m in models.values()],
-                marker=marker,
-                label=label,
-            )
-            for name, m in models.items():
-                axis.annotate(
-                    name, (m["fid"], 100 * m[key]), textcoords="offset points", xytext=(4, 4), fontsize=8
-                )
-    axis.set_xlabel(f"FID against the {record['fid_against']} (lab reader features)")
-    axis.set_ylabel("generations memorized (%)")
+    axis.scatter([m["fid"] for m in models.values()], [100 * m[key] for m in models.values()])
+    for name, m in models.items():
+        axis.annotate(name, (m["fid"], 100 * m[key]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    reference = "training subset" if record["fid_against"] == "subset" else "whole lab training set"
+    axis.set_xlabel(f"FID against the {reference} (lab reader features)")
+    axis.set_ylabel(f"generations with {label} {threshold} (%)")
     axis.set_title(f"{record['training_images']} training images, {record['samples']} samples a model")
-    axis.legend()
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
