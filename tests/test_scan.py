@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -189,9 +190,27 @@ def test_the_default_scan_is_the_shipped_lab_model_with_its_prompts_and_calibrat
     calibration = Calibration.load(shipped_directory(LAB_MODEL) / "calibration.json")
     assert all(r["flagged"] == (r["score"] > calibration.threshold) for r in rows)
     assert {r["model_hash"] for r in rows} == {model_identity(LAB_MODEL)} == {calibration.model_hash}
+    assert (tmp_path / "s" / "scores.png").read_bytes().startswith(b"\x89PNG")
+    flagged = sum(r["flagged"] for r in rows)
+    assert f"{flagged} flagged as memorized" in capsys.readouterr().out
     # other settings than the calibration's: scored, not flagged, and said so
     assert run(["scan", "--out", str(tmp_path / "t"), "--n-generations", "2"]) == 0
     assert "not flagging: the lab model's calibration does not apply" in capsys.readouterr().err
     assert all(r["flagged"] is None for r in pq.read_table(tmp_path / "t" / "scan.parquet").to_pylist())
     assert run(["scan", "--model", "builtin:tiny-sd", "--out", str(tmp_path / "u")]) == 2
     assert "give --prompts" in capsys.readouterr().err
+
+
+def test_the_scan_histogram_is_written_and_skipped_for_a_scan_without_scores(tmp_path):
+    from diffmem.detect.scan_store import SCHEMA
+    from diffmem.report.scan_histogram import write_scan_histogram
+
+    rows = [
+        {"prompt_id": i, "score": s, "detector": "noise_norm"} for i, s in enumerate([0.5, 1.5, None, 2.5])
+    ]
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    assert write_scan_histogram(table, 1.0, tmp_path / "a.png").read_bytes().startswith(b"\x89PNG")
+    unscored = pa.Table.from_pylist([{**rows[2], "prompt_id": 0}], schema=SCHEMA)
+    assert (
+        write_scan_histogram(unscored, 1.0, tmp_path / "b.png") is None and not (tmp_path / "b.png").exists()
+    )

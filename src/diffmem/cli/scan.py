@@ -20,9 +20,11 @@ from diffmem.detect.scan_store import SUMMARY_FILE, ScanStore
 from diffmem.errors import DiffmemError
 from diffmem.models import DEFAULT_MODEL, LAB_MODEL, model_identity, open_model, shipped_directory
 from diffmem.prompts_io import read_prompt_records, read_prompts
+from diffmem.report.scan_histogram import write_scan_histogram
 from diffmem.run_record import write_summary
 
 ENGINES = ("local", "ray", "accelerate")
+HISTOGRAM_FILE = "scores.png"
 ModelOption = Annotated[
     str | None, typer.Option(help=f"Model directory or builtin:NAME (default {DEFAULT_MODEL}).")
 ]
@@ -182,8 +184,10 @@ def scan(
         "calibration": None if calibration is None else str(calibration),
     }
     write_summary(out / SUMMARY_FILE, run_config, summary)
+    plotted = write_scan_histogram(table, threshold, out / HISTOGRAM_FILE)
     flagged = "" if threshold is None else f", {summary['flagged']} flagged as memorized"
-    typer.echo(f"scanned {table.num_rows} prompts{flagged}; wrote {out / 'scan.parquet'}")
+    picture = "" if plotted is None else f" and {plotted.name}"
+    typer.echo(f"scanned {table.num_rows} prompts{flagged}; wrote {out / 'scan.parquet'}{picture}")
 
 
 @app.command(name="calibrate")

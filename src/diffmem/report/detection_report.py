@@ -57,8 +57,8 @@ def write_detection_report(settings: Sequence[EvaluatedSetting], out_dir: Path, 
     metrics = [detection_metrics(s.scores, s.labels, REPORT_FPRS) for s in settings]
     rows = [_row(s, m) for s, m in zip(settings, metrics, strict=True)]
     notes = _dropped_notes(settings, metrics)
-    roc_png = _png(_roc_figure(settings, [roc(s.scores, s.labels) for s in settings]))
-    histograms_png = _png(_histogram_figure(settings))
+    roc_png = png_bytes(_roc_figure(settings, [roc(s.scores, s.labels) for s in settings]))
+    histograms_png = png_bytes(_histogram_figure(settings))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / "results.json", _results_json(settings, metrics, provenance).encode())
@@ -162,7 +162,8 @@ def _plain(text: str) -> str:
     return text.replace("$", r"\$")
 
 
-def _png(figure: Figure) -> bytes:
+def png_bytes(figure: Figure) -> bytes:
+    """The figure as PNG bytes."""
     FigureCanvasAgg(figure)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
