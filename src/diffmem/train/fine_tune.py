@@ -422,5 +422,8 @@ def _batch_seed(seed: int, step: int, process: int) -> int:
 
 
 def _any_process(accelerator: Accelerator, flag: bool) -> bool:
-    """Whether ``flag`` holds on any process, so that all of them stop at the same step."""
+    """Whether ``flag`` holds on any process, so that all of them stop at the same step (one process
+    needs no device round trip)."""
+    if accelerator.num_processes == 1:
+        return flag
     return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum") > 0)
