@@ -52,11 +52,9 @@ def distributed_scan_prompts(
             bar.update(len(chunk))
     halvings = gather_object(scanner.halvings)
     state.wait_for_everyone()  # every process's rows are committed
+    wall = time.perf_counter() - started
     if not state.is_main_process:
         return None
     table = store.merge([r.prompt_id for r in records])
-    scored = sum(map(len, chunks))
-    summary = scan_summary(
-        table, job.threshold, scored, time.perf_counter() - started, scanner.batch_size, halvings
-    )
+    summary = scan_summary(table, job.threshold, sum(map(len, chunks)), wall, scanner.batch_size, halvings)
     return table, {**summary, "engine": "accelerate", "workers": state.num_processes}
