@@ -18,15 +18,14 @@ def model_lab_config(model: str | Path) -> dict | None:
     does not say (any model not made by diffmem)."""
     shipped = shipped_directory(str(model))
     directory = shipped / "model" if shipped is not None else Path(model)
-    for record_path, read in (
-        (directory.parent / FINE_TUNE, _fine_tuned),
-        (directory / LAB_TRAINING, _trained),
-    ):
-        if record_path.is_file():
-            try:
-                return read(json.loads(record_path.read_text()))
-            except (ValueError, KeyError, TypeError):
-                return None
+    fine_tuned, trained = directory.parent / FINE_TUNE, directory / LAB_TRAINING
+    try:
+        if fine_tuned.is_file():
+            return json.loads(fine_tuned.read_text()).get("lab_config")
+        if trained.is_file():
+            return json.loads(trained.read_text())["dataset"]["config"]
+    except (ValueError, KeyError, TypeError):
+        return None
     return None
 
 
@@ -45,11 +44,3 @@ def dataset_mismatch(manifest: IndexManifest, model: str | Path) -> str | None:
         f"the index was built from another lab dataset than the model was trained on ({', '.join(differ)} "
         f"differ: {manifest.source}); its similarities do not measure copies of the model's training data"
     )
-
-
-def _fine_tuned(record: dict) -> dict | None:
-    return record.get("lab_config")
-
-
-def _trained(record: dict) -> dict | None:
-    return record["dataset"]["config"]

@@ -82,6 +82,7 @@ class BosScaledCrossAttention:
         self.replaced = replaced
         self.scale = scale
         self.key_lengths = key_lengths
+        self._padding: torch.Tensor | None = None  # the same for every layer call of one sampling run
 
     def __call__(
         self,
@@ -95,7 +96,7 @@ class BosScaledCrossAttention:
     ) -> torch.Tensor:
         scaled = _BosScaledKeys(attn, self.scale)
         if self.key_lengths is not None:
-            padding = _padding_bias(self.key_lengths, encoder_hidden_states, hidden_states.dtype)
+            padding = self._padding_for(encoder_hidden_states, hidden_states.dtype)
             attention_mask = padding if attention_mask is None else attention_mask + padding
         output = self.replaced(
             scaled, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs
@@ -106,6 +107,18 @@ class BosScaledCrossAttention:
                 f"{type(self.replaced).__name__} does not"
             )
         return output
+
+    def _padding_for(self, keys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The padding mask for these keys, built once and reused while rows, tokens, device and dtype
+        hold (another batch rebuilds it, and is checked)."""
+        cached = self._padding
+        if (
+            cached is None
+            or (cached.shape[0], cached.shape[-1]) != (keys.shape[0], keys.shape[1])
+            or (cached.device, cached.dtype) != (keys.device, dtype)
+        ):
+            self._padding = _padding_bias(self.key_lengths, keys, dtype)
+        return self._padding
 
 
 def _padding_bias(key_lengths: Sequence[int], keys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
