@@ -1,41 +1,82 @@
-"""Token significance against the lab's ground truth (explanation issue): on the shipped lab model's
-memorized captions, how often the top-ranked word is a recorded trigger word, and how often replacing
-it (vs a random non-trigger word) takes a flagged prompt below the calibrated threshold.
+"""Token significance against the lab's ground truth (explanation issue): on a lab model's memorized
+captions, how often the top-ranked word is a recorded trigger word, and how often replacing it (vs a
+random non-trigger word) takes a flagged prompt below the calibrated threshold.
 
-    python benchmarks/explain_triggers.py
+    python benchmarks/explain_triggers.py                       # the shipped lab model
+    python benchmarks/explain_triggers.py --model data/lab-small150 \\
+        --labels data/lab-small150/labels/labels.parquet --calibration data/lab-small150/calibration.json
 """
 
+from __future__ import annotations
+
+import argparse
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from diffmem.benchmark_support import report
 from diffmem.explain.evaluate import trigger_evaluation
-from diffmem.models import open_model, shipped_directory
+from diffmem.explain.token_significance import SignificanceConfig
+from diffmem.models import LAB_MODEL, open_model, shipped_directory
 
-lab = shipped_directory("builtin:lab-micro")
-rows = [r for r in pq.read_table(lab / "labels.parquet").to_pylist() if r["group"] == "memorized"]
-threshold = json.loads((lab / "calibration.json").read_text())["threshold"]
-t = trigger_evaluation(
-    open_model("builtin:lab-micro"),
-    [r["caption"] for r in rows],
-    [r["trigger_words"] for r in rows],
-    threshold,
-).to_pylist()
-flagged = [r for r in t if r["flagged"]]
-print("top word is a trigger word:", sum(r["top_is_trigger"] for r in t), "of", len(t))
-print(
-    "flagged:",
-    len(flagged),
-    "below after replacing top word:",
-    sum(r["below_without_top"] for r in flagged),
-    "after a random non-trigger word:",
-    sum(r["below_without_random"] for r in flagged),
-)
-print(
-    "mean score",
-    round(sum(r["score"] for r in t) / len(t), 3),
-    "without top",
-    round(sum(r["score_without_top"] for r in t) / len(t), 3),
-    "without random",
-    round(sum(r["score_without_random"] for r in t) / len(t), 3),
-)
+
+def main(argv: list[str] | None = None) -> dict:
+    """Rank the words of every memorized caption and edit the top one; returns (and writes) the record."""
+    args = _parser().parse_args(argv)
+    shipped = shipped_directory(args.model)
+    labels = Path(args.labels) if args.labels else shipped / "labels.parquet"
+    calibration = Path(args.calibration) if args.calibration else shipped / "calibration.json"
+    rows = [r for r in pq.read_table(labels).to_pylist() if r["group"] == "memorized"]
+    threshold = json.loads(calibration.read_text())["threshold"]
+    config = SignificanceConfig(steps=args.steps, n_generations=args.n_generations)
+    t = trigger_evaluation(
+        open_model(args.model),
+        [r["caption"] for r in rows],
+        [r["trigger_words"] for r in rows],
+        threshold,
+        config,
+    ).to_pylist()
+    flagged = [r for r in t if r["flagged"]]
+    record = {
+        "model": args.model,
+        "labels": str(labels),
+        "threshold": threshold,
+        "steps": args.steps,
+        "n_generations": args.n_generations,
+        "captions": len(t),
+        "top_is_trigger": sum(r["top_is_trigger"] for r in t),
+        "top_is_trigger_share": sum(r["top_is_trigger"] for r in t) / len(t),
+        "flagged": len(flagged),
+        "below_without_top": sum(r["below_without_top"] for r in flagged),
+        "below_without_random": sum(r["below_without_random"] for r in flagged),
+        "mean_score": sum(r["score"] for r in t) / len(t),
+        "mean_score_without_top": sum(r["score_without_top"] for r in t) / len(t),
+        "mean_score_without_random": sum(r["score_without_random"] for r in t) / len(t),
+    }
+    print(f"top word is a trigger word: {record['top_is_trigger']} of {len(t)}")
+    print(
+        f"flagged: {len(flagged)}; below the threshold after replacing the top word: "
+        f"{record['below_without_top']}, after replacing a random non-trigger word: "
+        f"{record['below_without_random']}"
+    )
+    return report(record, args.out)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default=LAB_MODEL, help="a lab model directory or builtin:lab-micro")
+    parser.add_argument("--labels", help="labels.parquet of `diffmem lab label` (default: the shipped one)")
+    parser.add_argument(
+        "--calibration", help="calibration.json of `diffmem calibrate` (default: the shipped one)"
+    )
+    parser.add_argument("--steps", type=int, default=1, help="first sampling steps to measure")
+    parser.add_argument("--n-generations", type=int, default=1)
+    parser.add_argument("--out", default="benchmarks/results/explain_triggers.json")
+    return parser
+
+
+if __name__ == "__main__":
+    main()

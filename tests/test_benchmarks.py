@@ -54,6 +54,15 @@ def test_explain_latency_smoke(tmp_path):
     assert record["page_explain_round_trip_s"] > 0 and record["page_thumbnail_round_trip_s"] > 0
 
 
+def test_explain_triggers_smoke(tmp_path):
+    out = tmp_path / "record.json"
+    record = _load("explain_triggers").main(["--out", str(out)])  # the shipped lab model, first step
+    assert json.loads(out.read_text()) == record
+    assert record["captions"] == 24 and 0 <= record["top_is_trigger"] <= 24
+    assert record["below_without_top"] <= record["flagged"] <= 24
+    assert record["mean_score_without_top"] != record["mean_score"]
+
+
 def test_mitigation_overhead_smoke(tmp_path):
     out = tmp_path / "record.json"
     args = ["--size", "tiny", "--device", "cpu", "--num-inference-steps", "2", "--batch-size", "2"]

@@ -59,6 +59,21 @@ def test_an_interrupted_run_resumes_to_the_same_weights(data_dir, uninterrupted,
         torch.testing.assert_close(resumed[key], expected[key], rtol=1e-5, atol=1e-6)
 
 
+def test_the_filter_drop_rate_and_time_cover_every_call_of_a_resumed_run(data_dir, tmp_path):
+    config = FineTuneConfig(**{**QUICK.__dict__, "policies": {"filter": {"threshold": 2.0}}})
+    assert fine_tune(MODEL, data_dir, tmp_path / "whole", config, progress=False).complete
+    while not fine_tune(
+        MODEL, data_dir, tmp_path / "resumed", config, time_budget_s=0.0, progress=False
+    ).complete:
+        pass
+    whole, resumed = (json.loads((tmp_path / d / "fine_tune.json").read_text()) for d in ("whole", "resumed"))
+    assert 0 < whole["drop_rate"] < 1 and resumed["drop_rate"] == whole["drop_rate"]
+    assert [step for step, _ in whole["drop_log"]] == [2, 4]  # a window closes at every checkpoint
+    assert [step for step, _ in resumed["drop_log"]] == [1, 2, 3, 4]  # each call checkpoints its one step
+    assert sum(rate for _, rate in resumed["drop_log"]) / 4 == pytest.approx(resumed["drop_rate"])
+    assert whole["wall_time_s"] > 0 and resumed["wall_time_s"] > 0
+
+
 def test_resuming_with_another_policy_is_refused(data_dir, tmp_path):
     out = tmp_path / "run"
     assert not fine_tune(MODEL, data_dir, out, QUICK, time_budget_s=0.0, progress=False).complete

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from diffmem.cli.main import run
 from diffmem.errors import DiffmemError
 from diffmem.lab.captions import GRAMMAR_WORDS, caption, title_words, titled_caption
 from diffmem.lab.dataset import LabConfig, build_lab_dataset, load_lab_dataset
 from diffmem.lab.fashion_mnist import CLASS_NAMES, load_fashion_mnist
+from diffmem.lab.label import lab_prompts
 from diffmem.lab.scenes import BACKGROUND_COLOURS, ITEM_COLOURS, Item, Scene, render
 
 MICRO = LabConfig.micro()
@@ -43,6 +45,18 @@ def test_default_config_keeps_duplicated_rows_under_thirty_percent():
     assert config.num_train_rows == 8500
     assert config.duplicated_share == pytest.approx(2500 / 8500)
     assert config.duplicated_share <= 0.30
+
+
+def test_small_preset_has_the_detection_benchmark_class_sizes(fashion_mnist, tmp_path, capsys):
+    out = tmp_path / "small"
+    assert run(["lab", "build", str(out), "--small"]) == 0
+    prompts = lab_prompts(load_lab_dataset(out), ("memorized", "heldout")).to_pylist()
+    memorized = [p for p in prompts if p["group"] == "memorized"]
+    assert len(memorized) >= 150 and len(prompts) - len(memorized) >= 500
+    assert all(p["trigger_words"] for p in memorized)
+    assert run(["lab", "build", str(tmp_path / "other"), "--small", "--micro"]) == 2
+    assert "pass --micro or --small, not both" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
 
 
 def test_fashion_mnist_splits(fashion_mnist):

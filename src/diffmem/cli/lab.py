@@ -40,10 +40,19 @@ def build(
     ctx: typer.Context,
     out: Annotated[Path, typer.Argument(help="New (or empty) dataset directory.")],
     micro: Micro = False,
+    small: Annotated[
+        bool,
+        typer.Option(
+            help="32 px with 150 memorized and 500 held-out captions (a CPU lab at benchmark size)."
+        ),
+    ] = False,
 ) -> None:
     """Compose the captioned Fashion-MNIST scenes with controlled duplication and write the dataset."""
     settings: Settings = ctx.obj
-    config = replace(LabConfig.micro() if micro else LabConfig(), seed=settings.seed)
+    if micro and small:
+        raise DiffmemError("pass --micro or --small, not both")
+    preset = LabConfig.micro if micro else LabConfig.small if small else LabConfig
+    config = replace(preset(), seed=settings.seed)
     build_lab_dataset(out, config)
     typer.echo(f"wrote the lab dataset ({config.num_train_rows} training rows) to {out}")
 

@@ -114,7 +114,7 @@ class FineTuneStatus:
     directory: Path
     complete: bool
     step: int
-    drop_rate: float | None  # the magnitude filter's mean drop rate over this call's steps
+    drop_rate: float | None  # the magnitude filter's mean drop rate over the run's steps so far
 
 
 def fine_tune(
@@ -159,9 +159,10 @@ def fine_tune(
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
     checkpoint = out_dir / "checkpoint"
-    step = _resume(accelerator, checkpoint, config)
+    step, state = _resume(accelerator, checkpoint, config)
+    drops = _DropLog(state) if flt is not None else None
+    earlier_s = state.get("wall_s", 0.0)  # this run's time in earlier calls
     alphas_cumprod = schedule.alphas_cumprod.to(accelerator.device)
-    dropped = seen = 0  # the filter's dropped and examined samples, summed on the device
     main = accelerator.is_main_process
     bar = tqdm(total=config.steps, initial=step, desc="fine-tuning", disable=not (progress and main))
     while step < config.steps:
@@ -183,7 +184,7 @@ def fine_tune(
                     eps_uncond = _eps(unet(x_t, t, **data.null_condition(len(t))).sample, x_t)
                 filtered = flt(losses, eps, eps_uncond)
                 loss = filtered.loss
-                dropped, seen = dropped + (~filtered.kept).sum(), seen + len(filtered.kept)
+                drops.add(filtered.kept)
                 update = bool(accelerator.gather(filtered.kept.sum().reshape(1)).sum() > 0)  # all ranks agree
             accelerator.backward(loss)
             if update:
@@ -196,20 +197,21 @@ def fine_tune(
             ema.step(unet.parameters())
         step += 1
         bar.update()
-        if step % PROGRESS_EVERY == 0:  # reading the loss waits for the device
-            bar.set_postfix(loss=f"{loss.item():.4f}")
         out_of_time = time_budget_s is not None and _any_process(
             accelerator, time.monotonic() - started > time_budget_s
         )
-        if step % config.checkpoint_every == 0 or out_of_time or step == config.steps:
-            _checkpoint(accelerator, checkpoint, config, step)
+        saving = step % config.checkpoint_every == 0 or out_of_time or step == config.steps
+        if step % PROGRESS_EVERY == 0 or saving:  # reading the loss waits for the device
+            window = None if drops is None else drops.flush(accelerator, step)
+            shown = {"loss": f"{loss.item():.4f}"}
+            bar.set_postfix(shown if window is None else shown | {"dropped": f"{window:.0%}"})
+        if saving:
+            wall_s = earlier_s + time.monotonic() - started
+            _checkpoint(accelerator, checkpoint, config, step, {"wall_s": wall_s, **_drop_state(drops)})
         if out_of_time:
             break
     bar.close()
-    dropped, seen = accelerator.reduce(
-        torch.tensor([float(dropped), float(seen)], device=accelerator.device), "sum"
-    )
-    drop_rate = float(dropped) / float(seen) if seen else None
+    drop_rate = None if drops is None else drops.rate
     if step < config.steps:
         return FineTuneStatus(out_dir, False, step, drop_rate)
     trained = accelerator.unwrap_model(unet)
@@ -229,7 +231,11 @@ def fine_tune(
         "config": asdict(config),
         "processes": accelerator.num_processes,  # each drew config.batch_size rows a step
         "ambient_t_n": t_n,
-        "drop_rate": drop_rate,
+        "drop_rate": drop_rate,  # over the whole run
+        "drop_log": None
+        if drops is None
+        else drops.log,  # [step, drop rate of the steps since the last entry]
+        "wall_time_s": round(earlier_s + time.monotonic() - started, 1),
         "deduplication": None
         if data.deduplication is None
         else asdict(data.deduplication) | {"kept_images": None},
@@ -379,11 +385,45 @@ def _eps(output: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
     return output[:, : x_t.shape[1]].float()
 
 
-def _resume(accelerator: Accelerator, checkpoint: Path, config: FineTuneConfig) -> int:
-    """The step to continue from (0 for a new run); refuses a checkpoint made with other settings."""
+class _DropLog:
+    """The magnitude filter's dropped and examined samples: summed over processes and over the calls of a
+    resumed run, and logged per window of steps (Wen et al. log the drop rate)."""
+
+    def __init__(self, state: dict) -> None:
+        self.dropped = state.get("dropped", 0.0)
+        self.seen = state.get("seen", 0.0)
+        self.log: list[list[float]] = state.get("drop_log", [])
+        self.window: torch.Tensor | None = None  # [dropped, seen] on the device since the last flush
+
+    def add(self, kept: torch.Tensor) -> None:
+        counts = torch.stack([(~kept).sum().float(), torch.tensor(float(len(kept)), device=kept.device)])
+        self.window = counts if self.window is None else self.window + counts
+
+    def flush(self, accelerator: Accelerator, step: int) -> float | None:
+        """Close the window (every process calls this at the same step); its drop rate, None if empty."""
+        if self.window is None:
+            return None
+        dropped, seen = accelerator.reduce(self.window, "sum").tolist()
+        self.window = None
+        self.dropped, self.seen = self.dropped + dropped, self.seen + seen
+        self.log.append([step, dropped / seen])
+        return dropped / seen
+
+    @property
+    def rate(self) -> float | None:
+        return self.dropped / self.seen if self.seen else None
+
+
+def _drop_state(drops: _DropLog | None) -> dict:
+    return {} if drops is None else {"dropped": drops.dropped, "seen": drops.seen, "drop_log": drops.log}
+
+
+def _resume(accelerator: Accelerator, checkpoint: Path, config: FineTuneConfig) -> tuple[int, dict]:
+    """The step to continue from (0 for a new run) and what the run recorded so far (time, filter
+    counts); refuses a checkpoint made with other settings."""
     state = checkpoint / "run.json"
     if not state.is_file():
-        return 0
+        return 0, {}
     recorded = json.loads(state.read_text())
     if recorded["config"] != json.loads(json.dumps(asdict(config))):
         differ = sorted(
@@ -396,12 +436,15 @@ def _resume(accelerator: Accelerator, checkpoint: Path, config: FineTuneConfig) 
             "policies and configuration or use a new directory"
         )
     accelerator.load_state(str(checkpoint / "state"))
-    return int(recorded["step"])
+    return int(recorded["step"]), recorded.get("run", {})
 
 
-def _checkpoint(accelerator: Accelerator, checkpoint: Path, config: FineTuneConfig, step: int) -> None:
+def _checkpoint(
+    accelerator: Accelerator, checkpoint: Path, config: FineTuneConfig, step: int, run: dict
+) -> None:
     """Replace the checkpoint: accelerate's state (model, optimizer, scheduler, EMA, each process's random
-    state) and the step. Every process saves its part; the main process swaps the directories."""
+    state), the step and ``run`` (time and counts so far). Every process saves its part; the main process
+    swaps the directories."""
     partial = checkpoint.with_name(checkpoint.name + ".partial")
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
@@ -409,7 +452,8 @@ def _checkpoint(accelerator: Accelerator, checkpoint: Path, config: FineTuneConf
     accelerator.save_state(str(partial / "state"))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (partial / "run.json").write_text(json.dumps({"step": step, "config": asdict(config)}, default=str))
+        state = {"step": step, "config": asdict(config), "run": run}
+        (partial / "run.json").write_text(json.dumps(state, default=str))
         shutil.rmtree(checkpoint, ignore_errors=True)
         partial.rename(checkpoint)
     accelerator.wait_for_everyone()
