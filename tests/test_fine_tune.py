@@ -74,6 +74,20 @@ def test_the_filter_drop_rate_and_time_cover_every_call_of_a_resumed_run(data_di
     assert whole["wall_time_s"] > 0 and resumed["wall_time_s"] > 0
 
 
+def test_a_quantile_threshold_is_measured_once_on_the_starting_model(data_dir, tmp_path):
+    policies = {"filter": {"quantile": 0.5, "calibration_batches": 4}}
+    config = FineTuneConfig(**{**QUICK.__dict__, "policies": policies})
+    assert fine_tune(MODEL, data_dir, tmp_path / "whole", config, progress=False).complete
+    while not fine_tune(
+        MODEL, data_dir, tmp_path / "resumed", config, time_budget_s=0.0, progress=False
+    ).complete:
+        pass
+    whole, resumed = (json.loads((tmp_path / d / "fine_tune.json").read_text()) for d in ("whole", "resumed"))
+    # every call of the resumed run goes on with the first call's threshold, not one of its updated model
+    assert resumed["filter_threshold"] == whole["filter_threshold"] != 2.0
+    assert 0 < whole["drop_rate"] < 1 and resumed["drop_rate"] == whole["drop_rate"]
+
+
 def test_resuming_with_another_policy_is_refused(data_dir, tmp_path):
     out = tmp_path / "run"
     assert not fine_tune(MODEL, data_dir, out, QUICK, time_budget_s=0.0, progress=False).complete

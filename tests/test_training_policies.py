@@ -124,6 +124,22 @@ def test_a_filter_that_drops_everything_gives_a_zero_loss_and_warns_instead_of_s
         MagnitudeFilterConfig(threshold=0)
 
 
+def test_the_filter_default_and_quantile_thresholds():
+    norms = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert MagnitudeFilter().threshold == 2.0  # Wen et al.'s SD 1.4 value when none is given
+    calibrated = MagnitudeFilterConfig(quantile=0.75).calibrated(norms)
+    assert calibrated.threshold == 4.0 and calibrated.quantile is None
+    assert MagnitudeFilter(calibrated).threshold == 4.0
+    with pytest.raises(DiffmemError, match="calibrate the magnitude filter's quantile first"):
+        MagnitudeFilter(MagnitudeFilterConfig(quantile=0.75))
+    with pytest.raises(DiffmemError, match="a threshold or a quantile, not both"):
+        MagnitudeFilterConfig(threshold=2.0, quantile=0.9)
+    with pytest.raises(DiffmemError, match=r"quantile must lie in \(0, 1\)"):
+        MagnitudeFilterConfig(quantile=1.0)
+    with pytest.raises(DiffmemError, match="fixed threshold"):
+        MagnitudeFilterConfig(threshold=2.0).calibrated(norms)
+
+
 def test_caption_randomisation_is_seeded_per_sample_and_step():
     captions = [f"the item {i} poster at the top left" for i in range(200)]
     vocabulary = ["red", "bag", "zorblax", "left"]

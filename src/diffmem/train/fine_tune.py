@@ -18,7 +18,8 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ from diffmem.run_record import environment
 from diffmem.train.ambient_loss import ambient_loss_vp, ambient_vp_input, noisy_copies, timestep_of_sigma
 from diffmem.train.caption_randomisation import CaptionRandomisationConfig, randomise_captions
 from diffmem.train.deduplication import DeduplicationConfig, deduplicate
-from diffmem.train.magnitude_filter import MagnitudeFilter, MagnitudeFilterConfig
+from diffmem.train.magnitude_filter import MagnitudeFilter, MagnitudeFilterConfig, prediction_magnitude
 
 RECORD = "fine_tune.json"
 PROGRESS_EVERY = 25  # steps between loss read-outs on the progress bar
@@ -148,7 +149,6 @@ def fine_tune(
     # without the ambient policy, sigma_n = 0: the ambient input and loss are the ordinary ones (SPEC §6)
     sigma_n = 0.0 if ambient is None else ambient.sigma_n
     t_n = None if ambient is None else timestep_of_sigma(schedule.alphas_cumprod, sigma_n)  # or an error
-    flt = MagnitudeFilter(policies["filter"]) if "filter" in policies else None
     unet = pipeline.unet.train()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr)
     warmup = torch.optim.lr_scheduler.LambdaLR(
@@ -160,20 +160,37 @@ def fine_tune(
         accelerator.register_for_checkpointing(ema)
     checkpoint = out_dir / "checkpoint"
     step, state = _resume(accelerator, checkpoint, config)
-    drops = _DropLog(state) if flt is not None else None
     earlier_s = state.get("wall_s", 0.0)  # this run's time in earlier calls
     alphas_cumprod = schedule.alphas_cumprod.to(accelerator.device)
-    main = accelerator.is_main_process
-    bar = tqdm(total=config.steps, initial=step, desc="fine-tuning", disable=not (progress and main))
-    while step < config.steps:
+
+    def draw(step: int) -> tuple[_Batch, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Step ``step``'s batch, sampled t, alpha_bar_t and noised input x_t (the same on resume)."""
         generator = torch.Generator().manual_seed(_batch_seed(config.seed, step, accelerator.process_index))
         batch = data.batch(generator, step, policies.get("captions"))
         t = torch.randint(schedule.config.num_train_timesteps, (config.batch_size,), generator=generator)
         z = torch.randn(batch.latents.shape, generator=generator).to(accelerator.device)
-        t = t.to(accelerator.device)
-        alpha_bar = alphas_cumprod[t]
+        alpha_bar = alphas_cumprod[t.to(accelerator.device)]
+        return (
+            batch,
+            t.to(accelerator.device),
+            alpha_bar,
+            ambient_vp_input(batch.latents, batch.noisy, alpha_bar, sigma_n, z),
+        )
+
+    flt = None
+    if "filter" in policies:
+        settings = policies["filter"]
+        if state.get("filter_threshold") is not None:  # a resumed run keeps the threshold it started with
+            settings = replace(settings, threshold=state["filter_threshold"], quantile=None)
+        elif settings.quantile is not None:
+            settings = _calibrate_filter(accelerator, unet, data, settings, config.steps, draw)
+        flt = MagnitudeFilter(settings)
+    drops = _DropLog(state) if flt is not None else None
+    main = accelerator.is_main_process
+    bar = tqdm(total=config.steps, initial=step, desc="fine-tuning", disable=not (progress and main))
+    while step < config.steps:
+        batch, t, alpha_bar, x_t = draw(step)
         with accelerator.accumulate(unet):
-            x_t = ambient_vp_input(batch.latents, batch.noisy, alpha_bar, sigma_n, z)
             eps = _eps(unet(x_t, t, **batch.condition).sample, x_t)
             losses = ambient_loss_vp(eps, x_t, alpha_bar, batch.latents, batch.noisy, sigma_n)  # [B]
             update = True
@@ -207,7 +224,8 @@ def fine_tune(
             bar.set_postfix(shown if window is None else shown | {"dropped": f"{window:.0%}"})
         if saving:
             wall_s = earlier_s + time.monotonic() - started
-            _checkpoint(accelerator, checkpoint, config, step, {"wall_s": wall_s, **_drop_state(drops)})
+            run = {"wall_s": wall_s, "filter_threshold": flt and flt.threshold, **_drop_state(drops)}
+            _checkpoint(accelerator, checkpoint, config, step, run)
         if out_of_time:
             break
     bar.close()
@@ -231,6 +249,7 @@ def fine_tune(
         "config": asdict(config),
         "processes": accelerator.num_processes,  # each drew config.batch_size rows a step
         "ambient_t_n": t_n,
+        "filter_threshold": flt and flt.threshold,  # the given one, or the quantile's value
         "drop_rate": drop_rate,  # over the whole run
         "drop_log": None
         if drops is None
@@ -412,6 +431,27 @@ class _DropLog:
     @property
     def rate(self) -> float | None:
         return self.dropped / self.seen if self.seen else None
+
+
+def _calibrate_filter(
+    accelerator: Accelerator,
+    unet: torch.nn.Module,
+    data: _Data,
+    settings: MagnitudeFilterConfig,
+    steps: int,
+    draw: Callable[[int], tuple[_Batch, torch.Tensor, torch.Tensor, torch.Tensor]],
+) -> MagnitudeFilterConfig:
+    """The filter with its threshold at ``settings.quantile`` of the starting model's magnitudes, over
+    the batches that steps ``steps``, ``steps + 1``, ... would draw (never trained on); every process
+    measures its own and all agree on the gathered quantile."""
+    magnitudes = []
+    with torch.no_grad():
+        for index in range(settings.calibration_batches):
+            batch, t, _, x_t = draw(steps + index)
+            eps = _eps(unet(x_t, t, **batch.condition).sample, x_t)
+            eps_uncond = _eps(unet(x_t, t, **data.null_condition(len(t))).sample, x_t)
+            magnitudes.append(prediction_magnitude(eps, eps_uncond))
+    return settings.calibrated(accelerator.gather(torch.cat(magnitudes)).cpu())
 
 
 def _drop_state(drops: _DropLog | None) -> dict:

@@ -11,27 +11,53 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from diffmem.errors import DiffmemError
 
+DEFAULT_THRESHOLD = 2.0  # Wen et al.'s threshold for SD 1.4 fine-tuning
+
 
 @dataclass(frozen=True)
 class MagnitudeFilterConfig:
-    """Wen et al.'s threshold for SD 1.4 fine-tuning, and when to warn that it drops everything."""
+    """Where the filter cuts, and when to warn that it drops everything.
 
-    threshold: float = 2.0  # drop samples with ||model_pred - eps_uncond|| >= threshold
+    A magnitude scales with the latent size, so SD 1.4's threshold does not carry over to other models;
+    ``quantile`` (ours, not the paper's) sets the threshold from the starting model instead: that quantile
+    of the magnitudes of ``calibration_batches`` training batches, measured before the first update.
+    """
+
+    threshold: float | None = None  # drop samples with ||model_pred - eps_uncond|| >= threshold (default 2.0)
+    quantile: float | None = None  # or: the threshold is this quantile of the starting model's magnitudes
+    calibration_batches: int = 16
     warn_after_steps: int = 100  # consecutive steps with every sample dropped before a warning
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.threshold) and self.threshold > 0):
+        if self.threshold is not None and self.quantile is not None:
+            raise DiffmemError("give the magnitude filter a threshold or a quantile, not both")
+        if self.threshold is not None and not (math.isfinite(self.threshold) and self.threshold > 0):
             raise DiffmemError(
                 f"the magnitude filter's threshold must be a positive number; got {self.threshold}"
             )
+        if self.quantile is not None and not 0 < self.quantile < 1:
+            raise DiffmemError(f"the magnitude filter's quantile must lie in (0, 1); got {self.quantile}")
+        if self.calibration_batches < 1:
+            raise DiffmemError(f"calibration_batches must be at least 1; got {self.calibration_batches}")
         if self.warn_after_steps < 1:
             raise DiffmemError(f"warn_after_steps must be at least 1; got {self.warn_after_steps}")
+
+    def calibrated(self, magnitudes: torch.Tensor) -> MagnitudeFilterConfig:
+        """This configuration with its threshold set to ``quantile`` of ``magnitudes`` (the starting
+        model's, over the calibration batches)."""
+        if self.quantile is None:
+            raise DiffmemError(
+                "this magnitude filter has a fixed threshold; there is no quantile to calibrate"
+            )
+        return replace(
+            self, threshold=float(torch.quantile(magnitudes.float(), self.quantile)), quantile=None
+        )
 
 
 @dataclass(frozen=True)
@@ -52,7 +78,12 @@ class MagnitudeFilter:
     """Masks high-magnitude samples out of each step's loss and watches how many it drops."""
 
     def __init__(self, config: MagnitudeFilterConfig = MagnitudeFilterConfig()) -> None:
+        if config.quantile is not None:
+            raise DiffmemError(
+                "calibrate the magnitude filter's quantile first (MagnitudeFilterConfig.calibrated)"
+            )
         self.config = config
+        self.threshold = DEFAULT_THRESHOLD if config.threshold is None else config.threshold
         self.all_dropped_steps = 0  # consecutive steps so far with every sample dropped
 
     def __call__(
@@ -63,9 +94,8 @@ class MagnitudeFilter:
             raise DiffmemError(
                 f"give one loss per sample: {tuple(losses.shape)} for a batch of {model_pred.shape[0]}"
             )
-        # ||eps_theta(x_t, t, e_prompt) - eps_theta(x_t, t, e_null)||_2 at the sampled t (Wen et al., Sec. 6)
-        magnitude = (model_pred.detach() - eps_uncond.detach()).flatten(1).float().norm(dim=1)
-        kept = magnitude < self.config.threshold
+        magnitude = prediction_magnitude(model_pred, eps_uncond)
+        kept = magnitude < self.threshold
         count = kept.sum()
         loss = (losses * kept.to(losses.dtype)).sum() / count.clamp_min(1).to(losses.dtype)
         self._watch(bool(count == 0))
@@ -76,7 +106,13 @@ class MagnitudeFilter:
         if self.all_dropped_steps == self.config.warn_after_steps:
             warnings.warn(
                 f"the magnitude filter dropped every sample for {self.all_dropped_steps} steps in a row: "
-                f"the model is not learning; raise the threshold (now {self.config.threshold})",
+                f"the model is not learning; raise the threshold (now {self.threshold:g})",
                 RuntimeWarning,
                 stacklevel=3,
             )
+
+
+def prediction_magnitude(model_pred: torch.Tensor, eps_uncond: torch.Tensor) -> torch.Tensor:
+    """[B] ``||model_pred - eps_uncond||_2`` per sample, without gradients."""
+    # ||eps_theta(x_t, t, e_prompt) - eps_theta(x_t, t, e_null)||_2 at the sampled t (Wen et al., Sec. 6)
+    return (model_pred.detach() - eps_uncond.detach()).flatten(1).float().norm(dim=1)
