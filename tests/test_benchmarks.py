@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+from diffmem.models import shipped_directory
+
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
 
@@ -61,6 +63,18 @@ def test_explain_triggers_smoke(tmp_path):
     assert record["captions"] == 24 and 0 <= record["top_is_trigger"] <= 24
     assert record["below_without_top"] <= record["flagged"] <= 24
     assert record["mean_score_without_top"] != record["mean_score"]
+
+
+def test_trigger_ablation_smoke(tmp_path):
+    labels = shipped_directory("builtin:lab-micro") / "labels.parquet"
+    args = ["--model", "builtin:lab-micro", "--labels", str(labels), "--n-generations", "1"]
+    record = _load("trigger_ablation").main([*args, "--out", str(tmp_path / "record.json")])
+    assert record["memorized"] == 24 and record["heldout"] == 64
+    assert (
+        record["score_memorized"] > record["score_heldout"]
+    )  # the shipped model's memorized captions stand out
+    assert record["score_title_only"] != record["score_memorized"]
+    assert sum(record["gradient_top_words"].values()) <= 24 and record["occlusion_top_is_trigger"] <= 24
 
 
 def test_mitigation_overhead_smoke(tmp_path):
