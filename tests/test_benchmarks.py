@@ -77,6 +77,15 @@ def test_trigger_ablation_smoke(tmp_path):
     assert sum(record["gradient_top_words"].values()) <= 24 and record["occlusion_top_is_trigger"] <= 24
 
 
+def test_filter_magnitudes_smoke(tmp_path, micro_lab_data):
+    model = shipped_directory("builtin:lab-micro") / "model"
+    args = ["--model", str(model), "--data", str(micro_lab_data), "--batches", "2", "--batch-size", "16"]
+    record = _load("filter_magnitudes").main([*args, "--out", str(tmp_path / "record.json")])
+    assert record["samples"] == 32
+    p50, p90, p99 = record["all_percentiles_50_90_99"]
+    assert 0 < p50 <= p90 <= p99
+
+
 def test_mitigation_overhead_smoke(tmp_path):
     out = tmp_path / "record.json"
     args = ["--size", "tiny", "--device", "cpu", "--num-inference-steps", "2", "--batch-size", "2"]

@@ -15,7 +15,7 @@ from diffmem.cli.main import run
 from diffmem.errors import DiffmemError
 from diffmem.lab.dataset import LabConfig
 from diffmem.models import shipped_directory
-from diffmem.train.fine_tune import FineTuneConfig, fine_tune
+from diffmem.train.fine_tune import FineTuneConfig, fine_tune, training_magnitudes
 
 MODEL = shipped_directory("builtin:lab-micro") / "model"
 QUICK = FineTuneConfig(steps=4, batch_size=4, lr=1e-3, checkpoint_every=2, ema_decay=0.9)
@@ -86,6 +86,15 @@ def test_a_quantile_threshold_is_measured_once_on_the_starting_model(data_dir, t
     # every call of the resumed run goes on with the first call's threshold, not one of its updated model
     assert resumed["filter_threshold"] == whole["filter_threshold"] != 2.0
     assert 0 < whole["drop_rate"] < 1 and resumed["drop_rate"] == whole["drop_rate"]
+
+
+def test_training_magnitudes_are_the_filters_view_of_the_training_batches(data_dir):
+    table = training_magnitudes(MODEL, data_dir, batches=2, batch_size=8, seed=3)
+    again = training_magnitudes(MODEL, data_dir, batches=2, batch_size=8, seed=3)
+    assert table.num_rows == 16 and table.equals(again)
+    assert set(table["group"].to_pylist()) <= {"memorized", "duplicated_image", "unique"}
+    assert all(0 <= t < 1000 for t in table["t"].to_pylist())
+    assert min(table["magnitude"].to_pylist()) > 0
 
 
 def test_resuming_with_another_policy_is_refused(data_dir, tmp_path):

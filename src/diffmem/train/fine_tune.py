@@ -18,12 +18,12 @@ import json
 import shutil
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -161,22 +161,7 @@ def fine_tune(
     checkpoint = out_dir / "checkpoint"
     step, state = _resume(accelerator, checkpoint, config)
     earlier_s = state.get("wall_s", 0.0)  # this run's time in earlier calls
-    alphas_cumprod = schedule.alphas_cumprod.to(accelerator.device)
-
-    def draw(step: int) -> tuple[_Batch, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Step ``step``'s batch, sampled t, alpha_bar_t and noised input x_t (the same on resume)."""
-        generator = torch.Generator().manual_seed(_batch_seed(config.seed, step, accelerator.process_index))
-        batch = data.batch(generator, step, policies.get("captions"))
-        t = torch.randint(schedule.config.num_train_timesteps, (config.batch_size,), generator=generator)
-        z = torch.randn(batch.latents.shape, generator=generator).to(accelerator.device)
-        alpha_bar = alphas_cumprod[t.to(accelerator.device)]
-        return (
-            batch,
-            t.to(accelerator.device),
-            alpha_bar,
-            ambient_vp_input(batch.latents, batch.noisy, alpha_bar, sigma_n, z),
-        )
-
+    draw = _Draws(data, schedule, sigma_n, config.seed, accelerator.process_index, policies.get("captions"))
     flt = None
     if "filter" in policies:
         settings = policies["filter"]
@@ -266,6 +251,31 @@ def fine_tune(
     return FineTuneStatus(out_dir, True, step, drop_rate)
 
 
+def training_magnitudes(
+    model_dir: Path,
+    data_dir: Path,
+    batches: int = 16,
+    batch_size: int = 64,
+    seed: int = 0,
+    device: str = "cpu",
+) -> pa.Table:
+    """The magnitude filter's ``||eps_c - eps_u||`` for a model on training batches drawn as fine-tuning
+    draws them: one row per sample with its lab group, t and magnitude (to choose a threshold)."""
+    pipeline = _open_pipeline(model_dir)
+    config = FineTuneConfig(batch_size=batch_size, seed=seed, policies={"filter": {}})
+    data = _Data(pipeline, load_lab_dataset(data_dir), config, torch.device(device))
+    draw = _Draws(data, DDPMScheduler.from_config(pipeline.scheduler.config), 0.0, seed, 0, None)
+    unet, rows = pipeline.unet.eval(), []
+    with torch.no_grad():
+        for step in range(batches):
+            batch, t, _, x_t = draw(step)
+            for row, timestep, magnitude in zip(
+                batch.rows.tolist(), t.tolist(), _magnitudes(unet, data, batch, t, x_t).tolist(), strict=True
+            ):
+                rows.append({"group": data.rows[row]["group"], "t": timestep, "magnitude": magnitude})
+    return pa.Table.from_pylist(rows)
+
+
 @dataclass(frozen=True)
 class _Batch:
     latents: (
@@ -273,6 +283,7 @@ class _Batch:
     )  # [B, C, h, w] clean data: VAE posterior means x scaling factor, or pixels in [-1, 1]
     noisy: torch.Tensor  # [B, C, h, w] their fixed noisy copies (ambient), else the clean data
     condition: dict[str, torch.Tensor]  # the UNet's keyword arguments: text states, class labels or none
+    rows: torch.Tensor  # [B] the training rows drawn
 
 
 class _Data:
@@ -342,7 +353,7 @@ class _Data:
             condition = {"class_labels": self.row_class[rows.to(self.device)]}
         else:
             condition = {}
-        return _Batch(self.latents[images], self.noisy[images], condition)
+        return _Batch(self.latents[images], self.noisy[images], condition, rows)
 
     def null_condition(self, count: int) -> dict[str, torch.Tensor]:
         """The unconditional keyword arguments: the empty prompt, or the null class."""
@@ -433,24 +444,58 @@ class _DropLog:
         return self.dropped / self.seen if self.seen else None
 
 
+class _Draws:
+    """Each step's batch, sampled t, alpha_bar_t and noised input x_t, seeded by (seed, step, process): the
+    same on resume, other rows on each process."""
+
+    def __init__(
+        self, data: _Data, schedule: DDPMScheduler, sigma_n: float, seed: int, process: int, captions
+    ):
+        self.data, self.sigma_n, self.seed, self.process, self.captions = (
+            data,
+            sigma_n,
+            seed,
+            process,
+            captions,
+        )
+        self.timesteps = schedule.config.num_train_timesteps
+        self.alphas_cumprod = schedule.alphas_cumprod.to(data.device)
+
+    def __call__(self, step: int) -> tuple[_Batch, torch.Tensor, torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(_batch_seed(self.seed, step, self.process))
+        batch = self.data.batch(generator, step, self.captions)
+        t = torch.randint(self.timesteps, (self.data.batch_size,), generator=generator)
+        z = torch.randn(batch.latents.shape, generator=generator).to(self.data.device)
+        t = t.to(self.data.device)
+        alpha_bar = self.alphas_cumprod[t]
+        return batch, t, alpha_bar, ambient_vp_input(batch.latents, batch.noisy, alpha_bar, self.sigma_n, z)
+
+
+def _magnitudes(
+    unet: torch.nn.Module, data: _Data, batch: _Batch, t: torch.Tensor, x_t: torch.Tensor
+) -> torch.Tensor:
+    """[B] ``||eps_c - eps_u||`` of a batch at its sampled t (no gradients)."""
+    with torch.no_grad():
+        eps = _eps(unet(x_t, t, **batch.condition).sample, x_t)
+        eps_uncond = _eps(unet(x_t, t, **data.null_condition(len(t))).sample, x_t)
+    return prediction_magnitude(eps, eps_uncond)
+
+
 def _calibrate_filter(
     accelerator: Accelerator,
     unet: torch.nn.Module,
     data: _Data,
     settings: MagnitudeFilterConfig,
     steps: int,
-    draw: Callable[[int], tuple[_Batch, torch.Tensor, torch.Tensor, torch.Tensor]],
+    draw: _Draws,
 ) -> MagnitudeFilterConfig:
     """The filter with its threshold at ``settings.quantile`` of the starting model's magnitudes, over
     the batches that steps ``steps``, ``steps + 1``, ... would draw (never trained on); every process
     measures its own and all agree on the gathered quantile."""
     magnitudes = []
-    with torch.no_grad():
-        for index in range(settings.calibration_batches):
-            batch, t, _, x_t = draw(steps + index)
-            eps = _eps(unet(x_t, t, **batch.condition).sample, x_t)
-            eps_uncond = _eps(unet(x_t, t, **data.null_condition(len(t))).sample, x_t)
-            magnitudes.append(prediction_magnitude(eps, eps_uncond))
+    for index in range(settings.calibration_batches):
+        batch, t, _, x_t = draw(steps + index)
+        magnitudes.append(_magnitudes(unet, data, batch, t, x_t))
     return settings.calibrated(accelerator.gather(torch.cat(magnitudes)).cpu())
 
 
