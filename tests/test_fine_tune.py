@@ -34,6 +34,16 @@ def uninterrupted(data_dir, tmp_path_factory):
     return out
 
 
+def _whole_and_resumed(data_dir, tmp_path, config: FineTuneConfig) -> tuple[dict, dict]:
+    """The records of a run done in one call and of the same run resumed one step a call."""
+    assert fine_tune(MODEL, data_dir, tmp_path / "whole", config, progress=False).complete
+    while not fine_tune(
+        MODEL, data_dir, tmp_path / "resumed", config, time_budget_s=0.0, progress=False
+    ).complete:
+        pass
+    return tuple(json.loads((tmp_path / d / "fine_tune.json").read_text()) for d in ("whole", "resumed"))
+
+
 def _unet(directory):
     return load_file(directory / "model" / WEIGHTS)
 
@@ -61,12 +71,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(data_dir, uninterrupted,
 
 def test_the_filter_drop_rate_and_time_cover_every_call_of_a_resumed_run(data_dir, tmp_path):
     config = FineTuneConfig(**{**QUICK.__dict__, "policies": {"filter": {"threshold": 2.0}}})
-    assert fine_tune(MODEL, data_dir, tmp_path / "whole", config, progress=False).complete
-    while not fine_tune(
-        MODEL, data_dir, tmp_path / "resumed", config, time_budget_s=0.0, progress=False
-    ).complete:
-        pass
-    whole, resumed = (json.loads((tmp_path / d / "fine_tune.json").read_text()) for d in ("whole", "resumed"))
+    whole, resumed = _whole_and_resumed(data_dir, tmp_path, config)
     assert 0 < whole["drop_rate"] < 1 and resumed["drop_rate"] == whole["drop_rate"]
     assert [step for step, _ in whole["drop_log"]] == [2, 4]  # a window closes at every checkpoint
     assert [step for step, _ in resumed["drop_log"]] == [1, 2, 3, 4]  # each call checkpoints its one step
@@ -77,12 +82,7 @@ def test_the_filter_drop_rate_and_time_cover_every_call_of_a_resumed_run(data_di
 def test_a_quantile_threshold_is_measured_once_on_the_starting_model(data_dir, tmp_path):
     policies = {"filter": {"quantile": 0.5, "calibration_batches": 4}}
     config = FineTuneConfig(**{**QUICK.__dict__, "policies": policies})
-    assert fine_tune(MODEL, data_dir, tmp_path / "whole", config, progress=False).complete
-    while not fine_tune(
-        MODEL, data_dir, tmp_path / "resumed", config, time_budget_s=0.0, progress=False
-    ).complete:
-        pass
-    whole, resumed = (json.loads((tmp_path / d / "fine_tune.json").read_text()) for d in ("whole", "resumed"))
+    whole, resumed = _whole_and_resumed(data_dir, tmp_path, config)
     # every call of the resumed run goes on with the first call's threshold, not one of its updated model
     assert resumed["filter_threshold"] == whole["filter_threshold"] != 2.0
     assert 0 < whole["drop_rate"] < 1 and resumed["drop_rate"] == whole["drop_rate"]
