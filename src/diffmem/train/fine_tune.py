@@ -209,7 +209,11 @@ def fine_tune(
             bar.set_postfix(shown if window is None else shown | {"dropped": f"{window:.0%}"})
         if saving:
             wall_s = earlier_s + time.monotonic() - started
-            run = {"wall_s": wall_s, "filter_threshold": flt and flt.threshold, **_drop_state(drops)}
+            run = {
+                "wall_s": wall_s,
+                "filter_threshold": None if flt is None else flt.threshold,
+                **_drop_state(drops),
+            }
             _checkpoint(accelerator, checkpoint, config, step, run)
         if out_of_time:
             break
@@ -234,7 +238,7 @@ def fine_tune(
         "config": asdict(config),
         "processes": accelerator.num_processes,  # each drew config.batch_size rows a step
         "ambient_t_n": t_n,
-        "filter_threshold": flt and flt.threshold,  # the given one, or the quantile's value
+        "filter_threshold": None if flt is None else flt.threshold,  # the given one, or the quantile's value
         "drop_rate": drop_rate,  # over the whole run
         "drop_log": None
         if drops is None
@@ -266,13 +270,13 @@ def training_magnitudes(
     data = _Data(pipeline, load_lab_dataset(data_dir), config, torch.device(device))
     draw = _Draws(data, DDPMScheduler.from_config(pipeline.scheduler.config), 0.0, seed, 0, None)
     unet, rows = pipeline.unet.eval(), []
-    with torch.no_grad():
-        for step in range(batches):
-            batch, t, _, x_t = draw(step)
-            for row, timestep, magnitude in zip(
-                batch.rows.tolist(), t.tolist(), _magnitudes(unet, data, batch, t, x_t).tolist(), strict=True
-            ):
-                rows.append({"group": data.rows[row]["group"], "t": timestep, "magnitude": magnitude})
+    for step in range(batches):
+        batch, t, _, x_t = draw(step)
+        magnitudes = _magnitudes(unet, data, batch, t, x_t)
+        for row, timestep, magnitude in zip(
+            batch.rows.tolist(), t.tolist(), magnitudes.tolist(), strict=True
+        ):
+            rows.append({"group": data.rows[row]["group"], "t": timestep, "magnitude": magnitude})
     return pa.Table.from_pylist(rows)
 
 
@@ -451,13 +455,11 @@ class _Draws:
     def __init__(
         self, data: _Data, schedule: DDPMScheduler, sigma_n: float, seed: int, process: int, captions
     ):
-        self.data, self.sigma_n, self.seed, self.process, self.captions = (
-            data,
-            sigma_n,
-            seed,
-            process,
-            captions,
-        )
+        self.data = data
+        self.sigma_n = sigma_n
+        self.seed = seed
+        self.process = process
+        self.captions = captions
         self.timesteps = schedule.config.num_train_timesteps
         self.alphas_cumprod = schedule.alphas_cumprod.to(data.device)
 
