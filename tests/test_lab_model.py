@@ -15,7 +15,8 @@ from diffmem.lab.dataset import load_lab_dataset
 from diffmem.lab.label import LabelConfig, lab_prompts, label_lab_model
 from diffmem.lab.model import LabModelConfig
 from diffmem.lab.train import LabTrainConfig, train_lab_model
-from diffmem.models import model_hash
+from diffmem.metrics.copy_detection import load_encoder
+from diffmem.models import model_hash, shipped_directory
 
 QUICK = replace(
     LabTrainConfig.micro(), vae_steps=3, vae_batch_size=8, unet_steps=4, batch_size=8, checkpoint_every=2
@@ -124,6 +125,37 @@ def test_labels_with_provenance(data_dir, model_dir, tmp_path):
     provenance = json.loads((out / "labels.json").read_text())
     assert provenance["model_hash"] == model_hash(model_dir) and provenance["thresholds"]["nl2"] == 1.4
     assert set(provenance["summary"]["groups"]) == {"memorized", "heldout"}
+
+
+def test_copy_detection_labels_use_the_chosen_threshold(data_dir, model_dir, tmp_path):
+    encoder = load_encoder(shipped_directory("builtin:lab-micro") / "copy_detector")
+    config = LabelConfig(n_generations=2, num_inference_steps=2, groups=("heldout",), max_prompts_per_group=4)
+    written = {}
+    for threshold in (0.0, 0.99):
+        out = tmp_path / str(threshold)
+        label_lab_model(
+            load_denoiser(model_dir),
+            model_dir,
+            load_lab_dataset(data_dir),
+            replace(config, copy_threshold=threshold),
+            encoder,
+            out,
+            progress=False,
+        )
+        written[threshold] = pq.read_table(out / "labels.parquet").to_pylist()
+        generations = pq.read_table(out / "generations.parquet").to_pylist()
+        for label in written[threshold]:
+            near = [
+                g["copy_similarity"] > threshold for g in generations if g["prompt_id"] == label["prompt_id"]
+            ]
+            assert label["share_copy"] == sum(near) / 2 and label["memorized_copy"] == (sum(near) / 2 > 0.5)
+        summary = json.loads((out / "labels.json").read_text())
+        assert summary["thresholds"]["copy"] == threshold
+        assert summary["summary"]["groups"]["heldout"]["share_memorized_copy"] == pytest.approx(
+            sum(r["memorized_copy"] for r in written[threshold]) / 4
+        )
+    assert all(r["memorized_copy"] for r in written[0.0])  # every similarity of these generations is > 0
+    assert not any(r["memorized_copy"] for r in written[0.99])
 
 
 def test_lab_command_line(data_dir, tmp_path, capsys):

@@ -20,6 +20,7 @@ from diffmem.lab.label import GROUPS, LabelConfig, label_lab_model
 from diffmem.lab.model import LabModelConfig
 from diffmem.lab.train import LabTrainConfig, train_lab_model
 from diffmem.metrics.copy_detection import (
+    COPY_THRESHOLD,
     CopyDetectionConfig,
     copy_detection_accuracy,
     load_encoder,
@@ -110,6 +111,9 @@ def label(
         int | None, typer.Option(help="Label at most this many prompts a group.")
     ] = None,
     copy_detector: Annotated[Path | None, typer.Option(help="A copy-detection encoder directory.")] = None,
+    copy_threshold: Annotated[
+        float, typer.Option(help="A near-copy above this copy similarity (SSCD's 0.5; the lab's 0.75).")
+    ] = COPY_THRESHOLD,
 ) -> None:
     """Generate for every lab prompt and label it memorized when most generations are near-copies."""
     settings: Settings = ctx.obj
@@ -120,6 +124,7 @@ def label(
         batch_size=batch_size,
         groups=tuple(groups) if groups else GROUPS,
         max_prompts_per_group=max_prompts_per_group,
+        copy_threshold=copy_threshold,
         seed=settings.seed,
     )
     denoiser = load_denoiser(model, device=settings.device, dtype=settings.dtype)
@@ -127,7 +132,11 @@ def label(
     written = label_lab_model(denoiser, model, load_lab_dataset(data), config, encoder, out)
     summary = json.loads((written / "labels.json").read_text())["summary"]["groups"]
     for group, values in summary.items():
-        typer.echo(f"{group}: {values['share_memorized']:.1%} of {values['prompts']} prompts memorized")
+        by_copy = values.get("share_memorized_copy")
+        copies = "" if by_copy is None else f" ({by_copy:.1%} by copy similarity > {copy_threshold:g})"
+        typer.echo(
+            f"{group}: {values['share_memorized']:.1%} of {values['prompts']} prompts memorized by nL2{copies}"
+        )
     typer.echo(f"wrote labels to {written}")
 
 

@@ -35,6 +35,9 @@ class LabelConfig:
     guidance_scale: float = 7.5
     batch_size: int = 64
     majority: float = 0.5  # memorized when more than this share of generations are near-copies
+    copy_threshold: float = (
+        COPY_THRESHOLD  # a near-copy by copy detection above this (SSCD's 0.5; the lab's 0.75)
+    )
     groups: tuple[str, ...] = GROUPS
     max_prompts_per_group: int | None = None
     seed: int = 0
@@ -109,7 +112,7 @@ def label_lab_model(
             rows["copy_nearest_scene_id"] = [scene_ids[i] for i in nearest.tolist()]
         generation_rows.append(pa.table(rows))
     generations = pa.concat_tables(generation_rows)
-    labels = _prompt_labels(prompts, generations, config.majority)
+    labels = _prompt_labels(prompts, generations, config)
     out_dir.mkdir(parents=True, exist_ok=True)
     pq.write_table(generations, out_dir / "generations.parquet")
     pq.write_table(labels, out_dir / "labels.parquet")
@@ -118,7 +121,12 @@ def label_lab_model(
         "dataset": str(dataset.directory),
         "config": asdict(config),
         "sampler": type(denoiser.scheduler).__name__,
-        "thresholds": {"nl2": NL2_THRESHOLD, "nl2_k": NL2_K, "nl2_alpha": NL2_ALPHA, "copy": COPY_THRESHOLD},
+        "thresholds": {
+            "nl2": NL2_THRESHOLD,
+            "nl2_k": NL2_K,
+            "nl2_alpha": NL2_ALPHA,
+            "copy": config.copy_threshold,
+        },
         "summary": _summary(labels, generations),
         "environment": environment(),
     }
@@ -126,9 +134,9 @@ def label_lab_model(
     return out_dir
 
 
-def _prompt_labels(prompts: pa.Table, generations: pa.Table, majority: float) -> pa.Table:
-    """Per prompt: share of near-copies by nL2 (and copy detection) and the memorized label (by nL2)."""
-    ids = generations["prompt_id"].to_numpy()
+def _prompt_labels(prompts: pa.Table, generations: pa.Table, config: LabelConfig) -> pa.Table:
+    """Per prompt: share of near-copies by nL2 and the memorized label by nL2 (and both by copy detection)."""
+    ids, majority = generations["prompt_id"].to_numpy(), config.majority
     by_nl2 = per_prompt(generations["nl2"].to_numpy(), ids, NL2_THRESHOLD, False, majority)
     names = {
         "n_generations": "n_generations",
@@ -138,8 +146,14 @@ def _prompt_labels(prompts: pa.Table, generations: pa.Table, majority: float) ->
     }
     labels = _attach(prompts, by_nl2, names)
     if "copy_similarity" in generations.column_names:
-        by_copy = per_prompt(generations["copy_similarity"].to_numpy(), ids, COPY_THRESHOLD, True, majority)
-        labels = _attach(labels, by_copy, {"share_memorized": "share_copy", "top1": "max_copy_similarity"})
+        copy = generations["copy_similarity"].to_numpy()
+        by_copy = per_prompt(copy, ids, config.copy_threshold, True, majority)
+        names = {
+            "share_memorized": "share_copy",
+            "top1": "max_copy_similarity",
+            "memorized": "memorized_copy",
+        }
+        labels = _attach(labels, by_copy, names)
     own = _share_own_scene(prompts, generations)
     labels = labels.append_column("share_own_scene", pa.array(own, pa.float64()))
     in_group = pc.equal(labels["group"], "memorized")
@@ -166,13 +180,17 @@ def _attach(prompts: pa.Table, per_prompt_table: pa.Table, names: dict[str, str]
     return prompts
 
 
+def _share(flags: pa.ChunkedArray) -> float:
+    return float(pc.mean(flags.cast(pa.float64())).as_py())
+
+
 def _summary(labels: pa.Table, generations: pa.Table) -> dict:
-    """Share of prompts labelled memorized per group, and nL2 summaries over all generations."""
+    """Share of prompts labelled memorized per group (by nL2, and by copy detection when measured), and
+    nL2 summaries over all generations."""
     groups = {}
     for group in sorted(set(labels.column("group").to_pylist())):
         part = labels.filter(pc.equal(labels["group"], group))
-        groups[group] = {
-            "prompts": len(part),
-            "share_memorized": float(pc.mean(part["memorized"].cast(pa.float64())).as_py()),
-        }
+        groups[group] = {"prompts": len(part), "share_memorized": _share(part["memorized"])}
+        if "memorized_copy" in part.column_names:
+            groups[group]["share_memorized_copy"] = _share(part["memorized_copy"])
     return {"groups": groups, "nl2": summarize(generations["nl2"].to_numpy(), NL2_THRESHOLD, False).to_dict()}
