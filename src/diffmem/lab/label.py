@@ -35,9 +35,7 @@ class LabelConfig:
     guidance_scale: float = 7.5
     batch_size: int = 64
     majority: float = 0.5  # memorized when more than this share of generations are near-copies
-    copy_threshold: float = (
-        COPY_THRESHOLD  # a near-copy by copy detection above this (SSCD's 0.5; the lab's 0.75)
-    )
+    copy_threshold: float = COPY_THRESHOLD  # near-copy above this similarity (SSCD: 0.5; the lab: 0.75)
     groups: tuple[str, ...] = GROUPS
     max_prompts_per_group: int | None = None
     seed: int = 0
