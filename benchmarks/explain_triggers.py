@@ -23,8 +23,11 @@ from diffmem.models import LAB_MODEL, open_model, shipped_directory
 
 def main(argv: list[str] | None = None) -> dict:
     """Rank the words of every memorized caption and edit the top one; returns (and writes) the record."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     shipped = shipped_directory(args.model)
+    if shipped is None and not (args.labels and args.calibration):
+        parser.error(f"{args.model} is not a shipped model: give --labels and --calibration")
     labels = Path(args.labels) if args.labels else shipped / "labels.parquet"
     calibration = Path(args.calibration) if args.calibration else shipped / "calibration.json"
     rows = [r for r in pq.read_table(labels).to_pylist() if r["group"] == "memorized"]

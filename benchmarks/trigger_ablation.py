@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
         top = explained.words[explained.ranking()[0]].lower()
         gradient_top[top] += 1
         gradient_hits += top in words
-        edited = [caption[:s] + REPLACEMENT + caption[e:] for s, e in explained.word_spans]
+        edited = [explained.replaced(word, REPLACEMENT) for word in range(len(explained.words))]
         scores = noise_norm(
             denoiser, [caption, *edited], config, prompt_ids=[index] * (len(edited) + 1)
         ).scores

@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 from diffmem.models import shipped_directory
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
@@ -62,7 +64,9 @@ def test_explain_triggers_smoke(tmp_path):
     assert json.loads(out.read_text()) == record
     assert record["captions"] == 24 and 0 <= record["top_is_trigger"] <= 24
     assert record["below_without_top"] <= record["flagged"] <= 24
-    assert record["mean_score_without_top"] != record["mean_score"]
+    assert record["mean_score_without_top"] < record["mean_score"]  # the top word carries part of the score
+    with pytest.raises(SystemExit):  # a model of one's own needs its labels and calibration named
+        _load("explain_triggers").main(["--model", str(tmp_path)])
 
 
 def test_trigger_ablation_smoke(tmp_path):
@@ -73,8 +77,9 @@ def test_trigger_ablation_smoke(tmp_path):
     assert (
         record["score_memorized"] > record["score_heldout"]
     )  # the shipped model's memorized captions stand out
-    assert record["score_title_only"] != record["score_memorized"]
-    assert sum(record["gradient_top_words"].values()) <= 24 and record["occlusion_top_is_trigger"] <= 24
+    # removing the title or both trigger words lowers the score: the memory is keyed on them
+    assert record["score_description_only"] < record["score_memorized"]
+    assert record["score_all_triggers_replaced"] < record["score_memorized"]
 
 
 def test_filter_magnitudes_smoke(tmp_path, micro_lab_data):

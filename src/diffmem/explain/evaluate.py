@@ -10,7 +10,7 @@ import pyarrow as pa
 
 from diffmem.denoiser import Denoiser
 from diffmem.detect.noise_norm import NoiseNormConfig, noise_norm
-from diffmem.explain.token_significance import SignificanceConfig, TokenSignificance, token_significance
+from diffmem.explain.token_significance import SignificanceConfig, token_significance
 
 REPLACEMENT = "object"  # a plain in-grammar-looking word put where a word is removed
 
@@ -41,7 +41,7 @@ def trigger_evaluation(
         top = explained.ranking()[0]
         others = [i for i, w in enumerate(explained.words) if w.lower() not in triggers and w.isalpha()]
         random_word = choose.choice(others)
-        edited = [_replaced(explained, top), _replaced(explained, random_word)]
+        edited = [explained.replaced(top, REPLACEMENT), explained.replaced(random_word, REPLACEMENT)]
         after = noise_norm(denoiser, edited, score_config, prompt_ids=[index, index]).scores.tolist()
         rows.append(
             {
@@ -58,8 +58,3 @@ def trigger_evaluation(
             }
         )
     return pa.Table.from_pylist(rows)
-
-
-def _replaced(explained: TokenSignificance, word: int) -> str:
-    start, end = explained.word_spans[word]
-    return explained.prompt[:start] + REPLACEMENT + explained.prompt[end:]

@@ -51,6 +51,11 @@ class TokenSignificance:
         total = sum(self.word_scores)
         return [s / total if total > 0 else 0.0 for s in self.word_scores]
 
+    def replaced(self, word: int, replacement: str) -> str:
+        """The prompt with word ``word`` replaced by ``replacement`` (an edit that tests the word)."""
+        start, end = self.word_spans[word]
+        return self.prompt[:start] + replacement + self.prompt[end:]
+
     def ranking(self) -> list[int]:
         """Word indices from most to least significant."""
         return sorted(range(len(self.words)), key=lambda i: -self.word_scores[i])

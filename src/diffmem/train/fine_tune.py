@@ -266,6 +266,7 @@ def training_magnitudes(
     """The magnitude filter's ``||eps_c - eps_u||`` for a model on training batches drawn as fine-tuning
     draws them: one row per sample with its lab group, t and magnitude (to choose a threshold)."""
     pipeline = _open_pipeline(model_dir)
+    # as a filter run: an unconditional model is refused, since it has no eps_c - eps_u to measure
     config = FineTuneConfig(batch_size=batch_size, seed=seed, policies={"filter": {}})
     data = _Data(pipeline, load_lab_dataset(data_dir), config, torch.device(device))
     draw = _Draws(data, DDPMScheduler.from_config(pipeline.scheduler.config), 0.0, seed, 0, None)
