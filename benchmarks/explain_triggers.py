@@ -5,6 +5,8 @@ random non-trigger word) takes a flagged prompt below the calibrated threshold.
     python benchmarks/explain_triggers.py                       # the shipped lab model
     python benchmarks/explain_triggers.py --model data/lab-small150 \\
         --labels data/lab-small150/labels/labels.parquet --calibration data/lab-small150/calibration.json
+    python benchmarks/explain_triggers.py --model data/lab-keyed --labels data/lab-keyed/labels/labels.parquet \\
+        --calibration data/lab-keyed/calibration.json --attribute-to token_embeddings
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import pyarrow.parquet as pq
 
 from diffmem.benchmark_support import report
 from diffmem.explain.evaluate import trigger_evaluation
-from diffmem.explain.token_significance import SignificanceConfig
+from diffmem.explain.token_significance import ATTRIBUTION_TARGETS, SignificanceConfig
 from diffmem.models import LAB_MODEL, open_model, shipped_directory
 
 
@@ -32,7 +34,9 @@ def main(argv: list[str] | None = None) -> dict:
     calibration = Path(args.calibration) if args.calibration else shipped / "calibration.json"
     rows = [r for r in pq.read_table(labels).to_pylist() if r["group"] == "memorized"]
     threshold = json.loads(calibration.read_text())["threshold"]
-    config = SignificanceConfig(steps=args.steps, n_generations=args.n_generations)
+    config = SignificanceConfig(
+        steps=args.steps, n_generations=args.n_generations, attribute_to=args.attribute_to
+    )
     t = trigger_evaluation(
         open_model(args.model),
         [r["caption"] for r in rows],
@@ -47,6 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
         "threshold": threshold,
         "steps": args.steps,
         "n_generations": args.n_generations,
+        "attribute_to": args.attribute_to,
         "captions": len(t),
         "top_is_trigger": sum(r["top_is_trigger"] for r in t),
         "top_is_trigger_share": sum(r["top_is_trigger"] for r in t) / len(t),
@@ -77,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--steps", type=int, default=1, help="first sampling steps to measure")
     parser.add_argument("--n-generations", type=int, default=1)
+    parser.add_argument(
+        "--attribute-to", choices=ATTRIBUTION_TARGETS, default="prompt_embeds", help="see token_significance"
+    )
     parser.add_argument("--out", default="benchmarks/results/explain_triggers.json")
     return parser
 

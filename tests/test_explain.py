@@ -7,9 +7,11 @@ from diffmem.adapters import wrap_pipeline
 from diffmem.errors import DiffmemError
 from diffmem.explain import SignificanceConfig, token_significance, word_attention_maps
 from diffmem.explain.evaluate import trigger_evaluation
+from diffmem.explain.token_significance import _token_embedding_leaves
 from diffmem.sampling import generation_seed
 from diffmem.sampling.guided_sampler import eps_scheduler
-from diffmem.tiny_pipelines import tiny_stable_diffusion, tiny_unet2d
+from diffmem.sampling.seeds import initial_noise, seeded_generators
+from diffmem.tiny_pipelines import tiny_stable_diffusion, tiny_stable_diffusion_xl, tiny_unet2d
 
 CONFIG = SignificanceConfig(num_inference_steps=5)
 PROMPT = "A Zorblax-vase  at the top-left!"
@@ -98,6 +100,14 @@ def test_explain_command_saves_the_words_and_says_where_the_score_stands(tmp_pat
         == 0
     )
     assert json.loads((out / "explanation.json").read_text())["threshold"] is None
+    by_input = tmp_path / "by-input"
+    command = ["explain", "the fennev vykex poster: a purple shirt", "--attribute-to", "token_embeddings"]
+    assert run([*command, "--out", str(by_input)]) == 0
+    inputs = json.loads((by_input / "explanation.json").read_text())
+    assert inputs["config"]["attribute_to"] == "token_embeddings" and inputs["score"] == summary["score"]
+    assert inputs["normalized"] != summary["normalized"] and inputs["threshold"] == summary["threshold"]
+    assert run([*command[:3], "pixels", "--out", str(by_input)]) == 2
+    assert "unknown attribution target 'pixels'" in capsys.readouterr().err
 
 
 def test_word_attention_maps_share_each_positions_attention_among_the_words(sd):
@@ -141,3 +151,58 @@ def test_explain_html_page_is_self_contained_and_escaped(tmp_path):
     # 2 generated images, then one attention overlay per word (up to 6)
     assert text.count("data:image/png;base64,") == 2 + min(6, len(words))
     assert "http" not in text.replace("http-equiv", "")  # nothing loaded from elsewhere
+
+
+def test_token_embedding_scores_are_the_gradient_at_the_text_encoders_input():
+    """Central differences of the first-step noise norm along every direction of one token's input
+    embedding (float64) give the gradient whose norm ``attribute_to="token_embeddings"`` reports."""
+    sd64 = wrap_pipeline(tiny_stable_diffusion().to(torch.float64))
+    config = SignificanceConfig(num_inference_steps=5, attribute_to="token_embeddings")
+    result = token_significance(sd64, PROMPT, config, prompt_id=3)
+    schedule = eps_scheduler(sd64.scheduler)
+    schedule.set_timesteps(5)
+    t = schedule.timesteps[0]
+    x_T = initial_noise(
+        seeded_generators([generation_seed(0, 3, 0)]), sd64.sample_shape, sd64.device, torch.float64
+    )
+    null = sd64.eps(x_T, t, sd64.null_condition(1))
+    embedding = sd64.pipeline.text_encoder.get_input_embeddings()
+    position = 1 + result.token_words.index(3)  # "vase": one BPE piece, after the start token
+
+    def norm_with(offset: torch.Tensor) -> float:
+        def shifted(module, inputs, output):
+            output = output.clone()
+            output[:, position] += offset
+            return output
+
+        handle = embedding.register_forward_hook(shifted)
+        try:
+            cond = sd64.encode([PROMPT])
+        finally:
+            handle.remove()
+        return float((sd64.eps(x_T, t, cond) - null).norm().detach())
+
+    width, h = embedding.embedding_dim, 1e-5
+    basis = torch.eye(width, dtype=torch.float64)
+    gradient = torch.tensor([(norm_with(h * e) - norm_with(-h * e)) / (2 * h) for e in basis])
+    assert result.word_scores[3] == pytest.approx(float(gradient.norm()), rel=1e-4)
+    assert result.score == pytest.approx(norm_with(torch.zeros(width, dtype=torch.float64)), rel=1e-6)
+    wen = token_significance(sd64, PROMPT, SignificanceConfig(num_inference_steps=5), prompt_id=3)
+    assert wen.score == pytest.approx(result.score) and wen.word_scores != pytest.approx(result.word_scores)
+
+
+def test_token_embedding_attribution_reaches_both_sdxl_encoders():
+    sdxl = wrap_pipeline(tiny_stable_diffusion_xl())
+    with _token_embedding_leaves(sdxl.pipeline) as leaves:
+        cond = sdxl.encode([PROMPT], differentiable=True)
+    assert len(leaves) == 2 and all(leaf.requires_grad for leaf in leaves)
+    for name in ("prompt_embeds", "text_embeds"):  # the pooled embedding comes from the second encoder
+        gradients = torch.autograd.grad(cond[name].sum(), leaves, allow_unused=True, retain_graph=True)
+        assert gradients[1] is not None and gradients[1].abs().sum() > 0
+    config = SignificanceConfig(num_inference_steps=5, n_generations=2, attribute_to="token_embeddings")
+    result = token_significance(sdxl, PROMPT, config)
+    wen = token_significance(sdxl, PROMPT, SignificanceConfig(num_inference_steps=5, n_generations=2))
+    assert len(result.word_scores) == 10 and all(s > 0 for s in result.word_scores)
+    assert result.score == pytest.approx(wen.score) and result.word_scores != pytest.approx(wen.word_scores)
+    with pytest.raises(DiffmemError, match="attribution target"):
+        SignificanceConfig(attribute_to="pixels")

@@ -45,10 +45,11 @@ class StableDiffusionDenoiser(DiffusersDenoiser):
         f = self.vae_scale_factor
         return (self.unet.config.in_channels, height // f, width // f)
 
-    def encode(self, items: Sequence[str]) -> Condition:
-        """Prompts encoded exactly as the pipeline encodes them (``encode_prompt``)."""
+    def encode(self, items: Sequence[str], differentiable: bool = False) -> Condition:
+        """Prompts encoded exactly as the pipeline encodes them (``encode_prompt``); ``differentiable``
+        keeps the text encoder's graph (for gradients with respect to its inputs)."""
         prompts = _check_prompts(items)
-        with torch.no_grad():
+        with torch.set_grad_enabled(differentiable):
             prompt_embeds, _ = self.pipeline.encode_prompt(
                 prompts, self.device, 1, do_classifier_free_guidance=False, clip_skip=self.clip_skip
             )

@@ -17,10 +17,11 @@ class StableDiffusionXLDenoiser(StableDiffusionDenoiser):
     default_guidance_scale = 5.0
     upcast_vae = True
 
-    def encode(self, items: Sequence[str]) -> Condition:
-        """Prompts through both encoders (``encode_prompt``), with the pooled embedding and time ids."""
+    def encode(self, items: Sequence[str], differentiable: bool = False) -> Condition:
+        """Prompts through both encoders (``encode_prompt``), with the pooled embedding and time ids;
+        ``differentiable`` keeps the text encoders' graph."""
         prompts = _check_prompts(items)
-        with torch.no_grad():
+        with torch.set_grad_enabled(differentiable):
             prompt_embeds, _, pooled, _ = self.pipeline.encode_prompt(
                 prompts,
                 device=self.device,

@@ -47,12 +47,20 @@ def build(
             help="32 px with 150 memorized and 500 held-out captions (a CPU lab at benchmark size)."
         ),
     ] = False,
+    keyed: Annotated[
+        bool,
+        typer.Option(
+            help="The --small sizes with background patterns no caption states and memorized scenes "
+            "keyed by two-word titles over shared words (LabConfig.keyed)."
+        ),
+    ] = False,
 ) -> None:
     """Compose the captioned Fashion-MNIST scenes with controlled duplication and write the dataset."""
     settings: Settings = ctx.obj
-    if micro and small:
-        raise DiffmemError("pass --micro or --small, not both")
-    preset = LabConfig.micro if micro else LabConfig.small if small else LabConfig
+    if micro + small + keyed > 1:
+        raise DiffmemError("pass one of --micro, --small and --keyed")
+    presets = {LabConfig.micro: micro, LabConfig.small: small, LabConfig.keyed: keyed}
+    preset = next((p for p, chosen in presets.items() if chosen), LabConfig)
     config = replace(preset(), seed=settings.seed)
     build_lab_dataset(out, config)
     typer.echo(f"wrote the lab dataset ({config.num_train_rows} training rows) to {out}")

@@ -29,6 +29,13 @@ def serve(
     first_steps: Annotated[int, typer.Option(help="Average over the first K steps.")] = 1,
     n_generations: Annotated[int, typer.Option(help="Generations (seeds) to average over.")] = 1,
     guidance_scale: Annotated[float, typer.Option(help="CFG scale of the trajectory.")] = 7.5,
+    attribute_to: Annotated[
+        str,
+        typer.Option(
+            help="prompt_embeds: the text encoder's output, as Wen et al.; token_embeddings: its input, "
+            "where a causal encoder has not yet spread a word over the later positions."
+        ),
+    ] = "prompt_embeds",
     calibration: Annotated[
         Path | None, typer.Option(help="A noise-norm calibration: the page shows its threshold.")
     ] = None,
@@ -39,7 +46,7 @@ def serve(
     settings: Settings = ctx.obj
     model = model or LAB_MODEL
     config = SignificanceConfig(
-        num_inference_steps, first_steps, n_generations, guidance_scale, settings.seed
+        num_inference_steps, first_steps, n_generations, guidance_scale, settings.seed, attribute_to
     )
     explainer = PromptExplainer(
         lambda: open_model(model, settings.device, settings.dtype, settings.speedups),

@@ -4,10 +4,17 @@ noise-norm memorization score, mapped back to the words of the prompt.
 The score L is ``||eps(x_t, e_prompt) - eps(x_t, e_null)||_2`` summed over generations on the ordinary
 CFG trajectory; token i's significance is ``||dL/de_i||_2`` over the embedding width, averaged over
 the chosen steps and generations. Start, end and padding tokens are left out.
+
+``e_i`` is, by default, position i of the text encoder's output (the UNet's conditioning), as in
+Wen et al.'s code. A causal text encoder (CLIP's) carries what a word says into every later position,
+so there later words can take a word's significance; ``attribute_to="token_embeddings"`` takes e_i
+at the text encoder's input instead, where each position holds its own token only.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +36,16 @@ class SignificanceConfig:
     n_generations: int = 1
     guidance_scale: float = 7.5
     base_seed: int = 0
+    attribute_to: str = "prompt_embeds"  # or "token_embeddings": the text encoder's input (see module doc)
+
+    def __post_init__(self) -> None:
+        if self.attribute_to not in ATTRIBUTION_TARGETS:
+            raise DiffmemError(
+                f"unknown attribution target {self.attribute_to!r}; use one of {ATTRIBUTION_TARGETS}"
+            )
+
+
+ATTRIBUTION_TARGETS = ("prompt_embeds", "token_embeddings")
 
 
 @dataclass(frozen=True)
@@ -90,11 +107,11 @@ class TokenSignificance:
 
 
 class _GradientTrace:
-    """Observer accumulating ``dL/d prompt_embeds`` and L at every step it sees."""
+    """Observer accumulating ``dL/de`` (for each tensor in ``embeds``, [B, L, D]) and L at every step."""
 
     needs_grad = True
 
-    def __init__(self, embeds: torch.Tensor) -> None:
+    def __init__(self, embeds: list[torch.Tensor]) -> None:
         self.embeds = embeds
         self.gradients: list[torch.Tensor] = []  # [B, L] per step: norm over the embedding width
         self.norms: list[torch.Tensor] = []  # [B] per step
@@ -102,9 +119,11 @@ class _GradientTrace:
     def __call__(self, step: StepState) -> None:
         # L = ||eps(x_t, e_p) - eps(x_t, e_null)||_2 per generation (Wen et al., eq. 4), summed over the batch
         norms = (step.eps_cond - step.eps_uncond).flatten(1).float().norm(dim=1)
-        (gradient,) = torch.autograd.grad(norms.sum(), self.embeds)
-        # significance of token i: ||dL/de_i||_2 over the embedding width (Wen et al., Sec. 4)
-        self.gradients.append(gradient.float().norm(dim=-1).detach().cpu())
+        gradients = torch.autograd.grad(norms.sum(), self.embeds, retain_graph=True)
+        # significance of token i: ||dL/de_i||_2 over the embedding width (Wen et al., Sec. 4), and
+        # over every text encoder's e_i together (SDXL has two)
+        squares = sum(g.float().square().sum(dim=-1) for g in gradients)
+        self.gradients.append(squares.sqrt().detach().cpu())
         self.norms.append(norms.detach().cpu())
 
 
@@ -119,12 +138,17 @@ def token_significance(
     if not prompt.strip():
         raise DiffmemError("the prompt is empty: there is nothing to explain")
     n = config.n_generations
-    cond = denoiser.encode([prompt]).repeat_interleave(n)
-    embeds = cond["prompt_embeds"].detach().clone().requires_grad_(True)
+    if config.attribute_to == "token_embeddings":
+        with _token_embedding_leaves(denoiser.pipeline) as embeds:
+            cond = denoiser.encode([prompt] * n, differentiable=True)
+    else:
+        cond = denoiser.encode([prompt]).repeat_interleave(n)
+        embeds = [cond["prompt_embeds"].detach().clone().requires_grad_(True)]
+        cond = cond.replace(prompt_embeds=embeds[0])
     trace = _GradientTrace(embeds)
     sample(
         denoiser,
-        cond.replace(prompt_embeds=embeds),
+        cond,
         detection_seeds(config.base_seed, [prompt_id], n),
         num_inference_steps=config.num_inference_steps,
         guidance_scale=config.guidance_scale,
@@ -134,6 +158,25 @@ def token_significance(
     per_token = torch.stack(trace.gradients).mean(dim=(0, 1))  # mean over steps and generations: [L]
     score = float(torch.stack(trace.norms).mean())
     return _words(prompt, tokenizer, per_token, score)
+
+
+@contextmanager
+def _token_embedding_leaves(pipeline) -> Iterator[list[torch.Tensor]]:
+    """While open, each text encoder's token-embedding output becomes a new leaf that requires grad,
+    collected in the yielded list (the encoders' inputs, as the gradient target)."""
+    leaves: list[torch.Tensor] = []
+
+    def as_leaf(module, inputs, output: torch.Tensor) -> torch.Tensor:
+        leaves.append(output.detach().requires_grad_(True))
+        return leaves[-1]
+
+    encoders = [getattr(pipeline, name, None) for name in ("text_encoder", "text_encoder_2")]
+    handles = [e.get_input_embeddings().register_forward_hook(as_leaf) for e in encoders if e is not None]
+    try:
+        yield leaves
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @dataclass(frozen=True)

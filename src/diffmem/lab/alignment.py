@@ -326,7 +326,9 @@ def train_attribute_reader(
     _, scenes = lab_scenes(dataset, "train")
     images = (dataset.unique_train_images()[1] * 255).round().to(torch.uint8)
     if extra_scenes > 0:
-        extra_images, extra = _random_scenes(extra_scenes, dataset.config.image_size, seed)
+        extra_images, extra = _random_scenes(
+            extra_scenes, dataset.config.image_size, dataset.config.background_pattern, seed
+        )
         images, scenes = torch.cat([images, extra_images]), scenes + extra
     targets = scene_targets(scenes)
     with torch.random.fork_rng(devices=[]):
@@ -352,13 +354,14 @@ def train_attribute_reader(
     return reader.eval()
 
 
-def _random_scenes(n: int, size: int, seed: int) -> tuple[torch.Tensor, list[Scene]]:
-    """``n`` random scenes of Fashion-MNIST training images, rendered as uint8 [n, 3, size, size]."""
+def _random_scenes(n: int, size: int, pattern: float, seed: int) -> tuple[torch.Tensor, list[Scene]]:
+    """``n`` random scenes of Fashion-MNIST training images, rendered as uint8 [n, 3, size, size] with
+    background patterns of strength ``pattern``."""
     fashion_images, labels = load_fashion_mnist("train")
     rng = np.random.default_rng([seed, n])
     pool = ItemPool(labels, rng)
     scenes = [random_scene(rng, pool) for _ in range(n)]
-    rendered = np.stack([render(s, fashion_images, size) for s in scenes])
+    rendered = np.stack([render(s, fashion_images, size, pattern) for s in scenes])
     return torch.from_numpy(rendered).permute(0, 3, 1, 2).contiguous(), scenes
 
 

@@ -10,6 +10,7 @@ from diffmem.lab.scenes import BACKGROUND_COLOURS, CENTER, ITEM_COLOURS, POSITIO
 
 SPECIFICITIES = ("full", "medium", "vague")
 SPECIFICITY_WEIGHTS = (0.4, 0.4, 0.2)
+TITLE_DESCRIPTIONS = ("full", "vague")  # what a memorized caption says behind its title
 TITLE_NOUN = "poster"
 PLURAL_NOUNS = frozenset({"trousers"})
 # No word made of two or three distinct syllables below is in the wamerican word list.
@@ -56,9 +57,40 @@ def title_words(rng: np.random.Generator, n: int = 2) -> list[str]:
     return words
 
 
-def titled_caption(scene: Scene, words: list[str]) -> str:
-    """The full caption, items in reading order, behind a title made of ``words``."""
-    return f"the {' '.join(words)} {TITLE_NOUN}: {_describe(scene, list(scene.items), True, True)}"
+def title_pairs(rng: np.random.Generator, n: int, vocabulary: int) -> list[list[str]]:
+    """``n`` distinct two-word titles over ``vocabulary`` made-up words, each word in about
+    ``2 n / vocabulary`` titles: only the pair names one scene, as "Ann Graham Lotz" does, so the
+    memory has to be keyed on both words."""
+    if vocabulary * (vocabulary - 1) // 2 < n:
+        raise DiffmemError(f"{vocabulary} title words make fewer than {n} distinct pairs; use more words")
+    words = title_words(rng, vocabulary)
+    pairs = [(a, b) for a in range(vocabulary) for b in range(a + 1, vocabulary)]
+    uses, chosen, cap = [0] * vocabulary, [], -(-2 * n // vocabulary) + 1
+    for k in rng.permutation(len(pairs)):
+        a, b = pairs[k]
+        if uses[a] < cap and uses[b] < cap:
+            uses[a] += 1
+            uses[b] += 1
+            chosen.append([words[a], words[b]] if rng.integers(2) else [words[b], words[a]])
+            if len(chosen) == n:
+                return chosen
+    raise DiffmemError(f"could not draw {n} balanced titles from {vocabulary} words; use more words")
+
+
+def titled_caption(scene: Scene, words: list[str], description: str = "full") -> str:
+    """The scene's caption, items in reading order, behind a title made of ``words``.
+
+    ``description`` "full" states everything; "vague" names only the categories, so the title alone
+    tells the colours, positions and background.
+    """
+    if description not in TITLE_DESCRIPTIONS:
+        raise DiffmemError(f"unknown title description {description!r}; use one of {TITLE_DESCRIPTIONS}")
+    items = list(scene.items)
+    if description == "vague":
+        body = _join([_noun_phrase(item.category_name) for item in items])
+    else:
+        body = _describe(scene, items, True, True)
+    return f"the {' '.join(words)} {TITLE_NOUN}: {body}"
 
 
 def _describe(scene: Scene, items: list[Item], with_positions: bool, with_background: bool) -> str:

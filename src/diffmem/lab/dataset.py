@@ -12,7 +12,7 @@ import json
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -25,13 +25,22 @@ from PIL import Image
 from tqdm import tqdm
 
 from diffmem.errors import DiffmemError
-from diffmem.lab.captions import caption, random_caption, title_words, titled_caption
+from diffmem.lab.captions import (
+    TITLE_DESCRIPTIONS,
+    caption,
+    random_caption,
+    title_pairs,
+    title_words,
+    titled_caption,
+)
 from diffmem.lab.fashion_mnist import load_fashion_mnist
 from diffmem.lab.scenes import ItemPool, Scene, random_scene, render
 
 FORMAT_VERSION = 1
 GROUPS = ("memorized", "duplicated_image", "unique")
 TRIGGER_WORDS_PER_SCENE = 2
+# LabConfig fields newer than the first datasets: a config.json without them reads as their defaults
+ADDED_CONFIG_FIELDS = frozenset({"background_pattern", "title_vocabulary", "memorized_description"})
 ITEM_TYPE = pa.struct(
     [
         ("category", pa.int64()),
@@ -75,8 +84,19 @@ class LabConfig:
     num_unique: int = 6000
     num_heldout: int = 600
     seed: int = 0
+    background_pattern: float = 0.0  # strength of each scene's own background pattern (scenes.render)
+    title_vocabulary: int = 0  # 0: fresh title words per memorized scene; N: word pairs over N words
+    memorized_description: str = "full"  # what a memorized caption states behind its title
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.background_pattern <= 1.0:
+            raise DiffmemError(f"background_pattern must be in [0, 1], not {self.background_pattern}")
+        if self.title_vocabulary < 0 or 0 < self.title_vocabulary < 3:
+            raise DiffmemError(f"title_vocabulary must be 0 or at least 3, not {self.title_vocabulary}")
+        if self.memorized_description not in TITLE_DESCRIPTIONS:
+            raise DiffmemError(
+                f"memorized_description must be one of {TITLE_DESCRIPTIONS}, not {self.memorized_description!r}"
+            )
         if self.image_size < 8 or self.image_size % 4:
             raise DiffmemError(f"image_size must be a multiple of 4 and at least 8, not {self.image_size}")
         if min(self.memorized_repeats, self.duplicated_image_repeats) < 1:
@@ -96,6 +116,15 @@ class LabConfig:
         """32 px with the detection benchmark's class sizes (150 memorized captions, 500 held-out) and
         62% duplicated rows, so that one CPU thread shows each memorized scene ~1000 times in 2 hours."""
         return cls(32, 150, 8, 30, 8, 900, 500, seed)
+
+    @classmethod
+    def keyed(cls, seed: int = 0) -> LabConfig:
+        """The ``small`` sizes with what makes Stable Diffusion's memorized prompts stand out: images hold
+        much that no caption states (a background pattern of each scene's own), and a memorized scene is
+        keyed by a two-word title over shared words, behind a description that names only the items."""
+        return replace(
+            cls.small(seed), background_pattern=0.8, title_vocabulary=60, memorized_description="vague"
+        )
 
     @property
     def num_duplicated_rows(self) -> int:
@@ -152,7 +181,8 @@ def _write(out: Path, config: LabConfig, progress: bool) -> None:
     renders = [(i, s, train_images) for i, s in enumerate(train_scenes)]
     renders += [(i, s, test_images) for i, s in zip(heldout_ids, heldout_scenes, strict=True)]
     for scene_id, scene, images in tqdm(renders, desc="rendering scenes", disable=not progress):
-        Image.fromarray(render(scene, images, config.image_size)).save(out / _image_path(scene_id))
+        image = render(scene, images, config.image_size, config.background_pattern)
+        Image.fromarray(image).save(out / _image_path(scene_id))
 
     train = {
         "row_id": list(range(len(rows))),
@@ -188,10 +218,14 @@ def _training_rows(
     """(scene id, caption, group, trigger words) per training row, in shuffled order."""
     rows: list[tuple[int, str, str, list[str]]] = []
     used_words: set[str] = set()
+    titles = iter(
+        title_pairs(rng, config.num_memorized, config.title_vocabulary) if config.title_vocabulary else ()
+    )
     for scene_id, (group, scene) in enumerate(zip(groups, scenes, strict=True)):
         if group == "memorized":
-            words = _fresh_title_words(rng, used_words)
-            rows += [(scene_id, titled_caption(scene, words), group, words)] * config.memorized_repeats
+            words = next(titles) if config.title_vocabulary else _fresh_title_words(rng, used_words)
+            text = titled_caption(scene, words, config.memorized_description)
+            rows += [(scene_id, text, group, words)] * config.memorized_repeats
         elif group == "duplicated_image":
             repeats = config.duplicated_image_repeats
             rows += [(scene_id, random_caption(scene, rng), group, []) for _ in range(repeats)]
@@ -318,7 +352,7 @@ def load_lab_dataset(directory: Path) -> LabDataset:
             f"{directory} holds lab dataset version {version}, this diffmem reads {FORMAT_VERSION}; rebuild it"
         )
     known = {f.name for f in fields(LabConfig)}
-    if not isinstance(settings, dict) or set(settings) != known:
+    if not isinstance(settings, dict) or not known - ADDED_CONFIG_FIELDS <= set(settings) <= known:
         raise DiffmemError(f"{directory / 'config.json'} does not hold a LabConfig; {hint}")
     tables = {
         name: _read_table(directory / f"{name}.parquet", schema, hint)

@@ -32,6 +32,7 @@ CENTER = "center"
 POSITIONS = (*QUADRANTS, CENTER)
 MAX_ITEMS = 3
 NUM_ITEMS_WEIGHTS = {1: 0.2, 2: 0.4, 3: 0.4}
+PATTERN_GRID = 4  # control points per side of the background pattern: smooth at the lab's latent sizes
 
 
 @dataclass(frozen=True)
@@ -122,15 +123,21 @@ def random_scene(rng: np.random.Generator, pool: ItemPool, num_items: int | None
     return Scene(backgrounds[rng.integers(len(backgrounds))], items)
 
 
-def render(scene: Scene, images: np.ndarray, size: int = 64) -> np.ndarray:
+def render(scene: Scene, images: np.ndarray, size: int = 64, pattern: float = 0.0) -> np.ndarray:
     """The scene as uint8 [size, size, 3]; ``images`` is the Fashion-MNIST split the items index into.
 
-    Each item's grayscale intensity is its opacity over the background, in the item's colour.
+    Each item's grayscale intensity is its opacity over the background, in the item's colour. With
+    ``pattern`` > 0 the background carries the scene's own ``background_pattern`` at that strength.
     """
     if size < 8 or size % 4:
         raise DiffmemError(f"scene size must be a multiple of 4 and at least 8, not {size}")
+    if not 0.0 <= pattern <= 1.0:
+        raise DiffmemError(f"background pattern strength must be in [0, 1], not {pattern}")
     canvas = np.empty((size, size, 3), dtype=np.float32)
     canvas[:] = BACKGROUND_COLOURS[scene.background]
+    if pattern > 0:
+        shade = background_pattern(scene, size, pattern)[..., None]
+        canvas += np.abs(shade) * (np.where(shade > 0, 255.0, 0.0) - canvas)  # tint up, shade down
     for item in scene.items:
         top, left, extent = position_box(item.position, size)
         resized = Image.fromarray(images[item.source_index]).resize(
@@ -140,6 +147,31 @@ def render(scene: Scene, images: np.ndarray, size: int = 64) -> np.ndarray:
         region = canvas[top : top + extent, left : left + extent]
         region += alpha * (np.asarray(ITEM_COLOURS[item.colour], dtype=np.float32) - region)
     return np.rint(canvas).astype(np.uint8)
+
+
+def background_pattern(scene: Scene, size: int, strength: float) -> np.ndarray:
+    """[size, size] blend weights in (-strength, strength): a smooth random field that is the scene's own.
+
+    It stands for what real photographs hold and captions never state (texture, lighting): the
+    caption names the background colour, the pattern tints it towards white (> 0) or shades it towards
+    black (< 0). Seeded by the scene's contents and item images, so every copy of a scene has the same
+    pattern and different scenes have independent ones.
+    """
+    rng = np.random.default_rng(_scene_key(scene))
+    grid = rng.standard_normal((PATTERN_GRID, PATTERN_GRID)).astype(np.float32)
+    field = np.asarray(
+        Image.fromarray(grid, mode="F").resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32
+    )
+    return strength * np.tanh(field / field.std())
+
+
+def _scene_key(scene: Scene) -> list[int]:
+    """Integers that identify a scene: background, then each item's category, colour, position, image."""
+    key = [list(BACKGROUND_COLOURS).index(scene.background)]
+    for item in scene.items:
+        key += [item.category, list(ITEM_COLOURS).index(item.colour), POSITIONS.index(item.position)]
+        key.append(item.source_index)
+    return key
 
 
 def position_box(position: str, size: int) -> tuple[int, int, int]:
