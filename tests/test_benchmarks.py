@@ -132,3 +132,20 @@ def test_scan_scaling_smoke(tmp_path):
     record = _load("scan_scaling").main([*args, "--cpus", "2", "--out", str(tmp_path / "record.json")])
     assert record["ray_1_workers_steady_vs_1_worker"] == 1.0
     assert record["local_prompts_per_s"] > 0 and record["ray_1_workers_end_to_end_prompts_per_s"] > 0
+
+
+def test_explain_triggers_on_the_keyed_model_meets_the_explanation_goals(tmp_path):
+    shipped = shipped_directory("builtin:lab-keyed")
+    args = ["--model", "builtin:lab-keyed", "--labels", str(shipped / "labels.parquet")]
+    args += ["--calibration", str(shipped / "calibration.json"), "--attribute-to", "token_embeddings"]
+    record = _load("explain_triggers").main([*args, "--out", str(tmp_path / "record.json")])
+    assert record["captions"] == 150 and record["top_is_trigger_share"] >= 0.8
+    assert record["below_without_top"] >= 0.7 * record["flagged"] > record["below_without_random"]
+
+
+def test_lab_separability_smoke(tmp_path, micro_lab_data):
+    args = ["--patterns", "0", "0.8", "--scenes", "200", "--prompts", "30", "--samples", "6"]
+    record = _load("lab_separability").main([*args, "--out", str(tmp_path / "record.json")])
+    # an ideal denoiser barely tells a plain lab's memorized captions from held-out ones; patterns do
+    assert record["pattern 0: ideal first-step AUC"] < 0.75 < record["pattern 0.8: ideal first-step AUC"]
+    assert record["pattern 0.8: memorized / held-out mean distance"] > 1.3

@@ -168,3 +168,20 @@ def test_lab_command_line(data_dir, tmp_path, capsys):
     assert len(pq.read_table(model / "labels" / "labels.parquet")) == 2
     assert run([*args, "--small"]) == 2
     assert "pass --micro or --small, not both" in capsys.readouterr().err
+
+
+def test_results_written_into_a_model_folder_leave_its_hash_alone(tmp_path):
+    import shutil
+
+    model = shutil.copytree(shipped_directory("builtin:lab-micro") / "model", tmp_path / "model")
+    before = model_hash(model)
+    (model / "labels").mkdir()
+    (model / "labels" / "labels.json").write_text("{}")
+    (model / "calibration.json").write_text("{}")
+    assert model_hash(model) == before
+    config = model / "unet" / "config.json"
+    config.write_text(config.read_text().replace('"act_fn": "silu"', '"act_fn": "gelu"'))
+    assert model_hash(model) != before
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "weights.bin").write_bytes(b"1")
+    assert model_hash(tmp_path / "plain") != model_hash(model)  # a folder that is no pipeline: every file

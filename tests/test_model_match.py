@@ -8,7 +8,7 @@ from dataclasses import asdict, replace
 from diffmem.cli.main import run
 from diffmem.index.manifest import read_manifest
 from diffmem.index.model_match import dataset_mismatch, model_lab_config
-from diffmem.lab.dataset import LabConfig
+from diffmem.lab.dataset import ADDED_CONFIG_FIELDS, LabConfig, with_added_defaults
 from diffmem.models import LAB_MODEL, shipped_reference
 
 MICRO = asdict(LabConfig.micro())
@@ -17,8 +17,15 @@ MICRO = asdict(LabConfig.micro())
 def test_the_shipped_model_and_its_index_name_the_same_lab_dataset():
     index, _ = shipped_reference(LAB_MODEL)
     manifest = read_manifest(index / "manifest.json")
-    assert model_lab_config(LAB_MODEL) == MICRO == manifest.lab_config
+    # both were written before the keyed lab's fields existed: they read as those fields' defaults
+    assert not ADDED_CONFIG_FIELDS & (model_lab_config(LAB_MODEL).keys() | manifest.lab_config.keys())
+    assert (
+        with_added_defaults(model_lab_config(LAB_MODEL)) == MICRO == with_added_defaults(manifest.lab_config)
+    )
     assert dataset_mismatch(manifest, LAB_MODEL) is None
+    assert dataset_mismatch(replace(manifest, lab_config=MICRO), LAB_MODEL) is None
+    keyed = replace(manifest, lab_config={**MICRO, "background_pattern": 0.8})
+    assert "(background_pattern differ" in dataset_mismatch(keyed, LAB_MODEL)
     other = replace(manifest, lab_config={**MICRO, "seed": 1, "num_unique": 50})
     assert "(num_unique, seed differ" in dataset_mismatch(other, LAB_MODEL)
     assert dataset_mismatch(replace(manifest, lab_config=None), LAB_MODEL) is None  # the index does not say

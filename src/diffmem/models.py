@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,7 +25,7 @@ BUILTINS: dict[str, Callable[[], DiffusionPipeline]] = {
 }
 ASSETS = Path(__file__).parent / "assets"
 # trained models shipped with the package: name -> directory holding model/, labels.parquet, calibration.json
-SHIPPED = {"lab-micro": ASSETS / "lab-micro"}
+SHIPPED = {"lab-micro": ASSETS / "lab-micro", "lab-keyed": ASSETS / "lab-keyed"}
 DEFAULT_MODEL = BUILTIN_PREFIX + "tiny-sd"
 LAB_MODEL = BUILTIN_PREFIX + "lab-micro"
 HASHED_SUFFIXES = {".safetensors", ".bin", ".json", ".txt"}
@@ -112,9 +113,14 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def model_hash(directory: Path) -> str:
-    """SHA-256 over a model directory's weights and configs (relative paths and bytes), for provenance."""
+    """SHA-256 over a model directory's weights and configs (relative paths and bytes), for provenance.
+
+    In a diffusers pipeline folder only ``model_index.json`` and the component folders it names count,
+    so results written next to them (labels, calibrations) leave the hash as it was.
+    """
+    directory = Path(directory)
+    files = sorted(p for p in _model_files(directory) if p.is_file() and p.suffix in HASHED_SUFFIXES)
     digest = hashlib.sha256()
-    files = sorted(p for p in Path(directory).rglob("*") if p.is_file() and p.suffix in HASHED_SUFFIXES)
     if not files:
         raise DiffmemError(f"no weights or configs to hash in {directory}")
     for path in files:
@@ -123,3 +129,13 @@ def model_hash(directory: Path) -> str:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def _model_files(directory: Path) -> list[Path]:
+    """A pipeline folder's ``model_index.json`` and its components' files; every file of any other folder."""
+    index = directory / "model_index.json"
+    try:
+        components = [k for k, v in json.loads(index.read_text()).items() if isinstance(v, list)]
+    except (OSError, ValueError, AttributeError):
+        return list(directory.rglob("*"))
+    return [index, *(f for name in components for f in (directory / name).rglob("*"))]

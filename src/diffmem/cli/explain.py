@@ -22,6 +22,14 @@ from diffmem.models import LAB_MODEL, model_identity, open_model, shipped_direct
 from diffmem.report.explanation_page import explanation_page
 from diffmem.sampling import generate
 
+AttributeTo = Annotated[
+    str,
+    typer.Option(
+        help="prompt_embeds: the text encoder's output, as Wen et al.; token_embeddings: its input, "
+        "where a causal encoder has not yet spread a word over the later positions."
+    ),
+]
+
 
 @app.command()
 def explain(
@@ -37,13 +45,7 @@ def explain(
     first_steps: Annotated[int, typer.Option(help="Average over the first K steps.")] = 1,
     n_generations: Annotated[int, typer.Option(help="Generations (seeds) to average over.")] = 1,
     guidance_scale: Annotated[float, typer.Option(help="CFG scale of the trajectory.")] = 7.5,
-    attribute_to: Annotated[
-        str,
-        typer.Option(
-            help="prompt_embeds: the text encoder's output, as Wen et al.; token_embeddings: its input, "
-            "where a causal encoder has not yet spread a word over the later positions."
-        ),
-    ] = "prompt_embeds",
+    attribute_to: AttributeTo = "prompt_embeds",
     html: Annotated[
         Path | None,
         typer.Option(help="Also write a self-contained page: heat map, images, attention overlays."),

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from diffmem.cli.app import Settings, app
-from diffmem.cli.explain import explanation_threshold
+from diffmem.cli.explain import AttributeTo, explanation_threshold
 from diffmem.explain import SignificanceConfig
 from diffmem.models import LAB_MODEL, open_model
 from diffmem.serve import ExplanationServer, PromptExplainer
@@ -29,13 +29,7 @@ def serve(
     first_steps: Annotated[int, typer.Option(help="Average over the first K steps.")] = 1,
     n_generations: Annotated[int, typer.Option(help="Generations (seeds) to average over.")] = 1,
     guidance_scale: Annotated[float, typer.Option(help="CFG scale of the trajectory.")] = 7.5,
-    attribute_to: Annotated[
-        str,
-        typer.Option(
-            help="prompt_embeds: the text encoder's output, as Wen et al.; token_embeddings: its input, "
-            "where a causal encoder has not yet spread a word over the later positions."
-        ),
-    ] = "prompt_embeds",
+    attribute_to: AttributeTo = "prompt_embeds",
     calibration: Annotated[
         Path | None, typer.Option(help="A noise-norm calibration: the page shows its threshold.")
     ] = None,

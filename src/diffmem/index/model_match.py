@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from diffmem.index.manifest import IndexManifest
+from diffmem.lab.dataset import with_added_defaults
 from diffmem.models import shipped_directory
 
 LAB_TRAINING = "lab_training.json"  # written by `diffmem lab train` into the model directory
@@ -33,13 +34,12 @@ def dataset_mismatch(manifest: IndexManifest, model: str | Path) -> str | None:
     """A warning when the index and the model name different lab datasets; None when they agree or either
     does not say."""
     trained_on = model_lab_config(model)
-    if manifest.lab_config is None or trained_on is None or manifest.lab_config == trained_on:
+    if manifest.lab_config is None or trained_on is None:
         return None
-    differ = sorted(
-        k
-        for k in manifest.lab_config.keys() | trained_on.keys()
-        if manifest.lab_config.get(k) != trained_on.get(k)
-    )
+    indexed, trained_on = with_added_defaults(manifest.lab_config), with_added_defaults(trained_on)
+    differ = sorted(k for k in indexed.keys() | trained_on.keys() if indexed.get(k) != trained_on.get(k))
+    if not differ:
+        return None
     return (
         f"the index was built from another lab dataset than the model was trained on ({', '.join(differ)} "
         f"differ: {manifest.source}); its similarities do not measure copies of the model's training data"

@@ -334,6 +334,12 @@ class LabDataset:
         return scene_ids, self.images(scene_ids)
 
 
+def with_added_defaults(settings: dict) -> dict:
+    """A LabConfig dictionary as any diffmem version wrote it, with fields added since at their defaults."""
+    defaults = {f.name: f.default for f in fields(LabConfig) if f.name in ADDED_CONFIG_FIELDS}
+    return {**defaults, **settings}
+
+
 def load_lab_dataset(directory: Path) -> LabDataset:
     """Open a folder written by ``build_lab_dataset``."""
     directory = Path(directory)
