@@ -2,11 +2,10 @@
 captions, how often the top-ranked word is a recorded trigger word, and how often replacing it (vs a
 random non-trigger word) takes a flagged prompt below the calibrated threshold.
 
-    python benchmarks/explain_triggers.py                       # the shipped lab model
+    python benchmarks/explain_triggers.py                       # the shipped default lab model
     python benchmarks/explain_triggers.py --model data/lab-small150 \\
         --labels data/lab-small150/labels/labels.parquet --calibration data/lab-small150/calibration.json
-    python benchmarks/explain_triggers.py --model data/lab-keyed --labels data/lab-keyed/labels/labels.parquet \\
-        --calibration data/lab-keyed/calibration.json --attribute-to token_embeddings
+    python benchmarks/explain_triggers.py --model builtin:lab-micro --attribute-to token_embeddings
 """
 
 from __future__ import annotations
@@ -75,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default=LAB_MODEL, help="a lab model directory or builtin:lab-micro")
+    parser.add_argument("--model", default=LAB_MODEL, help="a lab model directory or builtin:NAME")
     parser.add_argument("--labels", help="labels.parquet of `diffmem lab label` (default: the shipped one)")
     parser.add_argument(
         "--calibration", help="calibration.json of `diffmem calibrate` (default: the shipped one)"

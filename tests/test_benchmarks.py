@@ -60,7 +60,7 @@ def test_explain_latency_smoke(tmp_path):
 
 def test_explain_triggers_smoke(tmp_path):
     out = tmp_path / "record.json"
-    record = _load("explain_triggers").main(["--out", str(out)])  # the shipped lab model, first step
+    record = _load("explain_triggers").main(["--model", "builtin:lab-micro", "--out", str(out)])  # first step
     assert json.loads(out.read_text()) == record
     assert record["captions"] == 24 and 0 <= record["top_is_trigger"] <= 24
     assert record["below_without_top"] <= record["flagged"] <= 24
@@ -101,14 +101,19 @@ def test_mitigation_overhead_smoke(tmp_path):
 
 def test_training_memorization_smoke(tmp_path, micro_lab_data):
     from diffmem.lab.alignment import AttributeReader, AttributeReaderConfig, save_reader
-    from diffmem.models import LAB_MODEL, shipped_reference
+    from diffmem.models import shipped_reference
     from diffmem.tiny_pipelines import tiny_unet2d
 
     tiny_unet2d().save_pretrained(tmp_path / "model")
     save_reader(AttributeReader(AttributeReaderConfig()), tmp_path / "reader")  # untrained: features only
     out, plot = tmp_path / "record.json", tmp_path / "sweep.png"
     args = ["--data", str(micro_lab_data), "--max-images", "60", "--model", f"tiny={tmp_path / 'model'}"]
-    args += ["--encoder", str(shipped_reference(LAB_MODEL)[1]), "--reader", str(tmp_path / "reader")]
+    args += [
+        "--encoder",
+        str(shipped_reference("builtin:lab-micro")[1]),
+        "--reader",
+        str(tmp_path / "reader"),
+    ]
     args += ["--heldout", "8", "--samples", "4", "--steps", "2", "--device", "cpu", "--plot", str(plot)]
     record = _load("training_memorization").main([*args, "--out", str(out)])
     assert json.loads(out.read_text())["tiny_nl2_top1"] == record["tiny_nl2_top1"] > 0

@@ -16,11 +16,12 @@ import torch
 from diffmem.detect.calibration import Calibration
 from diffmem.errors import DiffmemError
 from diffmem.explain import SignificanceConfig, token_significance
-from diffmem.models import LAB_MODEL, open_model, shipped_directory
+from diffmem.models import open_model, shipped_directory
 from diffmem.serve import ExplanationServer, PromptExplainer
 from diffmem.serve import explainer as explainer_module
 
-# A memorized caption of the shipped lab model: flagged, its top word a trigger; replacing that word
+MICRO_LAB = "builtin:lab-micro"
+# A memorized caption of the micro lab model: flagged, its top word a trigger; replacing that word
 # ("quoobvel" -> "old") brings the score below the threshold (1.50 -> 0.70 on the shipped model).
 MEMORIZED = (
     "the sulrhaquin quoobvel poster: a red pullover at the top left and pink trousers at the bottom left"
@@ -30,12 +31,12 @@ MEMORIZED = (
 
 @pytest.fixture(scope="module")
 def lab():
-    return open_model(LAB_MODEL, torch.device("cpu"), torch.float32)
+    return open_model(MICRO_LAB, torch.device("cpu"), torch.float32)
 
 
 @pytest.fixture(scope="module")
 def threshold():
-    return Calibration.load(shipped_directory(LAB_MODEL) / "calibration.json").threshold
+    return Calibration.load(shipped_directory(MICRO_LAB) / "calibration.json").threshold
 
 
 @pytest.fixture
@@ -45,7 +46,7 @@ def serving(lab, threshold):
 
     def open_server(**options) -> ExplanationServer:
         explainer = PromptExplainer(
-            lambda: lab, SignificanceConfig(), threshold, model_name=LAB_MODEL, **options
+            lambda: lab, SignificanceConfig(), threshold, model_name=MICRO_LAB, **options
         )
         server = ExplanationServer(explainer, port=0)
         server.start()
@@ -77,7 +78,7 @@ def test_page_and_info_describe_the_model_and_its_calibrated_threshold(serving, 
     status, page = request(server, "/")
     assert status == 200 and 'id="prompt"' in page and 'id="heatmap"' in page
     status, info = request(server, "/api/info")
-    assert status == 200 and info["model"] == LAB_MODEL and info["threshold"] == threshold
+    assert status == 200 and info["model"] == MICRO_LAB and info["threshold"] == threshold
     assert info["settings"]["first_steps"] == 1 and info["thumbnails"] is True
 
 

@@ -27,7 +27,7 @@ ASSETS = Path(__file__).parent / "assets"
 # trained models shipped with the package: name -> directory holding model/, labels.parquet, calibration.json
 SHIPPED = {"lab-micro": ASSETS / "lab-micro", "lab-keyed": ASSETS / "lab-keyed"}
 DEFAULT_MODEL = BUILTIN_PREFIX + "tiny-sd"
-LAB_MODEL = BUILTIN_PREFIX + "lab-micro"
+LAB_MODEL = BUILTIN_PREFIX + "lab-keyed"  # the lab commands' default model
 HASHED_SUFFIXES = {".safetensors", ".bin", ".json", ".txt"}
 
 
@@ -55,7 +55,7 @@ def _open(name: str, device: str | torch.device, dtype: torch.dtype) -> Diffuser
 
 
 def shipped_directory(name: str | None) -> Path | None:
-    """The asset directory of a trained model shipped with diffmem (``builtin:lab-micro``), else None."""
+    """The asset directory of a trained model shipped with diffmem (``builtin:lab-keyed``), else None."""
     if name is None or not name.startswith(BUILTIN_PREFIX):
         return None
     directory = SHIPPED.get(name.removeprefix(BUILTIN_PREFIX))
