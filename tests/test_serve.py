@@ -80,6 +80,7 @@ def test_page_and_info_describe_the_model_and_its_calibrated_threshold(serving, 
     status, info = request(server, "/api/info")
     assert status == 200 and info["model"] == MICRO_LAB and info["threshold"] == threshold
     assert info["settings"]["first_steps"] == 1 and info["thumbnails"] is True
+    assert info["settings"]["attribute_to"] == "prompt_embeds"
 
 
 def test_explain_answers_the_score_flag_and_word_significance_of_token_significance(serving, lab, threshold):

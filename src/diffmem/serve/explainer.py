@@ -65,6 +65,7 @@ class PromptExplainer:
                 "n_generations": self.config.n_generations,
                 "guidance_scale": self.config.guidance_scale,
                 "seed": self.config.base_seed,
+                "attribute_to": self.config.attribute_to,
             },
         }
 
