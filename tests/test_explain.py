@@ -206,3 +206,13 @@ def test_token_embedding_attribution_reaches_both_sdxl_encoders():
     assert result.score == pytest.approx(wen.score) and result.word_scores != pytest.approx(wen.word_scores)
     with pytest.raises(DiffmemError, match="attribution target"):
         SignificanceConfig(attribute_to="pixels")
+
+
+def test_token_embedding_attribution_over_several_steps_reuses_the_encoders_graph(sd):
+    """Every step differentiates through the one text-encoder graph the prompt was encoded with."""
+    config = SignificanceConfig(num_inference_steps=5, steps=3, attribute_to="token_embeddings")
+    result = token_significance(sd, PROMPT, config)
+    first = token_significance(
+        sd, PROMPT, SignificanceConfig(num_inference_steps=5, attribute_to="token_embeddings")
+    )
+    assert all(s > 0 for s in result.word_scores) and result.word_scores != pytest.approx(first.word_scores)

@@ -111,15 +111,18 @@ class _GradientTrace:
 
     needs_grad = True
 
-    def __init__(self, embeds: list[torch.Tensor]) -> None:
+    def __init__(self, embeds: list[torch.Tensor], shared_graph: bool) -> None:
         self.embeds = embeds
+        self.shared_graph = (
+            shared_graph  # the embeds come out of a graph every step reuses (the text encoder)
+        )
         self.gradients: list[torch.Tensor] = []  # [B, L] per step: norm over the embedding width
         self.norms: list[torch.Tensor] = []  # [B] per step
 
     def __call__(self, step: StepState) -> None:
         # L = ||eps(x_t, e_p) - eps(x_t, e_null)||_2 per generation (Wen et al., eq. 4), summed over the batch
         norms = (step.eps_cond - step.eps_uncond).flatten(1).float().norm(dim=1)
-        gradients = torch.autograd.grad(norms.sum(), self.embeds, retain_graph=True)
+        gradients = torch.autograd.grad(norms.sum(), self.embeds, retain_graph=self.shared_graph)
         # significance of token i: ||dL/de_i||_2 over the embedding width (Wen et al., Sec. 4), and
         # over every text encoder's e_i together (SDXL has two)
         squares = sum(g.float().square().sum(dim=-1) for g in gradients)
@@ -145,7 +148,7 @@ def token_significance(
         cond = denoiser.encode([prompt]).repeat_interleave(n)
         embeds = [cond["prompt_embeds"].detach().clone().requires_grad_(True)]
         cond = cond.replace(prompt_embeds=embeds[0])
-    trace = _GradientTrace(embeds)
+    trace = _GradientTrace(embeds, shared_graph=config.attribute_to == "token_embeddings")
     sample(
         denoiser,
         cond,
