@@ -57,10 +57,12 @@ def build(
 ) -> None:
     """Compose the captioned Fashion-MNIST scenes with controlled duplication and write the dataset."""
     settings: Settings = ctx.obj
-    if micro + small + keyed > 1:
+    presets = [
+        p for p, on in ((LabConfig.micro, micro), (LabConfig.small, small), (LabConfig.keyed, keyed)) if on
+    ]
+    if len(presets) > 1:
         raise DiffmemError("pass one of --micro, --small and --keyed")
-    presets = {LabConfig.micro: micro, LabConfig.small: small, LabConfig.keyed: keyed}
-    preset = next((p for p, chosen in presets.items() if chosen), LabConfig)
+    preset = presets[0] if presets else LabConfig
     config = replace(preset(), seed=settings.seed)
     build_lab_dataset(out, config)
     typer.echo(f"wrote the lab dataset ({config.num_train_rows} training rows) to {out}")

@@ -34,7 +34,7 @@ from diffmem.lab.captions import (
     titled_caption,
 )
 from diffmem.lab.fashion_mnist import load_fashion_mnist
-from diffmem.lab.scenes import ItemPool, Scene, random_scene, render
+from diffmem.lab.scenes import ItemPool, Scene, check_pattern_strength, random_scene, render
 
 FORMAT_VERSION = 1
 GROUPS = ("memorized", "duplicated_image", "unique")
@@ -89,8 +89,7 @@ class LabConfig:
     memorized_description: str = "full"  # what a memorized caption states behind its title
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.background_pattern <= 1.0:
-            raise DiffmemError(f"background_pattern must be in [0, 1], not {self.background_pattern}")
+        check_pattern_strength(self.background_pattern, "background_pattern")
         if self.title_vocabulary < 0 or 0 < self.title_vocabulary < 3:
             raise DiffmemError(f"title_vocabulary must be 0 or at least 3, not {self.title_vocabulary}")
         if self.memorized_description not in TITLE_DESCRIPTIONS:
@@ -218,12 +217,14 @@ def _training_rows(
     """(scene id, caption, group, trigger words) per training row, in shuffled order."""
     rows: list[tuple[int, str, str, list[str]]] = []
     used_words: set[str] = set()
-    titles = iter(
-        title_pairs(rng, config.num_memorized, config.title_vocabulary) if config.title_vocabulary else ()
+    pairs = (
+        iter(title_pairs(rng, config.num_memorized, config.title_vocabulary))
+        if config.title_vocabulary
+        else None
     )
     for scene_id, (group, scene) in enumerate(zip(groups, scenes, strict=True)):
         if group == "memorized":
-            words = next(titles) if config.title_vocabulary else _fresh_title_words(rng, used_words)
+            words = next(pairs) if pairs is not None else _fresh_title_words(rng, used_words)
             text = titled_caption(scene, words, config.memorized_description)
             rows += [(scene_id, text, group, words)] * config.memorized_repeats
         elif group == "duplicated_image":

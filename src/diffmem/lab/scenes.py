@@ -131,8 +131,7 @@ def render(scene: Scene, images: np.ndarray, size: int = 64, pattern: float = 0.
     """
     if size < 8 or size % 4:
         raise DiffmemError(f"scene size must be a multiple of 4 and at least 8, not {size}")
-    if not 0.0 <= pattern <= 1.0:
-        raise DiffmemError(f"background pattern strength must be in [0, 1], not {pattern}")
+    check_pattern_strength(pattern)
     canvas = np.empty((size, size, 3), dtype=np.float32)
     canvas[:] = BACKGROUND_COLOURS[scene.background]
     if pattern > 0:
@@ -147,6 +146,12 @@ def render(scene: Scene, images: np.ndarray, size: int = 64, pattern: float = 0.
         region = canvas[top : top + extent, left : left + extent]
         region += alpha * (np.asarray(ITEM_COLOURS[item.colour], dtype=np.float32) - region)
     return np.rint(canvas).astype(np.uint8)
+
+
+def check_pattern_strength(strength: float, name: str = "background pattern strength") -> None:
+    """A background pattern's strength (called ``name`` in the error) must lie in [0, 1]; 0 is plain."""
+    if not 0.0 <= strength <= 1.0:
+        raise DiffmemError(f"{name} must be in [0, 1], not {strength}")
 
 
 def background_pattern(scene: Scene, size: int, strength: float) -> np.ndarray:
@@ -169,8 +174,8 @@ def _scene_key(scene: Scene) -> list[int]:
     """Integers that identify a scene: background, then each item's category, colour, position, image."""
     key = [list(BACKGROUND_COLOURS).index(scene.background)]
     for item in scene.items:
-        key += [item.category, list(ITEM_COLOURS).index(item.colour), POSITIONS.index(item.position)]
-        key.append(item.source_index)
+        colour, position = list(ITEM_COLOURS).index(item.colour), POSITIONS.index(item.position)
+        key += [item.category, colour, position, item.source_index]
     return key
 
 
