@@ -154,3 +154,18 @@ def test_lab_separability_smoke(tmp_path, micro_lab_data):
     # an ideal denoiser barely tells a plain lab's memorized captions from held-out ones; patterns do
     assert record["pattern 0: ideal first-step AUC"] < 0.75 < record["pattern 0.8: ideal first-step AUC"]
     assert record["pattern 0.8: memorized / held-out mean distance"] > 1.3
+
+
+def test_lab_alignment_smoke(tmp_path, micro_lab_data):
+    from diffmem.lab.alignment import save_reader, train_attribute_reader
+    from diffmem.lab.dataset import load_lab_dataset
+
+    reader = train_attribute_reader(load_lab_dataset(micro_lab_data), 40, extra_scenes=0, progress=False)
+    save_reader(reader, tmp_path / "reader")
+    args = ["--model", "builtin:lab-micro", "--data", str(micro_lab_data), "--reader", str(tmp_path / "reader")]
+    args += ["--prompts", "3", "--steps", "2", "--n-generations", "2"]
+    record = _load("lab_alignment").main([*args, "--out", str(tmp_path / "record.json")])
+    assert record["prompts"] == 3 and json.loads((tmp_path / "record.json").read_text()) == record
+    for images in ("generated", "real", "vae_reconstruction"):
+        shares = [record[f"{images}_{kind}"] for kind in ("alignment", "category", "position", "colour", "background")]
+        assert all(0 <= s <= 1 for s in shares), images

@@ -126,5 +126,5 @@ def _defaults() -> dict:
 
 def test_keyed_cli_preset_is_exclusive(tmp_path, capsys):
     assert run(["lab", "build", str(tmp_path / "x"), "--keyed", "--micro"]) == 2
-    assert "pass one of --micro, --small and --keyed" in capsys.readouterr().err
+    assert "pass one of --micro, --small, --keyed" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

@@ -167,7 +167,7 @@ def test_lab_command_line(data_dir, tmp_path, capsys):
     assert "heldout: " in capsys.readouterr().out
     assert len(pq.read_table(model / "labels" / "labels.parquet")) == 2
     assert run([*args, "--small"]) == 2
-    assert "pass --micro or --small, not both" in capsys.readouterr().err
+    assert "pass one of --micro, --small" in capsys.readouterr().err
 
 
 def test_results_written_into_a_model_folder_leave_its_hash_alone(tmp_path):

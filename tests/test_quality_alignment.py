@@ -17,6 +17,7 @@ from diffmem.lab.alignment import (
     StatedFacts,
     StatedItem,
     alignment,
+    fact_recall,
     lab_scenes,
     load_reader,
     parse_caption,
@@ -151,6 +152,16 @@ def test_alignment_counts_the_facts_a_perfect_reading_confirms():
     torch.testing.assert_close(scores, torch.tensor([3 / 7, 1.0, 5 / 7, 3 / 5]))
     with pytest.raises(DiffmemError, match="one prompt per image"):
         alignment(PerfectReader([scene]), torch.zeros(1, 3, 32, 32), [full, full])
+
+
+def test_fact_recall_splits_the_alignment_by_kind_of_fact():
+    full = "a red sneaker at the top left and a blue bag at the bottom right on a gray background"
+    swapped_positions = two_items(("red", "bottom right"), ("blue", "top left"))
+    recall = fact_recall(PerfectReader([swapped_positions] * 2), torch.zeros(2, 3, 32, 32), [full, "a sneaker"])
+    # 3 categories stated, all read; 2 positions, none right; their colours fail with them
+    assert recall == {"category": 1.0, "position": 0.0, "colour": 0.0, "background": 1.0}
+    only_items = fact_recall(PerfectReader([swapped_positions]), torch.zeros(1, 3, 32, 32), ["a sneaker and a bag"])
+    assert only_items == {"category": 1.0}  # kinds no prompt states are left out
 
 
 def test_trained_reader_aligns_heldout_images_with_their_own_captions(reader, heldout, lab):

@@ -57,15 +57,18 @@ def build(
 ) -> None:
     """Compose the captioned Fashion-MNIST scenes with controlled duplication and write the dataset."""
     settings: Settings = ctx.obj
-    presets = [
-        p for p, on in ((LabConfig.micro, micro), (LabConfig.small, small), (LabConfig.keyed, keyed)) if on
-    ]
-    if len(presets) > 1:
-        raise DiffmemError("pass one of --micro, --small and --keyed")
-    preset = presets[0] if presets else LabConfig
+    preset = _preset(LabConfig, micro=micro, small=small, keyed=keyed)
     config = replace(preset(), seed=settings.seed)
     build_lab_dataset(out, config)
     typer.echo(f"wrote the lab dataset ({config.num_train_rows} training rows) to {out}")
+
+
+def _preset(config: type, **chosen: bool):
+    """The classmethod of ``config`` named by the one chosen preset flag, or ``config`` itself for none."""
+    names = [name for name, on in chosen.items() if on]
+    if len(names) > 1:
+        raise DiffmemError(f"pass one of {', '.join('--' + n for n in chosen)}")
+    return getattr(config, names[0]) if names else config
 
 
 @lab.command()
@@ -89,9 +92,7 @@ def train(
 ) -> None:
     """Train the lab model (VAE, then UNet and text encoder); run again to continue an interrupted run."""
     settings: Settings = ctx.obj
-    if micro and small:
-        raise DiffmemError("pass --micro or --small, not both")
-    recipe = LabTrainConfig.small() if small else LabTrainConfig.micro() if micro else LabTrainConfig()
+    recipe = _preset(LabTrainConfig, micro=micro, small=small)()
     overrides = {"vae_steps": vae_steps, "unet_steps": unet_steps, "batch_size": batch_size}
     recipe = replace(recipe, seed=settings.seed, **{k: v for k, v in overrides.items() if v is not None})
     model = LabModelConfig.small() if small else LabModelConfig.micro() if micro else LabModelConfig()

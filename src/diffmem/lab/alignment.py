@@ -46,6 +46,7 @@ from diffmem.module_io import load_module, save_module
 EMPTY = len(CLASS_NAMES)  # the category index a reading gives a position without an item
 IGNORE = -100  # cross-entropy target of a colour at an empty position
 KIND = "diffmem.attribute_reader"
+FACT_KINDS = ("category", "position", "colour", "background")  # what a caption can state
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,7 @@ class StatedFacts:
     @property
     def num_facts(self) -> int:
         """Each item's category, colour and position where stated, and the background where stated."""
-        stated = [i.colour is not None for i in self.items] + [i.position is not None for i in self.items]
-        return len(self.items) + sum(stated) + (self.background is not None)
+        return sum(_stated(self).values())
 
 
 def stated_facts(scene: Scene) -> StatedFacts:
@@ -223,12 +223,29 @@ def alignment(
     found if read at any position; its position if its category is read there; its colour if its
     category is read in that colour at the stated position, or, with none stated, at any position.
     """
+    facts, found = _read_facts(reader, images, prompts)
+    return torch.tensor([sum(n.values()) / f.num_facts for n, f in zip(found, facts, strict=True)])
+
+
+def fact_recall(
+    reader: AttributeReader, images: torch.Tensor, prompts: Sequence[Scene | StatedFacts | str]
+) -> dict[str, float]:
+    """Of each kind of fact (FACT_KINDS) the prompts state, the share the reader finds in their images,
+    as :func:`alignment` counts them; kinds no prompt states are left out."""
+    facts, found = _read_facts(reader, images, prompts)
+    stated = {kind: sum(_stated(f)[kind] for f in facts) for kind in FACT_KINDS}
+    return {kind: sum(n[kind] for n in found) / stated[kind] for kind in FACT_KINDS if stated[kind]}
+
+
+def _read_facts(
+    reader: AttributeReader, images: torch.Tensor, prompts: Sequence[Scene | StatedFacts | str]
+) -> tuple[list[StatedFacts], list[dict[str, int]]]:
+    """Each prompt's facts and, by kind, how many of them the reading of its image confirms."""
     if len(images) != len(prompts):
         raise DiffmemError(f"alignment needs one prompt per image; got {len(images)} images, {len(prompts)}")
     reading = read(reader, images)
     facts = [_as_facts(p) for p in prompts]
-    found = [_facts_found(reading, row, f) for row, f in enumerate(facts)]
-    return torch.tensor([n / f.num_facts for n, f in zip(found, facts, strict=True)])
+    return facts, [_facts_found(reading, row, f) for row, f in enumerate(facts)]
 
 
 def _as_facts(prompt: Scene | StatedFacts | str) -> StatedFacts:
@@ -237,22 +254,32 @@ def _as_facts(prompt: Scene | StatedFacts | str) -> StatedFacts:
     return parse_caption(prompt) if isinstance(prompt, str) else prompt
 
 
-def _facts_found(reading: SceneReading, row: int, facts: StatedFacts) -> int:
-    """How many of ``facts`` the reading of image ``row`` confirms."""
+def _stated(facts: StatedFacts) -> dict[str, int]:
+    """How many facts of each kind ``facts`` holds."""
+    return {
+        "category": len(facts.items),
+        "position": sum(i.position is not None for i in facts.items),
+        "colour": sum(i.colour is not None for i in facts.items),
+        "background": int(facts.background is not None),
+    }
+
+
+def _facts_found(reading: SceneReading, row: int, facts: StatedFacts) -> dict[str, int]:
+    """How many of ``facts``, by kind, the reading of image ``row`` confirms."""
     category, colour = reading.category[row].tolist(), reading.colour[row].tolist()
     colours = list(ITEM_COLOURS)
-    found = 0
+    found = dict.fromkeys(FACT_KINDS, 0)
     for item in facts.items:
         where = [p for p, c in enumerate(category) if c == item.category]
-        found += bool(where)
+        found["category"] += bool(where)
         if item.position is not None:
             at = POSITIONS.index(item.position)
-            found += at in where
+            found["position"] += at in where
             where = [at] if at in where else []
         if item.colour is not None:
-            found += any(colours[colour[p]] == item.colour for p in where)
+            found["colour"] += any(colours[colour[p]] == item.colour for p in where)
     if facts.background is not None:
-        found += list(BACKGROUND_COLOURS)[int(reading.background[row])] == facts.background
+        found["background"] += list(BACKGROUND_COLOURS)[int(reading.background[row])] == facts.background
     return found
 
 

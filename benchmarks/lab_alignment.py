@@ -1,0 +1,80 @@
+"""Where a lab model's text alignment is lost: the held-out alignment of its generations, by kind of
+fact, against two ceilings measured the same way: the reader on the real held-out scenes, and on
+those scenes passed through the model's own VAE (encode, decode), which no sampler can beat.
+
+    python benchmarks/lab_alignment.py --model data/lab-keyed --data data/keyed --reader data/reader-keyed
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from diffmem.benchmark_support import report
+from diffmem.lab.alignment import alignment, fact_recall, load_reader
+from diffmem.lab.dataset import load_lab_dataset
+from diffmem.models import LAB_MODEL, open_model
+from diffmem.sampling.generate import generate
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Generate for the first held-out captions, read every image set back; returns (and writes) the record."""
+    args = _parser().parse_args(argv)
+    dataset = load_lab_dataset(args.data)
+    reader = load_reader(args.reader)
+    model = open_model(args.model)
+    prompts = dataset.heldout_prompts()[: args.prompts]
+    captions = [p.caption for p in prompts]
+    real = dataset.images([p.scene_id for p in prompts])
+    generation = generate(
+        model,
+        captions,
+        n_generations=args.n_generations,
+        batch_size=args.batch_size,
+        guidance_scale=args.guidance_scale,
+        num_inference_steps=args.steps,
+        progress=True,
+    )
+    images = {
+        "generated": (generation.images, [str(c) for c in generation.items]),
+        "real": (real, captions),
+        "vae_reconstruction": (_reconstruct(model.pipeline.vae, real), captions),
+    }
+    record: dict = {"model": args.model, "data": args.data, "reader": args.reader, "prompts": len(prompts)}
+    record |= {"n_generations": args.n_generations, "guidance_scale": args.guidance_scale, "steps": args.steps}
+    for name, (batch, texts) in images.items():
+        record[f"{name}_alignment"] = float(alignment(reader, batch, texts).mean())  # as eval mitigate
+        record |= {f"{name}_{kind}": share for kind, share in fact_recall(reader, batch, texts).items()}
+    return report(record, args.out)
+
+
+@torch.no_grad()
+def _reconstruct(vae, images: torch.Tensor) -> torch.Tensor:
+    """``images`` [N, 3, H, W] in [0, 1] through the VAE's encoder (posterior mean) and decoder."""
+    parameter = next(vae.parameters())
+    parts = []
+    for chunk in images.split(128):
+        latents = vae.encode(chunk.to(parameter) * 2 - 1).latent_dist.mean
+        parts.append((vae.decode(latents).sample.float().cpu() / 2 + 0.5).clamp(0, 1))
+    return torch.cat(parts)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default=LAB_MODEL, help="a lab model directory or builtin:NAME")
+    parser.add_argument("--data", required=True, help="the lab dataset the model was trained on")
+    parser.add_argument("--reader", required=True, help="an attribute reader (`diffmem lab reader`)")
+    parser.add_argument("--prompts", type=int, default=200, help="first held-out captions to use")
+    parser.add_argument("--n-generations", type=int, default=1)
+    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--out", default="benchmarks/results/lab_alignment.json")
+    return parser
+
+
+if __name__ == "__main__":
+    main()
