@@ -55,7 +55,7 @@ def test_small_preset_has_the_detection_benchmark_class_sizes(fashion_mnist, tmp
     assert len(memorized) >= 150 and len(prompts) - len(memorized) >= 500
     assert all(p["trigger_words"] for p in memorized)
     assert run(["lab", "build", str(tmp_path / "other"), "--small", "--micro"]) == 2
-    assert "pass one of --micro, --small and --keyed" in capsys.readouterr().err
+    assert "pass one of --micro, --small, --keyed" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
 
 
