@@ -37,9 +37,9 @@ def main(argv: list[str] | None = None) -> dict:
         progress=True,
     )
     images = {
-        "generated": (generation.images, [str(c) for c in generation.items]),
+        "generated": (generation.images, generation.items),
         "real": (real, captions),
-        "vae_reconstruction": (_reconstruct(model.pipeline.vae, real), captions),
+        "vae_reconstruction": (_reconstruct(model, real), captions),
     }
     record: dict = {"model": args.model, "data": args.data, "reader": args.reader, "prompts": len(prompts)}
     record |= {"n_generations": args.n_generations, "guidance_scale": args.guidance_scale, "steps": args.steps}
@@ -50,13 +50,13 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 @torch.no_grad()
-def _reconstruct(vae, images: torch.Tensor) -> torch.Tensor:
-    """``images`` [N, 3, H, W] in [0, 1] through the VAE's encoder (posterior mean) and decoder."""
-    parameter = next(vae.parameters())
+def _reconstruct(model, images: torch.Tensor) -> torch.Tensor:
+    """``images`` [N, 3, H, W] in [0, 1] through the VAE's encoder (posterior mean) and the model's decode."""
+    vae = model.vae
     parts = []
     for chunk in images.split(128):
-        latents = vae.encode(chunk.to(parameter) * 2 - 1).latent_dist.mean
-        parts.append((vae.decode(latents).sample.float().cpu() / 2 + 0.5).clamp(0, 1))
+        latents = vae.encode(chunk.to(vae.device, vae.dtype) * 2 - 1).latent_dist.mean
+        parts.append(model.decode(latents * vae.config.scaling_factor).float().cpu())
     return torch.cat(parts)
 
 
