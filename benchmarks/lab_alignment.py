@@ -42,7 +42,11 @@ def main(argv: list[str] | None = None) -> dict:
         "vae_reconstruction": (_reconstruct(model, real), captions),
     }
     record: dict = {"model": args.model, "data": args.data, "reader": args.reader, "prompts": len(prompts)}
-    record |= {"n_generations": args.n_generations, "guidance_scale": args.guidance_scale, "steps": args.steps}
+    record |= {
+        "n_generations": args.n_generations,
+        "guidance_scale": args.guidance_scale,
+        "steps": args.steps,
+    }
     for name, (batch, texts) in images.items():
         record[f"{name}_alignment"] = float(alignment(reader, batch, texts).mean())  # as eval mitigate
         record |= {f"{name}_{kind}": share for kind, share in fact_recall(reader, batch, texts).items()}

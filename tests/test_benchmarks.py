@@ -157,15 +157,30 @@ def test_lab_separability_smoke(tmp_path, micro_lab_data):
 
 
 def test_lab_alignment_smoke(tmp_path, micro_lab_data):
-    from diffmem.lab.alignment import save_reader, train_attribute_reader
+    from diffmem.lab.alignment import alignment, save_reader, train_attribute_reader
     from diffmem.lab.dataset import load_lab_dataset
 
-    reader = train_attribute_reader(load_lab_dataset(micro_lab_data), 40, extra_scenes=0, progress=False)
+    lab = load_lab_dataset(micro_lab_data)
+    reader = train_attribute_reader(lab, 40, extra_scenes=0, progress=False)
     save_reader(reader, tmp_path / "reader")
-    args = ["--model", "builtin:lab-micro", "--data", str(micro_lab_data), "--reader", str(tmp_path / "reader")]
+    args = [
+        "--model",
+        "builtin:lab-micro",
+        "--data",
+        str(micro_lab_data),
+        "--reader",
+        str(tmp_path / "reader"),
+    ]
     args += ["--prompts", "3", "--steps", "2", "--n-generations", "2"]
     record = _load("lab_alignment").main([*args, "--out", str(tmp_path / "record.json")])
     assert record["prompts"] == 3 and json.loads((tmp_path / "record.json").read_text()) == record
     for images in ("generated", "real", "vae_reconstruction"):
-        shares = [record[f"{images}_{kind}"] for kind in ("alignment", "category", "position", "colour", "background")]
+        shares = [
+            record[f"{images}_{kind}"]
+            for kind in ("alignment", "category", "position", "colour", "background")
+        ]
         assert all(0 <= s <= 1 for s in shares), images
+    # the real row reads the first held-out scenes against their own captions
+    first = lab.heldout_prompts()[:3]
+    real = alignment(reader, lab.images([p.scene_id for p in first]), [p.caption for p in first])
+    assert record["real_alignment"] == pytest.approx(float(real.mean()))

@@ -157,10 +157,14 @@ def test_alignment_counts_the_facts_a_perfect_reading_confirms():
 def test_fact_recall_splits_the_alignment_by_kind_of_fact():
     full = "a red sneaker at the top left and a blue bag at the bottom right on a gray background"
     swapped_positions = two_items(("red", "bottom right"), ("blue", "top left"))
-    recall = fact_recall(PerfectReader([swapped_positions] * 2), torch.zeros(2, 3, 32, 32), [full, "a sneaker"])
+    recall = fact_recall(
+        PerfectReader([swapped_positions] * 2), torch.zeros(2, 3, 32, 32), [full, "a sneaker"]
+    )
     # 3 categories stated, all read; 2 positions, none right; their colours fail with them
     assert recall == {"category": 1.0, "position": 0.0, "colour": 0.0, "background": 1.0}
-    only_items = fact_recall(PerfectReader([swapped_positions]), torch.zeros(1, 3, 32, 32), ["a sneaker and a bag"])
+    only_items = fact_recall(
+        PerfectReader([swapped_positions]), torch.zeros(1, 3, 32, 32), ["a sneaker and a bag"]
+    )
     assert only_items == {"category": 1.0}  # kinds no prompt states are left out
 
 

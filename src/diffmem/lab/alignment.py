@@ -233,7 +233,8 @@ def fact_recall(
     """Of each kind of fact (FACT_KINDS) the prompts state, the share the reader finds in their images,
     as :func:`alignment` counts them; kinds no prompt states are left out."""
     facts, found = _read_facts(reader, images, prompts)
-    stated = {kind: sum(_stated(f)[kind] for f in facts) for kind in FACT_KINDS}
+    counts = [_stated(f) for f in facts]
+    stated = {kind: sum(c[kind] for c in counts) for kind in FACT_KINDS}
     return {kind: sum(n[kind] for n in found) / stated[kind] for kind in FACT_KINDS if stated[kind]}
 
 
