@@ -2,6 +2,9 @@
 
 import importlib.util
 import json
+import os
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -184,3 +187,20 @@ def test_lab_alignment_smoke(tmp_path, micro_lab_data):
     first = lab.heldout_prompts()[:3]
     real = alignment(reader, lab.images([p.scene_id for p in first]), [p.caption for p in first])
     assert record["real_alignment"] == pytest.approx(float(real.mean()))
+
+
+def test_device_checks_script_runs_every_step_in_smoke_mode(tmp_path):
+    """The script a lent device runs in one call: on this CPU, with the tiny model, each of its benchmark
+    steps exits 0 and leaves its JSON record where the device returns files from."""
+    result = subprocess.run(
+        ["bash", str(BENCHMARKS / "device_checks.sh"), "--smoke"],
+        check=False,
+        env={**os.environ, "OUT": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    names = ("detect_throughput", "explain_latency", "mitigation_overhead", "detect_speedups")
+    assert re.findall(r"=== (\w+): rc (\d+)", result.stdout) == [(name, "0") for name in names]
+    for name in names:
+        assert json.loads((tmp_path / f"{name}.json").read_text())["device"] == "cpu"
