@@ -12,16 +12,19 @@
 # Tracked files and these wheels come to about 63.6 MiB of the 64 MiB a call may carry: should the tree
 # grow past it, fetch without faiss-cpu (then only the mitigation step fails).
 set -u
+cd "$(dirname "$0")/.." || exit 1  # the repository root: the paths below are relative to it
+MODE=${1:-device}                  # device, --fetch or --smoke
+[[ $MODE == device || $MODE == --fetch || $MODE == --smoke ]] || { echo "usage: $0 [--fetch | --smoke]"; exit 2; }
 WHEELS=(diffusers==0.42.1 open-clip-torch==3.3.0 importlib_metadata==10.2.0 zipp==4.1.2 faiss-cpu==1.15.1)
 
-if [[ "${1:-}" == --fetch ]]; then
+if [[ $MODE == --fetch ]]; then
     exec python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl "${WHEELS[@]}"
 fi
 : "${OUT:?set OUT, the folder the records go to (the device machine sets it)}"
 mkdir -p "$OUT"
 LOG="$OUT/log.txt"
-if [[ "${1:-}" == --smoke ]]; then
+if [[ $MODE == --smoke ]]; then
     COMMON=(--size tiny --device cpu)
     SIZES=(--prompts 8 --loop-prompts 2 --repeats 1 --num-inference-steps 4)
     EXPLAIN=(--repeats 1 --num-inference-steps 4)
@@ -56,7 +59,7 @@ step explain_latency 90 python3 benchmarks/explain_latency.py "${COMMON[@]}" "${
     --out "$OUT/explain_latency.json"
 step mitigation_overhead 120 python3 benchmarks/mitigation_overhead.py "${COMMON[@]}" "${MITIGATION[@]}" \
     --out "$OUT/mitigation_overhead.json"
-if [[ "${1:-}" != --smoke ]]; then
+if [[ $MODE == device ]]; then
     step pytest_gpu 60 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
 fi
 step detect_speedups 150 python3 benchmarks/detect_throughput.py "${COMMON[@]}" "${SIZES[@]}" \
