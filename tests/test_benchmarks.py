@@ -204,3 +204,53 @@ def test_device_checks_script_runs_every_step_in_smoke_mode(tmp_path):
     assert re.findall(r"=== (\w+): rc (\d+)", result.stdout) == [(name, "0") for name in names]
     for name in names:
         assert json.loads((tmp_path / f"{name}.json").read_text())["device"] == "cpu"
+
+
+def test_policy_comparison_tabulates_eval_records_against_the_baseline(tmp_path, micro_lab_data):
+    from diffmem.cli.main import run
+    from diffmem.lab.alignment import AttributeReader, AttributeReaderConfig, save_reader
+    from diffmem.models import shipped_reference
+
+    save_reader(AttributeReader(AttributeReaderConfig()), tmp_path / "reader")  # untrained: features only
+    assert run(["index", "build", str(micro_lab_data), "--out", str(tmp_path / "pixels")]) == 0
+    copy_index = shipped_reference("builtin:lab-micro")[0]
+    evaluate = ["eval", "mitigate", "--model", "builtin:lab-micro", "--data", str(micro_lab_data)]
+    evaluate += [
+        "--reader",
+        str(tmp_path / "reader"),
+        "--index",
+        str(tmp_path / "pixels"),
+        "--index",
+        str(copy_index),
+    ]
+    evaluate += ["--max-prompts-per-group", "2", "--n-generations", "2", "--num-inference-steps", "2"]
+    for name, seed in (("base", "0"), ("other", "1")):
+        assert run(["--seed", seed, *evaluate, "--method", "none", "--out", str(tmp_path / name)]) == 0
+    args = [
+        "--baseline",
+        "base",
+        "--run",
+        f"base={tmp_path / 'base'}",
+        "--run",
+        f"other={tmp_path / 'other'}",
+    ]
+    table, plot = tmp_path / "table.md", tmp_path / "policies.png"
+    module = _load("policy_comparison")
+    record = module.main(
+        [*args, "--markdown", str(table), "--plot", str(plot), "--out", str(tmp_path / "r.json")]
+    )
+    runs = record["runs"]
+    other = json.loads((tmp_path / "other" / "results.json").read_text())["results"][0]
+    assert runs["other"]["memorized_nl2"] == other["summaries"]["memorized"]["nl2"]["share_memorized"]
+    assert runs["other"]["fid_ratio"] == pytest.approx(other["fid"] / runs["base"]["fid"])
+    assert runs["base"]["fid_ratio"] == 1 and runs["base"]["alignment_change_points"] == 0
+    assert runs["other"]["fid"] != runs["base"]["fid"]  # other seeds, other generations
+    lines = table.read_text().splitlines()
+    assert len(lines) == 4 and lines[2].startswith("| base |") and "(1.00x)" in lines[2]
+    assert plot.stat().st_size > 0
+    with pytest.raises(SystemExit, match="not one of the --run names"):
+        module.main([*args, "--baseline", "none"])
+    with pytest.raises(SystemExit, match="no results for method 'amg'"):
+        module.main([*args, "--method", "amg"])
+    with pytest.raises(SystemExit, match="does not exist"):
+        module.main(["--baseline", "x", "--run", f"x={tmp_path / 'missing'}"])
