@@ -14,12 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-
-from diffmem.benchmark_support import report
+from diffmem.benchmark_support import labelled_scatter, report
 from diffmem.run_record import environment
 
 MEASURES = ("copy_similarity", "nl2")
@@ -133,27 +128,12 @@ def _training_cell(row: dict) -> str:
 
 def _plot(runs: dict[str, dict], path: Path, title: str | None) -> None:
     """Memorized copy share against FID, one labelled point a run."""
-    points = {name: row for name, row in runs.items() if row["fid"] is not None}
+    points = {name: (r["fid"], 100 * r["memorized_copy"]) for name, r in runs.items() if r["fid"] is not None}
     if not points:
         raise SystemExit("--plot needs runs evaluated with --reader (FID)")
-    figure, axis = plt.subplots(figsize=(5.5, 4))
-    axis.scatter([r["fid"] for r in points.values()], [100 * r["memorized_copy"] for r in points.values()])
-    for name, row in points.items():
-        axis.annotate(
-            name,
-            (row["fid"], 100 * row["memorized_copy"]),
-            textcoords="offset points",
-            xytext=(4, 4),
-            fontsize=8,
-        )
-    threshold = next(iter(points.values()))["copy_threshold"]
-    axis.set_xlabel("FID (lab reader features)")
-    axis.set_ylabel("memorized captions' copies (%)")
-    axis.set_title(title or f"copy similarity > {threshold}, one point a run", fontsize=10)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    threshold = next(iter(runs.values()))["copy_threshold"]
+    title = title or f"copy similarity > {threshold}, one point a run"
+    labelled_scatter(points, path, "FID (lab reader features)", "memorized captions' copies (%)", title)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -16,14 +16,10 @@ import argparse
 import json
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
-from diffmem.benchmark_support import report
+from diffmem.benchmark_support import labelled_scatter, report
 from diffmem.index.build import open_encoder
 from diffmem.lab.alignment import load_reader
 from diffmem.lab.dataset import load_lab_dataset
@@ -126,18 +122,14 @@ def _plot(record: dict, path: Path) -> None:
         else ("nl2_share_memorized", "nL2")
     )
     threshold = f"> {record['copy_threshold']}" if record["copy_threshold"] else f"< {NL2_THRESHOLD}"
-    figure, axis = plt.subplots(figsize=(5.5, 4))
-    axis.scatter([m["fid"] for m in models.values()], [100 * m[key] for m in models.values()])
-    for name, m in models.items():
-        axis.annotate(name, (m["fid"], 100 * m[key]), textcoords="offset points", xytext=(4, 4), fontsize=8)
     reference = "training subset" if record["fid_against"] == "subset" else "whole lab training set"
-    axis.set_xlabel(f"FID against the {reference} (lab reader features)")
-    axis.set_ylabel(f"generations with {label} {threshold} (%)")
-    axis.set_title(f"{record['training_images']} training images, {record['samples']} samples a model")
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    labelled_scatter(
+        {name: (m["fid"], 100 * m[key]) for name, m in models.items()},
+        path,
+        f"FID against the {reference} (lab reader features)",
+        f"generations with {label} {threshold} (%)",
+        f"{record['training_images']} training images, {record['samples']} samples a model",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:

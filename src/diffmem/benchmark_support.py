@@ -55,3 +55,23 @@ def benchmark_parser(description: str, out: str) -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--out", default=out)
     return parser
+
+
+def labelled_scatter(
+    points: dict[str, tuple[float, float]], path: str | Path, xlabel: str, ylabel: str, title: str
+) -> None:
+    """Write a PNG scatter plot of ``points`` (name -> (x, y)), each point labelled with its name."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(5.5, 4))
+    axis = figure.subplots()
+    axis.scatter([x for x, _ in points.values()], [y for _, y in points.values()])
+    for name, xy in points.items():
+        axis.annotate(name, xy, textcoords="offset points", xytext=(4, 4), fontsize=8)
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.set_title(title, fontsize=10)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
