@@ -30,7 +30,11 @@ def main(argv: list[str] | None = None) -> dict:
     for row in runs.values():
         row["memorized_change"] = _change(row["memorized_copy"], base["memorized_copy"])
         row["fid_ratio"] = row["fid"] / base["fid"] if row["fid"] and base["fid"] else None
-        row["alignment_change_points"] = 100 * (row["heldout_alignment"] - base["heldout_alignment"])
+        row["alignment_change_points"] = (
+            100 * (row["heldout_alignment"] - base["heldout_alignment"])
+            if row["heldout_alignment"] is not None and base["heldout_alignment"] is not None
+            else None
+        )
     record = {"baseline": args.baseline, "method": args.method, "runs": runs}
     table = _markdown(runs)
     print(table)
@@ -67,7 +71,7 @@ def _run(spec: str, method: str) -> tuple[str, dict]:
         "copy_threshold": summaries["memorized"]["copy_similarity"]["threshold"],
         "fid": result["fid"],
         "kid": result["kid"][0] if result["kid"] else None,
-        "heldout_alignment": result["alignment"]["heldout"],
+        "heldout_alignment": (result["alignment"] or {}).get("heldout"),  # None: evaluated without --reader
         "images": training.get("images"),
         "ambient_t_n": training.get("ambient_t_n"),
         "filter_drop_rate": training.get("drop_rate"),
@@ -98,7 +102,8 @@ def _markdown(runs: dict[str, dict]) -> str:
     )
     lines = [header, "|---|---|---|---|---|---|---|---|---|"]
     for name, row in runs.items():
-        fid = "–" if row["fid"] is None else f"{row['fid']:.0f} ({row['fid_ratio']:.2f}x)"
+        fid = "–" if row["fid"] is None else f"{row['fid']:.0f}"
+        fid += "" if row["fid_ratio"] is None else f" ({row['fid_ratio']:.2f}x)"
         kid = "–" if row["kid"] is None else f"{row['kid']:.0f}"
         cells = [
             name,
@@ -109,10 +114,17 @@ def _markdown(runs: dict[str, dict]) -> str:
             _percent(row["heldout_copy"]),
             fid,
             kid,
-            f"{100 * row['heldout_alignment']:.1f}% ({row['alignment_change_points']:+.1f})",
+            _alignment_cell(row),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _alignment_cell(row: dict) -> str:
+    if row["heldout_alignment"] is None:
+        return "–"
+    change = row["alignment_change_points"]
+    return f"{100 * row['heldout_alignment']:.1f}%" + ("" if change is None else f" ({change:+.1f})")
 
 
 def _training_cell(row: dict) -> str:

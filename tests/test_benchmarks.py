@@ -254,3 +254,9 @@ def test_policy_comparison_tabulates_eval_records_against_the_baseline(tmp_path,
         module.main([*args, "--method", "amg"])
     with pytest.raises(SystemExit, match="does not exist"):
         module.main(["--baseline", "x", "--run", f"x={tmp_path / 'missing'}"])
+    unread = [a for a in evaluate if a not in ("--reader", str(tmp_path / "reader"))]  # no alignment
+    assert run([*unread, "--method", "none", "--out", str(tmp_path / "unread")]) == 0
+    record = module.main([*args, "--run", f"unread={tmp_path / 'unread'}", "--markdown", str(table)])
+    unread_row = record["runs"]["unread"]
+    assert unread_row["heldout_alignment"] is None and unread_row["alignment_change_points"] is None
+    assert table.read_text().splitlines()[-1].endswith("| – |")
