@@ -1,6 +1,9 @@
 """Where a lab model's text alignment is lost: the held-out alignment of its generations, by kind of
 fact, against two ceilings measured the same way: the reader on the real held-out scenes, and on
-those scenes passed through the model's own VAE (encode, decode), which no sampler can beat.
+those scenes passed through the model's own VAE (encode, decode), which no sampler can beat. Then
+whether the model follows position words at all: single-item captions that differ only in the
+position, and where the reader finds the item (``position_probe``: rows the stated position, columns
+the share of images with an item read there).
 
     python benchmarks/lab_alignment.py --model data/lab-keyed --data data/keyed --reader data/reader-keyed
 """
@@ -9,11 +12,15 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
 import torch
 
 from diffmem.benchmark_support import report
-from diffmem.lab.alignment import alignment, fact_recall, load_reader
+from diffmem.lab.alignment import EMPTY, alignment, fact_recall, load_reader, read
+from diffmem.lab.captions import caption
 from diffmem.lab.dataset import load_lab_dataset
+from diffmem.lab.fashion_mnist import CLASS_NAMES
+from diffmem.lab.scenes import BACKGROUND_COLOURS, ITEM_COLOURS, POSITIONS, Item, Scene
 from diffmem.models import LAB_MODEL, open_model
 from diffmem.sampling.generate import generate
 
@@ -50,7 +57,40 @@ def main(argv: list[str] | None = None) -> dict:
     for name, (batch, texts) in images.items():
         record[f"{name}_alignment"] = float(alignment(reader, batch, texts).mean())  # as eval mitigate
         record |= {f"{name}_{kind}": share for kind, share in fact_recall(reader, batch, texts).items()}
-    return report(record, args.out)
+    return report(record | _position_probe(model, reader, args), args.out)
+
+
+def _position_probe(model, reader, args: argparse.Namespace) -> dict:
+    """Where single items land when only the caption's position words change: the share of images
+    with an item read at each position, by stated position; ``hit`` at the stated one, ``elsewhere``
+    the mean share at a position when another was stated (equal when position words are ignored)."""
+    colours, backgrounds = list(ITEM_COLOURS), list(BACKGROUND_COLOURS)
+    scenes = [
+        Scene(backgrounds[k % len(backgrounds)], (Item(k, colours[k % len(colours)], position, 0),))
+        for position in POSITIONS
+        for k in range(len(CLASS_NAMES))
+    ]
+    captions = [caption(scene, "full", np.random.default_rng(0)) for scene in scenes]
+    generation = generate(
+        model,
+        captions,
+        n_generations=2,
+        batch_size=args.batch_size,
+        guidance_scale=args.guidance_scale,
+        num_inference_steps=args.steps,
+    )
+    occupied = (read(reader, generation.images).category != EMPTY).float()
+    matrix = occupied.view(len(POSITIONS), -1, len(POSITIONS)).mean(1)  # [stated, read]
+    hit = matrix.diagonal().mean()
+    elsewhere = (matrix.sum(0) - matrix.diagonal()).mean() / (len(POSITIONS) - 1)
+    return {
+        "position_probe_hit": float(hit),
+        "position_probe_elsewhere": float(elsewhere),
+        "position_probe": {
+            p: dict(zip(POSITIONS, row, strict=True))
+            for p, row in zip(POSITIONS, matrix.tolist(), strict=True)
+        },
+    }
 
 
 @torch.no_grad()

@@ -187,6 +187,11 @@ def test_lab_alignment_smoke(tmp_path, micro_lab_data):
     first = lab.heldout_prompts()[:3]
     real = alignment(reader, lab.images([p.scene_id for p in first]), [p.caption for p in first])
     assert record["real_alignment"] == pytest.approx(float(real.mean()))
+    probe = record["position_probe"]
+    positions = list(probe)
+    assert len(positions) == 5 and all(list(row) == positions for row in probe.values())
+    assert all(0 <= share <= 1 for row in probe.values() for share in row.values())
+    assert record["position_probe_hit"] == pytest.approx(sum(probe[p][p] for p in positions) / 5)
 
 
 def test_device_checks_script_runs_every_step_in_smoke_mode(tmp_path):

@@ -14,7 +14,7 @@ from diffmem.errors import DiffmemError
 from diffmem.lab.dataset import load_lab_dataset
 from diffmem.lab.label import LabelConfig, lab_prompts, label_lab_model
 from diffmem.lab.model import LabModelConfig
-from diffmem.lab.train import LabTrainConfig, train_lab_model
+from diffmem.lab.train import LabTrainConfig, train_lab_model, trained_model_config
 from diffmem.metrics.copy_detection import load_encoder
 from diffmem.models import model_hash, shipped_directory
 
@@ -79,6 +79,69 @@ def test_resuming_with_other_settings_is_refused(data_dir, tmp_path):
 def test_dataset_and_model_sizes_must_agree(data_dir, tmp_path):
     with pytest.raises(DiffmemError, match="32 px images but the model config expects 64 px"):
         train_lab_model(data_dir, tmp_path / "m", LabModelConfig(), QUICK, progress=False)
+
+
+def _same_weights(a_dir, b_dir, component) -> bool:
+    (name,) = (a_dir / component).glob("*.safetensors")
+    with safe_open(name, "pt") as a, safe_open(b_dir / component / name.name, "pt") as b:
+        return a.keys() == b.keys() and all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())  # noqa: SIM118
+
+
+def test_init_from_starts_from_the_trained_weights_and_counts_their_steps(data_dir, model_dir, tmp_path):
+    same = tmp_path / "same"
+    assert train_lab_model(
+        data_dir, same, None, replace(QUICK, unet_steps=0), init_from=model_dir, progress=False
+    ).complete
+    assert all(_same_weights(model_dir, same, c) for c in ("unet", "text_encoder", "vae"))
+    further = tmp_path / "further"
+    train_lab_model(data_dir, further, None, QUICK, init_from=model_dir, progress=False)
+    assert _same_weights(model_dir, further, "vae") and not _same_weights(model_dir, further, "unet")
+    record = json.loads((further / "lab_training.json").read_text())
+    assert record["init_from"] == str(model_dir) and record["train_config"]["vae_steps"] == 0
+    assert record["total_unet_steps"] == 2 * QUICK.unet_steps
+    assert record["model_config"] == json.loads((model_dir / "lab_training.json").read_text())["model_config"]
+
+
+def test_vae_from_keeps_the_vae_and_trains_a_new_denoiser_of_another_size(data_dir, model_dir, tmp_path):
+    out = tmp_path / "deeper"
+    deeper = replace(
+        LabModelConfig.micro(), unet_channels=(32, 64, 64), text_layers=3, prediction_type="v_prediction"
+    )
+    assert train_lab_model(data_dir, out, deeper, QUICK, vae_from=model_dir, progress=False).complete
+    assert _same_weights(model_dir, out, "vae")
+    denoiser = load_denoiser(out)
+    assert denoiser.pipeline.unet.config.block_out_channels == [32, 64, 64]
+    assert denoiser.pipeline.text_encoder.config.num_hidden_layers == 3
+    assert denoiser.prediction_type == "v_prediction"  # SD 2.x's parametrisation, through the same adapter
+    record = json.loads((out / "lab_training.json").read_text())
+    assert record["vae_from"] == str(model_dir) and record["total_unet_steps"] == QUICK.unet_steps
+
+
+def test_models_recorded_before_prediction_types_read_as_noise_predictors():
+    shipped = shipped_directory("builtin:lab-keyed") / "model"
+    assert "prediction_type" not in json.loads((shipped / "lab_training.json").read_text())["model_config"]
+    config = trained_model_config(shipped)
+    assert config.prediction_type == "epsilon" == load_denoiser(shipped).prediction_type
+    assert config == replace(LabModelConfig.small(), prediction_type="epsilon")
+
+
+def test_warm_starts_that_cannot_fit_are_refused(data_dir, model_dir, tmp_path):
+    other_latents = replace(LabModelConfig.micro(), vae_channels=(32, 32))
+    with pytest.raises(DiffmemError, match=r"vae_channels=\(32, 32, 32\).*vae_channels=\(32, 32\)"):
+        train_lab_model(data_dir, tmp_path / "a", other_latents, QUICK, vae_from=model_dir, progress=False)
+    with pytest.raises(DiffmemError, match="another architecture"):
+        train_lab_model(
+            data_dir, tmp_path / "b", LabModelConfig.small(), QUICK, init_from=model_dir, progress=False
+        )
+    with pytest.raises(DiffmemError, match="unknown prediction type 'x0'"):
+        replace(LabModelConfig.micro(), prediction_type="x0")
+    with pytest.raises(DiffmemError, match="not a trained lab model"):
+        train_lab_model(data_dir, tmp_path / "c", None, QUICK, init_from=tmp_path, progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    base = ["lab", "train", "--data", str(data_dir), "--out", str(tmp_path / "d")]
+    assert run([*base, "--micro", "--unet-channels", "32,x"]) == 2
+    assert run([*base, "--init-from", str(model_dir), "--text-layers", "3"]) == 2
+    assert not (tmp_path / "d").exists()
 
 
 def test_lab_prompts_have_stable_ids_and_no_repeats(data_dir):

@@ -63,6 +63,21 @@ def build(
     typer.echo(f"wrote the lab dataset ({config.num_train_rows} training rows) to {out}")
 
 
+def _widths(text: str | None) -> tuple[int, ...] | None:
+    """``"64,128,128"`` as a tuple of positive ints (None stays None)."""
+    if text is None:
+        return None
+    try:
+        widths = tuple(int(w) for w in text.split(","))
+    except ValueError:
+        widths = ()
+    if len(widths) < 2 or min(widths) <= 0:
+        raise DiffmemError(
+            f"--unet-channels takes two or more positive widths such as 64,128,128, not {text!r}"
+        )
+    return widths
+
+
 def _preset(config: type, **chosen: bool):
     """The classmethod of ``config`` named by the one chosen preset flag, or ``config`` itself for none."""
     names = [name for name, on in chosen.items() if on]
@@ -86,17 +101,68 @@ def train(
     vae_steps: Annotated[int | None, typer.Option(help="VAE steps (default: the recipe's).")] = None,
     unet_steps: Annotated[int | None, typer.Option(help="UNet steps (default: the recipe's).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="UNet batch size (default: the recipe's).")] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="UNet and text-encoder learning rate (default: the recipe's).")
+    ] = None,
     time_budget_s: Annotated[
         float | None, typer.Option(help="Checkpoint and stop after this many seconds.")
+    ] = None,
+    unet_channels: Annotated[
+        str | None,
+        typer.Option(
+            help="UNet widths, one a level, e.g. 64,128,128 (default: the preset's).", metavar="W,W,..."
+        ),
+    ] = None,
+    text_layers: Annotated[
+        int | None, typer.Option(help="Text-encoder layers (default: the preset's).")
+    ] = None,
+    prediction_type: Annotated[
+        str | None,
+        typer.Option(
+            help="What the UNet predicts: epsilon (SD 1.x) or v_prediction (SD 2.x); default: the "
+            "preset's (v_prediction at 64 px, epsilon for --micro and --small, the shipped models)."
+        ),
+    ] = None,
+    vae_from: Annotated[
+        Path | None, typer.Option(help="Take this trained lab model's VAE and skip the VAE stage.")
+    ] = None,
+    init_from: Annotated[
+        Path | None,
+        typer.Option(
+            help="Start from this trained lab model (VAE, UNet, text encoder, architecture) and train "
+            "--unet-steps more."
+        ),
     ] = None,
 ) -> None:
     """Train the lab model (VAE, then UNet and text encoder); run again to continue an interrupted run."""
     settings: Settings = ctx.obj
     recipe = _preset(LabTrainConfig, micro=micro, small=small)()
-    overrides = {"vae_steps": vae_steps, "unet_steps": unet_steps, "batch_size": batch_size}
+    overrides = {"vae_steps": vae_steps, "unet_steps": unet_steps, "batch_size": batch_size, "lr": lr}
     recipe = replace(recipe, seed=settings.seed, **{k: v for k, v in overrides.items() if v is not None})
-    model = LabModelConfig.small() if small else LabModelConfig.micro() if micro else LabModelConfig()
-    status = train_lab_model(data, out, model, recipe, device=settings.device, time_budget_s=time_budget_s)
+    sizes = {
+        "unet_channels": _widths(unet_channels),
+        "text_layers": text_layers,
+        "prediction_type": prediction_type,
+    }
+    model = None
+    if init_from is None:
+        model = LabModelConfig.small() if small else LabModelConfig.micro() if micro else LabModelConfig()
+        model = replace(model, **{k: v for k, v in sizes.items() if v is not None})
+    elif any(v is not None for v in sizes.values()):
+        raise DiffmemError(
+            "--init-from continues that model's architecture; "
+            "drop --unet-channels, --text-layers and --prediction-type"
+        )
+    status = train_lab_model(
+        data,
+        out,
+        model,
+        recipe,
+        device=settings.device,
+        time_budget_s=time_budget_s,
+        vae_from=vae_from,
+        init_from=init_from,
+    )
     if status.complete:
         typer.echo(f"trained the lab model in {out}")
     else:

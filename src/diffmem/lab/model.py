@@ -10,12 +10,16 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionMod
 from transformers import CLIPTextModel
 
 from diffmem.clip_tokenizer import clip_text_config, load_clip_tokenizer
+from diffmem.errors import DiffmemError
 from diffmem.sampling.schedulers import stable_diffusion_scheduler
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 @dataclass(frozen=True)
 class LabModelConfig:
-    """Sizes of the lab model's components (defaults: the shipped 64 px lab model, about 11M parameters)."""
+    """Sizes and target of the lab model's components (defaults: the 64 px GPU lab model, about 11M
+    parameters; the CPU presets keep the shipped models' noise target)."""
 
     image_size: int = 64
     vae_channels: tuple[int, ...] = (32, 64, 64)  # VAE factor 2 ** (levels - 1) = 4: 64 px -> 16x16 latents
@@ -27,11 +31,21 @@ class LabModelConfig:
     text_hidden: int = 64
     text_layers: int = 4
     text_heads: int = 4
+    # what the UNet predicts: "epsilon" (SD 1.x) or "v_prediction" (SD 2.x, whose loss weighs the
+    # high-noise steps that place items; docs/results.md measures the difference on the keyed lab)
+    prediction_type: str = "v_prediction"
+
+    def __post_init__(self) -> None:
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise DiffmemError(
+                f"unknown prediction type {self.prediction_type!r}; use one of {', '.join(PREDICTION_TYPES)}"
+            )
 
     @classmethod
     def micro(cls) -> LabModelConfig:
         """A 32 px model on 8x8 latents that trains on 2 CPU cores in minutes (for tests)."""
         return cls(
+            prediction_type="epsilon",
             image_size=32,
             vae_channels=(32, 32, 32),
             unet_channels=(32, 64),
@@ -107,7 +121,7 @@ def build_lab_pipeline(
         text_encoder=text_encoder,
         tokenizer=load_clip_tokenizer(),
         unet=unet,
-        scheduler=stable_diffusion_scheduler("ddim"),
+        scheduler=stable_diffusion_scheduler("ddim", config.prediction_type),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

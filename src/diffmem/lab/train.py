@@ -1,7 +1,8 @@
 """Train a lab model from scratch: first the VAE on the training scenes, then the UNet and the text
-encoder together on latents with the ordinary eps-prediction loss (Ho et al. 2020, eq. 14) and caption
-dropout for classifier-free guidance. Resumable: each stage checkpoints, and a time budget stops the
-run cleanly so a later call continues it."""
+encoder together on latents with the eps-prediction loss (Ho et al. 2020, eq. 14) or SD 2.x's velocity
+loss, and caption dropout for classifier-free guidance. Resumable: each stage checkpoints, and a time budget stops the
+run cleanly so a later call continues it. A run may start from a trained lab model: its VAE alone, or
+its VAE, UNet and text encoder (to train a finished model further)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from tqdm.auto import tqdm
+from transformers import CLIPTextModel
 
 from diffmem.errors import DiffmemError
 from diffmem.lab.dataset import LabDataset, load_lab_dataset
@@ -80,14 +82,31 @@ def train_lab_model(
     device: str | torch.device = "cpu",
     time_budget_s: float | None = None,
     progress: bool = True,
+    vae_from: Path | None = None,
+    init_from: Path | None = None,
 ) -> TrainingStatus:
     """Train (or continue training) a lab model on a lab dataset; save the pipeline to ``out_dir`` when done.
 
     With ``time_budget_s`` the run checkpoints and returns ``complete=False`` once the budget is spent
     (after at least one step); calling again with the same arguments continues where it stopped.
+    ``vae_from`` (a trained lab model directory) takes that model's VAE and skips the VAE stage;
+    ``init_from`` also starts the UNet and text encoder from that model's weights, in its architecture
+    (``model_config`` must be None or equal to it), and trains them ``unet_steps`` more steps.
     """
+    if init_from is not None:
+        if vae_from is not None and Path(vae_from) != Path(init_from):
+            raise DiffmemError("give init_from or vae_from, not both: init_from takes that model's VAE too")
+        vae_from = init_from
+        trained = trained_model_config(init_from)
+        if model_config is not None and model_config != trained:
+            raise DiffmemError(
+                f"{init_from} has another architecture than the one asked for; drop the size options"
+            )
+        model_config = trained
     model_config = model_config or LabModelConfig()
     train_config = train_config or LabTrainConfig()
+    if vae_from is not None:
+        train_config = replace(train_config, vae_steps=0)
     dataset = load_lab_dataset(dataset_dir)
     if dataset.config.image_size != model_config.image_size:
         raise DiffmemError(
@@ -99,8 +118,11 @@ def train_lab_model(
         done = json.loads((out_dir / RECORD).read_text())["train_config"]
         return TrainingStatus(out_dir, True, done["vae_steps"], done["unet_steps"])
     device = torch.device(device)
-    run = _Run(out_dir, model_config, train_config, time_budget_s)
-    vae, vae_step = _train_vae(dataset, run, device, progress)
+    vae = None if vae_from is None else _trained_vae(Path(vae_from), model_config)
+    run = _Run(
+        out_dir, model_config, train_config, time_budget_s, {"vae_from": vae_from, "init_from": init_from}
+    )
+    vae, vae_step = _train_vae(dataset, run, device, progress) if vae is None else (vae, 0)
     if vae_step < train_config.vae_steps:
         return TrainingStatus(out_dir, False, vae_step, 0)
     pipeline, unet_step = _train_denoiser(dataset, vae, run, device, progress)
@@ -113,17 +135,25 @@ def train_lab_model(
 class _Run:
     """Checkpoint folder, configuration check and time budget of one training run."""
 
-    def __init__(self, out_dir: Path, model: LabModelConfig, train: LabTrainConfig, budget: float | None):
+    def __init__(
+        self,
+        out_dir: Path,
+        model: LabModelConfig,
+        train: LabTrainConfig,
+        budget: float | None,
+        sources: dict[str, Path | None],
+    ):
         self.out_dir = out_dir
         self.checkpoints = out_dir / "checkpoints"
         self.model = model
         self.train = train
         self.started = time.monotonic()
         self.budget = budget
+        self.sources = {name: None if path is None else str(path) for name, path in sources.items()}
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         clock = self.checkpoints / "elapsed.json"
         self.previous_elapsed = json.loads(clock.read_text())["elapsed_s"] if clock.is_file() else 0.0
-        settings = {"model": model.to_dict(), "train": asdict(train)}
+        settings = {"model": model.to_dict(), "train": asdict(train), **self.sources}
         recorded = self.checkpoints / "settings.json"
         if recorded.is_file() and json.loads(recorded.read_text()) != json.loads(json.dumps(settings)):
             raise DiffmemError(
@@ -213,13 +243,16 @@ def _scaling_factor(vae: AutoencoderKL, images: torch.Tensor) -> float:
 def _train_denoiser(
     dataset: LabDataset, vae: AutoencoderKL, run: _Run, device: torch.device, progress: bool
 ) -> tuple[StableDiffusionPipeline, int]:
-    """Stage 2: UNet and text encoder on latents of the training rows (duplicates drawn as often as they occur)."""
+    """Stage 2: UNet and text encoder on latents of the training rows (duplicates drawn as often as they
+    occur), predicting the noise or, with ``prediction_type="v_prediction"``, the velocity."""
     config = run.train
     pipeline = build_lab_pipeline(run.model, vae=vae, seed=config.seed)
     unet, text_encoder = pipeline.unet, pipeline.text_encoder
     parameters = [*unet.parameters(), *text_encoder.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=1e-2)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / config.warmup_steps))
+    if run.sources["init_from"] is not None:
+        _load_denoiser_weights(Path(run.sources["init_from"]), unet, text_encoder)
     generator = torch.Generator().manual_seed(config.seed + 1)
     modules = {"unet": unet, "text_encoder": text_encoder, "optimizer": optimizer, "lr": warmup}
     step = _restore(run.load("denoiser"), modules, generator)
@@ -246,8 +279,9 @@ def _train_denoiser(
         ids = torch.where(drop[:, None], empty_ids, token_ids[rows.to(device)])
         with _autocast(device):
             encoder_hidden_states = text_encoder(ids)[0]
-            eps = unet(z_t, t, encoder_hidden_states=encoder_hidden_states).sample
-            loss = F.mse_loss(eps.float(), noise)  # ||eps - eps_theta(z_t, t, c)||^2
+            output = unet(z_t, t, encoder_hidden_states=encoder_hidden_states).sample
+            target = _target(noise_schedule, run.model.prediction_type, z0, noise, t)
+            loss = F.mse_loss(output.float(), target)  # ||eps - eps_theta(z_t, t, c)||^2, or in v
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -260,6 +294,47 @@ def _train_denoiser(
     unet.eval()
     text_encoder.eval()
     return pipeline, step
+
+
+def _target(
+    schedule: DDPMScheduler, prediction_type: str, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+) -> torch.Tensor:
+    """What the UNet learns to output at z_t: the noise, or the velocity."""
+    if prediction_type == "epsilon":
+        return noise
+    # v = sqrt(abar_t) eps - sqrt(1 - abar_t) z0 (Salimans & Ho 2022, sec. 4)
+    return schedule.get_velocity(z0, noise, t)
+
+
+def trained_model_config(model_dir: Path) -> LabModelConfig:
+    """The architecture a lab model was trained with (from its ``lab_training.json``)."""
+    record = Path(model_dir) / RECORD
+    if not record.is_file():
+        raise DiffmemError(
+            f"{model_dir} is not a trained lab model (no {RECORD}); train one with `diffmem lab train`"
+        )
+    sizes = {"prediction_type": "epsilon"} | json.loads(record.read_text())["model_config"]  # older: epsilon
+    return LabModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in sizes.items()})
+
+
+def _trained_vae(model_dir: Path, config: LabModelConfig) -> AutoencoderKL:
+    """The VAE of a trained lab model in float32, checked against the latents ``config`` expects."""
+    trained = trained_model_config(model_dir)
+    fields = ("image_size", "vae_channels", "latent_channels")
+    if any(getattr(trained, f) != getattr(config, f) for f in fields):
+        raise DiffmemError(
+            f"the VAE of {model_dir} has {', '.join(f'{f}={getattr(trained, f)}' for f in fields)}; "
+            f"this run needs {', '.join(f'{f}={getattr(config, f)}' for f in fields)}"
+        )
+    return AutoencoderKL.from_pretrained(model_dir / "vae").float().eval()
+
+
+def _load_denoiser_weights(model_dir: Path, unet: UNet2DConditionModel, text_encoder: CLIPTextModel) -> None:
+    """Copy a trained lab model's UNet and text-encoder weights (stored in float16) into float32 modules."""
+    unet.load_state_dict(UNet2DConditionModel.from_pretrained(model_dir / "unet").float().state_dict())
+    text_encoder.load_state_dict(
+        CLIPTextModel.from_pretrained(model_dir / "text_encoder").float().state_dict()
+    )
 
 
 @torch.no_grad()
@@ -315,9 +390,19 @@ def _save_pipeline(pipeline: StableDiffusionPipeline, dataset: LabDataset, run: 
         "dataset": {"directory": str(dataset.directory), "config": asdict(dataset.config)},
         "model_config": run.model.to_dict(),
         "train_config": asdict(run.train),
+        **{name: path for name, path in run.sources.items() if path is not None},
+        "total_unet_steps": run.train.unet_steps + _steps_before(run.sources["init_from"]),
         "seed": run.train.seed,
         "wall_time_s": round(run.elapsed(), 1),
         "hardware": {"machine": platform.machine(), "cpus": os.cpu_count(), **environment()},
     }
     (run.out_dir / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
     shutil.rmtree(run.checkpoints)
+
+
+def _steps_before(init_from: str | None) -> int:
+    """UNet steps the starting model had seen, over every run it was continued from."""
+    if init_from is None:
+        return 0
+    record = json.loads((Path(init_from) / RECORD).read_text())
+    return record.get("total_unet_steps", record["train_config"]["unet_steps"])
