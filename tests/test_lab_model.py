@@ -140,6 +140,7 @@ def test_warm_starts_that_cannot_fit_are_refused(data_dir, model_dir, tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     base = ["lab", "train", "--data", str(data_dir), "--out", str(tmp_path / "d")]
     assert run([*base, "--micro", "--unet-channels", "32,x"]) == 2
+    assert run([*base, "--micro", "--prediction-type", "x0"]) == 2
     assert run([*base, "--init-from", str(model_dir), "--text-layers", "3"]) == 2
     assert not (tmp_path / "d").exists()
 

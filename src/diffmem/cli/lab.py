@@ -101,9 +101,6 @@ def train(
     vae_steps: Annotated[int | None, typer.Option(help="VAE steps (default: the recipe's).")] = None,
     unet_steps: Annotated[int | None, typer.Option(help="UNet steps (default: the recipe's).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="UNet batch size (default: the recipe's).")] = None,
-    lr: Annotated[
-        float | None, typer.Option(help="UNet and text-encoder learning rate (default: the recipe's).")
-    ] = None,
     time_budget_s: Annotated[
         float | None, typer.Option(help="Checkpoint and stop after this many seconds.")
     ] = None,
@@ -137,7 +134,7 @@ def train(
     """Train the lab model (VAE, then UNet and text encoder); run again to continue an interrupted run."""
     settings: Settings = ctx.obj
     recipe = _preset(LabTrainConfig, micro=micro, small=small)()
-    overrides = {"vae_steps": vae_steps, "unet_steps": unet_steps, "batch_size": batch_size, "lr": lr}
+    overrides = {"vae_steps": vae_steps, "unet_steps": unet_steps, "batch_size": batch_size}
     recipe = replace(recipe, seed=settings.seed, **{k: v for k, v in overrides.items() if v is not None})
     sizes = {
         "unet_channels": _widths(unet_channels),
