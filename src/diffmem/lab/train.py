@@ -1,8 +1,8 @@
 """Train a lab model from scratch: first the VAE on the training scenes, then the UNet and the text
-encoder together on latents with the eps-prediction loss (Ho et al. 2020, eq. 14) or SD 2.x's velocity
-loss, and caption dropout for classifier-free guidance. Resumable: each stage checkpoints, and a time budget stops the
-run cleanly so a later call continues it. A run may start from a trained lab model: its VAE alone, or
-its VAE, UNet and text encoder (to train a finished model further)."""
+encoder together on latents with the eps-prediction loss (Ho et al. 2020, eq. 14) or SD 2.x's
+velocity loss, and caption dropout for classifier-free guidance. Resumable: each stage checkpoints,
+and a time budget stops the run cleanly so a later call continues it. A run may start from a trained
+lab model: its VAE alone, or its VAE, UNet and text encoder (to train a finished model further)."""
 
 from __future__ import annotations
 
@@ -251,11 +251,12 @@ def _train_denoiser(
     parameters = [*unet.parameters(), *text_encoder.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=1e-2)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / config.warmup_steps))
-    if run.sources["init_from"] is not None:
-        _load_denoiser_weights(Path(run.sources["init_from"]), unet, text_encoder)
     generator = torch.Generator().manual_seed(config.seed + 1)
     modules = {"unet": unet, "text_encoder": text_encoder, "optimizer": optimizer, "lr": warmup}
-    step = _restore(run.load("denoiser"), modules, generator)
+    checkpoint = run.load("denoiser")
+    if checkpoint is None and run.sources["init_from"] is not None:  # a resumed run has its own weights
+        _load_denoiser_weights(Path(run.sources["init_from"]), unet, text_encoder)
+    step = _restore(checkpoint, modules, generator)
     pipeline.to(device)
     latent_mean, latent_std, row_scene = _latent_table(dataset, vae, device)
     token_ids = _token_ids(pipeline, dataset.train.column("caption").to_pylist(), device)
