@@ -5,7 +5,7 @@ whether the model follows position words at all: single-item captions that diffe
 position, and where the reader finds the item (``position_probe``: rows the stated position, columns
 the share of images with an item read there).
 
-    python benchmarks/lab_alignment.py --model data/lab-keyed --data data/keyed --reader data/reader-keyed
+    python benchmarks/lab_alignment.py --model data/lab-k3k-v --data data/keyed3k --reader data/reader-k3k
 """
 
 from __future__ import annotations

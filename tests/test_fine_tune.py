@@ -3,11 +3,14 @@ steps on CPU — resume, policy checks, the filter's masking, subsets and the CL
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
+from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
 from diffmem.adapters import load_denoiser
@@ -95,6 +98,27 @@ def test_training_magnitudes_are_the_filters_view_of_the_training_batches(data_d
     assert set(table["group"].to_pylist()) <= {"memorized", "duplicated_image", "unique"}
     assert all(0 <= t < 1000 for t in table["t"].to_pylist())
     assert min(table["magnitude"].to_pylist()) > 0
+
+
+def test_a_velocity_model_fine_tunes_and_its_filter_measures_the_noise_predictions(data_dir, tmp_path):
+    model = tmp_path / "v"
+    shutil.copytree(MODEL, model)
+    scheduler = model / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(json.dumps({**json.loads(scheduler.read_text()), "prediction_type": "v_prediction"}))
+    # the same weights read as v: eps_c - eps_u = sqrt(abar_t) (v_c - v_u)
+    as_v = training_magnitudes(model, data_dir, batches=1, batch_size=8, seed=3)
+    as_eps = training_magnitudes(MODEL, data_dir, batches=1, batch_size=8, seed=3)
+    alpha_bar = DDPMScheduler.from_pretrained(MODEL / "scheduler").alphas_cumprod
+    expected = alpha_bar[as_eps["t"].to_pylist()].sqrt() * torch.tensor(as_eps["magnitude"].to_pylist())
+    assert as_v["t"].equals(as_eps["t"])
+    torch.testing.assert_close(torch.tensor(as_v["magnitude"].to_pylist()), expected, rtol=1e-4, atol=1e-5)
+    config = replace(QUICK, policies={"filter": {"threshold": 1e9}})
+    assert fine_tune(model, data_dir, tmp_path / "run", config, progress=False).complete
+    assert json.loads((tmp_path / "run" / "fine_tune.json").read_text())["prediction_type"] == "v_prediction"
+    assert load_denoiser(tmp_path / "run" / "model").prediction_type == "v_prediction"
+    assert not torch.equal(
+        _unet(tmp_path / "run")["conv_out.bias"].float(), load_file(model / WEIGHTS)["conv_out.bias"].float()
+    )
 
 
 def test_resuming_with_another_policy_is_refused(data_dir, tmp_path):

@@ -128,3 +128,12 @@ def test_keyed_cli_preset_is_exclusive(tmp_path, capsys):
     assert run(["lab", "build", str(tmp_path / "x"), "--keyed", "--micro"]) == 2
     assert "pass one of --micro, --small, --keyed" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_unique_option_changes_only_the_number_of_unique_scenes(fashion_mnist_installed, tmp_path, capsys):
+    out = tmp_path / "k"
+    assert run(["lab", "build", str(out), "--micro", "--unique", "40"]) == 0
+    assert load_lab_dataset(out).config == replace(LabConfig.micro(), num_unique=40)
+    assert run(["lab", "build", str(tmp_path / "bad"), "--micro", "--unique", "-1"]) == 2
+    assert "scene counts must not be negative" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

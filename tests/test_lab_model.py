@@ -118,11 +118,18 @@ def test_vae_from_keeps_the_vae_and_trains_a_new_denoiser_of_another_size(data_d
 
 
 def test_models_recorded_before_prediction_types_read_as_noise_predictors():
-    shipped = shipped_directory("builtin:lab-keyed") / "model"
+    shipped = shipped_directory("builtin:lab-micro") / "model"
     assert "prediction_type" not in json.loads((shipped / "lab_training.json").read_text())["model_config"]
     config = trained_model_config(shipped)
     assert config.prediction_type == "epsilon" == load_denoiser(shipped).prediction_type
     assert config == LabModelConfig.small()
+
+
+def test_the_shipped_keyed_lab_predicts_velocity():
+    shipped = shipped_directory("builtin:lab-keyed") / "model"
+    config = trained_model_config(shipped)
+    assert config == replace(LabModelConfig.small(), prediction_type="v_prediction")
+    assert load_denoiser(shipped).prediction_type == "v_prediction"
 
 
 def test_warm_starts_that_cannot_fit_are_refused(data_dir, model_dir, tmp_path):

@@ -7,6 +7,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
+from diffmem.denoiser import eps_from_model_output
 from diffmem.errors import DiffmemError
 from diffmem.sampling.schedulers import STABLE_DIFFUSION_SCHEDULE
 from diffmem.train.ambient_loss import (
@@ -170,3 +171,18 @@ def test_with_sigma_n_zero_the_ambient_input_and_loss_are_plain_ddpm_training():
     torch.testing.assert_close(x_t, a.sqrt() * clean + (1 - a).sqrt() * z)  # Ho et al., eq. 4
     loss = ambient_loss_vp(eps, x_t, alpha_bar, clean, clean, 0.0)
     torch.testing.assert_close(loss, (eps - z).square().flatten(1).mean(1))  # Ho et al., eq. 14
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+def test_below_sigma_n_velocity_and_sample_networks_train_on_their_own_plain_loss(prediction_type):
+    clean, z, output = _randn(*SHAPE, seed=1), _randn(*SHAPE, seed=3), _randn(*SHAPE, seed=5)
+    alpha_bar = torch.tensor([0.9991, 0.9, 0.7, 0.5, 0.2, 0.0047], dtype=torch.float64)
+    a = alpha_bar.view(-1, 1, 1, 1)
+    x_t = ambient_vp_input(clean, clean, alpha_bar, 0.0, z)
+    eps = eps_from_model_output(output, x_t, a, prediction_type)
+    loss = ambient_loss_vp(eps, x_t, alpha_bar, clean, clean, 0.0, prediction_type)
+    # v = sqrt(abar) z - sqrt(1 - abar) y (Salimans & Ho 2022, section 4); a sample network's target is y
+    target = a.sqrt() * z - (1 - a).sqrt() * clean if prediction_type == "v_prediction" else clean
+    torch.testing.assert_close(loss, (output - target).square().flatten(1).mean(1))
+    with pytest.raises(DiffmemError, match="unknown prediction type 'x0'"):
+        ambient_loss_vp(eps, x_t, alpha_bar, clean, clean, 0.0, "x0")

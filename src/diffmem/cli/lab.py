@@ -54,11 +54,19 @@ def build(
             "keyed by two-word titles over shared words (LabConfig.keyed)."
         ),
     ] = False,
+    unique: Annotated[
+        int | None,
+        typer.Option(
+            help="Number of unique scenes instead of the preset's (the shipped keyed lab: --keyed --unique 3000)."
+        ),
+    ] = None,
 ) -> None:
     """Compose the captioned Fashion-MNIST scenes with controlled duplication and write the dataset."""
     settings: Settings = ctx.obj
     preset = _preset(LabConfig, micro=micro, small=small, keyed=keyed)
     config = replace(preset(), seed=settings.seed)
+    if unique is not None:
+        config = replace(config, num_unique=unique)
     build_lab_dataset(out, config)
     typer.echo(f"wrote the lab dataset ({config.num_train_rows} training rows) to {out}")
 

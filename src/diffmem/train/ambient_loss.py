@@ -12,7 +12,8 @@ The DDPM / VP form that Stable Diffusion and ``UNet2DModel`` use follows by the 
 ``x_t = sqrt(abar_t) x_sigma`` with ``sigma_t^2 = (1 - abar_t) / abar_t``, and an eps-prediction
 network's clean estimate ``D = x_sigma - sigma eps``. With the weight ``lambda(sigma) = 1 / sigma^2`` the
 VE loss below sigma_n is the ordinary ``||eps - z||^2``; the VP loss here is that VE loss, computed
-from the eps prediction (tested against the VE form and against a closed form).
+from the eps prediction (tested against the VE form and against a closed form). A velocity (SD 2.x) or
+clean-sample network keeps its own plain loss below sigma_n with the weight of ``NATIVE_WEIGHTS``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,14 @@ import torch
 from diffmem.errors import DiffmemError
 
 EDM_SIGMA_DATA = 0.5
+# lambda(sigma) that makes the VE loss below sigma_n each parametrisation's plain MSE: the eps error is
+# D's error / sigma, the v error D's error * sqrt(1 + sigma^2) / sigma (x0 = sqrt(abar) x_t - sqrt(1 - abar) v,
+# 1 - abar = sigma^2 / (1 + sigma^2)), and the x0 error D's error
+NATIVE_WEIGHTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "epsilon": lambda s: 1 / s**2,
+    "v_prediction": lambda s: (1 + s**2) / s**2,
+    "sample": torch.ones_like,
+}
 
 
 def edm_weight(sigma: torch.Tensor, sigma_data: float = EDM_SIGMA_DATA) -> torch.Tensor:
@@ -98,13 +107,20 @@ def ambient_loss_vp(
     clean: torch.Tensor,
     noisy: torch.Tensor,
     sigma_n: float,
+    prediction_type: str = "epsilon",
 ) -> torch.Tensor:
-    """[B] the ambient loss of an eps-prediction network at its VP input ``x_t``; equals the ordinary
-    ``||eps - z||^2`` (mean over C, H, W) below sigma_n."""
+    """[B] the ambient loss at the VP input ``x_t`` of a network whose output, converted to the noise
+    prediction ``eps``, is of ``prediction_type``; below sigma_n it equals that parametrisation's plain
+    loss (``||eps - z||^2``, ``||v - v_target||^2`` or ``||x0 - y||^2``; mean over C, H, W)."""
+    if prediction_type not in NATIVE_WEIGHTS:
+        raise DiffmemError(
+            f"unknown prediction type {prediction_type!r}; choose one of {', '.join(NATIVE_WEIGHTS)}"
+        )
     sigma = sigma_of_alpha_bar(alpha_bar)
     x = x_t / _per_sample(alpha_bar, x_t).sqrt()  # x_sigma = x_t / sqrt(abar_t)
     denoised = x - _per_sample(sigma, x) * eps  # D = (x_t - sqrt(1 - abar) eps) / sqrt(abar)
-    return ambient_loss_ve(denoised, x, clean, noisy, sigma, sigma_n, weight=lambda s: 1 / s**2)
+    weight = NATIVE_WEIGHTS[prediction_type]
+    return ambient_loss_ve(denoised, x, clean, noisy, sigma, sigma_n, weight=weight)
 
 
 def ambient_vp_input(

@@ -9,7 +9,8 @@ Policies (SPEC §4, §6, §7): ``ambient`` (Shah et al.: the noisy-copy loss abo
 where every process masks everything makes no update) and ``captions`` (Somepalli et al.: captions
 randomised with probability p) and ``dedup`` (each training image once, near-duplicates dropped, before
 training). The clean latents are the VAE posterior means times the scaling factor,
-so an image's noisy copy (ambient) is a fixed latent.
+so an image's noisy copy (ambient) is a fixed latent. Noise, velocity (SD 2.x) and clean-sample
+models train on their own parametrisation's loss; the filter measures every one in noise terms.
 """
 
 from __future__ import annotations
@@ -32,11 +33,18 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from diffmem.atomic_io import write_json_atomic
+from diffmem.denoiser import eps_from_model_output
 from diffmem.errors import DiffmemError
 from diffmem.lab.dataset import load_lab_dataset
 from diffmem.method_spec import method_config, parse_method_spec
 from diffmem.run_record import environment
-from diffmem.train.ambient_loss import ambient_loss_vp, ambient_vp_input, noisy_copies, timestep_of_sigma
+from diffmem.train.ambient_loss import (
+    NATIVE_WEIGHTS,
+    ambient_loss_vp,
+    ambient_vp_input,
+    noisy_copies,
+    timestep_of_sigma,
+)
 from diffmem.train.caption_randomisation import CaptionRandomisationConfig, randomise_captions
 from diffmem.train.deduplication import DeduplicationConfig, deduplicate
 from diffmem.train.magnitude_filter import MagnitudeFilter, MagnitudeFilterConfig, prediction_magnitude
@@ -139,8 +147,6 @@ def fine_tune(
         cpu=not torch.cuda.is_available(),  # launched processes without GPUs train together on gloo
     )
     pipeline = _open_pipeline(model_dir)
-    if pipeline.scheduler.config.get("prediction_type", "epsilon") != "epsilon":
-        raise DiffmemError("fine-tuning supports eps-prediction models; this one predicts v or x0")
     dataset = load_lab_dataset(data_dir)
     data = _Data(pipeline, dataset, config, accelerator.device)
     schedule = DDPMScheduler.from_config(pipeline.scheduler.config)
@@ -176,14 +182,17 @@ def fine_tune(
     while step < config.steps:
         batch, t, alpha_bar, x_t = draw(step)
         with accelerator.accumulate(unet):
-            eps = _eps(unet(x_t, t, **batch.condition).sample, x_t)
-            losses = ambient_loss_vp(eps, x_t, alpha_bar, batch.latents, batch.noisy, sigma_n)  # [B]
+            eps = data.eps(unet(x_t, t, **batch.condition).sample, x_t, alpha_bar)
+            losses = ambient_loss_vp(
+                eps, x_t, alpha_bar, batch.latents, batch.noisy, sigma_n, data.prediction_type
+            )  # [B]
             update = True
             if flt is None:
                 loss = losses.mean()
             else:
                 with torch.no_grad():
-                    eps_uncond = _eps(unet(x_t, t, **data.null_condition(len(t))).sample, x_t)
+                    uncond = unet(x_t, t, **data.null_condition(len(t))).sample
+                    eps_uncond = data.eps(uncond, x_t, alpha_bar)
                 filtered = flt(losses, eps, eps_uncond)
                 loss = filtered.loss
                 drops.add(filtered.kept)
@@ -235,6 +244,7 @@ def fine_tune(
         "data": str(data_dir),
         "lab_config": asdict(dataset.config),  # which lab dataset: compared with training-set indexes
         "images": data.num_images,
+        "prediction_type": data.prediction_type,
         "config": asdict(config),
         "processes": accelerator.num_processes,  # each drew config.batch_size rows a step
         "ambient_t_n": t_n,
@@ -272,8 +282,8 @@ def training_magnitudes(
     draw = _Draws(data, DDPMScheduler.from_config(pipeline.scheduler.config), 0.0, seed, 0, None)
     unet, rows = pipeline.unet.eval(), []
     for step in range(batches):
-        batch, t, _, x_t = draw(step)
-        magnitudes = _magnitudes(unet, data, batch, t, x_t)
+        batch, t, alpha_bar, x_t = draw(step)
+        magnitudes = _magnitudes(unet, data, batch, t, alpha_bar, x_t)
         for row, timestep, magnitude in zip(
             batch.rows.tolist(), t.tolist(), magnitudes.tolist(), strict=True
         ):
@@ -303,6 +313,11 @@ class _Data:
         if not rows:
             raise DiffmemError("the dataset has no training rows to fine-tune on")
         self.kind = _kind(pipeline)
+        self.prediction_type = pipeline.scheduler.config.get("prediction_type", "epsilon")
+        if self.prediction_type not in NATIVE_WEIGHTS:
+            raise DiffmemError(
+                f"the model predicts {self.prediction_type!r}; fine-tuning supports {', '.join(NATIVE_WEIGHTS)}"
+            )
         if "captions" in config.policies and (self.kind != "text" or any(not r["caption"] for r in rows)):
             raise DiffmemError("caption randomisation needs a text-to-image model and a caption on every row")
         if "filter" in config.policies and self.kind == "none":
@@ -366,6 +381,12 @@ class _Data:
             return {"encoder_hidden_states": self._encode([""] * count)}
         return {"class_labels": torch.full((count,), self.null_class, device=self.device)}
 
+    def eps(self, output: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+        """The noise prediction of the UNet's native output (a learned-variance UNet's extra channels are
+        not trained here)."""
+        native = output[:, : x_t.shape[1]].float()
+        return eps_from_model_output(native, x_t.float(), alpha_bar.view(-1, 1, 1, 1), self.prediction_type)
+
     @torch.no_grad()
     def _clean(self, images: torch.Tensor) -> torch.Tensor:
         """The clean training data: scaled VAE posterior means, or pixels in [-1, 1] at the UNet's size."""
@@ -413,11 +434,6 @@ def _kind(pipeline) -> str:
     if getattr(pipeline, "text_encoder", None) is not None:
         return "text"
     return "class" if pipeline.unet.config.get("num_class_embeds") else "none"
-
-
-def _eps(output: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
-    """The noise prediction (a learned-variance UNet's extra channels are not trained here)."""
-    return output[:, : x_t.shape[1]].float()
 
 
 class _DropLog:
@@ -475,12 +491,17 @@ class _Draws:
 
 
 def _magnitudes(
-    unet: torch.nn.Module, data: _Data, batch: _Batch, t: torch.Tensor, x_t: torch.Tensor
+    unet: torch.nn.Module,
+    data: _Data,
+    batch: _Batch,
+    t: torch.Tensor,
+    alpha_bar: torch.Tensor,
+    x_t: torch.Tensor,
 ) -> torch.Tensor:
     """[B] ``||eps_c - eps_u||`` of a batch at its sampled t (no gradients)."""
     with torch.no_grad():
-        eps = _eps(unet(x_t, t, **batch.condition).sample, x_t)
-        eps_uncond = _eps(unet(x_t, t, **data.null_condition(len(t))).sample, x_t)
+        eps = data.eps(unet(x_t, t, **batch.condition).sample, x_t, alpha_bar)
+        eps_uncond = data.eps(unet(x_t, t, **data.null_condition(len(t))).sample, x_t, alpha_bar)
     return prediction_magnitude(eps, eps_uncond)
 
 
@@ -497,8 +518,8 @@ def _calibrate_filter(
     measures its own and all agree on the gathered quantile."""
     magnitudes = []
     for index in range(settings.calibration_batches):
-        batch, t, _, x_t = draw(steps + index)
-        magnitudes.append(_magnitudes(unet, data, batch, t, x_t))
+        batch, t, alpha_bar, x_t = draw(steps + index)
+        magnitudes.append(_magnitudes(unet, data, batch, t, alpha_bar, x_t))
     return settings.calibrated(accelerator.gather(torch.cat(magnitudes)).cpu())
 
 
