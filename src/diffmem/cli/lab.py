@@ -125,7 +125,8 @@ def train(
         str | None,
         typer.Option(
             help="What the UNet predicts: epsilon (SD 1.x) or v_prediction (SD 2.x); default: the "
-            "preset's (v_prediction at 64 px, epsilon for --micro and --small, the shipped models)."
+            "preset's (v_prediction at 64 px, epsilon for --micro and --small; the shipped keyed lab is "
+            "--small with v_prediction)."
         ),
     ] = None,
     vae_from: Annotated[

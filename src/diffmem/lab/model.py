@@ -19,7 +19,8 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 @dataclass(frozen=True)
 class LabModelConfig:
     """Sizes and target of the lab model's components (defaults: the 64 px GPU lab model, about 11M
-    parameters; the CPU presets keep the shipped models' noise target)."""
+    parameters; the CPU presets keep the noise target of ``builtin:lab-micro``, and the shipped keyed lab
+    is ``small()`` with ``prediction_type="v_prediction"``)."""
 
     image_size: int = 64
     vae_channels: tuple[int, ...] = (32, 64, 64)  # VAE factor 2 ** (levels - 1) = 4: 64 px -> 16x16 latents
