@@ -121,6 +121,18 @@ def test_a_velocity_model_fine_tunes_and_its_filter_measures_the_noise_predictio
     )
 
 
+def test_an_unknown_prediction_type_is_refused_before_training(data_dir, tmp_path):
+    model = tmp_path / "flow"
+    shutil.copytree(MODEL, model)
+    scheduler = model / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(json.dumps({**json.loads(scheduler.read_text()), "prediction_type": "flow"}))
+    with pytest.raises(
+        DiffmemError, match="the model predicts 'flow'; fine-tuning supports epsilon, v_prediction"
+    ):
+        fine_tune(model, data_dir, tmp_path / "run", QUICK, progress=False)
+    assert not (tmp_path / "run" / "model").exists()
+
+
 def test_resuming_with_another_policy_is_refused(data_dir, tmp_path):
     out = tmp_path / "run"
     assert not fine_tune(MODEL, data_dir, out, QUICK, time_budget_s=0.0, progress=False).complete
