@@ -47,6 +47,17 @@ def _whole_and_resumed(data_dir, tmp_path, config: FineTuneConfig) -> tuple[dict
     return tuple(json.loads((tmp_path / d / "fine_tune.json").read_text()) for d in ("whole", "resumed"))
 
 
+def _predicting(tmp_path, prediction_type: str):
+    """A copy of the micro model whose scheduler says it predicts ``prediction_type`` (same weights)."""
+    model = tmp_path / prediction_type
+    shutil.copytree(MODEL, model)
+    scheduler = model / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(
+        json.dumps({**json.loads(scheduler.read_text()), "prediction_type": prediction_type})
+    )
+    return model
+
+
 def _unet(directory):
     return load_file(directory / "model" / WEIGHTS)
 
@@ -101,10 +112,7 @@ def test_training_magnitudes_are_the_filters_view_of_the_training_batches(data_d
 
 
 def test_a_velocity_model_fine_tunes_and_its_filter_measures_the_noise_predictions(data_dir, tmp_path):
-    model = tmp_path / "v"
-    shutil.copytree(MODEL, model)
-    scheduler = model / "scheduler" / "scheduler_config.json"
-    scheduler.write_text(json.dumps({**json.loads(scheduler.read_text()), "prediction_type": "v_prediction"}))
+    model = _predicting(tmp_path, "v_prediction")
     # the same weights read as v: eps_c - eps_u = sqrt(abar_t) (v_c - v_u)
     as_v = training_magnitudes(model, data_dir, batches=1, batch_size=8, seed=3)
     as_eps = training_magnitudes(MODEL, data_dir, batches=1, batch_size=8, seed=3)
@@ -122,10 +130,7 @@ def test_a_velocity_model_fine_tunes_and_its_filter_measures_the_noise_predictio
 
 
 def test_an_unknown_prediction_type_is_refused_before_training(data_dir, tmp_path):
-    model = tmp_path / "flow"
-    shutil.copytree(MODEL, model)
-    scheduler = model / "scheduler" / "scheduler_config.json"
-    scheduler.write_text(json.dumps({**json.loads(scheduler.read_text()), "prediction_type": "flow"}))
+    model = _predicting(tmp_path, "flow")
     with pytest.raises(
         DiffmemError, match="the model predicts 'flow'; fine-tuning supports epsilon, v_prediction"
     ):

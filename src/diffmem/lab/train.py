@@ -309,13 +309,18 @@ def _target(
 
 def trained_model_config(model_dir: Path) -> LabModelConfig:
     """The architecture a lab model was trained with (from its ``lab_training.json``)."""
+    sizes = {"prediction_type": "epsilon"} | _training_record(model_dir)["model_config"]  # older: epsilon
+    return LabModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in sizes.items()})
+
+
+def _training_record(model_dir: Path) -> dict:
+    """A trained lab model's ``lab_training.json``."""
     record = Path(model_dir) / RECORD
     if not record.is_file():
         raise DiffmemError(
             f"{model_dir} is not a trained lab model (no {RECORD}); train one with `diffmem lab train`"
         )
-    sizes = {"prediction_type": "epsilon"} | json.loads(record.read_text())["model_config"]  # older: epsilon
-    return LabModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in sizes.items()})
+    return json.loads(record.read_text())
 
 
 def _trained_vae(model_dir: Path, config: LabModelConfig) -> AutoencoderKL:
@@ -405,5 +410,5 @@ def _steps_before(init_from: str | None) -> int:
     """UNet steps the starting model had seen, over every run it was continued from."""
     if init_from is None:
         return 0
-    record = json.loads((Path(init_from) / RECORD).read_text())
+    record = _training_record(Path(init_from))
     return record.get("total_unet_steps", record["train_config"]["unet_steps"])
