@@ -122,14 +122,24 @@ def test_despecification_is_minus_s1_times_the_text_direction(sd, embeddings):
         torch.testing.assert_close(returned, expected["spe"])  # eq. 13-14
 
 
-def test_dissimilarity_follows_the_similarity_gradient_with_the_reference_strength(sd, embeddings):
-    config = mitigation_config("amg", reference=embeddings, terms=("dissimilarity",), gate="always")
+@pytest.mark.parametrize(("c3_scale", "gate_shift"), [(1.0, 0.0), (2.5, 0.1)])
+def test_dissimilarity_follows_the_similarity_gradient_with_the_reference_strength(
+    sd, embeddings, c3_scale, gate_shift
+):
+    config = mitigation_config(
+        "amg",
+        reference=embeddings,
+        terms=("dissimilarity",),
+        gate="always",
+        c3_scale=c3_scale,
+        gate_shift=gate_shift,
+    )
     amg, capture = _run(sd, config, embeddings)
     schedule = sd.scheduler.__class__.from_config(sd.scheduler.config)
     schedule.set_timesteps(3)
     for t, expected, returned in zip(schedule.timesteps, capture.expected, capture.returned):
         sigma = expected["sigma"]
-        c3 = 100.0 * (sigma - 0.3) * math.exp((1000.0 - float(t)) / 170.0)
+        c3 = c3_scale * 100.0 * (sigma - 0.3 - gate_shift) * math.exp((1000.0 - float(t)) / 170.0)
         alpha_bar = sd.alpha_bar(t)
         # G_sim = c3 sqrt(1 - abar_t) grad sigma   (eq. 17)
         torch.testing.assert_close(
@@ -235,6 +245,8 @@ def test_bad_configurations_are_one_line_errors(sd, pixels, embeddings):
         mitigation_config("amg", reference=pixels, gate="parabola")
     with pytest.raises(DiffmemError, match="AMG terms must be among"):
         mitigation_config("amg", reference=pixels, terms=("despecify",))
+    with pytest.raises(DiffmemError, match="c3_scale must be positive"):
+        mitigation_config("amg", reference=pixels, c3_scale=0.0)
     with pytest.raises(DiffmemError, match=r"scale > 1"):
         mitigated_generate(
             sd, PROMPTS, "amg", mitigation_config("amg", reference=pixels), sampling=SamplingOptions(3, 1.0)

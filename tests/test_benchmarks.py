@@ -265,3 +265,21 @@ def test_policy_comparison_tabulates_eval_records_against_the_baseline(tmp_path,
     unread_row = record["runs"]["unread"]
     assert unread_row["heldout_alignment"] is None and unread_row["alignment_change_points"] is None
     assert table.read_text().splitlines()[-1].endswith("| – |")
+
+
+def test_amg_trace_samples_an_evaluated_image_again(tmp_path):
+    from diffmem.cli.main import run
+    from diffmem.models import shipped_reference
+
+    index, encoder = shipped_reference("builtin:lab-micro")
+    args = ["eval", "mitigate", "--model", "builtin:lab-micro", "--max-prompts-per-group", "1"]
+    args += ["--n-generations", "1", "--num-inference-steps", "2", "--method", "amg:gate=always"]
+    assert run([*args, "--out", str(tmp_path / "eval")]) == 0
+    trace = ["--model", "builtin:lab-micro", "--index", str(index), "--encoder", str(encoder)]
+    trace += ["--images", str(tmp_path / "eval" / "images.parquet"), "--method", "amg:gate=always"]
+    trace += ["--above", "-1", "--max-images", "1", "--steps", "2", "--out", str(tmp_path / "trace.json")]
+    record = _load("amg_trace").main(trace)
+    (traced,) = record["samples"]
+    assert traced["guided_steps"] == 2 and len(traced["steps"]) == 2
+    assert all(step["sigma"] > step["lambda"] for step in traced["steps"])  # the gate is always open
+    assert traced["final"] == pytest.approx(traced["evaluated"], abs=1e-4)  # the same image again

@@ -14,7 +14,7 @@ import typer
 
 from diffmem.atomic_io import write_atomic, write_json_atomic, write_parquet_atomic
 from diffmem.cli.app import Settings, app
-from diffmem.cli.generate import open_reference
+from diffmem.cli.generate import open_guard, open_reference
 from diffmem.detect.evaluate import DEFAULT_SETTINGS, SettingSpec, evaluate_settings
 from diffmem.errors import DiffmemError
 from diffmem.lab.alignment import alignment, load_reader
@@ -166,6 +166,13 @@ def mitigate(
     num_inference_steps: Annotated[int, typer.Option(help="Sampling steps.")] = 50,
     guidance_scale: Annotated[float, typer.Option(help="CFG scale.")] = 7.5,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 16,
+    guard: Annotated[
+        bool,
+        typer.Option(help="Guard mode: each method applies only to prompts above the calibrated threshold."),
+    ] = False,
+    calibration: Annotated[
+        Path | None, typer.Option(help="The guard's noise-norm calibration (default: the lab model's).")
+    ] = None,
 ) -> None:
     """Memorization (Top 5%, Top 1, share memorized), quality and cost of each mitigation (the AMG tables)."""
     options: Settings = ctx.obj
@@ -187,6 +194,7 @@ def mitigate(
     chosen = (
         open_reference(amg_index, encoder, options.device, model) if amg_index else _amg_reference(references)
     )
+    guarded = open_guard(model, calibration) if guard else None
     attribute_reader = load_reader(reader, options.device) if reader else None
     quality = _quality(data, table, control_group, max_prompts_per_group, references, attribute_reader)
     denoiser = open_model(model, options.device, options.dtype, options.speedups)
@@ -203,6 +211,7 @@ def mitigate(
         quality=quality,
         control_group=control_group,
         alignment=None if attribute_reader is None else partial(alignment, attribute_reader),
+        guard=guarded,
         progress=True,
     )
     out.mkdir(parents=True, exist_ok=True)
@@ -220,6 +229,7 @@ def mitigate(
         "n_generations": n_generations,
         "indexes": [str(p) for p in index],
         "amg_index": str(amg_index) if amg_index else None,
+        "guard_threshold": None if guarded is None else guarded.threshold,
         "device": str(options.device),
         "dtype": str(options.dtype),
         "seed": options.seed,

@@ -98,7 +98,7 @@ def generate(
     if name in NEEDS_REFERENCE:
         method_settings["reference"] = reference
     config = mitigation_config(name, **method_settings)
-    guarded = _guard(model, calibration) if guard else None
+    guarded = open_guard(model, calibration) if guard else None
     denoiser = open_model(model, settings.device, settings.dtype, settings.speedups)
     items = _items(denoiser.conditioning, list(prompts or []), prompts_file, column)
     steps_scheduler = scheduler_like(scheduler, denoiser.scheduler) if scheduler else None
@@ -169,7 +169,7 @@ def open_reference(index: Path, encoder: Path | None, device: torch.device, mode
     return ReferenceSet(opened, network)
 
 
-def _guard(model: str, calibration: Path | None) -> Guard:
+def open_guard(model: str, calibration: Path | None) -> Guard:
     """The guard from a noise-norm calibration made for this model (the shipped lab model has one)."""
     shipped = shipped_directory(model)
     if calibration is None and shipped is not None:

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from diffmem.cli.app import Settings, app
+from diffmem.cli.generate import open_reference
 from diffmem.errors import DiffmemError
 from diffmem.index import (
     TrainingSetIndex,
@@ -17,6 +18,10 @@ from diffmem.index import (
     index_images,
 )
 from diffmem.index.build import describe_encoder
+from diffmem.mitigate import SamplingOptions
+from diffmem.mitigate.fitted_gate import fit_gate, similarity_trajectories
+from diffmem.models import LAB_MODEL, open_model
+from diffmem.prompts_io import read_prompts
 
 index = typer.Typer(
     help="The training-set index: nearest training images and their captions.", no_args_is_help=True
@@ -88,3 +93,57 @@ def build(
 def info(directory: Annotated[Path, typer.Argument(help="An index directory.")]) -> None:
     """Print the manifest of an index (after checking that its files load)."""
     typer.echo(TrainingSetIndex.load(directory).manifest.to_json(), nl=False)
+
+
+@index.command()
+def gate(
+    ctx: typer.Context,
+    directory: Annotated[Path, typer.Argument(help="The index AMG will guide against.")],
+    prompts: Annotated[
+        Path, typer.Option(help="Prompts known not to be memorized (.txt, .jsonl, .csv or .parquet).")
+    ],
+    out: Annotated[Path, typer.Option(help="The gate file to write (.json).")],
+    model: Annotated[
+        str | None, typer.Option(help="Model directory or builtin:NAME (default: the lab model).")
+    ] = None,
+    column: Annotated[str, typer.Option(help="Prompt column of a tabular file.")] = "prompt",
+    encoder: Annotated[
+        Path | None,
+        typer.Option(help="Copy-detection encoder of an embedding index (default: the one it records)."),
+    ] = None,
+    quantile: Annotated[
+        float, typer.Option(help="lambda_t is this quantile of the prompts' similarity at step t.")
+    ] = 0.9,
+    n_generations: Annotated[int, typer.Option(help="Generations per prompt.")] = 1,
+    num_inference_steps: Annotated[int, typer.Option(help="Sampling steps.")] = 50,
+    guidance_scale: Annotated[float | None, typer.Option(help="CFG scale (default: the model's).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 16,
+) -> None:
+    """Fit AMG's threshold schedule to this index: at each step, a quantile of the similarity that plain
+    generations of non-memorized prompts reach (use it as ``amg:gate=FILE``)."""
+    settings: Settings = ctx.obj
+    if out.suffix != ".json":
+        raise DiffmemError(f"--out must be a .json file; got {out}")
+    if not 0 < quantile < 1:
+        raise DiffmemError(f"--quantile must be between 0 and 1; got {quantile}")
+    model = model or LAB_MODEL
+    texts = read_prompts(prompts, column)
+    reference = open_reference(directory, encoder, settings.device, model)
+    denoiser = open_model(model, settings.device, settings.dtype, settings.speedups)
+    timesteps, sigmas = similarity_trajectories(
+        denoiser,
+        texts,
+        reference,
+        n_generations=n_generations,
+        sampling=SamplingOptions(num_inference_steps, guidance_scale),
+        base_seed=settings.seed,
+        batch_size=batch_size,
+        progress=True,
+    )
+    fitted = fit_gate(timesteps, sigmas, reference, quantile)
+    fitted.save(out)
+    low, high = min(fitted.thresholds), max(fitted.thresholds)
+    typer.echo(
+        f"wrote {out}: lambda_t from {low:.3f} to {high:.3f} over {len(timesteps)} steps "
+        f"({fitted.num_samples} generations, quantile {quantile}); use --mitigation amg:gate={out}"
+    )

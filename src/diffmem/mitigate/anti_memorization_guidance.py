@@ -14,12 +14,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
 
 import torch
 
 from diffmem.denoiser import Denoiser, x0_from_eps
 from diffmem.errors import DiffmemError
 from diffmem.metrics.nl2 import NL2_K
+from diffmem.mitigate.fitted_gate import FittedGate
 from diffmem.mitigate.mitigation import OK, Mitigated, SamplingOptions, sampled
 from diffmem.mitigate.training_similarity import ReferenceSet, training_similarity
 from diffmem.sampling import StepState, sample
@@ -38,11 +41,14 @@ GATES: dict[str, Callable[[float], float]] = {
 }
 
 
-def reference_c3(sigma: torch.Tensor, t: float, shift: float = 0.0) -> torch.Tensor:
-    """The reference code's dissimilarity strength for copy-detection similarity (its 0.3 moved by
-    ``shift`` with the gate)."""
+SSCD_ORIGIN = 0.3  # the reference SSCD curve at t -> infinity: where its dissimilarity strength starts
+
+
+def reference_c3(sigma: torch.Tensor, t: float, origin: float = SSCD_ORIGIN) -> torch.Tensor:
+    """The reference code's dissimilarity strength for copy-detection similarity (its 0.3 moved to
+    ``origin`` with the gate)."""
     # c3 = 100 (sigma_t - 0.3) exp((1000 - t) / 170)   (SPEC §5.5, t on the 0..1000 scale)
-    return 100.0 * (sigma - 0.3 - shift) * math.exp((1000.0 - t) / 170.0)
+    return 100.0 * (sigma - origin) * math.exp((1000.0 - t) / 170.0)
 
 
 @dataclass(frozen=True)
@@ -51,13 +57,18 @@ class AntiMemorizationConfig:
 
     reference: ReferenceSet = field(compare=False)
     terms: tuple[str, ...] = TERMS
-    gate: str | None = None  # a name in GATES; None: "sscd" for embeddings, "nl2-cifar" for pixels
+    # a name in GATES, or a gate file fitted to this index (diffmem index gate); None: "sscd" for
+    # embeddings, "nl2-cifar" for pixels
+    gate: str | None = None
     # added to lambda_t: for a similarity whose level between unrelated images differs from the one the
     # curve was made for (SSCD on LAION: memorized above 0.5); the lab's small copy detector needs ~0.25
     gate_shift: float = 0.0
     c1: float = 13.0  # despecification strength (eq. 13)
     min_caption_copies: int = 20  # deduplication only for captions with more training copies than this
     c3: float | None = None  # dissimilarity strength; None: reference_c3 (embeddings) or NL2_C3 (pixels)
+    # multiplies the dissimilarity strength: a detector that separates copies less sharply than SSCD
+    # moves a guided sample less per unit of similarity, and the copy it left can return in the last steps
+    c3_scale: float = 1.0
     nl2_k: int = NL2_K
 
     def __post_init__(self) -> None:
@@ -65,15 +76,35 @@ class AntiMemorizationConfig:
         if unknown or not self.terms:
             raise DiffmemError(f"AMG terms must be among {', '.join(TERMS)}; got {', '.join(self.terms)}")
         if self.gate is not None and self.gate not in GATES:
-            raise DiffmemError(f"unknown AMG gate {self.gate!r}; choose one of {', '.join(GATES)}")
+            if not Path(self.gate).suffix == ".json":
+                raise DiffmemError(
+                    f"unknown AMG gate {self.gate!r}; choose one of {', '.join(GATES)} or a fitted gate .json"
+                )
+            self.fitted_gate.check(self.reference)
         if self.c1 < 0 or (self.c3 is not None and self.c3 < 0) or self.min_caption_copies < 0:
             raise DiffmemError("AMG strengths c1, c3 and min_caption_copies must be non-negative")
+        if not self.c3_scale > 0:
+            raise DiffmemError(f"AMG c3_scale must be positive; got {self.c3_scale}")
+
+    @cached_property
+    def fitted_gate(self) -> FittedGate | None:
+        """The gate file's curve, when ``gate`` names one."""
+        return None if self.gate is None or self.gate in GATES else FittedGate.load(Path(self.gate))
 
     @property
     def lambda_t(self) -> Callable[[float], float]:
         """The gate curve in use."""
-        curve = GATES[self.gate or ("sscd" if self.reference.index.kind == "embedding" else "nl2-cifar")]
+        curve = (
+            self.fitted_gate
+            or GATES[self.gate or ("sscd" if self.reference.index.kind == "embedding" else "nl2-cifar")]
+        )
         return lambda t: curve(t) + self.gate_shift
+
+    @property
+    def c3_origin(self) -> float:
+        """Where the reference dissimilarity strength starts: 0.3 for the preset curves, a fitted
+        gate's noisiest threshold, each moved by ``gate_shift``."""
+        return (SSCD_ORIGIN if self.fitted_gate is None else self.fitted_gate.origin) + self.gate_shift
 
 
 NL2_C3 = 50.0  # diffmem's dissimilarity strength for sigma = -nL2 (the reference gives c3 only for SSCD)
@@ -135,10 +166,11 @@ class AntiMemorizationGuidance:
         if "dissimilarity" in terms:
             gradient = self._similarity_gradient(step, gate)
             c3 = (
-                reference_c3(sig, t, self.config.gate_shift)
+                reference_c3(sig, t, self.config.c3_origin)
                 if self._c3 is None
                 else torch.full_like(sig, self._c3)
             )
+            c3 = self.config.c3_scale * c3
             # G_sim = c3 sqrt(1 - abar_t) grad_{x_t} sigma_t   (eq. 17)
             correction = correction + c3.view(shape) * (1 - step.alpha_bar_t).sqrt() * gradient
         return correction

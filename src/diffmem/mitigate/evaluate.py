@@ -19,6 +19,7 @@ from diffmem.method_spec import parse_method_spec
 from diffmem.metrics.memorization import MemorizationSummary, summarize
 from diffmem.metrics.quality import fid, kid
 from diffmem.mitigate.generate import mitigated_generate
+from diffmem.mitigate.guard import Guard
 from diffmem.mitigate.mitigation import SamplingOptions
 from diffmem.mitigate.registry import NEEDS_REFERENCE, mitigation_config
 from diffmem.mitigate.training_similarity import ReferenceSet, measure_against_training
@@ -77,7 +78,7 @@ Alignment = Callable[
 class MitigationEvaluation:
     """One method's results."""
 
-    name: str  # as given, e.g. "amg:gate_shift=0.25"
+    name: str  # as given, e.g. "amg:gate_shift=0.25"; "guard+" in front when run behind the guard
     method: str
     settings: dict[str, Any]
     summaries: dict[str, dict[str, MemorizationSummary]]  # group -> measure name -> summary
@@ -106,9 +107,11 @@ def evaluate_mitigations(
     quality: Quality | None = None,
     control_group: str | None = None,
     alignment: Alignment | None = None,
+    guard: Guard | None = None,
     progress: bool = False,
 ) -> list[MitigationEvaluation]:
-    """Generate every group's prompts with every method (``name[:key=value,...]``) and measure them."""
+    """Generate every group's prompts with every method (``name[:key=value,...]``) and measure them;
+    with ``guard``, each method applies only to the prompts the guard flags (guard mode)."""
     if not measures:
         raise DiffmemError("give at least one similarity measure (a training-set index)")
     if quality is not None and control_group not in groups:
@@ -123,6 +126,7 @@ def evaluate_mitigations(
                 raise DiffmemError(f"{method} needs a training-set index to guide against")
             settings = {**settings, "reference": amg_reference}
         config = mitigation_config(method, **settings)
+        name = text if guard is None else f"guard+{text}"
         tables, summaries, images_by_group, aligned = [], {}, {}, {}
         seconds = evaluations = images = guided = 0
         for group, prompts in groups.items():
@@ -137,6 +141,7 @@ def evaluate_mitigations(
                 base_seed=base_seed,
                 batch_size=batch_size,
                 sampling=sampling,
+                guard=guard,
                 progress=progress,
             )
             synchronize(denoiser.device)
@@ -150,7 +155,7 @@ def evaluate_mitigations(
                 values = measure.values(result.images)
                 summaries[group][measure.name] = measure.summary(values)
                 table = table.append_column(measure.name, pa.array(values, pa.float64()))
-            tables.append(table.append_column("mitigation", pa.array([text] * len(result.seeds))))
+            tables.append(table.append_column("mitigation", pa.array([name] * len(result.seeds))))
             images_by_group[group] = result.images
             if alignment is not None:
                 scores = alignment(result.images, [str(p) for p in result.items])
@@ -168,7 +173,7 @@ def evaluate_mitigations(
             )
         results.append(
             MitigationEvaluation(
-                name=text,
+                name=name,
                 method=method,
                 settings={k: v for k, v in settings.items() if k != "reference"},
                 summaries=summaries,

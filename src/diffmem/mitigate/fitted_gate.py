@@ -1,0 +1,155 @@
+"""An Anti-Memorization Guidance gate fitted to a copy detector: lambda_t is, at each sampling step, a
+quantile of the similarity that plain generations of prompts known not to be memorized reach at that
+step. The reference curves (SPEC §5) were drawn for SSCD on LAION and for nL2 on CIFAR-10; another
+detector places unrelated images at another level, and a fitted gate opens for about ``1 - quantile``
+of an ordinary prompt's steps whatever that level is."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from diffmem.atomic_io import write_json_atomic
+from diffmem.denoiser import Denoiser
+from diffmem.errors import DiffmemError
+from diffmem.mitigate.mitigation import SamplingOptions
+from diffmem.mitigate.training_similarity import ReferenceSet, training_similarity
+from diffmem.sampling import StepState, generation_seed, sample
+
+FORMAT = "diffmem.amg_gate"
+
+
+@dataclass(frozen=True)
+class FittedGate:
+    """lambda_t at the sampled timesteps (0..1000 scale, noisiest first), linear in t between them and
+    constant beyond them, for the index it was fitted against."""
+
+    timesteps: list[float]
+    thresholds: list[float]
+    quantile: float
+    measure: str  # "copy_similarity" or "nl2": the similarity the thresholds are on
+    index_fingerprint: str
+    num_samples: int  # plain generations the quantiles were taken over
+    format: str = FORMAT
+
+    def __post_init__(self) -> None:
+        if self.format != FORMAT:
+            raise DiffmemError(f"not an AMG gate file (format {self.format!r})")
+        if not self.timesteps or len(self.timesteps) != len(self.thresholds):
+            raise DiffmemError("a fitted gate needs one threshold per timestep")
+        if not all(math.isfinite(v) for v in (*self.timesteps, *self.thresholds)):
+            raise DiffmemError("a fitted gate's timesteps and thresholds must be finite")
+
+    def __call__(self, t: float) -> float:
+        """lambda_t at timestep ``t`` (0..1000 scale)."""
+        order = np.argsort(self.timesteps)
+        return float(np.interp(t, np.asarray(self.timesteps)[order], np.asarray(self.thresholds)[order]))
+
+    @property
+    def origin(self) -> float:
+        """The gate at its noisiest step: where the dissimilarity strength starts, as 0.3 does for the
+        reference SSCD curve (whose value at t = 1000 it is)."""
+        return self(max(self.timesteps))
+
+    def check(self, reference: ReferenceSet) -> None:
+        """Raise unless ``reference`` is the index the gate was fitted against."""
+        if reference.index.manifest.fingerprint != self.index_fingerprint:
+            raise DiffmemError(
+                "the AMG gate was fitted against another training-set index; fit it again for this one "
+                "(diffmem index gate)"
+            )
+
+    def save(self, path: Path) -> None:
+        """Write the gate as JSON (atomically)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, asdict(self))
+
+    @classmethod
+    def load(cls, path: Path) -> FittedGate:
+        """Read a gate written by :meth:`save`."""
+        try:
+            return cls(**json.loads(Path(path).read_text()))
+        except FileNotFoundError as error:
+            raise DiffmemError(f"AMG gate file not found: {path}") from error
+        except (json.JSONDecodeError, TypeError) as error:
+            raise DiffmemError(f"{path} is not an AMG gate file: {error}") from error
+
+
+class SimilarityTrace:
+    """Observer: sigma_t of every sample's decoded clean estimate at every step, as AMG measures it."""
+
+    def __init__(self, denoiser: Denoiser, reference: ReferenceSet) -> None:
+        self.denoiser = denoiser
+        self.reference = reference
+        self.scale = 1000.0 / int(denoiser.scheduler.config.num_train_timesteps)
+        self.timesteps: list[float] = []
+        self.sigmas: list[torch.Tensor] = []  # [B] per step
+
+    def __call__(self, step: StepState) -> None:
+        with torch.no_grad():
+            images = self.denoiser.decode(step.x0_hat.detach()).float()
+            sigma, _ = training_similarity(images, self.reference)
+        self.timesteps.append(float(step.t) * self.scale)
+        self.sigmas.append(sigma.cpu())
+
+
+def similarity_trajectories(
+    denoiser: Denoiser,
+    prompts: Sequence,
+    reference: ReferenceSet,
+    *,
+    n_generations: int = 1,
+    sampling: SamplingOptions = SamplingOptions(),  # noqa: B008  (frozen)
+    base_seed: int = 0,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> tuple[list[float], torch.Tensor]:
+    """The sampled timesteps (0..1000 scale) and sigma_t of plain sampling, [samples, steps]; seeds as
+    :func:`diffmem.sampling.generate` gives them."""
+    if not prompts or n_generations < 1 or batch_size < 1:
+        raise DiffmemError("give at least one prompt, n_generations >= 1 and batch_size >= 1")
+    rows = [(i, g) for i in range(len(prompts)) for g in range(n_generations)]
+    timesteps: list[float] = []
+    blocks = []
+    starts = range(0, len(rows), batch_size)
+    for start in tqdm(starts, desc="tracing similarity", disable=not progress):
+        batch = rows[start : start + batch_size]
+        trace = SimilarityTrace(denoiser, reference)
+        sample(
+            denoiser,
+            denoiser.encode([prompts[i] for i, _ in batch]),
+            [generation_seed(base_seed, i, g) for i, g in batch],
+            observers=[trace],
+            **sampling.sample_kwargs(),
+        )
+        timesteps = trace.timesteps
+        blocks.append(torch.stack(trace.sigmas, dim=1))
+    return timesteps, torch.cat(blocks)
+
+
+def fit_gate(
+    timesteps: Sequence[float], sigmas: torch.Tensor, reference: ReferenceSet, quantile: float
+) -> FittedGate:
+    """The gate at ``quantile`` of each step's similarities ([samples, steps], from prompts that are not
+    memorized)."""
+    if not 0 < quantile < 1:
+        raise DiffmemError(f"the gate's quantile must be between 0 and 1; got {quantile}")
+    finite = sigmas[sigmas.isfinite().all(1)]
+    if len(finite) == 0:
+        raise DiffmemError("no plain generation had a finite similarity at every step")
+    thresholds = torch.quantile(finite.double(), quantile, dim=0)
+    return FittedGate(
+        timesteps=[float(t) for t in timesteps],
+        thresholds=thresholds.tolist(),
+        quantile=quantile,
+        measure=reference.measure,
+        index_fingerprint=reference.index.manifest.fingerprint,
+        num_samples=len(finite),
+    )

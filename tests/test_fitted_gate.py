@@ -1,0 +1,128 @@
+"""The AMG gate fitted to an index (`diffmem index gate`, `amg:gate=FILE`): quantiles of plain sampling's
+similarity per step, the file, and the gate as AMG applies it, on a tiny random-weight pipeline."""
+
+import json
+
+import pytest
+import torch
+
+from diffmem.adapters import wrap_pipeline
+from diffmem.cli.main import run
+from diffmem.errors import DiffmemError
+from diffmem.index import TrainingSetIndex
+from diffmem.mitigate import ReferenceSet, SamplingOptions, mitigated_generate, mitigation_config
+from diffmem.mitigate.anti_memorization_guidance import AntiMemorizationGuidance
+from diffmem.mitigate.fitted_gate import FittedGate, fit_gate, similarity_trajectories
+from diffmem.sampling import generate
+from diffmem.tiny_pipelines import tiny_stable_diffusion
+
+PROMPTS = ["a red sneaker at the top left", "the zorblax vase poster"]
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return wrap_pipeline(tiny_stable_diffusion())
+
+
+@pytest.fixture(scope="module")
+def pixels(sd):
+    own = generate(sd, PROMPTS, num_inference_steps=3).images
+    noise = torch.rand((30, *own.shape[1:]), generator=torch.Generator().manual_seed(4))
+    images = torch.cat([own, noise])
+    return ReferenceSet(TrainingSetIndex.build_pixels(images, ["c"] * len(images)))
+
+
+def _gate(thresholds, timesteps, fingerprint):
+    return FittedGate(
+        timesteps=timesteps,
+        thresholds=thresholds,
+        quantile=0.9,
+        measure="nl2",
+        index_fingerprint=fingerprint,
+        num_samples=4,
+    )
+
+
+def test_the_gate_is_each_steps_quantile_of_the_finite_trajectories(pixels):
+    sigmas = torch.tensor([[0.1, 0.5], [0.3, 0.7], [float("nan"), 9.0], [0.2, 0.6]])
+    fitted = fit_gate([900.0, 100.0], sigmas, pixels, 0.5)
+    assert fitted.thresholds == pytest.approx([0.2, 0.6]) and fitted.num_samples == 3
+    assert fitted.index_fingerprint == pixels.index.manifest.fingerprint and fitted.measure == "nl2"
+    assert fitted(900.0) == pytest.approx(0.2) and fitted(500.0) == pytest.approx(0.4)  # linear in t
+    assert fitted(1000.0) == pytest.approx(0.2) and fitted(0.0) == pytest.approx(0.6)  # held beyond
+    assert fitted.origin == pytest.approx(0.2)
+    with pytest.raises(DiffmemError, match="between 0 and 1"):
+        fit_gate([900.0, 100.0], sigmas, pixels, 1.0)
+    with pytest.raises(DiffmemError, match="no plain generation"):
+        fit_gate([900.0], torch.tensor([[float("inf")]]), pixels, 0.5)
+
+
+def test_the_gate_file_round_trips_and_bad_files_are_one_line_errors(tmp_path, pixels):
+    fitted = _gate([0.5, 0.7], [981.0, 1.0], pixels.index.manifest.fingerprint)
+    fitted.save(tmp_path / "gate.json")
+    assert FittedGate.load(tmp_path / "gate.json") == fitted
+    (tmp_path / "other.json").write_text(json.dumps({"threshold": 1.0}))
+    with pytest.raises(DiffmemError, match="is not an AMG gate file"):
+        FittedGate.load(tmp_path / "other.json")
+    with pytest.raises(DiffmemError, match="gate file not found"):
+        FittedGate.load(tmp_path / "missing.json")
+    with pytest.raises(DiffmemError, match="one threshold per timestep"):
+        _gate([0.5], [981.0, 1.0], "x")
+
+
+def test_trajectories_are_what_amg_watches(sd, pixels):
+    sampling = SamplingOptions(num_inference_steps=3, guidance_scale=7.5)
+    timesteps, sigmas = similarity_trajectories(sd, PROMPTS, pixels, n_generations=2, sampling=sampling)
+    assert sigmas.shape == (4, 3) and len(timesteps) == 3 and timesteps == sorted(timesteps, reverse=True)
+    watched = mitigated_generate(
+        sd,
+        PROMPTS,
+        "amg",
+        mitigation_config("amg", reference=pixels, gate="never"),
+        n_generations=2,
+        sampling=sampling,
+    )
+    assert sigmas.max(1).values.tolist() == pytest.approx(watched.extras["amg_max_similarity"])
+
+
+def test_amg_opens_a_fitted_gate_where_the_similarity_is_above_it(sd, pixels, tmp_path):
+    sampling = SamplingOptions(num_inference_steps=1, guidance_scale=7.5)
+    timesteps, sigmas = similarity_trajectories(sd, PROMPTS, pixels, sampling=sampling)
+    assert sigmas[0, 0] != sigmas[1, 0]
+    fit_gate(timesteps, sigmas, pixels, 0.5).save(tmp_path / "gate.json")  # between the two samples
+    config = mitigation_config("amg", reference=pixels, gate=str(tmp_path / "gate.json"))
+    guided = mitigated_generate(sd, PROMPTS, "amg", config, sampling=sampling)
+    assert guided.guided_steps == [int(sigmas[0, 0] > sigmas[1, 0]), int(sigmas[1, 0] > sigmas[0, 0])]
+    shifted = mitigation_config("amg", reference=pixels, gate=str(tmp_path / "gate.json"), gate_shift=0.25)
+    assert shifted.c3_origin == pytest.approx(config.c3_origin + 0.25)
+    assert AntiMemorizationGuidance(sd, shifted, 2).config.lambda_t(500.0) == pytest.approx(
+        float(sigmas[:, 0].mean()) + 0.25
+    )
+
+
+def test_a_gate_fitted_to_another_index_or_not_a_gate_is_refused(tmp_path, pixels):
+    _gate([0.5, 0.7], [981.0, 1.0], "another index").save(tmp_path / "gate.json")
+    with pytest.raises(DiffmemError, match="fitted against another training-set index"):
+        mitigation_config("amg", reference=pixels, gate=str(tmp_path / "gate.json"))
+    with pytest.raises(DiffmemError, match="unknown AMG gate 'parabola'"):
+        mitigation_config("amg", reference=pixels, gate="parabola")
+
+
+def test_index_gate_command_fits_a_gate_that_generate_uses(tmp_path, pixels, capsys):
+    pixels.index.save(tmp_path / "index")
+    prompts = tmp_path / "safe.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    gate = tmp_path / "gate.json"
+    args = ["index", "gate", str(tmp_path / "index"), "--model", "builtin:tiny-sd", "--prompts", str(prompts)]
+    common = ["--num-inference-steps", "2", "--n-generations", "2"]
+    assert run([*args, *common, "--quantile", "0.75", "--out", str(gate)]) == 0
+    fitted = FittedGate.load(gate)
+    assert fitted.quantile == 0.75 and len(fitted.thresholds) == 2 and fitted.num_samples == 4
+    assert f"amg:gate={gate}" in capsys.readouterr().out
+    out = tmp_path / "generated"
+    generate_args = ["generate", *PROMPTS, "--steps", "2", "--index", str(tmp_path / "index")]
+    assert run([*generate_args, "--mitigation", f"amg:gate={gate}", "--out", str(out)]) == 0
+    assert run([*args, "--quantile", "1.5", "--out", str(gate)]) == 2
+    assert "--quantile must be between 0 and 1" in capsys.readouterr().err
+    assert run([*args, "--out", str(tmp_path / "gate.txt")]) == 2
+    assert "--out must be a .json file" in capsys.readouterr().err
