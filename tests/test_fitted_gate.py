@@ -14,7 +14,7 @@ from diffmem.mitigate import ReferenceSet, SamplingOptions, mitigated_generate, 
 from diffmem.mitigate.anti_memorization_guidance import AntiMemorizationGuidance
 from diffmem.mitigate.fitted_gate import FittedGate, fit_gate, similarity_trajectories
 from diffmem.sampling import generate
-from diffmem.tiny_pipelines import tiny_stable_diffusion
+from diffmem.tiny_pipelines import tiny_stable_diffusion, tiny_unet2d
 
 PROMPTS = ["a red sneaker at the top left", "the zorblax vase poster"]
 
@@ -126,3 +126,15 @@ def test_index_gate_command_fits_a_gate_that_generate_uses(tmp_path, pixels, cap
     assert "--quantile must be between 0 and 1" in capsys.readouterr().err
     assert run([*args, "--out", str(tmp_path / "gate.txt")]) == 2
     assert "--out must be a .json file" in capsys.readouterr().err
+    assert run([*args[:5], "--out", str(gate)]) == 2
+    assert "give --prompts" in capsys.readouterr().err
+
+
+def test_an_unconditional_model_fits_its_gate_without_prompts(tmp_path):
+    unconditional = wrap_pipeline(tiny_unet2d())
+    images = generate(unconditional, [None], n_generations=2, num_inference_steps=2).images
+    TrainingSetIndex.build_pixels(images, [""] * 2).save(tmp_path / "index")
+    gate = tmp_path / "gate.json"
+    args = ["index", "gate", str(tmp_path / "index"), "--model", "builtin:tiny-unet2d"]
+    assert run([*args, "--n-generations", "3", "--num-inference-steps", "2", "--out", str(gate)]) == 0
+    assert FittedGate.load(gate).num_samples == 3

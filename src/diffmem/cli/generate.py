@@ -100,7 +100,7 @@ def generate(
     config = mitigation_config(name, **method_settings)
     guarded = open_guard(model, calibration) if guard else None
     denoiser = open_model(model, settings.device, settings.dtype, settings.speedups)
-    items = _items(denoiser.conditioning, list(prompts or []), prompts_file, column)
+    items = conditioning_items(denoiser.conditioning, list(prompts or []), prompts_file, column)
     steps_scheduler = scheduler_like(scheduler, denoiser.scheduler) if scheduler else None
     result = mitigated_generate(
         denoiser,
@@ -190,7 +190,7 @@ def _with_nearest(table: pa.Table, images: torch.Tensor, reference: ReferenceSet
     return table.append_column(reference.measure, pa.array(values, pa.float64()))
 
 
-def _items(conditioning: str, prompts: list[str], prompts_file: Path | None, column: str) -> list:
+def conditioning_items(conditioning: str, prompts: list[str], prompts_file: Path | None, column: str) -> list:
     """What to condition each prompt row on, by the model's kind of conditioning."""
     if prompts_file is not None:
         prompts += read_prompts(prompts_file, column)

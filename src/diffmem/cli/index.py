@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from diffmem.cli.app import Settings, app
-from diffmem.cli.generate import open_reference
+from diffmem.cli.generate import conditioning_items, open_reference
 from diffmem.errors import DiffmemError
 from diffmem.index import (
     TrainingSetIndex,
@@ -21,7 +21,6 @@ from diffmem.index.build import describe_encoder
 from diffmem.mitigate import SamplingOptions
 from diffmem.mitigate.fitted_gate import fit_gate, similarity_trajectories
 from diffmem.models import LAB_MODEL, open_model
-from diffmem.prompts_io import read_prompts
 
 index = typer.Typer(
     help="The training-set index: nearest training images and their captions.", no_args_is_help=True
@@ -99,10 +98,14 @@ def info(directory: Annotated[Path, typer.Argument(help="An index directory.")])
 def gate(
     ctx: typer.Context,
     directory: Annotated[Path, typer.Argument(help="The index AMG will guide against.")],
-    prompts: Annotated[
-        Path, typer.Option(help="Prompts known not to be memorized (.txt, .jsonl, .csv or .parquet).")
-    ],
     out: Annotated[Path, typer.Option(help="The gate file to write (.json).")],
+    prompts: Annotated[
+        Path | None,
+        typer.Option(
+            help="Prompts known not to be memorized (.txt, .jsonl, .csv or .parquet; class numbers for a "
+            "class-conditional model; none for an unconditional one)."
+        ),
+    ] = None,
     model: Annotated[
         str | None, typer.Option(help="Model directory or builtin:NAME (default: the lab model).")
     ] = None,
@@ -127,12 +130,13 @@ def gate(
     if not 0 < quantile < 1:
         raise DiffmemError(f"--quantile must be between 0 and 1; got {quantile}")
     model = model or LAB_MODEL
-    texts = read_prompts(prompts, column)
     reference = open_reference(directory, encoder, settings.device, model)
     denoiser = open_model(model, settings.device, settings.dtype, settings.speedups)
+    if prompts is None and denoiser.conditioning != "none":
+        raise DiffmemError("give --prompts: prompts known not to be memorized, to fit the gate on")
     timesteps, sigmas = similarity_trajectories(
         denoiser,
-        texts,
+        conditioning_items(denoiser.conditioning, [], prompts, column),
         reference,
         n_generations=n_generations,
         sampling=SamplingOptions(num_inference_steps, guidance_scale),

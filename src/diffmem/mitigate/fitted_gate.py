@@ -54,8 +54,8 @@ class FittedGate:
 
     @property
     def origin(self) -> float:
-        """The gate at its noisiest step: where the dissimilarity strength starts, as 0.3 does for the
-        reference SSCD curve (whose value at t = 1000 it is)."""
+        """The gate at its noisiest step: where the dissimilarity strength starts, as 0.3 (the reference
+        SSCD curve's level at pure noise) does for that curve."""
         return self(max(self.timesteps))
 
     def check(self, reference: ReferenceSet) -> None:
