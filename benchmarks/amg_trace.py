@@ -56,11 +56,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     with torch.no_grad():
         final, _ = measure_against_training(denoiser.decode(latents).float(), reference)
+    timesteps, sigmas = trace.trajectories()
     samples = []
     for k, row in enumerate(rows):
         steps = [
-            {"t": t, "lambda": config.lambda_t(t), "sigma": float(sigmas[k])}
-            for t, sigmas in zip(trace.timesteps, trace.sigmas)
+            {"t": t, "lambda": config.lambda_t(t), "sigma": float(sigma)}
+            for t, sigma in zip(timesteps, sigmas[k])
         ]
         samples.append(
             {

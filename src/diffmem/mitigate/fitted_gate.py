@@ -14,14 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from diffmem.atomic_io import write_json_atomic
 from diffmem.denoiser import Denoiser
 from diffmem.errors import DiffmemError
 from diffmem.mitigate.mitigation import SamplingOptions
 from diffmem.mitigate.training_similarity import ReferenceSet, training_similarity
-from diffmem.sampling import StepState, generation_seed, sample
+from diffmem.sampling import StepState, generate
 
 FORMAT = "diffmem.amg_gate"
 
@@ -83,21 +82,27 @@ class FittedGate:
 
 
 class SimilarityTrace:
-    """Observer: sigma_t of every sample's decoded clean estimate at every step, as AMG measures it."""
+    """Observer: sigma_t of every sample's decoded clean estimate at every step, as AMG measures it,
+    over any number of batches sampled one after another."""
 
     def __init__(self, denoiser: Denoiser, reference: ReferenceSet) -> None:
         self.denoiser = denoiser
         self.reference = reference
         self.scale = 1000.0 / int(denoiser.scheduler.config.num_train_timesteps)
-        self.timesteps: list[float] = []
-        self.sigmas: list[torch.Tensor] = []  # [B] per step
+        self.timesteps: dict[int, float] = {}  # step index -> t (0..1000 scale)
+        self.sigmas: dict[int, list[torch.Tensor]] = {}  # step index -> [B] per batch
 
     def __call__(self, step: StepState) -> None:
         with torch.no_grad():
             images = self.denoiser.decode(step.x0_hat.detach()).float()
             sigma, _ = training_similarity(images, self.reference)
-        self.timesteps.append(float(step.t) * self.scale)
-        self.sigmas.append(sigma.cpu())
+        self.timesteps[step.index] = float(step.t) * self.scale
+        self.sigmas.setdefault(step.index, []).append(sigma.cpu())
+
+    def trajectories(self) -> tuple[list[float], torch.Tensor]:
+        """The timesteps in sampling order and sigma_t, [samples, steps], samples in sampling order."""
+        steps = sorted(self.timesteps)
+        return [self.timesteps[i] for i in steps], torch.stack([torch.cat(self.sigmas[i]) for i in steps], 1)
 
 
 def similarity_trajectories(
@@ -111,27 +116,21 @@ def similarity_trajectories(
     batch_size: int = 16,
     progress: bool = False,
 ) -> tuple[list[float], torch.Tensor]:
-    """The sampled timesteps (0..1000 scale) and sigma_t of plain sampling, [samples, steps]; seeds as
-    :func:`diffmem.sampling.generate` gives them."""
-    if not prompts or n_generations < 1 or batch_size < 1:
-        raise DiffmemError("give at least one prompt, n_generations >= 1 and batch_size >= 1")
-    rows = [(i, g) for i in range(len(prompts)) for g in range(n_generations)]
-    timesteps: list[float] = []
-    blocks = []
-    starts = range(0, len(rows), batch_size)
-    for start in tqdm(starts, desc="tracing similarity", disable=not progress):
-        batch = rows[start : start + batch_size]
-        trace = SimilarityTrace(denoiser, reference)
-        sample(
-            denoiser,
-            denoiser.encode([prompts[i] for i, _ in batch]),
-            [generation_seed(base_seed, i, g) for i, g in batch],
-            observers=[trace],
-            **sampling.sample_kwargs(),
-        )
-        timesteps = trace.timesteps
-        blocks.append(torch.stack(trace.sigmas, dim=1))
-    return timesteps, torch.cat(blocks)
+    """The sampled timesteps (0..1000 scale) and sigma_t of plain sampling, [samples, steps], for the
+    samples :func:`diffmem.sampling.generate` makes (same seeds and order)."""
+    trace = SimilarityTrace(denoiser, reference)
+    generate(
+        denoiser,
+        prompts,
+        n_generations=n_generations,
+        base_seed=base_seed,
+        batch_size=batch_size,
+        decode=False,
+        progress=progress,
+        observers=[trace],
+        **sampling.sample_kwargs(),
+    )
+    return trace.trajectories()
 
 
 def fit_gate(
