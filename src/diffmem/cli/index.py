@@ -127,7 +127,7 @@ def gate(
     settings: Settings = ctx.obj
     if out.suffix != ".json":
         raise DiffmemError(f"--out must be a .json file; got {out}")
-    if not 0 < quantile < 1:
+    if not 0 < quantile < 1:  # fit_gate checks it too, but only after minutes of sampling
         raise DiffmemError(f"--quantile must be between 0 and 1; got {quantile}")
     model = model or LAB_MODEL
     reference = open_reference(directory, encoder, settings.device, model)

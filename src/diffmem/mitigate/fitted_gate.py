@@ -10,6 +10,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -48,8 +49,13 @@ class FittedGate:
 
     def __call__(self, t: float) -> float:
         """lambda_t at timestep ``t`` (0..1000 scale)."""
+        return float(np.interp(t, *self._ascending))
+
+    @cached_property
+    def _ascending(self) -> tuple[np.ndarray, np.ndarray]:
+        """Timesteps and thresholds in increasing t, as ``np.interp`` reads them (sorted once)."""
         order = np.argsort(self.timesteps)
-        return float(np.interp(t, np.asarray(self.timesteps)[order], np.asarray(self.thresholds)[order]))
+        return np.asarray(self.timesteps)[order], np.asarray(self.thresholds)[order]
 
     @property
     def origin(self) -> float:
