@@ -1,29 +1,39 @@
-"""Mitigation cost: AMG and prompt-embedding optimisation against plain sampling, and the share of AMG's
-time spent querying the training-set index.
+"""Mitigation cost: AMG and prompt-embedding optimisation against plain sampling, the share of AMG's
+time spent querying the training-set index, and what one step's similarity check costs against its UNet
+pair.
 
     python benchmarks/mitigation_overhead.py --device cuda            # SD 1.5 architecture, fp16 (the goals)
     python benchmarks/mitigation_overhead.py --size lab --device cpu  # the shipped lab model
+    python benchmarks/mitigation_overhead.py --device cpu --num-inference-steps 10 --batch-size 1 \
+        --no-warmup --skip gate_open                                   # SD 1.5 architecture on a CPU
 
 Goals (mitigation issue): AMG <= 1.3x plain sampling while its gate stays closed (it still decodes and
-queries the index every step), and its cost when the gate is always open; prompt optimisation <= 1.5x
-plain generation; the index query must not dominate. The reference set is an exact embedding index of
-``--index-rows`` random unit vectors queried through a copy-detection encoder (random weights: speed
-only). Prints ratios and writes a JSON record.
+queries the index at every check: every step, or every ``--check-every`` steps), and its cost when the
+gate is always open; prompt optimisation <= 1.5x plain generation; the index query must not dominate.
+The reference set is an exact embedding index of ``--index-rows`` random unit vectors queried through a
+copy-detection encoder (random weights: speed only). Prints ratios and writes a JSON record, updated
+after each run so that a run stopped at a time limit keeps what it measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from diffmem.atomic_io import write_json_atomic
 from diffmem.benchmark_support import benchmark_model, benchmark_parser, report
+from diffmem.denoiser import Denoiser
 from diffmem.index import TrainingSetIndex
 from diffmem.metrics.copy_detection import CopyDetectionEncoder
 from diffmem.mitigate import ReferenceSet, SamplingOptions, mitigated_generate, mitigation_config
+from diffmem.mitigate.training_similarity import training_similarity
 from diffmem.models import resolve_device, resolve_dtype
 from diffmem.run_record import environment
+from diffmem.sampling.guided_sampler import predict_pair
 from diffmem.timing import timed
 
 PROMPT = "a photograph of an astronaut riding a horse, detailed, trending"
@@ -54,18 +64,9 @@ def main(argv: list[str] | None = None) -> dict:
             ),
             device,
             args.repeats,
+            warmup=not args.no_warmup,
         )
 
-    plain_s = run("none")
-    closed_s = run("amg", reference=reference, gate="never")
-    open_s = run("amg", reference=reference, gate="always")
-    optimised_s = run("prompt_optimization", target=0.0)  # never reached: all 10 iterations
-    with torch.no_grad():
-        images = denoiser.decode(
-            torch.randn(args.batch_size, *denoiser.sample_shape, device=device, dtype=dtype)
-        ).float()
-        embeddings = encoder(images)
-    query_s = timed(lambda: reference.index.search(embeddings, 1), device, 10) * args.num_inference_steps
     record = {
         "size": args.size,
         "device": str(device),
@@ -73,14 +74,61 @@ def main(argv: list[str] | None = None) -> dict:
         "batch_size": args.batch_size,
         "num_inference_steps": args.num_inference_steps,
         "index_rows": args.index_rows,
-        "plain_s_per_image": plain_s / args.batch_size,
-        "amg_gate_closed_vs_plain": closed_s / plain_s,
-        "amg_gate_open_vs_plain": open_s / plain_s,
-        "prompt_optimization_10_iterations_vs_plain": optimised_s / plain_s,
-        "index_query_share_of_amg_gate_closed": query_s / closed_s,
+        "warmup": not args.no_warmup,
         **environment(),
     }
-    return report(record, args.out)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def keep(**values: float) -> None:  # each result is on disk as soon as it is measured
+        record.update(values)
+        write_json_atomic(out, record)
+
+    plain_s = run("none")
+    keep(plain_s_per_image=plain_s / args.batch_size)
+    closed_s = {}
+    for k in args.check_every:
+        closed_s[k] = run("amg", reference=reference, gate="never", check_every=k)
+        keep(**{f"amg_gate_closed_check_every_{k}_vs_plain": closed_s[k] / plain_s})
+    check = _check_costs(denoiser, reference, prompts, device, dtype, not args.no_warmup)
+    stride = min(args.check_every)  # the index query's share, at the most frequent checking timed
+    keep(
+        decode_vs_unet_pair=check["decode"] / check["unet_pair"],
+        encoder_and_query_vs_unet_pair=check["similarity"] / check["unet_pair"],
+        index_query_share_of_amg_gate_closed=check["query"]
+        * math.ceil(args.num_inference_steps / stride)
+        / closed_s[stride],
+    )
+    if "prompt_optimization" not in args.skip:
+        optimised_s = run("prompt_optimization", target=0.0)  # never reached: all 10 iterations
+        keep(prompt_optimization_10_iterations_vs_plain=optimised_s / plain_s)
+    if "gate_open" not in args.skip:
+        keep(amg_gate_open_vs_plain=run("amg", reference=reference, gate="always") / plain_s)
+    return report(record, out)
+
+
+def _check_costs(
+    denoiser: Denoiser,
+    reference: ReferenceSet,
+    prompts: list[str],
+    device: torch.device,
+    dtype: torch.dtype,
+    warmup: bool,
+) -> dict[str, float]:
+    """Seconds for one step of the batch: its CFG UNet pair, the decode of x0_hat, the copy detector with
+    the index query, and the query alone."""
+    x_t = torch.randn(len(prompts), *denoiser.sample_shape, device=device, dtype=dtype)
+    t = torch.tensor(500, device=device)
+    cond, null = denoiser.encode(prompts), denoiser.null_condition(len(prompts))
+    with torch.no_grad():
+        images = denoiser.decode(x_t).float()
+        embeddings = reference.encoder(images)
+        return {
+            "unet_pair": timed(lambda: predict_pair(denoiser, x_t, t, cond, null), device, warmup=warmup),
+            "decode": timed(lambda: denoiser.decode(x_t), device, warmup=warmup),
+            "similarity": timed(lambda: training_similarity(images, reference), device, warmup=warmup),
+            "query": timed(lambda: reference.index.search(embeddings, 1), device, 10),
+        }
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -89,6 +137,21 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-inference-steps", type=int, default=50)
     parser.add_argument("--index-rows", type=int, default=100_000)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument(
+        "--check-every",
+        type=int,
+        nargs="+",
+        default=[1, 5, 10],
+        help="AMG check strides to time, gate closed",
+    )
+    parser.add_argument(
+        "--skip",
+        nargs="*",
+        default=[],
+        choices=("gate_open", "prompt_optimization"),
+        help="runs to leave out",
+    )
+    parser.add_argument("--no-warmup", action="store_true", help="time the first call (for slow CPU runs)")
     return parser
 
 

@@ -174,6 +174,41 @@ def test_a_closed_gate_leaves_sampling_exactly_as_plain_sampling(sd, pixels):
     assert set(guarded.extras["amg_nearest_id"]) <= set(range(100, 160))
 
 
+def test_a_gate_is_checked_every_few_steps_until_it_first_opens_then_every_step(sd, pixels):
+    plain = generate(sd, PROMPTS, num_inference_steps=5, guidance_scale=7.5)
+    watched = mitigated_generate(
+        sd,
+        PROMPTS,
+        "amg",
+        mitigation_config("amg", reference=pixels, gate="never", check_every=2),
+        sampling=SamplingOptions(num_inference_steps=5, guidance_scale=7.5),
+    )
+    assert watched.extras["amg_checks"] == [3, 3]  # steps 0, 2 and 4
+    assert torch.equal(watched.images, plain.images)
+    strided, every = (
+        mitigated_generate(
+            sd,
+            PROMPTS,
+            "amg",
+            mitigation_config("amg", reference=pixels, gate="always", c3=50.0, check_every=k),
+            sampling=SAMPLING,
+        )
+        for k in (2, 1)
+    )
+    assert strided.guided_steps == every.guided_steps == [3, 3]  # open from step 0: checked at each step
+    assert torch.equal(strided.images, every.images)
+
+
+def test_a_sample_whose_guidance_stopped_goes_back_to_the_stride(sd, embeddings):
+    reference = _nan_gradient_for_second(embeddings)
+    config = mitigation_config(
+        "amg", reference=reference, terms=("dissimilarity",), gate="always", check_every=2
+    )
+    result = mitigated_generate(sd, PROMPTS, "amg", config, sampling=SAMPLING)
+    assert result.status == ["ok", "nonfinite"] and result.guided_steps == [3, 0]
+    assert result.extras["amg_checks"] == [3, 2]  # the second sample: steps 0 and 2 only
+
+
 def test_pixel_amg_lowers_the_similarity_to_the_training_set(sd, pixels, training_images):
     plain = generate(sd, PROMPTS, num_inference_steps=3, guidance_scale=7.5).images
     config = mitigation_config("amg", reference=pixels, gate="always", c3=2000.0)
@@ -185,24 +220,33 @@ def test_pixel_amg_lowers_the_similarity_to_the_training_set(sd, pixels, trainin
     assert (after < before - 0.1).all()
 
 
-def test_a_nonfinite_guidance_stops_for_that_sample_only(sd, embeddings):
-    class NanForSecond(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return x.clone()
+class _NanForSecond(torch.autograd.Function):
+    """Identity whose gradient is NaN for the second sample while both samples are guided."""
 
-        @staticmethod
-        def backward(ctx, grad):
-            grad = grad.clone()
-            if len(grad) == 2:  # the second sample, while both are guided
-                grad[1] = float("nan")
-            return grad
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        if len(grad) == 2:
+            grad[1] = float("nan")
+        return grad
+
+
+def _nan_gradient_for_second(embeddings):
+    """The embedding reference with a copy detector whose gradient breaks for the second sample."""
 
     class Broken(torch.nn.Module):
         def forward(self, images):
-            return embeddings.encoder(NanForSecond.apply(images))
+            return embeddings.encoder(_NanForSecond.apply(images))
 
-    reference = ReferenceSet(embeddings.index, Broken())
+    return ReferenceSet(embeddings.index, Broken())
+
+
+def test_a_nonfinite_guidance_stops_for_that_sample_only(sd, embeddings):
+    reference = _nan_gradient_for_second(embeddings)
     config = mitigation_config("amg", reference=reference, terms=("dissimilarity",), gate="always")
     result = mitigated_generate(sd, PROMPTS, "amg", config, sampling=SAMPLING)
     assert result.status == ["ok", "nonfinite"] and result.guided_steps == [3, 0]
@@ -247,6 +291,9 @@ def test_bad_configurations_are_one_line_errors(sd, pixels, embeddings):
         mitigation_config("amg", reference=pixels, terms=("despecify",))
     with pytest.raises(DiffmemError, match="c3_scale must be positive"):
         mitigation_config("amg", reference=pixels, c3_scale=0.0)
+    for bad in (0, 1.5):
+        with pytest.raises(DiffmemError, match="check_every must be a whole number"):
+            mitigation_config("amg", reference=pixels, check_every=bad)
     with pytest.raises(DiffmemError, match=r"scale > 1"):
         mitigated_generate(
             sd, PROMPTS, "amg", mitigation_config("amg", reference=pixels), sampling=SamplingOptions(3, 1.0)

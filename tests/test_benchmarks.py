@@ -99,7 +99,26 @@ def test_mitigation_overhead_smoke(tmp_path):
     args = ["--size", "tiny", "--device", "cpu", "--num-inference-steps", "2", "--batch-size", "2"]
     record = _load("mitigation_overhead").main([*args, "--index-rows", "64", "--out", str(out)])
     assert json.loads(out.read_text())["amg_gate_open_vs_plain"] == record["amg_gate_open_vs_plain"] > 0
-    assert 0 < record["index_query_share_of_amg_gate_closed"]
+    assert 0 < record["index_query_share_of_amg_gate_closed"] and record["decode_vs_unet_pair"] > 0
+    assert {"amg_gate_closed_check_every_1_vs_plain", "amg_gate_closed_check_every_10_vs_plain"} <= set(
+        record
+    )
+    less = _load("mitigation_overhead").main(
+        [
+            *args,
+            "--index-rows",
+            "64",
+            "--out",
+            str(out),
+            "--check-every",
+            "2",
+            "--skip",
+            "gate_open",
+            "--no-warmup",
+        ]
+    )
+    assert "amg_gate_open_vs_plain" not in less and less["prompt_optimization_10_iterations_vs_plain"] > 0
+    assert [k for k in less if k.startswith("amg_gate_closed")] == ["amg_gate_closed_check_every_2_vs_plain"]
 
 
 def test_training_memorization_smoke(tmp_path, micro_lab_data):

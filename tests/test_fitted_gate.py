@@ -100,6 +100,18 @@ def test_amg_opens_a_fitted_gate_where_the_similarity_is_above_it(sd, pixels, tm
     )
 
 
+def test_a_sample_whose_gate_opened_is_checked_at_every_later_step(sd, pixels, tmp_path):
+    sampling = SamplingOptions(num_inference_steps=5, guidance_scale=7.5)
+    timesteps, sigmas = similarity_trajectories(sd, PROMPTS, pixels, sampling=sampling)
+    first = int(sigmas[1, 0] > sigmas[0, 0])  # the sample above the gate at step 0; closed after it
+    thresholds = [float(sigmas[:, 0].mean())] + [1e6] * 4
+    _gate(thresholds, timesteps, pixels.index.manifest.fingerprint).save(tmp_path / "gate.json")
+    config = mitigation_config("amg", reference=pixels, gate=str(tmp_path / "gate.json"), check_every=3)
+    guided = mitigated_generate(sd, PROMPTS, "amg", config, sampling=sampling)
+    assert guided.guided_steps[first] == 1 and guided.guided_steps[1 - first] == 0
+    assert guided.extras["amg_checks"][first] == 5 and guided.extras["amg_checks"][1 - first] == 2  # 0, 3
+
+
 def test_a_gate_fitted_to_another_index_or_not_a_gate_is_refused(tmp_path, pixels):
     _gate([0.5, 0.7], [981.0, 1.0], "another index").save(tmp_path / "gate.json")
     with pytest.raises(DiffmemError, match="fitted against another training-set index"):

@@ -69,6 +69,9 @@ class AntiMemorizationConfig:
     # multiplies the dissimilarity strength: a detector that separates copies less sharply than SSCD
     # moves a guided sample less per unit of similarity, and the copy it left can return in the last steps
     c3_scale: float = 1.0
+    # a sample whose gate has not opened yet is checked every check_every steps (from the first), one whose
+    # gate has opened at every later step: at SD 1.5 size one decode costs more than the step's UNet pair
+    check_every: int = 1
     nl2_k: int = NL2_K
 
     def __post_init__(self) -> None:
@@ -85,6 +88,10 @@ class AntiMemorizationConfig:
             raise DiffmemError("AMG strengths c1, c3 and min_caption_copies must be non-negative")
         if not self.c3_scale > 0:
             raise DiffmemError(f"AMG c3_scale must be positive; got {self.c3_scale}")
+        if not (isinstance(self.check_every, int) and self.check_every >= 1):
+            raise DiffmemError(
+                f"AMG check_every must be a whole number of steps >= 1; got {self.check_every!r}"
+            )
 
     @cached_property
     def fitted_gate(self) -> FittedGate | None:
@@ -115,7 +122,8 @@ class AntiMemorizationGuidance:
     (eq. 10) and records, per sample, the steps guided, the highest similarity and its neighbour.
 
     The similarity is watched without gradients; only the samples whose gate opens are evaluated again
-    with gradients for G_sim, so steps without guidance cost a decode and an index query.
+    with gradients for G_sim, so steps without guidance cost a decode and an index query. Until its gate
+    first opens, a sample is checked only every ``check_every`` steps; from then on at every step.
     """
 
     def __init__(self, denoiser: Denoiser, config: AntiMemorizationConfig, batch_size: int) -> None:
@@ -127,26 +135,44 @@ class AntiMemorizationGuidance:
         self.status = [OK] * batch_size
         self.max_similarity = [-math.inf] * batch_size
         self.nearest_row = [-1] * batch_size  # index row of the neighbour at the most similar step
+        self.checks = [0] * batch_size  # steps whose similarity was measured
+        self.opened = torch.zeros(batch_size, dtype=torch.bool)  # whose gate has opened at some step
         self.extra_evaluations = 0
 
     def __call__(self, step: StepState) -> torch.Tensor:
-        with torch.no_grad():
-            images = self.denoiser.decode(step.x0_hat.detach()).float()
-            sigma, nearest = training_similarity(images, self.config.reference, self.config.nl2_k)
+        due = self.opened | (step.index % self.config.check_every == 0)
+        if not bool(due.any()):
+            return torch.zeros_like(step.eps)
+        sigma, nearest = self._similarity(step, due)
         t = float(step.t) * 1000.0 / self.train_timesteps
         active = torch.tensor([s == OK for s in self.status], device=sigma.device)
-        gate = (sigma.detach() > self.config.lambda_t(t)) & active & sigma.detach().isfinite()
-        self._record(sigma.detach(), nearest)
+        gate = (sigma > self.config.lambda_t(t)) & active & sigma.isfinite()  # NaN where not checked
+        self.opened |= gate.cpu()
+        self._record(sigma, nearest)
         if not bool(gate.any()):
             return torch.zeros_like(step.eps)
         correction = self._guidance(step, sigma, nearest, gate, t)
         finite = correction.flatten(1).isfinite().all(1)
         for row in torch.nonzero(gate & ~finite).flatten().tolist():
             self.status[row] = NONFINITE  # guidance stops for this sample; its image is kept
+            self.opened[row] = False
         keep = (gate & finite).to(correction.dtype)[:, None, None, None]
         for row in torch.nonzero(gate & finite).flatten().tolist():
             self.guided_steps[row] += 1
         return torch.nan_to_num(correction) * keep
+
+    @torch.no_grad()
+    def _similarity(self, step: StepState, due: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """sigma_t [B] and the nearest index row [B] of the samples due for a check (NaN and -1 elsewhere)."""
+        rows = torch.nonzero(due).flatten().tolist()
+        images = self.denoiser.decode(step.x0_hat[rows].detach()).float()
+        checked, neighbours = training_similarity(images, self.config.reference, self.config.nl2_k)
+        sigma = torch.full((len(due),), math.nan, device=checked.device)
+        nearest = torch.full((len(due),), -1, dtype=torch.long, device=neighbours.device)
+        sigma[rows], nearest[rows] = checked.float(), neighbours
+        for row in rows:
+            self.checks[row] += 1
+        return sigma, nearest
 
     def _guidance(
         self, step: StepState, sigma: torch.Tensor, nearest: torch.Tensor, gate: torch.Tensor, t: float
@@ -155,7 +181,7 @@ class AntiMemorizationGuidance:
         conditional = self.denoiser.conditioning != "none"
         d_t = (step.eps_cond - step.eps_uncond).detach()
         shape = (-1, 1, 1, 1)
-        sig = sigma.detach().to(d_t.dtype)
+        sig = torch.where(gate, sigma, 0.0).to(d_t.dtype)  # unchecked samples are NaN; they get no guidance
         correction = torch.zeros_like(d_t)
         s1 = torch.zeros_like(sig)
         if conditional and "despecification" in terms:
@@ -212,9 +238,10 @@ class AntiMemorizationGuidance:
     ) -> torch.Tensor:
         """G_dup for the gated samples whose neighbour's caption is duplicated in the training set."""
         correction = torch.zeros_like(step.eps)
-        counts = [self.index.caption_counts[int(r)] for r in nearest.tolist()]
         rows = [
-            i for i in torch.nonzero(gate).flatten().tolist() if counts[i] > self.config.min_caption_copies
+            i
+            for i in torch.nonzero(gate).flatten().tolist()
+            if self.index.caption_counts[int(nearest[i])] > self.config.min_caption_copies
         ]
         if not rows:
             return correction
@@ -232,7 +259,7 @@ class AntiMemorizationGuidance:
 
     def _record(self, sigma: torch.Tensor, nearest: torch.Tensor) -> None:
         for row, (value, neighbour) in enumerate(zip(sigma.tolist(), nearest.tolist())):
-            if value > self.max_similarity[row]:
+            if value > self.max_similarity[row]:  # False for NaN: a step that did not check this sample
                 self.max_similarity[row], self.nearest_row[row] = value, int(neighbour)
 
 
@@ -269,6 +296,7 @@ def anti_memorization_guidance(
         extra_evaluations=term.extra_evaluations,
         extras={
             "amg_max_similarity": term.max_similarity,
+            "amg_checks": term.checks,
             "amg_nearest_id": [index.ids[r] if r >= 0 else None for r in term.nearest_row],
         },
     )
