@@ -294,6 +294,8 @@ def test_bad_configurations_are_one_line_errors(sd, pixels, embeddings):
     for bad in (0, 1.5):
         with pytest.raises(DiffmemError, match="check_every must be a whole number"):
             mitigation_config("amg", reference=pixels, check_every=bad)
+    with pytest.raises(DiffmemError, match="check_margin must be non-negative"):
+        mitigation_config("amg", reference=pixels, check_margin=-0.1)
     with pytest.raises(DiffmemError, match=r"scale > 1"):
         mitigated_generate(
             sd, PROMPTS, "amg", mitigation_config("amg", reference=pixels), sampling=SamplingOptions(3, 1.0)

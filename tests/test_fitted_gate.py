@@ -106,10 +106,15 @@ def test_a_sample_whose_gate_opened_is_checked_at_every_later_step(sd, pixels, t
     first = int(sigmas[1, 0] > sigmas[0, 0])  # the sample above the gate at step 0; closed after it
     thresholds = [float(sigmas[:, 0].mean())] + [1e6] * 4
     _gate(thresholds, timesteps, pixels.index.manifest.fingerprint).save(tmp_path / "gate.json")
-    config = mitigation_config("amg", reference=pixels, gate=str(tmp_path / "gate.json"), check_every=3)
+    gate = str(tmp_path / "gate.json")
+    config = mitigation_config("amg", reference=pixels, gate=gate, check_every=3, check_margin=0.0)
     guided = mitigated_generate(sd, PROMPTS, "amg", config, sampling=sampling)
     assert guided.guided_steps[first] == 1 and guided.guided_steps[1 - first] == 0
     assert guided.extras["amg_checks"][first] == 5 and guided.extras["amg_checks"][1 - first] == 2  # 0, 3
+    # within the margin of the gate at every check (but never above it): checked at every step too
+    config = mitigation_config("amg", reference=pixels, gate=gate, check_every=3, check_margin=1e7)
+    near = mitigated_generate(sd, PROMPTS, "amg", config, sampling=sampling)
+    assert near.guided_steps == guided.guided_steps and near.extras["amg_checks"] == [5, 5]
 
 
 def test_a_gate_fitted_to_another_index_or_not_a_gate_is_refused(tmp_path, pixels):

@@ -72,6 +72,9 @@ class AntiMemorizationConfig:
     # a sample whose gate has not opened yet is checked every check_every steps (from the first), one whose
     # gate has opened at every later step: at SD 1.5 size one decode costs more than the step's UNet pair
     check_every: int = 1
+    # between those checks, a sample whose last sigma_t came within check_margin of lambda_t is checked at
+    # the next step too: on the lab a copy can form within a few late steps
+    check_margin: float = 0.05
     nl2_k: int = NL2_K
 
     def __post_init__(self) -> None:
@@ -92,6 +95,8 @@ class AntiMemorizationConfig:
             raise DiffmemError(
                 f"AMG check_every must be a whole number of steps >= 1; got {self.check_every!r}"
             )
+        if not self.check_margin >= 0:
+            raise DiffmemError(f"AMG check_margin must be non-negative; got {self.check_margin}")
 
     @cached_property
     def fitted_gate(self) -> FittedGate | None:
@@ -123,7 +128,8 @@ class AntiMemorizationGuidance:
 
     The similarity is watched without gradients; only the samples whose gate opens are evaluated again
     with gradients for G_sim, so steps without guidance cost a decode and an index query. Until its gate
-    first opens, a sample is checked only every ``check_every`` steps; from then on at every step.
+    first opens, a sample is checked only every ``check_every`` steps, and at the next step while its
+    similarity is within ``check_margin`` of the gate; from then on at every step.
     """
 
     def __init__(self, denoiser: Denoiser, config: AntiMemorizationConfig, batch_size: int) -> None:
@@ -137,17 +143,20 @@ class AntiMemorizationGuidance:
         self.nearest_row = [-1] * batch_size  # index row of the neighbour at the most similar step
         self.checks = [0] * batch_size  # steps whose similarity was measured
         self.opened = torch.zeros(batch_size, dtype=torch.bool)  # whose gate has opened at some step
+        self.near = torch.zeros(batch_size, dtype=torch.bool)  # within check_margin of it at the last check
         self.extra_evaluations = 0
 
     def __call__(self, step: StepState) -> torch.Tensor:
-        due = self.opened | (step.index % self.config.check_every == 0)
+        due = self.opened | self.near | (step.index % self.config.check_every == 0)
         if not bool(due.any()):
             return torch.zeros_like(step.eps)
         sigma, nearest = self._similarity(step, due)
         t = float(step.t) * 1000.0 / self.train_timesteps
         active = torch.tensor([s == OK for s in self.status], device=sigma.device)
-        gate = (sigma > self.config.lambda_t(t)) & active & sigma.isfinite()  # NaN where not checked
+        lambda_t = self.config.lambda_t(t)
+        gate = (sigma > lambda_t) & active & sigma.isfinite()  # NaN where not checked
         self.opened |= gate.cpu()
+        self.near = ((sigma > lambda_t - self.config.check_margin) & active).cpu()  # False where not checked
         self._record(sigma, nearest)
         if not bool(gate.any()):
             return torch.zeros_like(step.eps)
@@ -155,7 +164,7 @@ class AntiMemorizationGuidance:
         finite = correction.flatten(1).isfinite().all(1)
         for row in torch.nonzero(gate & ~finite).flatten().tolist():
             self.status[row] = NONFINITE  # guidance stops for this sample; its image is kept
-            self.opened[row] = False
+            self.opened[row] = self.near[row] = False
         keep = (gate & finite).to(correction.dtype)[:, None, None, None]
         for row in torch.nonzero(gate & finite).flatten().tolist():
             self.guided_steps[row] += 1
