@@ -4,8 +4,8 @@ pair.
 
     python benchmarks/mitigation_overhead.py --device cuda            # SD 1.5 architecture, fp16 (the goals)
     python benchmarks/mitigation_overhead.py --size lab --device cpu  # the shipped lab model
-    python benchmarks/mitigation_overhead.py --device cpu --num-inference-steps 10 --batch-size 1 \
-        --no-warmup --skip gate_open                                   # SD 1.5 architecture on a CPU
+    python benchmarks/mitigation_overhead.py --device cpu --dtype float32 --num-inference-steps 20 \
+        --batch-size 1 --no-warmup --skip gate_open prompt_optimization  # SD 1.5 architecture on a CPU
 
 Goals (mitigation issue): AMG <= 1.3x plain sampling while its gate stays closed (it still decodes and
 queries the index at every check: every step, or every ``--check-every`` steps), and its cost when the
