@@ -5,6 +5,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 
+from diffmem.adapters import wrap_pipeline
+from diffmem.tiny_pipelines import tiny_stable_diffusion
+
 
 @pytest.fixture(scope="session")
 def micro_lab_data(tmp_path_factory):
@@ -37,3 +40,9 @@ def accelerate_launch():
         return done.stdout
 
     return launch
+
+
+@pytest.fixture(scope="module")
+def sd():
+    """A tiny Stable Diffusion pipeline with random weights, wrapped as a denoiser (one per test module)."""
+    return wrap_pipeline(tiny_stable_diffusion())

@@ -14,7 +14,7 @@ from diffmem.mitigate import ReferenceSet, SamplingOptions, mitigated_generate, 
 from diffmem.mitigate.anti_memorization_guidance import GATES, AntiMemorizationGuidance
 from diffmem.mitigate.training_similarity import training_similarity
 from diffmem.sampling import generate, generation_seed, sample
-from diffmem.tiny_pipelines import tiny_stable_diffusion, tiny_unet2d
+from diffmem.tiny_pipelines import tiny_unet2d
 
 PROMPTS = ["a red sneaker at the top left", "the zorblax vase poster"]
 SAMPLING = SamplingOptions(num_inference_steps=3, guidance_scale=7.5)
@@ -31,11 +31,6 @@ class Embedder(torch.nn.Module):
 
     def forward(self, images):
         return F.normalize(self.projection(F.adaptive_avg_pool2d(images, 4).flatten(1)), dim=1)
-
-
-@pytest.fixture(scope="module")
-def sd():
-    return wrap_pipeline(tiny_stable_diffusion())
 
 
 @pytest.fixture(scope="module")

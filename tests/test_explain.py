@@ -17,11 +17,6 @@ CONFIG = SignificanceConfig(num_inference_steps=5)
 PROMPT = "A Zorblax-vase  at the top-left!"
 
 
-@pytest.fixture(scope="module")
-def sd():
-    return wrap_pipeline(tiny_stable_diffusion())
-
-
 def test_token_scores_are_the_gradient_norms_of_the_first_step_noise_norm(sd):
     result = token_significance(sd, PROMPT, CONFIG, prompt_id=3)
     schedule = eps_scheduler(sd.scheduler)

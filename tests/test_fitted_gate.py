@@ -14,14 +14,9 @@ from diffmem.mitigate import ReferenceSet, SamplingOptions, mitigated_generate, 
 from diffmem.mitigate.anti_memorization_guidance import AntiMemorizationGuidance
 from diffmem.mitigate.fitted_gate import FittedGate, fit_gate, similarity_trajectories
 from diffmem.sampling import generate
-from diffmem.tiny_pipelines import tiny_stable_diffusion, tiny_unet2d
+from diffmem.tiny_pipelines import tiny_unet2d
 
 PROMPTS = ["a red sneaker at the top left", "the zorblax vase poster"]
-
-
-@pytest.fixture(scope="module")
-def sd():
-    return wrap_pipeline(tiny_stable_diffusion())
 
 
 @pytest.fixture(scope="module")

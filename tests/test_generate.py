@@ -1,17 +1,10 @@
 import pytest
 import torch
 
-from diffmem.adapters import wrap_pipeline
 from diffmem.errors import DiffmemError
 from diffmem.sampling import generate, generation_seed, sample
-from diffmem.tiny_pipelines import tiny_stable_diffusion
 
 PROMPTS = ["a red sneaker", "a blue bag", "a green hat"]
-
-
-@pytest.fixture(scope="module")
-def sd():
-    return wrap_pipeline(tiny_stable_diffusion())
 
 
 def test_generations_are_prompt_major_and_independent_of_batch_size(sd):

@@ -8,16 +8,11 @@ from diffmem.denoiser import x0_from_eps
 from diffmem.errors import DiffmemError
 from diffmem.sampling import StepState, sample
 from diffmem.sampling.schedulers import scheduler_like
-from diffmem.tiny_pipelines import tiny_stable_diffusion, tiny_unet2d
+from diffmem.tiny_pipelines import tiny_unet2d
 
 PROMPTS = ["a red sneaker", "a blue bag on a gray background", "three green hats"]
 SEEDS = [1, 2, 3]
 STEPS = 4
-
-
-@pytest.fixture(scope="module")
-def sd():
-    return wrap_pipeline(tiny_stable_diffusion())
 
 
 def _sample(denoiser, prompts=PROMPTS, seeds=SEEDS, **kwargs):

@@ -16,15 +16,10 @@ from diffmem.mitigate import (
 )
 from diffmem.mitigate.prompt_optimization import optimize_prompt_embeddings
 from diffmem.sampling import generate, generation_seed
-from diffmem.tiny_pipelines import tiny_stable_diffusion, tiny_stable_diffusion_xl, tiny_unet2d
+from diffmem.tiny_pipelines import tiny_stable_diffusion_xl, tiny_unet2d
 
 PROMPTS = ["a red sneaker at the top left", "the zorblax vase poster", "a blue bag"]
 SAMPLING = SamplingOptions(num_inference_steps=4, guidance_scale=7.5)
-
-
-@pytest.fixture(scope="module")
-def sd():
-    return wrap_pipeline(tiny_stable_diffusion())
 
 
 def _seeds(n):

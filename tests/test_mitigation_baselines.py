@@ -38,17 +38,12 @@ from diffmem.mitigate.transition_point import (
     static_transition_point,
 )
 from diffmem.sampling import StepState, sample
-from diffmem.tiny_pipelines import tiny_stable_diffusion, tiny_stable_diffusion_xl, tiny_unet2d
+from diffmem.tiny_pipelines import tiny_stable_diffusion_xl, tiny_unet2d
 
 PROMPTS = ["a red sneaker at the top left", "a blue bag on a gray background", "three green hats"]
 SEEDS = [11, 12, 13]
 STEPS = 4  # DDIM timesteps 751, 501, 251, 1
 SAMPLING = SamplingOptions(num_inference_steps=STEPS)
-
-
-@pytest.fixture(scope="module")
-def sd():
-    return wrap_pipeline(tiny_stable_diffusion())
 
 
 @pytest.fixture(scope="module")

@@ -10,21 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffmem.adapters import wrap_pipeline
 from diffmem.cli.main import run
 from diffmem.index import TrainingSetIndex
 from diffmem.metrics.copy_detection import CopyDetectionEncoder, save_encoder
 from diffmem.mitigate import ReferenceSet, SamplingOptions
 from diffmem.mitigate.evaluate import Measure, Quality, evaluate_mitigations, results_markdown
 from diffmem.sampling import generate
-from diffmem.tiny_pipelines import tiny_stable_diffusion
 
 PROMPTS = ["a red sneaker at the top left", "the zorblax vase poster", "a blue bag", "a green coat"]
-
-
-@pytest.fixture(scope="module")
-def sd():
-    return wrap_pipeline(tiny_stable_diffusion())
 
 
 @pytest.fixture(scope="module")

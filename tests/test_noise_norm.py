@@ -15,11 +15,6 @@ from diffmem.tiny_pipelines import tiny_stable_diffusion, tiny_stable_diffusion_
 PROMPTS = ["a red sneaker at the top left", "a blue bag", "three green hats on a navy background"]
 
 
-@pytest.fixture(scope="module")
-def sd():
-    return wrap_pipeline(tiny_stable_diffusion())
-
-
 def test_the_empty_prompt_scores_zero(sd):
     result = noise_norm(sd, ["", PROMPTS[0]], NoiseNormConfig(num_inference_steps=5))
     assert result.scores[0] < 1e-5 < result.scores[1]

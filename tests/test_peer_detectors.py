@@ -38,11 +38,6 @@ CROSS_ATTENTION_LAYERS = 4  # tiny SD: one in the down block, one in the middle,
 
 
 @pytest.fixture(scope="module")
-def sd():
-    return wrap_pipeline(tiny_stable_diffusion())
-
-
-@pytest.fixture(scope="module")
 def sd64():
     pipeline = tiny_stable_diffusion()
     pipeline.to(torch.float64)

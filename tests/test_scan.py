@@ -28,11 +28,6 @@ CONFIG = NoiseNormConfig(num_inference_steps=4, batch_size=4)
 PROMPTS = [f"a {c} sneaker at the top left on a gray background" for c in ("red", "blue", "green", "pink")]
 
 
-@pytest.fixture(scope="module")
-def sd():
-    return wrap_pipeline(tiny_stable_diffusion())
-
-
 class NaNForPrompt:
     """A denoiser whose prediction is NaN for samples conditioned on one prompt."""
 
