@@ -43,7 +43,10 @@ def test_info_table(capsys):
             "error: this model is class-conditional",
         ),
         (["generate"], "error: give prompts as arguments or with --prompts-file"),
-        (["generate", "a", "--guidance-scale", "-2"], "error: guidance_scale must be non-negative"),
+        (
+            ["generate", "a", "--guidance-scale", "-2"],
+            "error: guidance_scale must be a finite non-negative number",
+        ),
     ],
 )
 def test_bad_input_is_one_line_without_traceback(args, message, capsys, tmp_path):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import fields
-from typing import Any
+from types import UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from diffmem.errors import DiffmemError
 
@@ -50,4 +51,37 @@ def method_config(kind: str, name: str, methods: Mapping[str, tuple[type, Callab
         raise DiffmemError(
             f"{kind} {name!r} has no setting {', '.join(unknown)}; its settings: {', '.join(sorted(known)) or 'none'}"
         )
-    return config_class(**settings)
+    hints = get_type_hints(config_class)
+    method = f"{kind} {name!r}"
+    typed = {key: _typed(method, key, value, hints[key]) for key, value in settings.items()}
+    try:
+        return config_class(**typed)
+    except (TypeError, ValueError) as error:
+        raise DiffmemError(f"{method}: {error}") from None
+
+
+TYPE_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "a text"}
+
+
+def _typed(method: str, key: str, value: Any, hint: Any) -> Any:
+    """``value`` as the setting's declared type (an int where a float is declared is taken as one), or an
+    error naming the setting. Settings of other types than these, and tuples of them, are passed as given."""
+    optional = get_origin(hint) in (Union, UnionType) and type(None) in get_args(hint)
+    choices = [h for h in get_args(hint) if h is not type(None)] if optional else [hint]
+    if value is None and optional:
+        return None
+    for choice in choices:
+        if get_origin(choice) is tuple:
+            if isinstance(value, list):
+                return tuple(_typed(method, key, element, get_args(choice)[0]) for element in value)
+            continue
+        if choice not in TYPE_NAMES:
+            return value
+        if isinstance(value, bool) != (choice is bool):
+            continue
+        if choice is float and isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, choice):
+            return value
+    wanted = " or ".join(TYPE_NAMES.get(c, "a list") for c in choices) + (" (or null)" if optional else "")
+    raise DiffmemError(f"{method}: {key} takes {wanted}; got {value!r}")

@@ -12,6 +12,7 @@ from diffusers import DiffusionPipeline
 
 from diffmem import tiny_pipelines
 from diffmem.adapters import DiffusersDenoiser, load_denoiser
+from diffmem.adapters.load import read_model_index
 from diffmem.errors import DiffmemError
 from diffmem.speedups import Speedups, apply_speedups
 
@@ -81,7 +82,7 @@ def model_identity(name: str | None = None) -> str:
     if name.startswith(BUILTIN_PREFIX):
         return name
     if not Path(name).is_dir():
-        raise DiffmemError(f"model directory not found: {name}")
+        read_model_index(Path(name))  # says whether the path is missing or a file
     return model_hash(Path(name))
 
 

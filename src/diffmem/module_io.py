@@ -9,6 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -40,9 +41,16 @@ def load_module(
     path = Path(path)
     if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
         raise DiffmemError(f"no {what} at {path}: expected {CONFIG_NAME} and {WEIGHTS_NAME}")
-    config = json.loads((path / CONFIG_NAME).read_text())
-    if config.pop("kind", None) != kind:
+    try:
+        config = json.loads((path / CONFIG_NAME).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DiffmemError(f"{path / CONFIG_NAME} is not JSON ({error}): no {what} at {path}") from None
+    if not isinstance(config, dict) or config.pop("kind", None) != kind:
         raise DiffmemError(f"{path / CONFIG_NAME} does not describe a diffmem {what}")
-    module = build({k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
-    module.load_state_dict(load_file(path / WEIGHTS_NAME))
+    try:
+        module = build({k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
+        module.load_state_dict(load_file(path / WEIGHTS_NAME))
+    except (TypeError, ValueError, RuntimeError, SafetensorError) as error:
+        message = str(error).splitlines()[0]
+        raise DiffmemError(f"{path} does not hold a working {what}: {message}; save it again") from None
     return module.to(device).eval()

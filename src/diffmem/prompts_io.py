@@ -28,6 +28,16 @@ class PromptRecord:
     status: str  # "ok", "empty", "not_utf8" (decoded with replacement characters) or "missing" (null)
 
 
+def encoding_problem(text: str) -> str | None:
+    """Why ``text`` cannot be given to a tokenizer (a lone surrogate: undecodable bytes taken into a
+    Python string, or a JSON ``\\ud800`` escape), or None when it is valid Unicode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return f"it holds undecodable character {ascii(text[error.start])} at position {error.start}"
+    return None
+
+
 def read_prompts(path: Path, column: str = "prompt") -> list[str]:
     """The prompts in a file; for tabular files, the values of ``column``. Blank txt lines are skipped."""
     records = read_prompt_records(path, column)

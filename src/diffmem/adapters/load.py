@@ -67,6 +67,11 @@ def read_model_index(directory: Path) -> dict:
     """A diffusers directory's ``model_index.json``, with errors that say what is wrong."""
     if not directory.exists():
         raise DiffmemError(f"no such model directory: {directory}")
+    if not directory.is_dir():
+        raise DiffmemError(
+            f"{directory} is a file; give a diffusers model directory (pipeline.save_pretrained(DIR)) "
+            "or builtin:NAME"
+        )
     index = directory / "model_index.json"
     if not index.is_file():
         raise DiffmemError(

@@ -10,6 +10,7 @@ from diffusers import DiffusionPipeline
 from diffmem.adapters.diffusers_base import DiffusersDenoiser
 from diffmem.condition import Condition
 from diffmem.errors import DiffmemError
+from diffmem.prompts_io import encoding_problem
 
 
 class StableDiffusionDenoiser(DiffusersDenoiser):
@@ -85,6 +86,10 @@ def _check_prompts(items: Sequence[str]) -> list[str]:
     bad = [p for p in prompts if not isinstance(p, str)]
     if bad:
         raise DiffmemError(f"prompts must be strings; got {type(bad[0]).__name__} {bad[0]!r}")
+    for prompt in prompts:
+        problem = encoding_problem(prompt)
+        if problem is not None:
+            raise DiffmemError(f"prompt {prompt[:60]!a} is not valid text: {problem}")
     return prompts
 
 

@@ -63,3 +63,9 @@ def main(
         debug=debug,
         speedups=Speedups(channels_last=channels_last, compile_mode=compile_mode),
     )
+
+
+def printable(text: str) -> str:
+    """``text`` with every character a terminal would act on (control bytes, escapes, line breaks, lone
+    surrogates) written as its escape, so user data echoed back cannot drive the terminal."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)

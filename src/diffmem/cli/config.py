@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import typer
 import yaml
 
 from diffmem.errors import DiffmemError
@@ -25,14 +26,17 @@ def load_config(path: Path) -> dict:
     return {str(key).replace("-", "_"): value for key, value in content.items()}
 
 
-def default_map(group: Any, config: dict) -> dict:
-    """Click's ``default_map`` for ``group``: each key goes to every (sub)command that has an option of that name."""
+def default_map(group: Any, config: dict, source: Path) -> dict:
+    """Click's ``default_map`` for ``group``: each key goes to every (sub)command that has an option of that
+    name; a value the option cannot take is an error that names the file and the key."""
     names: set[str] = {"config"}
 
     def section(command: Any) -> dict:
-        own = {p.name for p in command.params}
+        own = {p.name: p for p in command.params}
         names.update(own)
         result = {k: v for k, v in config.items() if k in own}
+        for key, value in result.items():
+            _check_value(own[key], key, value, source)
         for name, sub in getattr(command, "commands", {}).items():
             if values := section(sub):
                 result[name] = values
@@ -45,3 +49,12 @@ def default_map(group: Any, config: dict) -> dict:
             f"unknown keys in config file: {', '.join(unknown)}; known: {', '.join(sorted(names))}"
         )
     return result
+
+
+def _check_value(param: Any, key: str, value: Any, source: Path) -> None:
+    if value is None:
+        return
+    try:
+        param.process_value(None, value)
+    except typer.BadParameter as error:
+        raise DiffmemError(f"config file {source}: {key}: {error.message}") from None

@@ -12,13 +12,12 @@ from rich.console import Console
 from rich.text import Text
 
 from diffmem.atomic_io import write_atomic, write_json_atomic
-from diffmem.cli.app import Settings, app
-from diffmem.detect.calibration import Calibration
+from diffmem.cli.app import Settings, app, printable
+from diffmem.cli.thresholds import detection_threshold
 from diffmem.detect.noise_norm import NoiseNormConfig
 from diffmem.detect.registry import config_settings
-from diffmem.errors import DiffmemError
 from diffmem.explain import SignificanceConfig, TokenSignificance, token_significance, word_attention_maps
-from diffmem.models import LAB_MODEL, model_identity, open_model, shipped_directory
+from diffmem.models import LAB_MODEL, model_identity, open_model
 from diffmem.report.explanation_page import explanation_page
 from diffmem.sampling import generate
 
@@ -63,9 +62,9 @@ def explain(
     config = SignificanceConfig(
         num_inference_steps, first_steps, n_generations, guidance_scale, settings.seed, attribute_to
     )
+    threshold = explanation_threshold(model, calibration, config)
     denoiser = open_model(model, settings.device, settings.dtype, settings.speedups)
     result = token_significance(denoiser, prompt, config)
-    threshold = explanation_threshold(model, calibration, config)
     out.mkdir(parents=True, exist_ok=True)
     pq.write_table(result.to_table(), out / "significance.parquet")
     result.plot(out / "significance.png")
@@ -101,21 +100,17 @@ def shaded(result: TokenSignificance) -> Text:
     text, cursor = Text(), 0
     top = max(result.normalized, default=0.0) or 1.0
     for (start, end), share in zip(result.word_spans, result.normalized):
-        text.append(result.prompt[cursor:start])
+        text.append(printable(result.prompt[cursor:start]))
         level = int(255 * (1 - share / top))
-        text.append(result.prompt[start:end], style=f"black on rgb(255,{level},{level})")
+        text.append(printable(result.prompt[start:end]), style=f"black on rgb(255,{level},{level})")
         cursor = end
-    text.append(result.prompt[cursor:])
+    text.append(printable(result.prompt[cursor:]))
     return text
 
 
 def explanation_threshold(model: str, calibration: Path | None, config: SignificanceConfig) -> float | None:
-    """The calibrated noise-norm threshold for these settings: given, or the shipped lab model's."""
-    shipped = shipped_directory(model)
-    if calibration is None and shipped is not None:
-        calibration = shipped / "calibration.json"
-    if calibration is None or not calibration.is_file():
-        return None
+    """The noise-norm threshold for these settings: the given calibration's (which must apply), else the
+    shipped lab model's when it applies."""
     settings = config_settings(
         NoiseNormConfig(
             num_inference_steps=config.num_inference_steps,
@@ -125,9 +120,4 @@ def explanation_threshold(model: str, calibration: Path | None, config: Signific
             base_seed=config.base_seed,
         )
     )
-    calibrated = Calibration.load(calibration)
-    try:
-        calibrated.check("noise_norm", settings, model_identity(model))
-    except DiffmemError:
-        return None
-    return calibrated.threshold
+    return detection_threshold(model, calibration, "noise_norm", settings, model_identity(model))

@@ -31,9 +31,12 @@ from diffmem.mitigate import (
 from diffmem.mitigate.registry import NEEDS_REFERENCE
 from diffmem.mitigate.training_similarity import measure_against_training
 from diffmem.models import DEFAULT_MODEL, model_identity, open_model, shipped_directory, shipped_reference
+from diffmem.output_rules import check_output_dir, clear_output_dir
 from diffmem.prompts_io import read_prompts
 from diffmem.run_record import write_summary
 from diffmem.sampling.schedulers import scheduler_like
+
+GENERATE_OUTPUTS = ("images", "generations.parquet", "summary.json")
 
 
 @app.command()
@@ -84,9 +87,11 @@ def generate(
     calibration: Annotated[
         Path | None, typer.Option(help="The guard's noise-norm calibration (default: the lab model's).")
     ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier run in --out.")] = False,
 ) -> None:
     """Sample images and write them with ``generations.parquet`` and ``summary.json``."""
     settings: Settings = ctx.obj
+    check_output_dir(out, GENERATE_OUTPUTS, overwrite)
     model = model or DEFAULT_MODEL
     name, method_settings = parse_method_spec(mitigation)
     shipped = shipped_reference(model)
@@ -114,8 +119,9 @@ def generate(
         guard=guarded,
         progress=True,
     )
+    clear_output_dir(out, GENERATE_OUTPUTS)
     image_dir = out / "images"
-    image_dir.mkdir(parents=True, exist_ok=True)
+    image_dir.mkdir()
     paths = []
     for image, prompt_id, generation in zip(result.images, result.prompt_id, result.generation):
         path = image_dir / f"{prompt_id:06d}_{generation:02d}.png"

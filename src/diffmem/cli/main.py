@@ -14,7 +14,7 @@ if "--debug" not in sys.argv:  # before transformers is imported: it warns at im
 import typer
 
 from diffmem.cli import evaluate, explain, generate, index, info, lab, scan, serve, train  # noqa: F401  (registers the commands)
-from diffmem.cli.app import app
+from diffmem.cli.app import app, printable
 from diffmem.cli.config import default_map, load_config
 from diffmem.errors import DiffmemError
 
@@ -27,7 +27,9 @@ def run(argv: list[str] | None = None) -> int:
     command = typer.main.get_command(app)
     try:
         config_path = _option_value(args, "--config")
-        defaults = default_map(command, load_config(Path(config_path))) if config_path else None
+        defaults = (
+            default_map(command, load_config(Path(config_path)), Path(config_path)) if config_path else None
+        )
         command.main(args, prog_name="diffmem", default_map=defaults, standalone_mode=True)
     except SystemExit as exit_:  # click's own exit: usage errors (2), --help (0), a finished command (0)
         return exit_.code if isinstance(exit_.code, int) else 0
@@ -41,7 +43,7 @@ def run(argv: list[str] | None = None) -> int:
 def _fail(message: str, debug: bool) -> int:
     if debug:
         traceback.print_exc()
-    typer.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {printable(message)}", err=True)
     return 2
 
 

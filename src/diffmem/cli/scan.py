@@ -11,20 +11,28 @@ import torch
 import typer
 
 from diffmem.cli.app import Settings, app
-from diffmem.detect.calibration import Calibration, calibrate
+from diffmem.cli.thresholds import detection_threshold
+from diffmem.detect.calibration import calibrate
 from diffmem.detect.distributed_scan import distributed_scan_prompts
 from diffmem.detect.ray_scan import RayOptions, ray_scan_prompts
 from diffmem.detect.registry import config_settings, detector_config
 from diffmem.detect.scan import ScanJob, scan_prompts
-from diffmem.detect.scan_store import SUMMARY_FILE, ScanStore
+from diffmem.detect.scan_store import SETTINGS_FILE, SUMMARY_FILE, ScanStore
 from diffmem.errors import DiffmemError
 from diffmem.models import DEFAULT_MODEL, LAB_MODEL, model_identity, open_model, shipped_directory
+from diffmem.output_rules import check_output_file
 from diffmem.prompts_io import read_prompt_records, read_prompts
 from diffmem.report.scan_histogram import write_scan_histogram
 from diffmem.run_record import write_summary
 
 ENGINES = ("local", "ray", "accelerate")
 HISTOGRAM_FILE = "scores.png"
+UNSCORED = {  # why a scan row has no score, by its status
+    "empty": "empty",
+    "not_utf8": "not valid UTF-8 text",
+    "missing": "null in the prompt column",
+    "nonfinite": "NaN (the model output was not finite)",
+}
 ModelOption = Annotated[
     str | None, typer.Option(help=f"Model directory or builtin:NAME (default {DEFAULT_MODEL}).")
 ]
@@ -132,13 +140,14 @@ def scan(
     if not records:
         raise DiffmemError(f"{prompts} holds no prompts")
     identity = model_identity(model)
-    if calibration is None and shipped is not None and (shipped / "calibration.json").is_file():
-        calibration = _matching(shipped / "calibration.json", detector, config_settings(config), identity)
-    threshold = None
-    if calibration is not None:
-        calibrated = Calibration.load(calibration)
-        calibrated.check(detector, config_settings(config), identity)
-        threshold = calibrated.threshold
+    threshold = detection_threshold(model, calibration, detector, config_settings(config), identity)
+    job = ScanJob(
+        model, str(settings.device), settings.dtype, detector, config, threshold, identity, settings.speedups
+    )
+    cuda = settings.device.type == "cuda"
+    gpus = (1.0 if cuda else 0.0) if gpus_per_worker is None else gpus_per_worker
+    if engine == "ray" and gpus > 0 and not cuda:  # the actors hold the GPUs; --dtype applies as given
+        job = replace(job, device="cuda")
     store_settings = {
         "model_hash": identity,
         "detector": detector,
@@ -147,26 +156,23 @@ def scan(
         "column": column,
         "id_column": id_column,
         "threshold": threshold,
+        "device_type": torch.device(job.device).type,  # scores differ by device and dtype at float precision
+        "dtype": str(job.dtype).removeprefix("torch."),
     }
     mode = "resume" if resume else "overwrite" if overwrite else "new"
-    job = ScanJob(
-        model, str(settings.device), settings.dtype, detector, config, threshold, identity, settings.speedups
-    )
+    if resume and not (out / SETTINGS_FILE).is_file():
+        raise DiffmemError(f"nothing to resume: {out} holds no scan; drop --resume to start one")
     if engine == "accelerate":
         result = distributed_scan_prompts(job, open_model, records, out, store_settings, mode, chunk_size)
         if result is None:  # not the main process: it has committed its rows
             return
         table, summary = result
     elif engine == "ray":
-        cuda = settings.device.type == "cuda"
-        gpus = (1.0 if cuda else 0.0) if gpus_per_worker is None else gpus_per_worker
         options = RayOptions(
             workers=workers or (torch.cuda.device_count() if cuda else 1),
             gpus_per_worker=gpus,
             address=ray_address,
         )
-        if gpus > 0 and not cuda:  # the actors hold the GPUs; --dtype applies as given (auto: float32)
-            job = replace(job, device="cuda")
         store = ScanStore(out, store_settings, mode)
         table, summary = ray_scan_prompts(job, open_model, records, store, options, chunk_size)
     else:
@@ -188,6 +194,9 @@ def scan(
     flagged = "" if threshold is None else f", {summary['flagged']} flagged as memorized"
     picture = "" if plotted is None else f" and {plotted.name}"
     typer.echo(f"scanned {table.num_rows} prompts{flagged}; wrote {out / 'scan.parquet'}{picture}")
+    if summary["unscored"]:
+        reasons = ", ".join(f"{count} {UNSCORED[name]}" for name, count in summary["unscored"].items())
+        typer.echo(f"{table.num_rows - summary['scored']} prompts have no score: {reasons} (column status)")
 
 
 @app.command(name="calibrate")
@@ -207,9 +216,11 @@ def calibrate_command(
     guidance_scale: GuidanceOption = None,
     batch_size: BatchOption = None,
     shared_noise: SharedNoiseOption = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace the calibration file at --out.")] = False,
 ) -> None:
     """Choose a detection threshold on non-memorized prompts at a target false-positive rate."""
     settings: Settings = ctx.obj
+    check_output_file(out, overwrite)
     config = _detector_config(
         detector,
         settings,
@@ -230,16 +241,6 @@ def calibrate_command(
         f"threshold {result.threshold:.6g} flags {result.observed_fpr:.1%} of {result.num_prompts} "
         f"non-memorized prompts (target {target_fpr:.1%}); wrote {out}"
     )
-
-
-def _matching(path: Path, detector: str, settings: dict, identity: str) -> Path | None:
-    """The shipped calibration when it was made for these settings, else None (the scan flags nothing)."""
-    try:
-        Calibration.load(path).check(detector, settings, identity)
-    except DiffmemError as mismatch:
-        typer.echo(f"not flagging: the lab model's calibration does not apply ({mismatch})", err=True)
-        return None
-    return path
 
 
 def _detector_config(

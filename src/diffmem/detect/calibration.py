@@ -57,14 +57,49 @@ class Calibration:
 
     @classmethod
     def load(cls, path: Path) -> Calibration:
-        """Read a calibration written by :meth:`save`."""
+        """Read a calibration written by :meth:`save`; anything else is an error that says what is wrong."""
         try:
             record = json.loads(Path(path).read_text())
-            return cls(**record)
-        except FileNotFoundError as error:
-            raise DiffmemError(f"calibration file not found: {path}") from error
-        except (json.JSONDecodeError, TypeError) as error:
-            raise DiffmemError(f"{path} is not a diffmem calibration file: {error}") from error
+        except FileNotFoundError:
+            raise DiffmemError(f"calibration file not found: {path}") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise DiffmemError(f"{path} is not a diffmem calibration file: {error}") from None
+        problem = _record_problem(record)
+        if problem is not None:
+            raise DiffmemError(
+                f"{path} is not a diffmem calibration file ({problem}); make one with diffmem calibrate"
+            )
+        return cls(**record)
+
+
+FIELD_TYPES = {
+    "detector": str,
+    "settings": dict,
+    "model_hash": str,
+    "target_fpr": float,
+    "threshold": float,
+    "num_prompts": int,
+    "observed_fpr": float,
+}
+
+
+def _record_problem(record: Any) -> str | None:
+    """What makes ``record`` not a calibration, or None."""
+    if not isinstance(record, dict):
+        return "it does not hold a JSON object"
+    missing = [name for name in FIELD_TYPES if name not in record]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    unknown = sorted(set(record) - set(FIELD_TYPES))
+    if unknown:
+        return f"unknown fields {', '.join(unknown)}"
+    for name, kind in FIELD_TYPES.items():
+        value = record[name]
+        if isinstance(value, bool) or not isinstance(value, int | float if kind is float else kind):
+            return f"{name} must be {'a number' if kind is float else kind.__name__}; got {value!r}"
+    if not math.isfinite(record["threshold"]):
+        return f"threshold must be a finite number; got {record['threshold']!r}"
+    return None
 
 
 def calibrate(

@@ -7,6 +7,7 @@ memorized" for every detector. A score is NaN where the model produced a non-fin
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -82,8 +83,27 @@ def check_prompts(prompts: Sequence[str], prompt_ids: Sequence[int] | None) -> t
 
 def check_guidance(detector: str, guidance_scale: float) -> None:
     """Detectors that compare conditional and unconditional predictions need CFG on."""
-    if guidance_scale <= 1:
+    if not (math.isfinite(guidance_scale) and guidance_scale > 1):
         raise DiffmemError(f"{detector} needs classifier-free guidance; got guidance_scale={guidance_scale}")
+
+
+def check_trajectory(
+    num_inference_steps: int, steps: int | None, n_generations: int, guidance_scale: float
+) -> None:
+    """Refuse measurement settings no trajectory can have, when a config is made rather than at its
+    first use: a schedule of at least one step, 1..num_inference_steps first steps (None: all), at
+    least one generation and a finite guidance scale."""
+    if num_inference_steps < 1:
+        raise DiffmemError(f"num_inference_steps must be at least 1; got {num_inference_steps}")
+    if steps is not None and not 1 <= steps <= num_inference_steps:
+        raise DiffmemError(
+            f"the first steps to measure must be between 1 and num_inference_steps={num_inference_steps}; "
+            f"got {steps}"
+        )
+    if n_generations < 1:
+        raise DiffmemError(f"n_generations must be at least 1; got {n_generations}")
+    if not math.isfinite(guidance_scale):
+        raise DiffmemError(f"guidance_scale must be a finite number; got {guidance_scale}")
 
 
 def detection_seeds(

@@ -20,6 +20,7 @@ from diffmem.detect.detector import (
     batch_starts,
     check_guidance,
     check_prompts,
+    check_trajectory,
     detection_seeds,
 )
 from diffmem.detect.first_step import first_step_input
@@ -39,6 +40,9 @@ class NoiseNormConfig:
     # every prompt starts from the same x_T of each generation; at the first step the unconditional
     # prediction is then one evaluation per batch instead of one per prompt
     shared_noise: bool = False
+
+    def __post_init__(self) -> None:
+        check_trajectory(self.num_inference_steps, self.steps, self.n_generations, self.guidance_scale)
 
 
 class NoiseNormTrace:

@@ -150,6 +150,8 @@ def scan_summary(
     return {
         "prompts": table.num_rows,
         "status": dict(status),
+        "scored": status["ok"],
+        "unscored": {name: count for name, count in status.items() if name != "ok"},  # why, how many
         "flagged": sum(f is True for f in flagged) if threshold is not None else None,
         "threshold": threshold,
         "truncated": sum(t is True for t in truncated),

@@ -22,7 +22,7 @@ import pyarrow as pa
 import torch
 
 from diffmem.denoiser import Denoiser
-from diffmem.detect.detector import check_guidance, detection_seeds
+from diffmem.detect.detector import check_guidance, check_trajectory, detection_seeds
 from diffmem.errors import DiffmemError
 from diffmem.sampling import StepState, sample
 
@@ -39,6 +39,7 @@ class SignificanceConfig:
     attribute_to: str = "prompt_embeds"  # or "token_embeddings": the text encoder's input (see module doc)
 
     def __post_init__(self) -> None:
+        check_trajectory(self.num_inference_steps, self.steps, self.n_generations, self.guidance_scale)
         if self.attribute_to not in ATTRIBUTION_TARGETS:
             raise DiffmemError(
                 f"unknown attribution target {self.attribute_to!r}; use one of {ATTRIBUTION_TARGETS}"

@@ -6,6 +6,7 @@ training rows carry that caption (``captions.most_frequent_captions``), and read
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -93,8 +94,17 @@ def image_folder_source(directory: Path) -> ImageSource:
     directory = Path(directory)
     table = _read_parquet(directory / FOLDER_METADATA, ["file_name", "caption"])
     names = table.column("file_name").to_pylist()
-    if None in names:
-        raise DiffmemError(f"{directory / FOLDER_METADATA} has a null file_name in row {names.index(None)}")
+    bad = next((row for row, name in enumerate(names) if not isinstance(name, str)), None)
+    if bad is not None:
+        raise DiffmemError(
+            f"{directory / FOLDER_METADATA}: file_name of row {bad} is {names[bad]!r}, not a path"
+        )
+    leaving = next((name for name in names if _leaves_folder(name)), None)
+    if leaving is not None:
+        raise DiffmemError(
+            f"{directory / FOLDER_METADATA} names {leaving!r}, outside the folder: every file_name must be "
+            "a relative path inside it (no absolute paths, no '..')"
+        )
     captions = [text or "" for text in table.column("caption").to_pylist()]
     chosen = most_frequent_captions(names, captions)
     files = list(chosen)
@@ -116,6 +126,12 @@ def image_folder_source(directory: Path) -> ImageSource:
         caption_counts=[chosen[name][1] for name in files],
         read=lambda positions: _read_images([directory / files[p] for p in positions], size),
     )
+
+
+def _leaves_folder(name: str) -> bool:
+    """Whether a metadata ``file_name`` points outside its folder (absolute, or up through '..')."""
+    normal = os.path.normpath(name)
+    return os.path.isabs(name) or normal == ".." or normal.startswith(".." + os.sep) or "\0" in name
 
 
 def _read_images(paths: Sequence[Path], size: tuple[int, int]) -> torch.Tensor:

@@ -100,7 +100,14 @@ def load_sscd_torchscript(
             f"no SSCD TorchScript file at {path}: download one of the TorchScript models listed by "
             "facebookresearch/sscd-copy-detection (e.g. sscd_disc_mixup.torchscript.pt) and pass its path"
         )
-    return SSCDTorchScript(torch.jit.load(str(path), map_location=device), size).to(device).eval()
+    try:
+        network = torch.jit.load(str(path), map_location=device)
+    except (RuntimeError, ValueError) as error:
+        raise DiffmemError(
+            f"{path} is not a TorchScript model ({str(error).splitlines()[0]}); pass a copy-detection "
+            "encoder directory (save_encoder) or an SSCD TorchScript file"
+        ) from None
+    return SSCDTorchScript(network, size).to(device).eval()
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -5,7 +5,7 @@ A mitigation is a function ``mitigate(denoiser, prompts, seeds, config, sampling
 frozen dataclass with the paper's defaults. ``prompts`` and ``seeds`` have one entry per *sample*
 (a prompt's generations repeat it); batching over many prompts is the caller's
 (:func:`diffmem.mitigate.generate.mitigated_generate`). Any randomness of a mitigation derives from
-the sample's seed, so a sample never depends on what shares its batch.
+the sample's seed, so a sample's draws never depend on what shares its batch (sampling/seeds.py).
 """
 
 from __future__ import annotations

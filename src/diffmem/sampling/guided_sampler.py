@@ -9,6 +9,7 @@ corrections the guidance terms return, and lets the scheduler take the step.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -177,8 +178,8 @@ def resolve_guidance_scale(denoiser: Denoiser, guidance_scale: float | None) -> 
         raise DiffmemError(
             f"unconditional models have no classifier-free guidance; got guidance_scale={guidance_scale}"
         )
-    if guidance_scale < 0:
-        raise DiffmemError(f"guidance_scale must be non-negative; got {guidance_scale}")
+    if not (math.isfinite(guidance_scale) and guidance_scale >= 0):
+        raise DiffmemError(f"guidance_scale must be a finite non-negative number; got {guidance_scale}")
     return float(guidance_scale)
 
 
