@@ -16,13 +16,12 @@ import pyarrow.parquet as pq
 import torch
 
 from diffmem.benchmark_support import report
-from diffmem.cli.generate import open_reference
 from diffmem.errors import DiffmemError
 from diffmem.method_spec import parse_method_spec
 from diffmem.mitigate import mitigation_config
 from diffmem.mitigate.anti_memorization_guidance import AntiMemorizationGuidance
 from diffmem.mitigate.fitted_gate import SimilarityTrace
-from diffmem.mitigate.training_similarity import measure_against_training
+from diffmem.mitigate.training_similarity import measure_against_training, open_reference
 from diffmem.models import open_model
 from diffmem.sampling import sample
 
@@ -31,7 +30,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Trace the chosen images again under ``--method``; returns (and writes) the record."""
     args = _parser().parse_args(argv)
     device = torch.device(args.device)
-    reference = open_reference(args.index, args.encoder, device, args.model)
+    reference = open_reference(args.index, args.encoder, device)
     name, settings = parse_method_spec(args.method)
     if name != "amg":
         raise DiffmemError(f"--method must be an amg setting; got {args.method}")

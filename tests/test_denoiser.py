@@ -96,3 +96,13 @@ def test_bad_resolution_and_null_class():
         StableDiffusionDenoiser(tiny_stable_diffusion(), resolution=(15, 16))
     with pytest.raises(DiffmemError, match="null_class_label must be in"):
         UNet2DDenoiser(tiny_unet2d(class_conditional=True, num_classes=4), null_class_label=9)
+
+
+def test_the_contract_gives_the_tokenizer_text_encoders_and_network_algorithms_need():
+    sd = wrap_pipeline(tiny_stable_diffusion())
+    sdxl = wrap_pipeline(tiny_stable_diffusion_xl())
+    pixel = wrap_pipeline(tiny_unet2d())
+    assert sd.tokenizer is sd.pipeline.tokenizer and sd.text_encoders == [sd.pipeline.text_encoder]
+    assert sdxl.text_encoders == [sdxl.pipeline.text_encoder, sdxl.pipeline.text_encoder_2]
+    assert pixel.tokenizer is None and pixel.text_encoders == []
+    assert sd.network is sd.pipeline.unet and pixel.network is pixel.pipeline.unet

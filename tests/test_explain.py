@@ -188,7 +188,7 @@ def test_token_embedding_scores_are_the_gradient_at_the_text_encoders_input():
 
 def test_token_embedding_attribution_reaches_both_sdxl_encoders():
     sdxl = wrap_pipeline(tiny_stable_diffusion_xl())
-    with _token_embedding_leaves(sdxl.pipeline) as leaves:
+    with _token_embedding_leaves(sdxl.text_encoders) as leaves:
         cond = sdxl.encode([PROMPT], differentiable=True)
     assert len(leaves) == 2 and all(leaf.requires_grad for leaf in leaves)
     for name in ("prompt_embeds", "text_embeds"):  # the pooled embedding comes from the second encoder

@@ -13,6 +13,7 @@ from typing import Literal, Protocol, runtime_checkable
 
 import torch
 from diffusers import SchedulerMixin
+from transformers import PreTrainedTokenizerBase
 
 from diffmem.condition import Condition
 
@@ -36,8 +37,17 @@ class Denoiser(Protocol):
     prediction_type: str  # the model's native output: "epsilon", "v_prediction" or "sample"
     default_guidance_scale: float
     scheduler: SchedulerMixin  # the model's own scheduler; samplers work on a copy
+    network: torch.nn.Module  # the noise-prediction network (UNet): where its attention layers live
     device: torch.device
     dtype: torch.dtype
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase | None:
+        """The (first) text encoder's tokenizer; None for models not conditioned on text."""
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        """The text encoders whose outputs form the condition (none for models without text)."""
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:

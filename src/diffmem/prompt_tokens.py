@@ -23,7 +23,7 @@ class TokenCounts:
 
 def token_counts(denoiser: Denoiser, prompts: Sequence[str]) -> TokenCounts | None:
     """Token counts of ``prompts`` for a text model's (first) tokenizer; None for models without one."""
-    tokenizer = getattr(getattr(denoiser, "pipeline", None), "tokenizer", None)
+    tokenizer = denoiser.tokenizer
     if tokenizer is None:
         return None
     ids = tokenizer(list(prompts), truncation=False, add_special_tokens=True)["input_ids"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from diffusers import DiffusionPipeline
+from transformers import PreTrainedTokenizerBase
 
 from diffmem.condition import Condition
 from diffmem.denoiser import Conditioning, Prediction, eps_from_model_output
@@ -39,6 +40,17 @@ class DiffusersDenoiser:
         alphas_cumprod = self.scheduler.alphas_cumprod.to(torch.float64)
         # sigma_t = sqrt((1 - abar_t) / abar_t), the VE noise level of timestep t
         self._sigmas = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase | None:
+        """The pipeline's (first) tokenizer; None for models not conditioned on text."""
+        return getattr(self.pipeline, "tokenizer", None) if self.conditioning == "text" else None
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        """The pipeline's text encoders, in the order it concatenates their outputs."""
+        names = ("text_encoder", "text_encoder_2") if self.conditioning == "text" else ()
+        return [e for e in (getattr(self.pipeline, name, None) for name in names) if e is not None]
 
     @property
     def num_train_timesteps(self) -> int:

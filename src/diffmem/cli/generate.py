@@ -16,8 +16,6 @@ from diffmem.cli.app import Settings, app
 from diffmem.detect.calibration import Calibration
 from diffmem.detect.noise_norm import NoiseNormConfig
 from diffmem.errors import DiffmemError
-from diffmem.index import TrainingSetIndex
-from diffmem.index.build import describe_encoder, open_encoder
 from diffmem.index.model_match import dataset_mismatch
 from diffmem.method_spec import parse_method_spec
 from diffmem.mitigate import (
@@ -30,6 +28,7 @@ from diffmem.mitigate import (
 )
 from diffmem.mitigate.registry import NEEDS_REFERENCE
 from diffmem.mitigate.training_similarity import measure_against_training
+from diffmem.mitigate.training_similarity import open_reference as open_training_reference
 from diffmem.models import DEFAULT_MODEL, model_identity, open_model, shipped_directory, shipped_reference
 from diffmem.output_rules import check_output_dir, clear_output_dir
 from diffmem.prompts_io import read_prompts
@@ -155,24 +154,13 @@ def generate(
 
 
 def open_reference(index: Path, encoder: Path | None, device: torch.device, model: str) -> ReferenceSet:
-    """The training set from an index directory, with its copy-detection encoder for an embedding index;
-    warns when the index and ``model`` name different lab datasets."""
-    opened = TrainingSetIndex.load(index)
-    mismatch = dataset_mismatch(opened.manifest, model)
+    """The training set of an index (:func:`~diffmem.mitigate.training_similarity.open_reference`); warns
+    when the index and ``model`` name different lab datasets."""
+    reference = open_training_reference(index, encoder, device)
+    mismatch = dataset_mismatch(reference.index.manifest, model)
     if mismatch is not None:
         typer.echo(f"warning: {index}: {mismatch}", err=True)
-    network = None
-    if opened.kind == "embedding":
-        recorded_path, _, recorded_digest = (opened.encoder or "").rpartition(" sha256=")
-        path = encoder or (Path(recorded_path) if recorded_path else None)
-        if path is None:
-            raise DiffmemError(f"{index} holds embeddings: give the encoder that made them with --encoder")
-        if describe_encoder(path).rpartition(" sha256=")[2] != recorded_digest:
-            raise DiffmemError(
-                f"{index} was built with another encoder than {path}: pass the one that made it"
-            )
-        network = open_encoder(path, device)
-    return ReferenceSet(opened, network)
+    return reference
 
 
 def open_guard(model: str, calibration: Path | None) -> Guard:

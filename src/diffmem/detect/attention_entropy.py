@@ -139,7 +139,7 @@ def attention_entropy(
     over generations.
     """
     prompts, prompt_ids = check_prompts(prompts, prompt_ids)
-    network = getattr(denoiser, "network", denoiser)
+    network = denoiser.network
     n = config.n_generations
     seeds = detection_seeds(config.base_seed, prompt_ids, n)
     rows = [p for p in range(len(prompts)) for _ in range(n)]

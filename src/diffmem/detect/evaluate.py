@@ -11,8 +11,8 @@ import numpy as np
 
 from diffmem.denoiser import Denoiser
 from diffmem.detect.registry import config_settings, detector, detector_config
+from diffmem.errors import DiffmemError
 from diffmem.method_spec import parse_method_spec
-from diffmem.report.detection_report import EvaluatedSetting
 from diffmem.timing import synchronize
 
 # The settings of the detection issue: Wen et al.'s three noise-norm modes, the shared-noise option,
@@ -27,6 +27,23 @@ DEFAULT_SETTINGS = (
     "one_step",
     "generation_agreement",
 )
+
+
+@dataclass(frozen=True)
+class EvaluatedSetting:
+    """The scores one detector setting gave a labelled prompt set, and what they cost."""
+
+    name: str  # unique within a report
+    detector: str
+    settings: dict  # the detector's configuration, JSON-ready
+    scores: np.ndarray  # [P] higher: more likely memorized; non-finite scores are left out and counted
+    labels: np.ndarray  # [P] 1: memorized, 0: not memorized
+    unet_evaluations_per_prompt: float
+    wall_s: float  # wall-clock seconds spent scoring all P prompts
+
+    def __post_init__(self) -> None:
+        if not self.wall_s > 0:
+            raise DiffmemError(f"setting {self.name!r}: wall_s must be a positive time; got {self.wall_s}")
 
 
 @dataclass(frozen=True)

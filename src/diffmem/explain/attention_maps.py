@@ -38,7 +38,7 @@ def word_attention_maps(
     """Per-word cross-attention maps of the conditional prediction at sampling step ``step``."""
     config = config or SignificanceConfig()
     check_guidance("attention maps", config.guidance_scale)
-    tokenizer = getattr(getattr(denoiser, "pipeline", None), "tokenizer", None)
+    tokenizer = denoiser.tokenizer
     if tokenizer is None or not prompt.strip():
         raise DiffmemError(
             "attention maps need a text-conditioned model with a tokenizer and a non-empty prompt"
@@ -48,7 +48,7 @@ def word_attention_maps(
     n = config.n_generations
     cond = denoiser.encode([prompt]).repeat_interleave(n)
     x_t, t = _input_at(denoiser, cond, detection_seeds(config.base_seed, [prompt_id], n), step, config)
-    network = getattr(denoiser, "network", denoiser)
+    network = denoiser.network
     with torch.no_grad(), recording_cross_attention(network, _per_query) as layers:
         denoiser.eps(x_t, t, cond)
     if not layers:

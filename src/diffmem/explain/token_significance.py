@@ -136,14 +136,14 @@ def token_significance(
 ) -> TokenSignificance:
     """Significance of every token and word of ``prompt`` for its memorization score."""
     check_guidance("token significance", config.guidance_scale)
-    tokenizer = getattr(getattr(denoiser, "pipeline", None), "tokenizer", None)
+    tokenizer = denoiser.tokenizer
     if tokenizer is None or denoiser.conditioning != "text":
         raise DiffmemError("token significance needs a text-conditioned model with a tokenizer")
     if not prompt.strip():
         raise DiffmemError("the prompt is empty: there is nothing to explain")
     n = config.n_generations
     if config.attribute_to == "token_embeddings":
-        with _token_embedding_leaves(denoiser.pipeline) as embeds:
+        with _token_embedding_leaves(denoiser.text_encoders) as embeds:
             cond = denoiser.encode([prompt] * n, differentiable=True)
     else:
         cond = denoiser.encode([prompt]).repeat_interleave(n)
@@ -165,7 +165,7 @@ def token_significance(
 
 
 @contextmanager
-def _token_embedding_leaves(pipeline) -> Iterator[list[torch.Tensor]]:
+def _token_embedding_leaves(encoders: list[torch.nn.Module]) -> Iterator[list[torch.Tensor]]:
     """While open, each text encoder's token-embedding output becomes a new leaf that requires grad,
     collected in the yielded list (the encoders' inputs, as the gradient target)."""
     leaves: list[torch.Tensor] = []
@@ -174,8 +174,7 @@ def _token_embedding_leaves(pipeline) -> Iterator[list[torch.Tensor]]:
         leaves.append(output.detach().requires_grad_(True))
         return leaves[-1]
 
-    encoders = [getattr(pipeline, name, None) for name in ("text_encoder", "text_encoder_2")]
-    handles = [e.get_input_embeddings().register_forward_hook(as_leaf) for e in encoders if e is not None]
+    handles = [e.get_input_embeddings().register_forward_hook(as_leaf) for e in encoders]
     try:
         yield leaves
     finally:

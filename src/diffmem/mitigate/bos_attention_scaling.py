@@ -184,7 +184,7 @@ def bos_attention_scaling(
         )
     cond = denoiser.encode(list(prompts))
     key_lengths = _key_lengths(denoiser, list(prompts)) if config.mask_padding else None
-    with scaled_bos_attention(getattr(denoiser, "network", denoiser), config.scale, key_lengths):
+    with scaled_bos_attention(denoiser.network, config.scale, key_lengths):
         latents = sample(denoiser, cond, seeds, **sampling.sample_kwargs())
     changed = sampling.num_inference_steps if config.scale != 1.0 or config.mask_padding else 0
     return sampled(denoiser, sampling, latents, list(prompts), changed)

@@ -215,7 +215,7 @@ def _stream(seed: int) -> random.Random:
 
 def _tokenizer(denoiser: Denoiser, method: str):
     """The text model's (first) tokenizer; text perturbations need a text-conditioned model."""
-    tokenizer = getattr(getattr(denoiser, "pipeline", None), "tokenizer", None)
+    tokenizer = denoiser.tokenizer
     if denoiser.conditioning != "text" or tokenizer is None:
         raise DiffmemError(
             f"{method} perturbs prompt text and needs a text-conditioned model; {denoiser.family} is "

@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from diffmem.errors import DiffmemError
+from diffmem.index import TrainingSetIndex
+from diffmem.index.build import describe_encoder, open_encoder
 from diffmem.metrics.nl2 import NL2_ALPHA, NL2_K, nl2_to_neighbours
 
 
@@ -18,7 +20,7 @@ class ReferenceSet:
     """A training set seen through its index and, for an embedding index, the copy-detection network
     that made its embeddings (images [B, 3, H, W] in [0, 1] -> unit vectors [B, D])."""
 
-    index: Any  # diffmem.index.TrainingSetIndex
+    index: TrainingSetIndex
     encoder: nn.Module | None = None
 
     def __post_init__(self) -> None:
@@ -29,6 +31,21 @@ class ReferenceSet:
     def measure(self) -> str:
         """ "nl2" for a pixel index, "copy_similarity" for an embedding index."""
         return "copy_similarity" if self.index.kind == "embedding" else "nl2"
+
+
+def open_reference(index: Path, encoder: Path | None, device: str | torch.device = "cpu") -> ReferenceSet:
+    """The training set of an index directory, with the copy-detection encoder of an embedding index:
+    ``encoder``, or the one the index records; either must be the one that made its embeddings."""
+    opened = TrainingSetIndex.load(index)
+    if opened.kind != "embedding":
+        return ReferenceSet(opened)
+    recorded_path, _, recorded_digest = (opened.encoder or "").rpartition(" sha256=")
+    path = encoder or (Path(recorded_path) if recorded_path else None)
+    if path is None:
+        raise DiffmemError(f"{index} holds embeddings: give the encoder that made them with --encoder")
+    if describe_encoder(path).rpartition(" sha256=")[2] != recorded_digest:
+        raise DiffmemError(f"{index} was built with another encoder than {path}: pass the one that made it")
+    return ReferenceSet(opened, open_encoder(path, device))
 
 
 def training_similarity(

@@ -12,7 +12,6 @@ import io
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from diffmem.atomic_io import write_atomic
+from diffmem.detect.evaluate import EvaluatedSetting
 from diffmem.errors import DiffmemError
 from diffmem.metrics.roc import Roc, detection_metrics, roc, tpr_key
 from diffmem.report.html import image, page, table
@@ -28,23 +28,6 @@ from diffmem.report.html import image, page, table
 TITLE = "Memorization detection report"
 REPORT_FPRS = (0.01, 0.03)
 HEADER = ("Setting", "AUC", "TPR@1%FPR", "TPR@3%FPR", "UNet evals/prompt", "Wall s")
-
-
-@dataclass(frozen=True)
-class EvaluatedSetting:
-    """The scores one detector setting gave a labelled prompt set, and what they cost."""
-
-    name: str  # unique within a report
-    detector: str
-    settings: dict  # the detector's configuration, JSON-ready
-    scores: np.ndarray  # [P] higher: more likely memorized; non-finite scores are left out and counted
-    labels: np.ndarray  # [P] 1: memorized, 0: not memorized
-    unet_evaluations_per_prompt: float
-    wall_s: float  # wall-clock seconds spent scoring all P prompts
-
-    def __post_init__(self) -> None:
-        if not self.wall_s > 0:
-            raise DiffmemError(f"setting {self.name!r}: wall_s must be a positive time; got {self.wall_s}")
 
 
 def write_detection_report(settings: Sequence[EvaluatedSetting], out_dir: Path, provenance: dict) -> Path:

@@ -1,0 +1,72 @@
+"""The package's layering, read from its source: algorithms never import the layers above them, nothing
+imports the command line, and algorithms see a model only through the denoiser contract."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import diffmem
+
+PACKAGE = Path(diffmem.__file__).parent
+ALGORITHMS = ("adapters", "detect", "explain", "index", "metrics", "mitigate", "sampling", "train")
+ABOVE_ALGORITHMS = ("diffmem.report", "diffmem.serve", "diffmem.cli")
+
+
+def within(name: str, *packages: str) -> bool:
+    """Whether module ``name`` is one of ``packages`` or inside one."""
+    return any(name == package or name.startswith(package + ".") for package in packages)
+
+
+def modules(*packages: str) -> list[Path]:
+    roots = [PACKAGE / name for name in packages] if packages else [PACKAGE]
+    return sorted(path for root in roots for path in root.rglob("*.py"))
+
+
+def imported(path: Path) -> set[str]:
+    """Every diffmem module a file imports, at any depth of the file."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return {name for name in names if name.startswith("diffmem")}
+
+
+@pytest.mark.parametrize("path", modules(*ALGORITHMS), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_algorithms_do_not_import_reports_pages_or_the_command_line(path):
+    upward = sorted(name for name in imported(path) if within(name, *ABOVE_ALGORITHMS))
+    assert not upward, f"{path.relative_to(PACKAGE)} imports {upward}"
+
+
+def test_nothing_outside_the_command_line_imports_it():
+    benchmarks = Path(__file__).parents[1] / "benchmarks"
+    outside = [p for p in modules() if "cli" not in p.relative_to(PACKAGE).parts]
+    offenders = [
+        p for p in [*outside, *benchmarks.rglob("*.py")] if any(within(n, "diffmem.cli") for n in imported(p))
+    ]
+    assert not offenders
+
+
+def reaches_into_the_pipeline(node: ast.AST) -> bool:
+    """``getattr(x, "pipeline", ...)`` or ``x.pipeline``: an algorithm reading the adapter's internals."""
+    if isinstance(node, ast.Attribute) and node.attr == "pipeline":
+        return True
+    return (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id == "getattr"
+        and len(node.args) > 1
+        and isinstance(node.args[1], ast.Constant)
+        and node.args[1].value in ("pipeline", "network")
+    )
+
+
+@pytest.mark.parametrize(
+    "path", modules("detect", "explain", "mitigate", "sampling"), ids=lambda p: str(p.relative_to(PACKAGE))
+)
+def test_algorithms_see_the_model_through_the_denoiser_contract(path):
+    lines = [node.lineno for node in ast.walk(ast.parse(path.read_text())) if reaches_into_the_pipeline(node)]
+    assert not lines, f"{path.relative_to(PACKAGE)} reaches around the denoiser contract at lines {lines}"
