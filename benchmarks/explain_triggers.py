@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 from diffmem.benchmark_support import report
 from diffmem.explain.evaluate import trigger_evaluation
 from diffmem.explain.token_significance import ATTRIBUTION_TARGETS, SignificanceConfig
-from diffmem.models import LAB_MODEL, open_model, shipped_directory
+from diffmem.model_names import LAB_MODEL
+from diffmem.models import open_model, shipped_directory
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -21,7 +21,8 @@ from diffmem.lab.captions import caption
 from diffmem.lab.dataset import load_lab_dataset
 from diffmem.lab.fashion_mnist import CLASS_NAMES
 from diffmem.lab.scenes import BACKGROUND_COLOURS, ITEM_COLOURS, POSITIONS, Item, Scene
-from diffmem.models import LAB_MODEL, open_model
+from diffmem.model_names import LAB_MODEL
+from diffmem.models import open_model
 from diffmem.sampling.generate import generate
 
 

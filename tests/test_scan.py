@@ -20,7 +20,8 @@ from diffmem.detect.scan import scan_prompts
 from diffmem.detect.scan_store import ScanStore
 from diffmem.detect.scanner import Scanner
 from diffmem.errors import DiffmemError
-from diffmem.models import LAB_MODEL, model_identity, shipped_directory
+from diffmem.model_names import LAB_MODEL
+from diffmem.models import model_identity, shipped_directory
 from diffmem.prompts_io import PromptRecord
 from diffmem.tiny_pipelines import tiny_stable_diffusion
 

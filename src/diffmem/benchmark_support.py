@@ -11,7 +11,8 @@ import torch
 from diffmem.adapters import wrap_pipeline
 from diffmem.denoiser import Denoiser
 from diffmem.full_size import stable_diffusion_15
-from diffmem.models import LAB_MODEL, open_model
+from diffmem.model_names import LAB_MODEL
+from diffmem.models import open_model
 from diffmem.tiny_pipelines import tiny_stable_diffusion
 
 SIZES = ("sd15", "lab", "tiny")  # SD 1.5 architecture with random weights, the shipped lab model, tiny

@@ -1,10 +1,13 @@
-"""Open a model by name: a local diffusers directory, or one of the built-in tiny pipelines."""
+"""Open a model by name: a local diffusers directory, a trained lab model shipped with diffmem, or one of
+the built-in tiny pipelines; :class:`ModelSource` is a name resolved once, with what comes with it."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -14,9 +17,9 @@ from diffmem import tiny_pipelines
 from diffmem.adapters import DiffusersDenoiser, load_denoiser
 from diffmem.adapters.load import read_model_index
 from diffmem.errors import DiffmemError
+from diffmem.model_names import BUILTIN_PREFIX, DEFAULT_MODEL
 from diffmem.speedups import Speedups, apply_speedups
 
-BUILTIN_PREFIX = "builtin:"
 BUILTINS: dict[str, Callable[[], DiffusionPipeline]] = {
     "tiny-sd": tiny_pipelines.tiny_stable_diffusion,
     "tiny-sd-v": lambda: tiny_pipelines.tiny_stable_diffusion(prediction_type="v_prediction"),
@@ -27,9 +30,69 @@ BUILTINS: dict[str, Callable[[], DiffusionPipeline]] = {
 ASSETS = Path(__file__).parent / "assets"
 # trained models shipped with the package: name -> directory holding model/, labels.parquet, calibration.json
 SHIPPED = {"lab-micro": ASSETS / "lab-micro", "lab-keyed": ASSETS / "lab-keyed"}
-DEFAULT_MODEL = BUILTIN_PREFIX + "tiny-sd"
-LAB_MODEL = BUILTIN_PREFIX + "lab-keyed"  # the lab commands' default model
 HASHED_SUFFIXES = {".safetensors", ".bin", ".json", ".txt"}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model as the user named it, resolved once: where it is, what it is recorded against, and the
+    assets a shipped lab model comes with (its prompts and labels, calibration, training-set index)."""
+
+    name: str  # as given: a directory or builtin:NAME
+    directory: (
+        Path | None
+    )  # the diffusers directory (a shipped model's own); None for random-weight built-ins
+    shipped: Path | None  # a shipped lab model's asset directory, else None
+
+    @classmethod
+    def resolve(cls, name: str | None = None, default: str | None = None) -> ModelSource:
+        """``name`` (or ``default``, or the tiny random-weight pipeline) checked and located."""
+        name = name or default or DEFAULT_MODEL
+        shipped = shipped_directory(name)
+        if shipped is not None:
+            return cls(name, shipped / "model", shipped)
+        if name.startswith(BUILTIN_PREFIX):
+            if name.removeprefix(BUILTIN_PREFIX) not in BUILTINS:
+                choices = ", ".join(BUILTIN_PREFIX + k for k in (*BUILTINS, *SHIPPED))
+                raise DiffmemError(f"unknown built-in model {name!r}; choose one of {choices}")
+            return cls(name, None, None)
+        if not Path(name).is_dir():
+            read_model_index(Path(name))  # says whether the path is missing or a file
+        return cls(name, Path(name), None)
+
+    @cached_property
+    def identity(self) -> str:
+        """What results are recorded against: the weights' hash, or the name of a random-weight built-in."""
+        return self.name if self.directory is None else model_hash(self.directory)
+
+    @property
+    def calibration(self) -> Path | None:
+        """The shipped lab model's noise-norm calibration, else None."""
+        return self._asset("calibration.json")
+
+    @property
+    def labels(self) -> Path | None:
+        """The shipped lab model's labelled prompts (``labels.parquet``), else None."""
+        return self._asset("labels.parquet")
+
+    @property
+    def reference(self) -> tuple[Path, Path] | None:
+        """The shipped lab model's training-set index (copy-detection embeddings) and its encoder, else None."""
+        index = self._asset("copy_index")
+        return None if index is None else (index, self.shipped / "copy_detector")
+
+    def open(
+        self,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        speedups: Speedups | None = None,
+    ) -> DiffusersDenoiser:
+        """The model as a denoiser on ``device``; ``speedups`` (channels-last, torch.compile) apply to its UNet."""
+        return open_model(self.name, device, dtype, speedups)
+
+    def _asset(self, name: str) -> Path | None:
+        path = None if self.shipped is None else self.shipped / name
+        return path if path is not None and path.exists() else None
 
 
 def open_model(

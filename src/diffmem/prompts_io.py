@@ -34,7 +34,7 @@ def encoding_problem(text: str) -> str | None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as error:
-        return f"it holds undecodable character {ascii(text[error.start])} at position {error.start}"
+        return f"it holds undecodable character {text[error.start]!a} at position {error.start}"
     return None
 
 

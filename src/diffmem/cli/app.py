@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import torch
 import typer
 
-from diffmem.models import resolve_device, resolve_dtype
-from diffmem.speedups import Speedups
+if TYPE_CHECKING:
+    import torch
+
+    from diffmem.speedups import Speedups
+    from diffmem.workflows.runtime import Runtime
 
 app = typer.Typer(
     name="diffmem",
@@ -24,13 +27,39 @@ app = typer.Typer(
 
 @dataclass(frozen=True)
 class Settings:
-    """Global options every command sees."""
+    """Global options every command sees, as given; the runtime they name is resolved on first use, so
+    help and argument errors never wait for torch."""
 
-    device: torch.device
-    dtype: torch.dtype
+    device_name: str
+    dtype_name: str
     seed: int
     debug: bool
-    speedups: Speedups
+    channels_last: bool
+    compile_mode: str | None
+
+    @cached_property
+    def runtime(self) -> Runtime:
+        """The device, dtype, seed and speedups, checked against this machine."""
+        from diffmem.speedups import Speedups
+        from diffmem.workflows.runtime import Runtime
+
+        speedups = Speedups(channels_last=self.channels_last, compile_mode=self.compile_mode)
+        return Runtime.resolve(self.device_name, self.dtype_name, self.seed, speedups)
+
+    @property
+    def device(self) -> torch.device:
+        """The resolved device."""
+        return self.runtime.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The resolved dtype."""
+        return self.runtime.dtype
+
+    @property
+    def speedups(self) -> Speedups:
+        """The UNet speedups."""
+        return self.runtime.speedups
 
 
 @app.callback()
@@ -55,14 +84,7 @@ def main(
     ] = None,
 ) -> None:
     """Find, explain and remove memorization in diffusion models."""
-    resolved = resolve_device(device)
-    ctx.obj = Settings(
-        device=resolved,
-        dtype=resolve_dtype(dtype, resolved),
-        seed=seed,
-        debug=debug,
-        speedups=Speedups(channels_last=channels_last, compile_mode=compile_mode),
-    )
+    ctx.obj = Settings(device, dtype, seed, debug, channels_last, compile_mode)
 
 
 def printable(text: str) -> str:

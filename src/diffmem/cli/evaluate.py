@@ -27,14 +27,8 @@ from diffmem.mitigate.evaluate import (
     results_markdown,
 )
 from diffmem.mitigate.mitigation import SamplingOptions
-from diffmem.models import (
-    DEFAULT_MODEL,
-    LAB_MODEL,
-    model_identity,
-    open_model,
-    shipped_directory,
-    shipped_reference,
-)
+from diffmem.model_names import DEFAULT_MODEL, LAB_MODEL
+from diffmem.models import model_identity, open_model, shipped_directory, shipped_reference
 from diffmem.prompts_io import READERS
 from diffmem.report.detection_report import write_detection_report
 from diffmem.run_record import environment

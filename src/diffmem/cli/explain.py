@@ -13,13 +13,14 @@ from rich.text import Text
 
 from diffmem.atomic_io import write_atomic, write_json_atomic
 from diffmem.cli.app import Settings, app, printable
-from diffmem.cli.thresholds import detection_threshold
 from diffmem.detect.noise_norm import NoiseNormConfig
 from diffmem.detect.registry import config_settings
 from diffmem.explain import SignificanceConfig, TokenSignificance, token_significance, word_attention_maps
-from diffmem.models import LAB_MODEL, model_identity, open_model
+from diffmem.model_names import LAB_MODEL
+from diffmem.models import ModelSource, open_model
 from diffmem.report.explanation_page import explanation_page
 from diffmem.sampling import generate
+from diffmem.workflows.thresholds import detection_threshold
 
 AttributeTo = Annotated[
     str,
@@ -120,4 +121,4 @@ def explanation_threshold(model: str, calibration: Path | None, config: Signific
             base_seed=config.base_seed,
         )
     )
-    return detection_threshold(model, calibration, "noise_norm", settings, model_identity(model))
+    return detection_threshold(ModelSource.resolve(model), calibration, "noise_norm", settings)

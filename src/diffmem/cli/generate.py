@@ -29,7 +29,8 @@ from diffmem.mitigate import (
 from diffmem.mitigate.registry import NEEDS_REFERENCE
 from diffmem.mitigate.training_similarity import measure_against_training
 from diffmem.mitigate.training_similarity import open_reference as open_training_reference
-from diffmem.models import DEFAULT_MODEL, model_identity, open_model, shipped_directory, shipped_reference
+from diffmem.model_names import DEFAULT_MODEL
+from diffmem.models import model_identity, open_model, shipped_directory, shipped_reference
 from diffmem.output_rules import check_output_dir, clear_output_dir
 from diffmem.prompts_io import read_prompts
 from diffmem.run_record import write_summary

@@ -20,7 +20,8 @@ from diffmem.index import (
 from diffmem.index.build import describe_encoder
 from diffmem.mitigate import SamplingOptions
 from diffmem.mitigate.fitted_gate import fit_gate, similarity_trajectories
-from diffmem.models import LAB_MODEL, open_model
+from diffmem.model_names import LAB_MODEL
+from diffmem.models import open_model
 
 index = typer.Typer(
     help="The training-set index: nearest training images and their captions.", no_args_is_help=True

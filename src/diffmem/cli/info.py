@@ -11,7 +11,8 @@ from rich.table import Table
 
 from diffmem.cli.app import Settings, app
 from diffmem.model_info import describe
-from diffmem.models import DEFAULT_MODEL, open_model
+from diffmem.model_names import DEFAULT_MODEL
+from diffmem.models import open_model
 
 
 @app.command()

@@ -58,10 +58,17 @@ def _option_value(args: list[str], name: str) -> str | None:
 
 
 def _quiet_libraries(debug: bool) -> None:
-    """Library warnings (e.g. transformers on torchvision) only with --debug."""
+    """Library warnings (e.g. transformers on torchvision) only with --debug; diffmem's own warnings as
+    one line each on stderr."""
     level = logging.DEBUG if debug else logging.ERROR
     for name in ("diffusers", "transformers", "ray"):
         logging.getLogger(name).setLevel(level)
+    own = logging.getLogger("diffmem")
+    if not own.handlers:
+        handler = logging.StreamHandler()  # stderr, looked up at each message (pytest swaps it)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        own.addHandler(handler)
+        own.propagate = False
 
 
 def console() -> None:

@@ -10,7 +10,8 @@ import typer
 from diffmem.cli.app import Settings, app
 from diffmem.cli.explain import AttributeTo, explanation_threshold
 from diffmem.explain import SignificanceConfig
-from diffmem.models import LAB_MODEL, open_model
+from diffmem.model_names import LAB_MODEL
+from diffmem.models import open_model
 from diffmem.serve import ExplanationServer, PromptExplainer
 from diffmem.serve.server import LOOPBACK
 
