@@ -14,7 +14,6 @@ import typer
 
 from diffmem.atomic_io import write_atomic, write_json_atomic, write_parquet_atomic
 from diffmem.cli.app import Settings, app
-from diffmem.cli.generate import open_guard, open_reference
 from diffmem.detect.evaluate import DEFAULT_SETTINGS, SettingSpec, evaluate_settings
 from diffmem.errors import DiffmemError
 from diffmem.lab.alignment import alignment, load_reader
@@ -28,10 +27,11 @@ from diffmem.mitigate.evaluate import (
 )
 from diffmem.mitigate.mitigation import SamplingOptions
 from diffmem.model_names import DEFAULT_MODEL, LAB_MODEL
-from diffmem.models import model_identity, open_model, shipped_directory, shipped_reference
+from diffmem.models import ModelSource, model_identity, open_model, shipped_directory, shipped_reference
 from diffmem.prompts_io import READERS
 from diffmem.report.detection_report import write_detection_report
 from diffmem.run_record import environment
+from diffmem.workflows.inputs import calibrated_guard, training_reference
 
 evaluate = typer.Typer(help="Evaluate detectors and mitigations against ground truth.", no_args_is_help=True)
 app.add_typer(evaluate, name="eval")
@@ -182,13 +182,17 @@ def mitigate(
         if shipped is None:
             raise DiffmemError("give --index: only the shipped lab model comes with its training-set index")
         index, encoder = [shipped[0]], shipped[1]
-    references = [open_reference(path, encoder, options.device, model) for path in index]
+    references = [
+        training_reference(path, encoder, options.device, ModelSource.resolve(model)) for path in index
+    ]
     thresholds = {"nl2": nl2_threshold, "copy_similarity": copy_threshold}
     measures = [Measure(r, thresholds[r.measure]) for r in references]
     chosen = (
-        open_reference(amg_index, encoder, options.device, model) if amg_index else _amg_reference(references)
+        training_reference(amg_index, encoder, options.device, ModelSource.resolve(model))
+        if amg_index
+        else _amg_reference(references)
     )
-    guarded = open_guard(model, calibration) if guard else None
+    guarded = calibrated_guard(ModelSource.resolve(model), calibration) if guard else None
     attribute_reader = load_reader(reader, options.device) if reader else None
     quality = _quality(data, table, control_group, max_prompts_per_group, references, attribute_reader)
     denoiser = open_model(model, options.device, options.dtype, options.speedups)

@@ -13,14 +13,10 @@ from PIL import Image
 
 from diffmem.atomic_io import write_parquet_atomic
 from diffmem.cli.app import Settings, app
-from diffmem.detect.calibration import Calibration
-from diffmem.detect.noise_norm import NoiseNormConfig
 from diffmem.errors import DiffmemError
-from diffmem.index.model_match import dataset_mismatch
 from diffmem.method_spec import parse_method_spec
 from diffmem.mitigate import (
     MITIGATIONS,
-    Guard,
     ReferenceSet,
     SamplingOptions,
     mitigated_generate,
@@ -28,13 +24,12 @@ from diffmem.mitigate import (
 )
 from diffmem.mitigate.registry import NEEDS_REFERENCE
 from diffmem.mitigate.training_similarity import measure_against_training
-from diffmem.mitigate.training_similarity import open_reference as open_training_reference
 from diffmem.model_names import DEFAULT_MODEL
-from diffmem.models import model_identity, open_model, shipped_directory, shipped_reference
+from diffmem.models import ModelSource, open_model, shipped_reference
 from diffmem.output_rules import check_output_dir, clear_output_dir
-from diffmem.prompts_io import read_prompts
 from diffmem.run_record import write_summary
 from diffmem.sampling.schedulers import scheduler_like
+from diffmem.workflows.inputs import calibrated_guard, conditioning_items, training_reference
 
 GENERATE_OUTPUTS = ("images", "generations.parquet", "summary.json")
 
@@ -97,13 +92,15 @@ def generate(
     shipped = shipped_reference(model)
     if index is None and name in NEEDS_REFERENCE and shipped is not None:
         index, encoder = shipped  # the lab model's own training set
-    reference = open_reference(index, encoder, settings.device, model) if index else None
+    reference = (
+        training_reference(index, encoder, settings.device, ModelSource.resolve(model)) if index else None
+    )
     if encoder is not None and index is None:
         raise DiffmemError("--encoder goes with an embedding index: give --index too")
     if name in NEEDS_REFERENCE:
         method_settings["reference"] = reference
     config = mitigation_config(name, **method_settings)
-    guarded = open_guard(model, calibration) if guard else None
+    guarded = calibrated_guard(ModelSource.resolve(model), calibration) if guard else None
     denoiser = open_model(model, settings.device, settings.dtype, settings.speedups)
     items = conditioning_items(denoiser.conditioning, list(prompts or []), prompts_file, column)
     steps_scheduler = scheduler_like(scheduler, denoiser.scheduler) if scheduler else None
@@ -154,52 +151,8 @@ def generate(
     typer.echo(f"wrote {len(paths)} images{note}, generations.parquet and summary.json to {out}")
 
 
-def open_reference(index: Path, encoder: Path | None, device: torch.device, model: str) -> ReferenceSet:
-    """The training set of an index (:func:`~diffmem.mitigate.training_similarity.open_reference`); warns
-    when the index and ``model`` name different lab datasets."""
-    reference = open_training_reference(index, encoder, device)
-    mismatch = dataset_mismatch(reference.index.manifest, model)
-    if mismatch is not None:
-        typer.echo(f"warning: {index}: {mismatch}", err=True)
-    return reference
-
-
-def open_guard(model: str, calibration: Path | None) -> Guard:
-    """The guard from a noise-norm calibration made for this model (the shipped lab model has one)."""
-    shipped = shipped_directory(model)
-    if calibration is None and shipped is not None:
-        calibration = shipped / "calibration.json"
-    if calibration is None:
-        raise DiffmemError(
-            "--guard needs a noise-norm calibration of this model: give --calibration (diffmem calibrate)"
-        )
-    calibrated = Calibration.load(calibration)
-    calibrated.check("noise_norm", calibrated.settings, model_identity(model))
-    return Guard(calibrated.threshold, NoiseNormConfig(**calibrated.settings))
-
-
 def _with_nearest(table: pa.Table, images: torch.Tensor, reference: ReferenceSet) -> pa.Table:
     """The table with each image's nearest training image and its similarity (nL2 or copy similarity)."""
     values, ids = measure_against_training(images, reference)
     table = table.append_column("nearest_training_id", pa.array(ids, pa.int64()))
     return table.append_column(reference.measure, pa.array(values, pa.float64()))
-
-
-def conditioning_items(conditioning: str, prompts: list[str], prompts_file: Path | None, column: str) -> list:
-    """What to condition each prompt row on, by the model's kind of conditioning."""
-    if prompts_file is not None:
-        prompts += read_prompts(prompts_file, column)
-    if conditioning == "none":
-        if prompts:
-            raise DiffmemError("this model is unconditional: give no prompts, only --n-generations")
-        return [None]
-    if not prompts:
-        raise DiffmemError("give prompts as arguments or with --prompts-file")
-    if conditioning == "class":
-        try:
-            return [int(p) for p in prompts]
-        except ValueError as error:
-            raise DiffmemError(
-                f"this model is class-conditional: prompts must be class numbers ({error})"
-            ) from error
-    return prompts

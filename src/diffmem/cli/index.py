@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from diffmem.cli.app import Settings, app
-from diffmem.cli.generate import conditioning_items, open_reference
 from diffmem.errors import DiffmemError
 from diffmem.index import (
     TrainingSetIndex,
@@ -21,7 +20,8 @@ from diffmem.index.build import describe_encoder
 from diffmem.mitigate import SamplingOptions
 from diffmem.mitigate.fitted_gate import fit_gate, similarity_trajectories
 from diffmem.model_names import LAB_MODEL
-from diffmem.models import open_model
+from diffmem.models import ModelSource, open_model
+from diffmem.workflows.inputs import conditioning_items, training_reference
 
 index = typer.Typer(
     help="The training-set index: nearest training images and their captions.", no_args_is_help=True
@@ -131,7 +131,7 @@ def gate(
     if not 0 < quantile < 1:  # fit_gate checks it too, but only after minutes of sampling
         raise DiffmemError(f"--quantile must be between 0 and 1; got {quantile}")
     model = model or LAB_MODEL
-    reference = open_reference(directory, encoder, settings.device, model)
+    reference = training_reference(directory, encoder, settings.device, ModelSource.resolve(model))
     denoiser = open_model(model, settings.device, settings.dtype, settings.speedups)
     if prompts is None and denoiser.conditioning != "none":
         raise DiffmemError("give --prompts: prompts known not to be memorized, to fit the gate on")
