@@ -160,7 +160,7 @@ def test_class_conditional_guidance_uses_the_null_class():
     [
         ({"seeds": [1]}, "got 1 seeds for a batch of 3"),
         ({"num_inference_steps": 0}, "num_inference_steps must be at least 1"),
-        ({"guidance_scale": -1.0}, "guidance_scale must be non-negative"),
+        ({"guidance_scale": -1.0}, "guidance_scale must be a finite non-negative number"),
         ({"scheduler": "pndm", "eta": 0.5}, "eta applies to DDIM"),
     ],
 )

@@ -72,7 +72,7 @@ def _typed(method: str, key: str, value: Any, hint: Any) -> Any:
         return None
     for choice in choices:
         if get_origin(choice) is tuple:
-            if isinstance(value, list):
+            if isinstance(value, list | tuple):
                 return tuple(_typed(method, key, element, get_args(choice)[0]) for element in value)
             continue
         if choice not in TYPE_NAMES:

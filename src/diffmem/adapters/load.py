@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import diffusers
 import torch
+import transformers
 from diffusers import DiffusionPipeline, UNet2DConditionModel, UNet2DModel
 
 from diffmem.adapters.diffusers_base import DiffusersDenoiser
@@ -56,7 +60,10 @@ def load_denoiser(
     if "safety_checker" in index:
         extra = {"safety_checker": None, "requires_safety_checker": False}
     try:
-        pipeline = DiffusionPipeline.from_pretrained(directory, dtype=dtype, local_files_only=True, **extra)
+        with _without_loading_bars():
+            pipeline = DiffusionPipeline.from_pretrained(
+                directory, dtype=dtype, local_files_only=True, **extra
+            )
     except (OSError, ValueError, TypeError, KeyError) as error:
         raise DiffmemError(f"could not load the {class_name} in {directory}: {error}") from error
     pipeline.set_progress_bar_config(disable=True)
@@ -85,3 +92,18 @@ def read_model_index(directory: Path) -> dict:
     if not isinstance(content, dict) or "_class_name" not in content:
         raise DiffmemError(f"{index} is not a diffusers model index (no _class_name)")
     return content
+
+
+@contextmanager
+def _without_loading_bars() -> Iterator[None]:
+    """diffusers' and transformers' per-component loading bars off while a local model loads."""
+    libraries = (diffusers.utils.logging, transformers.utils.logging)
+    enabled = [library.is_progress_bar_enabled() for library in libraries]
+    for library in libraries:
+        library.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for library, was in zip(libraries, enabled, strict=True):
+            if was:
+                library.enable_progress_bar()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -132,9 +132,8 @@ def similarity_trajectories(
         base_seed=base_seed,
         batch_size=batch_size,
         decode=False,
-        progress=progress,
         observers=[trace],
-        **sampling.sample_kwargs(),
+        **replace(sampling, progress=progress).sample_kwargs(),
     )
     return trace.trajectories()
 

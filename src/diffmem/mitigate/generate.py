@@ -4,7 +4,7 @@ guard (only prompts the first-step detector flags are mitigated; the rest are sa
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pyarrow as pa
@@ -106,11 +106,14 @@ def mitigated_generate(
     batches = plain_batches + [
         (name, mitigated[s : s + batch_size]) for s in range(0, len(mitigated), batch_size)
     ]
-    for method, batch in tqdm(batches, desc="generating", disable=not progress):
+    bar = tqdm(total=sum(len(b) for _, b in batches), desc="generating", unit="image", disable=not progress)
+    stepped = replace(sampling, progress=progress)
+    for method, batch in batches:
         function, method_config = (apply, config) if method == name else (plain, plain_config)
         result = function(
-            denoiser, [items[rows[r][0]] for r in batch], [seeds[r] for r in batch], method_config, sampling
+            denoiser, [items[rows[r][0]] for r in batch], [seeds[r] for r in batch], method_config, stepped
         )
+        bar.update(len(batch))
         evaluations += result.unet_evaluations
         images = None
         if decode:
@@ -129,6 +132,7 @@ def mitigated_generate(
                 result.status[k],
                 extras,
             )
+    bar.close()
     extra_names = list(dict.fromkeys(key for output in outputs for key in output[6]))
     return MitigatedGeneration(
         latents=torch.stack([o[0] for o in outputs]),

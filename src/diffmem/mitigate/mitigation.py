@@ -32,6 +32,7 @@ class SamplingOptions:
     guidance_scale: float | None = None  # None: the model family's default
     scheduler: SchedulerMixin | None = None  # None: the model's own
     eta: float = 0.0
+    progress: bool = False  # a bar over each batch's sampling steps
 
     def sample_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :func:`diffmem.sampling.sample`."""
@@ -40,6 +41,7 @@ class SamplingOptions:
             "guidance_scale": self.guidance_scale,
             "scheduler": self.scheduler,
             "eta": self.eta,
+            "progress": self.progress,
         }
 
 

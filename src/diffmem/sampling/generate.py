@@ -68,14 +68,17 @@ def generate(
     rows = [(i, g) for i in range(len(items)) for g in range(n_generations)]
     seeds = [generation_seed(base_seed, prompt_ids[i], g) for i, g in rows]
     latents, images = [], []
-    for start in tqdm(range(0, len(rows), batch_size), desc="generating", disable=not progress):
+    bar = tqdm(total=len(rows), desc="generating", unit="image", disable=not progress)
+    for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         cond = denoiser.encode([items[i] for i, _ in chunk])
-        final = sample(denoiser, cond, seeds[start : start + batch_size], **sample_options)
+        final = sample(denoiser, cond, seeds[start : start + batch_size], progress=progress, **sample_options)
         latents.append(final)
         if decode:
             with torch.no_grad():
                 images.append(denoiser.decode(final).float().cpu())
+        bar.update(len(chunk))
+    bar.close()
     return Generation(
         latents=torch.cat(latents),
         images=torch.cat(images) if decode else None,
