@@ -15,7 +15,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from diffmem.benchmark_support import report
 from diffmem.errors import DiffmemError
 from diffmem.method_spec import parse_method_spec
 from diffmem.mitigate import mitigation_config
@@ -24,6 +23,7 @@ from diffmem.mitigate.fitted_gate import SimilarityTrace
 from diffmem.mitigate.training_similarity import measure_against_training, open_reference
 from diffmem.models import open_model
 from diffmem.sampling import sample
+from support import report
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -20,12 +20,12 @@ from dataclasses import replace
 import torch
 from diffusers.models.attention_processor import AttnProcessor
 
-from diffmem.benchmark_support import benchmark_model, benchmark_parser, report
 from diffmem.detect import NoiseNormConfig, noise_norm
 from diffmem.models import resolve_device, resolve_dtype
 from diffmem.run_record import environment
 from diffmem.speedups import Speedups, apply_speedups
 from diffmem.timing import timed
+from support import benchmark_model, benchmark_parser, report
 
 SPEEDUPS = {
     "channels_last": Speedups(channels_last=True),

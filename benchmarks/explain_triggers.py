@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from diffmem.benchmark_support import report
 from diffmem.explain.evaluate import trigger_evaluation
 from diffmem.explain.token_significance import ATTRIBUTION_TARGETS, SignificanceConfig
 from diffmem.model_names import LAB_MODEL
 from diffmem.models import open_model, shipped_directory
+from support import report
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -11,8 +11,8 @@ import argparse
 
 import numpy as np
 
-from diffmem.benchmark_support import report
 from diffmem.train.fine_tune import training_magnitudes
+from support import report
 
 T_BINS = ((0, 250), (250, 500), (500, 750), (750, 1000))
 

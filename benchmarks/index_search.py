@@ -17,9 +17,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from diffmem.benchmark_support import report
 from diffmem.index import TrainingSetIndex
 from diffmem.run_record import environment
+from support import report
 
 
 def main(argv: list[str] | None = None) -> dict:

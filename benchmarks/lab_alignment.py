@@ -15,7 +15,6 @@ import argparse
 import numpy as np
 import torch
 
-from diffmem.benchmark_support import report
 from diffmem.lab.alignment import EMPTY, alignment, fact_recall, load_reader, read
 from diffmem.lab.captions import caption
 from diffmem.lab.dataset import load_lab_dataset
@@ -24,6 +23,7 @@ from diffmem.lab.scenes import BACKGROUND_COLOURS, ITEM_COLOURS, POSITIONS, Item
 from diffmem.model_names import LAB_MODEL
 from diffmem.models import open_model
 from diffmem.sampling.generate import generate
+from support import report
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffmem.benchmark_support import report
 from diffmem.lab.fashion_mnist import load_fashion_mnist
 from diffmem.lab.scenes import Item, ItemPool, Scene, random_scene, render
 from diffmem.metrics.roc import detection_metrics
+from support import report
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from diffmem.atomic_io import write_json_atomic
-from diffmem.benchmark_support import benchmark_model, benchmark_parser, report
 from diffmem.denoiser import Denoiser
 from diffmem.index import TrainingSetIndex
 from diffmem.metrics.copy_detection import CopyDetectionEncoder
@@ -35,6 +34,7 @@ from diffmem.models import resolve_device, resolve_dtype
 from diffmem.run_record import environment
 from diffmem.sampling.guided_sampler import predict_pair
 from diffmem.timing import timed
+from support import benchmark_model, benchmark_parser, report
 
 PROMPT = "a photograph of an astronaut riding a horse, detailed, trending"
 

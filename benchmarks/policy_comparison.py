@@ -14,8 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
-from diffmem.benchmark_support import labelled_scatter, report
 from diffmem.run_record import environment
+from support import labelled_scatter, report
 
 MEASURES = ("copy_similarity", "nl2")
 

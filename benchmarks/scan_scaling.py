@@ -20,7 +20,6 @@ from pathlib import Path
 import ray
 import torch
 
-from diffmem.benchmark_support import benchmark_parser, load_benchmark_model, report
 from diffmem.detect import NoiseNormConfig
 from diffmem.detect.ray_scan import RayOptions, ray_scan_prompts
 from diffmem.detect.scan import ScanJob, scan_prompts
@@ -28,6 +27,7 @@ from diffmem.detect.scan_store import ScanStore
 from diffmem.models import resolve_device, resolve_dtype
 from diffmem.prompts_io import PromptRecord
 from diffmem.run_record import environment
+from support import benchmark_parser, load_benchmark_model, report
 
 
 class TimedStore(ScanStore):
@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> dict:
         lambda store: scan_prompts(job.scanner(load, job.device), records, store, "-", args.chunk_size, False)
     )
     torch.set_num_threads(threads)
-    ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="ERROR")
+    here = {"env_vars": {"PYTHONPATH": str(Path(__file__).parent)}}  # the actors import support.py too
+    ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="ERROR", runtime_env=here)
     record = {
         "size": args.size,
         "device": str(device),

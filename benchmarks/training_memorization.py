@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from diffmem.benchmark_support import labelled_scatter, report
 from diffmem.index.build import open_encoder
 from diffmem.lab.alignment import load_reader
 from diffmem.lab.dataset import load_lab_dataset
@@ -30,6 +29,7 @@ from diffmem.metrics.quality import fid, kid
 from diffmem.models import open_model, resolve_device, resolve_dtype
 from diffmem.run_record import environment
 from diffmem.sampling import generate
+from support import labelled_scatter, report
 
 
 def main(argv: list[str] | None = None) -> dict:

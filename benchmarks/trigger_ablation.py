@@ -14,11 +14,11 @@ from collections import Counter
 import pyarrow.parquet as pq
 import torch
 
-from diffmem.benchmark_support import report
 from diffmem.detect.noise_norm import NoiseNormConfig, noise_norm
 from diffmem.explain.evaluate import REPLACEMENT
 from diffmem.explain.token_significance import token_significance
 from diffmem.models import open_model
+from support import report
 
 
 def main(argv: list[str] | None = None) -> dict:

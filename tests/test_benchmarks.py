@@ -5,6 +5,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,10 @@ BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
 
 def _load(name: str):
+    if (
+        str(BENCHMARKS) not in sys.path
+    ):  # the scripts import their shared helpers as `python benchmarks/X.py` does
+        sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -1,5 +1,8 @@
 """Opt-in (``pytest -m gpu``): the same parity in float16 on a CUDA device, with a looser tolerance."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -39,7 +42,9 @@ def test_a_real_cuda_out_of_memory_halves_the_batch_and_scores_the_same():
     from diffmem.adapters import wrap_pipeline
     from diffmem.detect import NoiseNormConfig
     from diffmem.detect.scanner import Scanner
-    from diffmem.full_size import stable_diffusion_15
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from full_size import stable_diffusion_15
 
     denoiser = wrap_pipeline(stable_diffusion_15("cuda", torch.float16))
     prompts = [f"a photograph of item {i}, detailed" for i in range(64)]

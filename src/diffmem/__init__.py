@@ -19,6 +19,12 @@ _EXPORTS = {
     "load_denoiser": "diffmem.adapters",
     "sample": "diffmem.sampling",
     "wrap_pipeline": "diffmem.adapters",
+    "ModelSource": "diffmem.models",
+    "Runtime": "diffmem.workflows.runtime",
+    "ScanConfig": "diffmem.workflows.scan",
+    "scan": "diffmem.workflows.scan",
+    "CalibrateConfig": "diffmem.workflows.scan",
+    "calibrate_detector": "diffmem.workflows.scan",
 }
 __all__ = list(_EXPORTS)
 
