@@ -62,7 +62,10 @@ def request(server, path, body=None, raw=None):
     """(status, decoded JSON or text) of a GET, or of a POST of ``body`` as JSON or ``raw`` bytes."""
     data = raw if raw is not None else None if body is None else json.dumps(body).encode()
     call = urllib.request.Request(
-        server.url.rstrip("/") + path, data=data, method="GET" if data is None else "POST"
+        server.url.rstrip("/") + path,
+        data=data,
+        method="GET" if data is None else "POST",
+        headers={} if data is None else {"Content-Type": "application/json"},
     )
     try:
         with urllib.request.urlopen(call, timeout=60) as response:

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 from diffmem.denoiser import Denoiser
 from diffmem.errors import DiffmemError
 from diffmem.explain import SignificanceConfig, token_significance
+from diffmem.prompts_io import encoding_problem
 from diffmem.report.html import png
 from diffmem.sampling import generate
 
@@ -130,3 +131,6 @@ def _check_prompt(prompt: Any) -> None:
         raise DiffmemError("the prompt is empty: there is nothing to explain")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise DiffmemError(f"the prompt is longer than {MAX_PROMPT_CHARS} characters")
+    problem = encoding_problem(prompt)
+    if problem is not None:
+        raise DiffmemError(f"the prompt is not valid text: {problem}")

@@ -1,7 +1,10 @@
 """The HTTP side of the explanation page: the page itself and a small JSON API over a PromptExplainer.
 
 ``GET /`` the page, ``GET /api/info`` model and settings, ``POST /api/explain`` and ``POST /api/thumbnail``
-with ``{"prompt": ...}``. Request bodies over ``MAX_BODY_BYTES`` are refused (413) unread.
+with ``{"prompt": ...}``. A POST must come from the page's own origin (no ``Origin`` of another host:
+403), say ``Content-Type: application/json`` (415) and declare its exact length (411); bodies over
+``MAX_BODY_BYTES`` are refused unread (413), and a body that does not arrive within
+``READ_TIMEOUT_S`` ends the request (408). Every bad request is answered 4xx; 5xx means the model failed.
 """
 
 from __future__ import annotations
@@ -18,21 +21,30 @@ from diffmem.errors import DiffmemError
 from diffmem.serve.explainer import PromptExplainer, QueueFull
 
 MAX_BODY_BYTES = 16 * 1024
+READ_TIMEOUT_S = 10.0  # for each read of a request: its lines and its body
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 log = logging.getLogger("diffmem.serve")
 
 
 class ExplanationServer(ThreadingHTTPServer):
-    """Serves the explanation page for one explainer; ``port=0`` picks a free port."""
+    """Serves the explanation page for one explainer; ``port=0`` picks a free port; a client gets
+    ``read_timeout_s`` seconds for each read of its request."""
 
     daemon_threads = True
 
-    def __init__(self, explainer: PromptExplainer, host: str = "127.0.0.1", port: int = 8765) -> None:
+    def __init__(
+        self,
+        explainer: PromptExplainer,
+        host: str = "127.0.0.1",
+        port: int = 8765,
+        read_timeout_s: float = READ_TIMEOUT_S,
+    ) -> None:
         self.explainer = explainer
         self.page = files("diffmem.serve").joinpath("page.html").read_bytes()
+        handler = type("_TimedHandler", (_Handler,), {"timeout": read_timeout_s})
         try:
-            super().__init__((host, port), _Handler)
+            super().__init__((host, port), handler)
         except OSError as error:
             raise DiffmemError(f"cannot listen on {host}:{port}: {error.strerror or error}") from error
 
@@ -58,6 +70,7 @@ class ExplanationServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: ExplanationServer
     server_version = "diffmem"
+    timeout = READ_TIMEOUT_S  # set on the socket: a client that stops sending cannot hold a thread
 
     def do_GET(self) -> None:
         if self.path in ("/", "/index.html"):
@@ -72,14 +85,15 @@ class _Handler(BaseHTTPRequestHandler):
             "/api/explain": self.server.explainer.explain,
             "/api/thumbnail": self.server.explainer.thumbnail,
         }
-        action = actions.get(self.path)
-        if action is None:
-            self._json(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint: {self.path}"})
-            return
         try:
+            action = actions.get(self.path)
+            if action is None:
+                raise _Refused(HTTPStatus.NOT_FOUND, f"no such endpoint: {self.path}")
+            self._check_origin()
             request = self._body()
             self._json(HTTPStatus.OK, action(request.get("prompt")))
         except _Refused as refused:
+            self.close_connection = True  # an unread or partly read body must not be taken for a request
             self._json(refused.status, {"error": str(refused)})
         except QueueFull as busy:
             self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": str(busy)})
@@ -89,19 +103,41 @@ class _Handler(BaseHTTPRequestHandler):
             log.exception("request %s failed", self.path)
             self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(error).__name__}: {error}"})
 
+    def _check_origin(self) -> None:
+        """Refuse a request a page of another site sends (the server may listen beyond localhost)."""
+        origin = self.headers.get("Origin")
+        if self.headers.get("Sec-Fetch-Site") == "cross-site" or (
+            origin is not None and origin != f"http://{self.headers.get('Host', '')}"
+        ):
+            raise _Refused(HTTPStatus.FORBIDDEN, "requests from another origin are refused")
+        kind = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            raise _Refused(
+                HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send the request as Content-Type: application/json"
+            )
+
     def _body(self) -> dict[str, Any]:
-        """The request's JSON object, refused when too large or not a JSON object."""
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            raise _Refused(HTTPStatus.LENGTH_REQUIRED, "send a Content-Length header") from None
+        """The request's JSON object: exactly Content-Length bytes, at most MAX_BODY_BYTES, in time."""
+        declared = self.headers.get("Content-Length", "")
+        if not declared.isascii() or not declared.isdigit():
+            raise _Refused(
+                HTTPStatus.LENGTH_REQUIRED, "send a Content-Length header: the body's size in bytes"
+            )
+        length = int(declared)
         if length > MAX_BODY_BYTES:
-            self.close_connection = True  # the unread body must not be taken for the next request
             raise _Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request larger than {MAX_BODY_BYTES} bytes")
         try:
-            request = json.loads(self.rfile.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise _Refused(HTTPStatus.BAD_REQUEST, f"the request is not JSON: {error}") from None
+            data = self.rfile.read(length)
+        except TimeoutError:
+            data = b""
+        if len(data) != length:
+            raise _Refused(HTTPStatus.REQUEST_TIMEOUT, f"the body ended after {len(data)} of {length} bytes")
+        try:
+            request = json.loads(data)
+        except (ValueError, RecursionError) as error:  # bad JSON, bad UTF-8, or nested beyond Python's stack
+            raise _Refused(
+                HTTPStatus.BAD_REQUEST, f"the request is not JSON: {type(error).__name__}"
+            ) from None
         if not isinstance(request, dict):
             raise _Refused(HTTPStatus.BAD_REQUEST, 'send a JSON object: {"prompt": "..."}')
         return request
@@ -117,7 +153,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Cache-Control", "no-store")
             self.end_headers()
             self.wfile.write(body)
-        except (BrokenPipeError, ConnectionResetError):  # the page was closed before its answer came
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):  # the client left before the answer
             log.info("%s left before the answer to %s", self.address_string(), self.path)
 
     def log_message(self, format: str, *args: Any) -> None:
