@@ -71,27 +71,34 @@ def read_prompt_records(
 
 def _text_records(data: bytes) -> list[PromptRecord]:
     records = []
-    for number, raw in enumerate(data.splitlines()):
-        try:
-            line, status = raw.decode("utf-8").strip(), "ok"
-        except UnicodeDecodeError:
-            line, status = raw.decode("utf-8", errors="replace").strip(), "not_utf8"
-        if line:
-            records.append(PromptRecord(number, line, status))
+    for number, raw in enumerate(
+        data.removeprefix(b"\xef\xbb\xbf").splitlines()
+    ):  # a byte-order mark is no text
+        line, ok = _decoded(raw)
+        if line.strip():
+            records.append(PromptRecord(number, line.strip(), "ok" if ok else "not_utf8"))
     return records
+
+
+def _decoded(raw: bytes) -> tuple[str, bool]:
+    """The text of UTF-8 bytes and True, or the text with U+FFFD for each undecodable byte and False."""
+    try:
+        return raw.decode("utf-8"), True
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", errors="replace"), False
 
 
 def _table_records(path: Path, column: str, id_column: str | None) -> list[PromptRecord]:
     try:
         table: pa.Table = READERS[path.suffix.lower()](path)
-    except (pa.ArrowInvalid, OSError) as error:
-        raise DiffmemError(f"could not read {path}: {error}") from error
+    except (pa.ArrowException, OSError) as error:
+        raise DiffmemError(f"could not read {path}: {str(error).splitlines()[0]}") from None
     for name in (column, id_column):
         if name is not None and name not in table.column_names:
             raise DiffmemError(
                 f"{path.name} has no column {name!r}; columns: {', '.join(table.column_names)}"
             )
-    prompts = table.column(column).to_pylist()
+    prompts = _cells(table.column(column))
     if id_column is None:
         ids = list(range(len(prompts)))
     else:
@@ -102,11 +109,23 @@ def _table_records(path: Path, column: str, id_column: str | None) -> list[Promp
     for prompt_id, prompt in zip(ids, prompts):
         if prompt is None:
             records.append(PromptRecord(prompt_id, "", "missing"))
-        elif not isinstance(prompt, str):
-            raise DiffmemError(f"{path.name}: column {column!r} is not text (row id {prompt_id}: {prompt!r})")
+        elif not isinstance(prompt, bytes):
+            raise DiffmemError(
+                f"{path.name}: column {column!r} is not text (row id {prompt_id}: {prompt!r:.80})"
+            )
         else:
-            records.append(PromptRecord(prompt_id, prompt, "ok" if prompt.strip() else "empty"))
+            text, ok = _decoded(prompt)
+            records.append(
+                PromptRecord(prompt_id, text, "not_utf8" if not ok else "ok" if text.strip() else "empty")
+            )
     return records
+
+
+def _cells(column: pa.ChunkedArray) -> list:
+    """A column's values; text as raw bytes (decoded row by row, so one bad row spoils no other)."""
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        return column.cast(pa.large_binary()).to_pylist()
+    return column.to_pylist()
 
 
 def _check_unique_ids(path: Path, records: list[PromptRecord]) -> None:
