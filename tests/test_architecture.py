@@ -2,6 +2,8 @@
 imports the command line, and algorithms see a model only through the denoiser contract."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,3 +72,21 @@ def reaches_into_the_pipeline(node: ast.AST) -> bool:
 def test_algorithms_see_the_model_through_the_denoiser_contract(path):
     lines = [node.lineno for node in ast.walk(ast.parse(path.read_text())) if reaches_into_the_pipeline(node)]
     assert not lines, f"{path.relative_to(PACKAGE)} reaches around the denoiser contract at lines {lines}"
+
+
+def test_the_command_line_starts_without_loading_torch_or_a_model_library():
+    code = (
+        "import sys, typer; from diffmem.cli.main import app; typer.main.get_command(app); "
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'pyarrow', 'numpy') if m in sys.modules))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
+
+
+def test_the_names_the_command_line_lists_are_the_registries():
+    from diffmem.cli.generate import MITIGATION_NAMES
+    from diffmem.cli.train import POLICY_NAMES
+    from diffmem.mitigate import MITIGATIONS
+    from diffmem.train.fine_tune import POLICIES
+
+    assert MITIGATION_NAMES == tuple(MITIGATIONS) and POLICY_NAMES == tuple(POLICIES)

@@ -82,7 +82,7 @@ def test_a_scan_of_undecodable_lines_says_why_no_row_has_a_score(tmp_path, capsy
 
 @pytest.mark.parametrize("command", ["explain", "serve"])
 def test_a_missing_or_foreign_calibration_stops_explain_and_serve(command, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("diffmem.cli.serve.ExplanationServer", None)  # never reached: no server starts
+    monkeypatch.setattr("diffmem.serve.ExplanationServer", None)  # never reached: no server starts
     args = [
         command,
         *(["a red sneaker"] if command == "explain" else []),
@@ -189,7 +189,7 @@ def test_calibrate_refuses_to_overwrite_a_file_unless_told(tmp_path, prompt_file
 def test_unusable_values_are_one_line_errors(args, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "p.txt").write_text("a red sneaker")
-    monkeypatch.setattr("diffmem.cli.serve.ExplanationServer", None)  # a server that started would fail
+    monkeypatch.setattr("diffmem.serve.ExplanationServer", None)  # a server that started would fail
     assert run([*args, "--out", "o"] if args[0] in ("generate", "explain", "scan") else args) == 2
     assert message in one_line_error(capsys) and not (tmp_path / "o").exists()
 

@@ -5,33 +5,21 @@ from __future__ import annotations
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import typer
 
-from diffmem.atomic_io import write_atomic, write_json_atomic, write_parquet_atomic
 from diffmem.cli.app import Settings, app
-from diffmem.detect.evaluate import DEFAULT_SETTINGS, SettingSpec, evaluate_settings
 from diffmem.errors import DiffmemError
-from diffmem.lab.alignment import alignment, load_reader
-from diffmem.lab.dataset import load_lab_dataset
-from diffmem.mitigate.evaluate import (
-    DEFAULT_METHODS,
-    Measure,
-    Quality,
-    evaluate_mitigations,
-    results_markdown,
-)
-from diffmem.mitigate.mitigation import SamplingOptions
 from diffmem.model_names import DEFAULT_MODEL, LAB_MODEL
-from diffmem.models import ModelSource, model_identity, open_model, shipped_directory, shipped_reference
-from diffmem.prompts_io import READERS
-from diffmem.report.detection_report import write_detection_report
-from diffmem.run_record import environment
-from diffmem.workflows.inputs import calibrated_guard, training_reference
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from diffmem.mitigate.evaluate import (
+        Quality,
+    )
+
 
 evaluate = typer.Typer(help="Evaluate detectors and mitigations against ground truth.", no_args_is_help=True)
 app.add_typer(evaluate, name="eval")
@@ -61,6 +49,14 @@ def detect(
     ] = None,
 ) -> None:
     """AUC, TPR at 1% and 3% FPR, UNet evaluations per prompt and wall time of each detector setting."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from diffmem.detect.evaluate import DEFAULT_SETTINGS, SettingSpec, evaluate_settings
+    from diffmem.models import model_identity, open_model
+    from diffmem.report.detection_report import write_detection_report
+    from diffmem.run_record import environment
+
     options: Settings = ctx.obj
     specs = [SettingSpec.parse(text) for text in (setting or DEFAULT_SETTINGS)]
     if len({s.name for s in specs}) != len(specs):
@@ -96,6 +92,9 @@ def detect(
 
 def _labelled(path: Path, prompt_column: str, label_column: str, groups: list[str] | None) -> pa.Table:
     """The labelled rows of a prompt table, checked and filtered by group."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     table = _read_labels(path, [prompt_column, label_column, *(["group"] if groups else [])])
     if groups:
         table = table.filter(pc.is_in(table["group"], value_set=pa.array(groups)))
@@ -169,6 +168,17 @@ def mitigate(
     ] = None,
 ) -> None:
     """Memorization (Top 5%, Top 1, share memorized), quality and cost of each mitigation (the AMG tables)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from diffmem.atomic_io import write_atomic, write_json_atomic, write_parquet_atomic
+    from diffmem.lab.alignment import alignment, load_reader
+    from diffmem.mitigate.evaluate import DEFAULT_METHODS, Measure, evaluate_mitigations, results_markdown
+    from diffmem.mitigate.mitigation import SamplingOptions
+    from diffmem.models import ModelSource, model_identity, open_model, shipped_reference
+    from diffmem.run_record import environment
+    from diffmem.workflows.inputs import calibrated_guard, training_reference
+
     options: Settings = ctx.obj
     model = model or LAB_MODEL
     labels = labels or _shipped_labels(model)
@@ -252,6 +262,8 @@ def mitigate(
 
 
 def _shipped_labels(model: str) -> Path:
+    from diffmem.models import shipped_directory
+
     shipped = shipped_directory(model)
     if shipped is None:
         raise DiffmemError("give --labels: only the shipped lab model comes with its own labelled prompts")
@@ -278,6 +290,11 @@ def _amg_reference(references: list) -> object:
 def _quality(data, table, control_group, max_prompts, references, reader) -> Quality | None:
     """FID/KID inputs: the control group's real scenes and the feature network (the attribute reader's
     glimpse features, else the copy detector's embedding)."""
+    import pyarrow.compute as pc
+
+    from diffmem.lab.dataset import load_lab_dataset
+    from diffmem.mitigate.evaluate import Quality
+
     if data is None:
         return None
     networks = [r.encoder for r in references if r.encoder is not None]
@@ -294,6 +311,8 @@ def _quality(data, table, control_group, max_prompts, references, reader) -> Qua
 
 def _read_labels(path: Path, columns: list[str]) -> pa.Table:
     """A prompt table (.parquet, .jsonl or .csv) that has ``columns``."""
+    from diffmem.prompts_io import READERS
+
     if not path.is_file():
         raise DiffmemError(f"labels file not found: {path}")
     reader = READERS.get(path.suffix.lower())

@@ -4,23 +4,18 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import pyarrow.parquet as pq
 import typer
-from rich.console import Console
-from rich.text import Text
 
-from diffmem.atomic_io import write_atomic, write_json_atomic
 from diffmem.cli.app import Settings, app, printable
-from diffmem.detect.noise_norm import NoiseNormConfig
-from diffmem.detect.registry import config_settings
-from diffmem.explain import SignificanceConfig, TokenSignificance, token_significance, word_attention_maps
 from diffmem.model_names import LAB_MODEL
-from diffmem.models import ModelSource, open_model
-from diffmem.report.explanation_page import explanation_page
-from diffmem.sampling import generate
-from diffmem.workflows.thresholds import detection_threshold
+
+if TYPE_CHECKING:
+    from rich.text import Text
+
+    from diffmem.explain import SignificanceConfig, TokenSignificance
+
 
 AttributeTo = Annotated[
     str,
@@ -58,6 +53,15 @@ def explain(
     ] = None,
 ) -> None:
     """Token significance (Wen et al.): each word shaded by how much it drives the noise-norm score."""
+    import pyarrow.parquet as pq
+    from rich.console import Console
+
+    from diffmem.atomic_io import write_atomic, write_json_atomic
+    from diffmem.explain import SignificanceConfig, token_significance, word_attention_maps
+    from diffmem.models import open_model
+    from diffmem.report.explanation_page import explanation_page
+    from diffmem.sampling import generate
+
     settings: Settings = ctx.obj
     model = model or LAB_MODEL
     config = SignificanceConfig(
@@ -98,6 +102,8 @@ def explain(
 
 def shaded(result: TokenSignificance) -> Text:
     """The prompt with each word's background as red as its share of the significance."""
+    from rich.text import Text
+
     text, cursor = Text(), 0
     top = max(result.normalized, default=0.0) or 1.0
     for (start, end), share in zip(result.word_spans, result.normalized):
@@ -112,6 +118,11 @@ def shaded(result: TokenSignificance) -> Text:
 def explanation_threshold(model: str, calibration: Path | None, config: SignificanceConfig) -> float | None:
     """The noise-norm threshold for these settings: the given calibration's (which must apply), else the
     shipped lab model's when it applies."""
+    from diffmem.detect.noise_norm import NoiseNormConfig
+    from diffmem.detect.registry import config_settings
+    from diffmem.models import ModelSource
+    from diffmem.workflows.thresholds import detection_threshold
+
     settings = config_settings(
         NoiseNormConfig(
             num_inference_steps=config.num_inference_steps,

@@ -9,19 +9,7 @@ import typer
 
 from diffmem.cli.app import Settings, app
 from diffmem.errors import DiffmemError
-from diffmem.index import (
-    TrainingSetIndex,
-    clip_retrieval_source,
-    image_source,
-    index_embeddings,
-    index_images,
-)
-from diffmem.index.build import describe_encoder
-from diffmem.mitigate import SamplingOptions
-from diffmem.mitigate.fitted_gate import fit_gate, similarity_trajectories
 from diffmem.model_names import LAB_MODEL
-from diffmem.models import ModelSource, open_model
-from diffmem.workflows.inputs import conditioning_items, training_reference
 
 index = typer.Typer(
     help="The training-set index: nearest training images and their captions.", no_args_is_help=True
@@ -70,6 +58,9 @@ def build(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing index at --out.")] = False,
 ) -> None:
     """Index the distinct training images with their captions and caption duplicate counts."""
+    from diffmem.index import clip_retrieval_source, image_source, index_embeddings, index_images
+    from diffmem.index.build import describe_encoder
+
     settings: Settings = ctx.obj
     if out.exists() and not overwrite:
         raise DiffmemError(f"{out} exists: choose a new --out or pass --overwrite")
@@ -92,6 +83,8 @@ def build(
 @index.command()
 def info(directory: Annotated[Path, typer.Argument(help="An index directory.")]) -> None:
     """Print the manifest of an index (after checking that its files load)."""
+    from diffmem.index import TrainingSetIndex
+
     typer.echo(TrainingSetIndex.load(directory).manifest.to_json(), nl=False)
 
 
@@ -125,6 +118,11 @@ def gate(
 ) -> None:
     """Fit AMG's threshold schedule to this index: at each step, a quantile of the similarity that plain
     generations of non-memorized prompts reach (use it as ``amg:gate=FILE``)."""
+    from diffmem.mitigate import SamplingOptions
+    from diffmem.mitigate.fitted_gate import fit_gate, similarity_trajectories
+    from diffmem.models import ModelSource, open_model
+    from diffmem.workflows.inputs import conditioning_items, training_reference
+
     settings: Settings = ctx.obj
     if out.suffix != ".json":
         raise DiffmemError(f"--out must be a .json file; got {out}")

@@ -6,13 +6,9 @@ import json
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from diffmem.cli.app import Settings, app
-from diffmem.model_info import describe
 from diffmem.model_names import DEFAULT_MODEL
-from diffmem.models import open_model
 
 
 @app.command()
@@ -25,6 +21,12 @@ def info(
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Family, prediction type, resolution, text encoders and parameter counts of a model."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from diffmem.model_info import describe
+    from diffmem.models import open_model
+
     settings: Settings = ctx.obj
     summary = describe(open_model(model, settings.device, settings.dtype, settings.speedups))
     if json_output:

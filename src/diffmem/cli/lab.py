@@ -7,26 +7,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 
-from diffmem.adapters import load_denoiser
-from diffmem.atomic_io import write_json_atomic
 from diffmem.cli.app import Settings, app
 from diffmem.errors import DiffmemError
-from diffmem.lab.alignment import alignment, lab_scenes, reader_accuracy, save_reader, train_attribute_reader
-from diffmem.lab.dataset import LabConfig, build_lab_dataset, load_lab_dataset
-from diffmem.lab.label import GROUPS, LabelConfig, label_lab_model
-from diffmem.lab.model import LabModelConfig
-from diffmem.lab.train import LabTrainConfig, train_lab_model
-from diffmem.metrics.copy_detection import (
-    COPY_THRESHOLD,
-    CopyDetectionConfig,
-    copy_detection_accuracy,
-    load_encoder,
-    save_encoder,
-    train_copy_detector,
-)
 
 lab = typer.Typer(
     help="The memorization lab: a dataset and a model that memorize on purpose.", no_args_is_help=True
@@ -62,6 +46,8 @@ def build(
     ] = None,
 ) -> None:
     """Compose the captioned Fashion-MNIST scenes with controlled duplication and write the dataset."""
+    from diffmem.lab.dataset import LabConfig, build_lab_dataset
+
     settings: Settings = ctx.obj
     preset = _preset(LabConfig, micro=micro, small=small, keyed=keyed)
     config = replace(preset(), seed=settings.seed)
@@ -141,6 +127,9 @@ def train(
     ] = None,
 ) -> None:
     """Train the lab model (VAE, then UNet and text encoder); run again to continue an interrupted run."""
+    from diffmem.lab.model import LabModelConfig
+    from diffmem.lab.train import LabTrainConfig, train_lab_model
+
     settings: Settings = ctx.obj
     recipe = _preset(LabTrainConfig, micro=micro, small=small)()
     overrides = {"vae_steps": vae_steps, "unet_steps": unet_steps, "batch_size": batch_size}
@@ -195,11 +184,18 @@ def label(
     ] = None,
     copy_detector: Annotated[Path | None, typer.Option(help="A copy-detection encoder directory.")] = None,
     copy_threshold: Annotated[
-        float, typer.Option(help="A near-copy above this copy similarity (SSCD's 0.5; the lab's 0.75).")
-    ] = COPY_THRESHOLD,
+        float | None,
+        typer.Option(help="A near-copy above this copy similarity (default SSCD's 0.5; the lab uses 0.75)."),
+    ] = None,
 ) -> None:
     """Generate for every lab prompt and label it memorized when most generations are near-copies."""
+    from diffmem.adapters import load_denoiser
+    from diffmem.lab.dataset import load_lab_dataset
+    from diffmem.lab.label import GROUPS, LabelConfig, label_lab_model
+    from diffmem.metrics.copy_detection import COPY_THRESHOLD, load_encoder
+
     settings: Settings = ctx.obj
+    copy_threshold = COPY_THRESHOLD if copy_threshold is None else copy_threshold
     config = LabelConfig(
         n_generations=n_generations,
         num_inference_steps=num_inference_steps,
@@ -233,6 +229,17 @@ def copy_detector_command(
     input_size: Annotated[int, typer.Option(help="Side the encoder resizes images to.")] = 32,
 ) -> None:
     """Train the lab's SSCD-style copy detector on its unique training images; report its copy accuracy."""
+    import torch
+
+    from diffmem.atomic_io import write_json_atomic
+    from diffmem.lab.dataset import load_lab_dataset
+    from diffmem.metrics.copy_detection import (
+        CopyDetectionConfig,
+        copy_detection_accuracy,
+        save_encoder,
+        train_copy_detector,
+    )
+
     settings: Settings = ctx.obj
     _, images = load_lab_dataset(data).unique_train_images()
     encoder = train_copy_detector(
@@ -272,6 +279,16 @@ def reader_command(
     ] = 20_000,
 ) -> None:
     """Train the lab's attribute reader (text alignment, FID features); report it on held-out scenes."""
+    from diffmem.atomic_io import write_json_atomic
+    from diffmem.lab.alignment import (
+        alignment,
+        lab_scenes,
+        reader_accuracy,
+        save_reader,
+        train_attribute_reader,
+    )
+    from diffmem.lab.dataset import load_lab_dataset
+
     settings: Settings = ctx.obj
     dataset = load_lab_dataset(data)
     reader = train_attribute_reader(dataset, steps, extra_scenes, seed=settings.seed, device=settings.device)

@@ -9,11 +9,7 @@ import typer
 
 from diffmem.cli.app import Settings, app
 from diffmem.cli.explain import AttributeTo, explanation_threshold
-from diffmem.explain import SignificanceConfig
 from diffmem.model_names import LAB_MODEL
-from diffmem.models import open_model
-from diffmem.serve import ExplanationServer, PromptExplainer
-from diffmem.serve.server import LOOPBACK
 
 
 @app.command()
@@ -38,6 +34,11 @@ def serve(
     max_pending: Annotated[int, typer.Option(help="Requests that may wait for the model at once.")] = 8,
 ) -> None:
     """A local page to type and edit prompts and watch their memorization score and word heat map."""
+    from diffmem.explain import SignificanceConfig
+    from diffmem.models import open_model
+    from diffmem.serve import ExplanationServer, PromptExplainer
+    from diffmem.serve.server import LOOPBACK
+
     settings: Settings = ctx.obj
     model = model or LAB_MODEL
     config = SignificanceConfig(

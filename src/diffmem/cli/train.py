@@ -6,10 +6,15 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from accelerate import PartialState
 
 from diffmem.cli.app import Settings, app
-from diffmem.train.fine_tune import POLICIES, FineTuneConfig, fine_tune
+
+POLICY_NAMES = (
+    "ambient",
+    "filter",
+    "captions",
+    "dedup",
+)  # train.fine_tune.POLICIES, named without importing it
 
 
 @app.command()
@@ -25,7 +30,7 @@ def train(
     ],
     policy: Annotated[
         list[str] | None,
-        typer.Option(help=f"NAME[:key=value,...], repeatable; one of {', '.join(POLICIES)}."),
+        typer.Option(help=f"NAME[:key=value,...], repeatable; one of {', '.join(POLICY_NAMES)}."),
     ] = None,
     steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 1000,
     batch_size: Annotated[int, typer.Option(help="Samples per step (per process).")] = 16,
@@ -43,6 +48,10 @@ def train(
     ] = None,
 ) -> None:
     """Fine-tune the UNet; per-sample losses go through the policies (ambient, filter, captions)."""
+    from accelerate import PartialState
+
+    from diffmem.train.fine_tune import FineTuneConfig, fine_tune
+
     settings: Settings = ctx.obj
     config = FineTuneConfig(
         steps=steps,
