@@ -25,6 +25,10 @@ _EXPORTS = {
     "scan": "diffmem.workflows.scan",
     "CalibrateConfig": "diffmem.workflows.scan",
     "calibrate_detector": "diffmem.workflows.scan",
+    "GenerateConfig": "diffmem.workflows.generate",
+    "generate_images": "diffmem.workflows.generate",
+    "ExplainConfig": "diffmem.workflows.explain",
+    "explain_prompt": "diffmem.workflows.explain",
 }
 __all__ = list(_EXPORTS)
 

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from diffmem.cli.app import Settings, app, printable
+from diffmem.cli.app import app, printable
 from diffmem.model_names import LAB_MODEL
 
 if TYPE_CHECKING:
     from rich.text import Text
 
-    from diffmem.explain import SignificanceConfig, TokenSignificance
+    from diffmem.explain import TokenSignificance
 
 
 AttributeTo = Annotated[
@@ -53,51 +52,25 @@ def explain(
     ] = None,
 ) -> None:
     """Token significance (Wen et al.): each word shaded by how much it drives the noise-norm score."""
-    import pyarrow.parquet as pq
     from rich.console import Console
 
-    from diffmem.atomic_io import write_atomic, write_json_atomic
-    from diffmem.explain import SignificanceConfig, token_significance, word_attention_maps
-    from diffmem.models import open_model
-    from diffmem.report.explanation_page import explanation_page
-    from diffmem.sampling import generate
+    from diffmem.workflows.explain import ExplainConfig, explain_prompt
 
-    settings: Settings = ctx.obj
-    model = model or LAB_MODEL
-    config = SignificanceConfig(
-        num_inference_steps, first_steps, n_generations, guidance_scale, settings.seed, attribute_to
-    )
-    threshold = explanation_threshold(model, calibration, config)
-    denoiser = open_model(model, settings.device, settings.dtype, settings.speedups)
-    result = token_significance(denoiser, prompt, config)
-    out.mkdir(parents=True, exist_ok=True)
-    pq.write_table(result.to_table(), out / "significance.parquet")
-    result.plot(out / "significance.png")
-    summary = {"prompt": prompt, "model": model, "config": asdict(config), "score": result.score}
-    summary |= {"threshold": threshold, "flagged": None if threshold is None else result.score > threshold}
-    summary |= {"truncated": result.truncated, "words": result.words, "normalized": result.normalized}
-    write_json_atomic(out / "explanation.json", summary)
-    if html is not None:
-        step = num_inference_steps // 2 if attention_step is None else attention_step
-        attention = word_attention_maps(denoiser, prompt, step, config)
-        images = generate(
-            denoiser,
-            [prompt],
-            n_generations=n_generations,
-            base_seed=settings.seed,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-        ).images
-        document = explanation_page(result, attention, images, {**summary, "attention_step": step})
-        write_atomic(html, document.encode())
+    config = ExplainConfig(
+        prompt, model or LAB_MODEL, num_inference_steps, first_steps, n_generations, guidance_scale,
+        attribute_to, calibration, html is not None, attention_step,
+    )  # fmt: skip
+    run = explain_prompt(config, ctx.obj.runtime)
+    run.save(out, html)
     console = Console(highlight=False)
-    console.print(shaded(result))
+    console.print(shaded(run.result))
+    score, threshold = run.result.score, run.threshold
     verdict = (
         ""
         if threshold is None
-        else f" ({'above' if result.score > threshold else 'below'} the threshold {threshold:.3f})"
+        else f" ({'above' if score > threshold else 'below'} the threshold {threshold:.3f})"
     )
-    console.print(f"noise-norm score {result.score:.3f}{verdict}; wrote {out}")
+    console.print(f"noise-norm score {score:.3f}{verdict}; wrote {out}")
 
 
 def shaded(result: TokenSignificance) -> Text:
@@ -113,23 +86,3 @@ def shaded(result: TokenSignificance) -> Text:
         cursor = end
     text.append(printable(result.prompt[cursor:]))
     return text
-
-
-def explanation_threshold(model: str, calibration: Path | None, config: SignificanceConfig) -> float | None:
-    """The noise-norm threshold for these settings: the given calibration's (which must apply), else the
-    shipped lab model's when it applies."""
-    from diffmem.detect.noise_norm import NoiseNormConfig
-    from diffmem.detect.registry import config_settings
-    from diffmem.models import ModelSource
-    from diffmem.workflows.thresholds import detection_threshold
-
-    settings = config_settings(
-        NoiseNormConfig(
-            num_inference_steps=config.num_inference_steps,
-            steps=config.steps,
-            n_generations=config.n_generations,
-            guidance_scale=config.guidance_scale,
-            base_seed=config.base_seed,
-        )
-    )
-    return detection_threshold(ModelSource.resolve(model), calibration, "noise_norm", settings)

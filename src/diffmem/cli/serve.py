@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from diffmem.cli.app import Settings, app
-from diffmem.cli.explain import AttributeTo, explanation_threshold
+from diffmem.cli.app import app
+from diffmem.cli.explain import AttributeTo
 from diffmem.model_names import LAB_MODEL
 
 
@@ -34,21 +34,22 @@ def serve(
     max_pending: Annotated[int, typer.Option(help="Requests that may wait for the model at once.")] = 8,
 ) -> None:
     """A local page to type and edit prompts and watch their memorization score and word heat map."""
-    from diffmem.explain import SignificanceConfig
-    from diffmem.models import open_model
+    from diffmem.models import ModelSource
     from diffmem.serve import ExplanationServer, PromptExplainer
     from diffmem.serve.server import LOOPBACK
+    from diffmem.workflows.explain import ExplainConfig, explanation_threshold, significance_config
 
-    settings: Settings = ctx.obj
-    model = model or LAB_MODEL
-    config = SignificanceConfig(
-        num_inference_steps, first_steps, n_generations, guidance_scale, settings.seed, attribute_to
+    runtime = ctx.obj.runtime
+    source = ModelSource.resolve(model or LAB_MODEL)
+    given = ExplainConfig(
+        "", source.name, num_inference_steps, first_steps, n_generations, guidance_scale, attribute_to
     )
+    config = significance_config(given, runtime.seed)
     explainer = PromptExplainer(
-        lambda: open_model(model, settings.device, settings.dtype, settings.speedups),
+        lambda: source.open(runtime.device, runtime.dtype, runtime.speedups),
         config,
-        explanation_threshold(model, calibration, config),
-        model_name=model,
+        explanation_threshold(source, calibration, config),
+        model_name=source.name,
         thumbnails=thumbnails,
         max_pending=max_pending,
     )

@@ -1,0 +1,116 @@
+"""Explain a prompt word by word (Wen et al.'s token significance) against the model's calibrated
+threshold: the Python side of ``diffmem explain`` and of the threshold ``diffmem serve`` shows."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from diffmem.atomic_io import write_atomic, write_json_atomic
+from diffmem.detect.noise_norm import NoiseNormConfig
+from diffmem.detect.registry import config_settings
+from diffmem.explain import SignificanceConfig, TokenSignificance, token_significance, word_attention_maps
+from diffmem.model_names import LAB_MODEL
+from diffmem.models import ModelSource
+from diffmem.report.explanation_page import explanation_page
+from diffmem.sampling import generate
+from diffmem.workflows.runtime import Runtime
+from diffmem.workflows.thresholds import detection_threshold
+
+
+@dataclass(frozen=True)
+class ExplainConfig:
+    """The prompt, the model, where to measure, and whether to draw the HTML page's extras."""
+
+    prompt: str
+    model: str = LAB_MODEL
+    num_inference_steps: int = 50
+    first_steps: int = 1
+    n_generations: int = 1
+    guidance_scale: float = 7.5
+    attribute_to: str = "prompt_embeds"  # or "token_embeddings": the text encoder's input
+    calibration: Path | None = None  # default: a shipped model's own, if it applies
+    page: bool = False  # also draw attention maps and images for the HTML page
+    attention_step: int | None = None  # default: the middle of the schedule
+
+
+@dataclass(frozen=True)
+class ExplanationRun:
+    """A prompt's explanation, the threshold it is judged against, and the page, if one was drawn."""
+
+    result: TokenSignificance
+    summary: dict[str, Any]
+    threshold: float | None
+    page: str | None
+
+    def save(self, out: Path, html: Path | None = None) -> None:
+        """Write ``significance.parquet``, ``significance.png`` and ``explanation.json`` into ``out``,
+        and the self-contained page to ``html`` when given (and drawn)."""
+        out.mkdir(parents=True, exist_ok=True)
+        pq.write_table(self.result.to_table(), out / "significance.parquet")
+        self.result.plot(out / "significance.png")
+        write_json_atomic(out / "explanation.json", self.summary)
+        if html is not None and self.page is not None:
+            write_atomic(html, self.page.encode())
+
+
+def significance_config(config: ExplainConfig, seed: int) -> SignificanceConfig:
+    """Where token significance measures, from an explain config and the base seed."""
+    return SignificanceConfig(
+        config.num_inference_steps,
+        config.first_steps,
+        config.n_generations,
+        config.guidance_scale,
+        seed,
+        config.attribute_to,
+    )
+
+
+def explanation_threshold(
+    source: ModelSource, calibration: Path | None, config: SignificanceConfig
+) -> float | None:
+    """The noise-norm threshold for these settings: the given calibration's (which must apply), else the
+    shipped lab model's when it applies."""
+    detector = NoiseNormConfig(
+        num_inference_steps=config.num_inference_steps,
+        steps=config.steps,
+        n_generations=config.n_generations,
+        guidance_scale=config.guidance_scale,
+        base_seed=config.base_seed,
+    )
+    return detection_threshold(source, calibration, "noise_norm", config_settings(detector))
+
+
+def explain_prompt(config: ExplainConfig, runtime: Runtime | None = None) -> ExplanationRun:
+    """Each word's significance for the prompt's noise-norm score, and whether the score is flagged."""
+    runtime = runtime or Runtime()
+    source = ModelSource.resolve(config.model)
+    measure = significance_config(config, runtime.seed)
+    threshold = explanation_threshold(source, config.calibration, measure)
+    denoiser = source.open(runtime.device, runtime.dtype, runtime.speedups)
+    result = token_significance(denoiser, config.prompt, measure)
+    summary = {
+        "prompt": config.prompt,
+        "model": source.name,
+        "config": asdict(measure),
+        "score": result.score,
+    }
+    summary |= {"threshold": threshold, "flagged": None if threshold is None else result.score > threshold}
+    summary |= {"truncated": result.truncated, "words": result.words, "normalized": result.normalized}
+    page = None
+    if config.page:
+        step = config.num_inference_steps // 2 if config.attention_step is None else config.attention_step
+        attention = word_attention_maps(denoiser, config.prompt, step, measure)
+        images = generate(
+            denoiser,
+            [config.prompt],
+            n_generations=config.n_generations,
+            base_seed=runtime.seed,
+            num_inference_steps=config.num_inference_steps,
+            guidance_scale=config.guidance_scale,
+        ).images
+        page = explanation_page(result, attention, images, {**summary, "attention_step": step})
+    return ExplanationRun(result, summary, threshold, page)
