@@ -57,9 +57,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _post(server: ExplanationServer, action: str) -> dict:
-    request = urllib.request.Request(
-        f"{server.url}api/{action}", data=json.dumps({"prompt": PROMPT}).encode(), method="POST"
-    )
+    body = json.dumps({"prompt": PROMPT}).encode()
+    headers = {"Content-Type": "application/json"}
+    request = urllib.request.Request(f"{server.url}api/{action}", data=body, method="POST", headers=headers)
     with urllib.request.urlopen(request, timeout=600) as response:
         return json.loads(response.read())
 

@@ -63,7 +63,9 @@ def test_any_text_family():
 def test_bad_input(sd):
     with pytest.raises(DiffmemError, match="needs classifier-free guidance; got guidance_scale=1.0"):
         noise_norm(sd, PROMPTS, NoiseNormConfig(guidance_scale=1.0))
-    with pytest.raises(DiffmemError, match="max_steps must be between 1 and num_inference_steps=5"):
+    with pytest.raises(
+        DiffmemError, match="first steps to measure must be between 1 and num_inference_steps=5"
+    ):
         noise_norm(sd, PROMPTS, NoiseNormConfig(num_inference_steps=5, steps=6))
     with pytest.raises(DiffmemError, match="one id per prompt"):
         noise_norm(sd, PROMPTS, prompt_ids=[1])

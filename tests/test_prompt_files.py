@@ -82,7 +82,7 @@ FILES = st.one_of(
 )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150, deadline=None, derandomize=True)
 @given(file=FILES, id_column=st.sampled_from([None, "id"]))
 def test_generated_files_give_rows_with_a_status_or_a_diffmem_error(file, id_column):
     name, data = file
@@ -94,7 +94,7 @@ def test_generated_files_give_rows_with_a_status_or_a_diffmem_error(file, id_col
     check(records)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True)
 @given(
     cells=st.lists(st.none() | st.binary(max_size=20) | st.text(max_size=20), min_size=1, max_size=6),
     as_text=st.booleans(),

@@ -93,10 +93,14 @@ def _table_records(path: Path, column: str, id_column: str | None) -> list[Promp
         table: pa.Table = READERS[path.suffix.lower()](path)
     except (pa.ArrowException, OSError) as error:
         raise DiffmemError(f"could not read {path}: {str(error).splitlines()[0]}") from None
+    try:
+        names = table.column_names
+    except UnicodeDecodeError:
+        raise DiffmemError(f"{path.name}: a column name is not UTF-8 text; fix the header") from None
     for name in (column, id_column):
-        if name is not None and name not in table.column_names:
+        if name is not None and name not in names:
             raise DiffmemError(
-                f"{path.name} has no column {name!r}; columns: {', '.join(table.column_names)}"
+                f"{path.name} has no column {name!r}; columns: {', '.join(names)}"
             )
     prompts = _cells(table.column(column))
     if id_column is None:

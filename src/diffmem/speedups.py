@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from diffmem.errors import DiffmemError
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's modes
@@ -30,6 +28,8 @@ class Speedups:
 def apply_speedups(denoiser, speedups: Speedups | None):
     """The denoiser with its UNet in channels-last memory and/or compiled; the first call of each batch
     shape pays the compilation. Attention processors set later still reach the original module."""
+    import torch  # here, so the command line checks its speedup options without loading torch
+
     if speedups is None:
         return denoiser
     if speedups.channels_last:

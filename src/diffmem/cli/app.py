@@ -9,10 +9,11 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from diffmem.speedups import Speedups
+
 if TYPE_CHECKING:
     import torch
 
-    from diffmem.speedups import Speedups
     from diffmem.workflows.runtime import Runtime
 
 app = typer.Typer(
@@ -34,17 +35,14 @@ class Settings:
     dtype_name: str
     seed: int
     debug: bool
-    channels_last: bool
-    compile_mode: str | None
+    speedups: Speedups
 
     @cached_property
     def runtime(self) -> Runtime:
         """The device, dtype, seed and speedups, checked against this machine."""
-        from diffmem.speedups import Speedups
         from diffmem.workflows.runtime import Runtime
 
-        speedups = Speedups(channels_last=self.channels_last, compile_mode=self.compile_mode)
-        return Runtime.resolve(self.device_name, self.dtype_name, self.seed, speedups)
+        return Runtime.resolve(self.device_name, self.dtype_name, self.seed, self.speedups)
 
     @property
     def device(self) -> torch.device:
@@ -55,11 +53,6 @@ class Settings:
     def dtype(self) -> torch.dtype:
         """The resolved dtype."""
         return self.runtime.dtype
-
-    @property
-    def speedups(self) -> Speedups:
-        """The UNet speedups."""
-        return self.runtime.speedups
 
 
 @app.callback()
@@ -84,7 +77,8 @@ def main(
     ] = None,
 ) -> None:
     """Find, explain and remove memorization in diffusion models."""
-    ctx.obj = Settings(device, dtype, seed, debug, channels_last, compile_mode)
+    speedups = Speedups(channels_last=channels_last, compile_mode=compile_mode)  # checked before any work
+    ctx.obj = Settings(device, dtype, seed, debug, speedups)
 
 
 def printable(text: str) -> str:
