@@ -99,9 +99,7 @@ def _table_records(path: Path, column: str, id_column: str | None) -> list[Promp
         raise DiffmemError(f"{path.name}: a column name is not UTF-8 text; fix the header") from None
     for name in (column, id_column):
         if name is not None and name not in names:
-            raise DiffmemError(
-                f"{path.name} has no column {name!r}; columns: {', '.join(names)}"
-            )
+            raise DiffmemError(f"{path.name} has no column {name!r}; columns: {', '.join(names)}")
     prompts = _cells(table.column(column))
     if id_column is None:
         ids = list(range(len(prompts)))

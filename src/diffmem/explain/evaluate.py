@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import pyarrow as pa
 
 from diffmem.denoiser import Denoiser
-from diffmem.detect.noise_norm import NoiseNormConfig, noise_norm
+from diffmem.detect.noise_norm import noise_norm
 from diffmem.explain.token_significance import SignificanceConfig, token_significance
 
 REPLACEMENT = "object"  # a plain in-grammar-looking word put where a word is removed
@@ -28,13 +28,7 @@ def trigger_evaluation(
     word with a plain word (same steps, seeds and generations)."""
     config = config or SignificanceConfig()
     choose = random.Random(seed)
-    score_config = NoiseNormConfig(
-        num_inference_steps=config.num_inference_steps,
-        steps=config.steps,
-        n_generations=config.n_generations,
-        guidance_scale=config.guidance_scale,
-        base_seed=config.base_seed,
-    )
+    score_config = config.noise_norm_config()
     rows = []
     for index, (prompt, triggers) in enumerate(zip(prompts, trigger_words)):
         explained = token_significance(denoiser, prompt, config, prompt_id=index)

@@ -23,6 +23,7 @@ import torch
 
 from diffmem.denoiser import Denoiser
 from diffmem.detect.detector import check_guidance, check_trajectory, detection_seeds
+from diffmem.detect.noise_norm import NoiseNormConfig
 from diffmem.errors import DiffmemError
 from diffmem.sampling import StepState, sample
 
@@ -44,6 +45,16 @@ class SignificanceConfig:
             raise DiffmemError(
                 f"unknown attribution target {self.attribute_to!r}; use one of {ATTRIBUTION_TARGETS}"
             )
+
+    def noise_norm_config(self) -> NoiseNormConfig:
+        """The noise-norm detector measuring the same score (same steps, generations, guidance and seed)."""
+        return NoiseNormConfig(
+            num_inference_steps=self.num_inference_steps,
+            steps=self.steps,
+            n_generations=self.n_generations,
+            guidance_scale=self.guidance_scale,
+            base_seed=self.base_seed,
+        )
 
 
 ATTRIBUTION_TARGETS = ("prompt_embeds", "token_embeddings")

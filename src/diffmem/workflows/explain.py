@@ -10,7 +10,6 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from diffmem.atomic_io import write_atomic, write_json_atomic
-from diffmem.detect.noise_norm import NoiseNormConfig
 from diffmem.detect.registry import config_settings
 from diffmem.explain import SignificanceConfig, TokenSignificance, token_significance, word_attention_maps
 from diffmem.model_names import LAB_MODEL
@@ -74,14 +73,8 @@ def explanation_threshold(
 ) -> float | None:
     """The noise-norm threshold for these settings: the given calibration's (which must apply), else the
     shipped lab model's when it applies."""
-    detector = NoiseNormConfig(
-        num_inference_steps=config.num_inference_steps,
-        steps=config.steps,
-        n_generations=config.n_generations,
-        guidance_scale=config.guidance_scale,
-        base_seed=config.base_seed,
-    )
-    return detection_threshold(source, calibration, "noise_norm", config_settings(detector))
+    settings = config_settings(config.noise_norm_config())
+    return detection_threshold(source, calibration, "noise_norm", settings)
 
 
 def explain_prompt(config: ExplainConfig, runtime: Runtime | None = None) -> ExplanationRun:
