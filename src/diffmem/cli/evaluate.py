@@ -16,9 +16,7 @@ from diffmem.model_names import DEFAULT_MODEL, LAB_MODEL
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from diffmem.mitigate.evaluate import (
-        Quality,
-    )
+    from diffmem.mitigate.evaluate import Quality
 
 
 evaluate = typer.Typer(help="Evaluate detectors and mitigations against ground truth.", no_args_is_help=True)
