@@ -29,6 +29,10 @@ _EXPORTS = {
     "generate_images": "diffmem.workflows.generate",
     "ExplainConfig": "diffmem.workflows.explain",
     "explain_prompt": "diffmem.workflows.explain",
+    "IndexConfig": "diffmem.workflows.index",
+    "build_index": "diffmem.workflows.index",
+    "GateConfig": "diffmem.workflows.index",
+    "fit_index_gate": "diffmem.workflows.index",
 }
 __all__ = list(_EXPORTS)
 

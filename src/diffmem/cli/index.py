@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from diffmem.cli.app import Settings, app
+from diffmem.cli.app import app
 from diffmem.errors import DiffmemError
 from diffmem.model_names import LAB_MODEL
 
@@ -58,24 +58,11 @@ def build(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing index at --out.")] = False,
 ) -> None:
     """Index the distinct training images with their captions and caption duplicate counts."""
-    from diffmem.index import clip_retrieval_source, image_source, index_embeddings, index_images
-    from diffmem.index.build import describe_encoder
+    from diffmem.workflows.index import IndexConfig, build_index
 
-    settings: Settings = ctx.obj
     if out.exists() and not overwrite:
         raise DiffmemError(f"{out} exists: choose a new --out or pass --overwrite")
-    if (data is None) == (embeddings is None):
-        raise DiffmemError("give either DATA (a lab dataset or an image folder) or --embeddings DIR")
-    if embeddings is not None:
-        if kind not in (None, "embedding"):
-            raise DiffmemError(f"--embeddings builds an embedding index; drop --kind {kind}")
-        built = index_embeddings(
-            clip_retrieval_source(embeddings), exact, None if encoder is None else describe_encoder(encoder)
-        )
-    else:
-        built = index_images(
-            image_source(data), kind or "pixels", encoder, exact, settings.device, batch_size
-        )
+    built = build_index(IndexConfig(data, embeddings, kind, encoder, exact, batch_size), ctx.obj.runtime)
     built.save(out, overwrite=overwrite)
     typer.echo(f"wrote {out}: {built.manifest.describe()}")
 
@@ -118,35 +105,18 @@ def gate(
 ) -> None:
     """Fit AMG's threshold schedule to this index: at each step, a quantile of the similarity that plain
     generations of non-memorized prompts reach (use it as ``amg:gate=FILE``)."""
-    from diffmem.mitigate import SamplingOptions
-    from diffmem.mitigate.fitted_gate import fit_gate, similarity_trajectories
-    from diffmem.models import ModelSource, open_model
-    from diffmem.workflows.inputs import conditioning_items, training_reference
+    from diffmem.workflows.index import GateConfig, fit_index_gate
 
-    settings: Settings = ctx.obj
     if out.suffix != ".json":
         raise DiffmemError(f"--out must be a .json file; got {out}")
-    if not 0 < quantile < 1:  # fit_gate checks it too, but only after minutes of sampling
-        raise DiffmemError(f"--quantile must be between 0 and 1; got {quantile}")
-    model = model or LAB_MODEL
-    reference = training_reference(directory, encoder, settings.device, ModelSource.resolve(model))
-    denoiser = open_model(model, settings.device, settings.dtype, settings.speedups)
-    if prompts is None and denoiser.conditioning != "none":
-        raise DiffmemError("give --prompts: prompts known not to be memorized, to fit the gate on")
-    timesteps, sigmas = similarity_trajectories(
-        denoiser,
-        conditioning_items(denoiser.conditioning, [], prompts, column),
-        reference,
-        n_generations=n_generations,
-        sampling=SamplingOptions(num_inference_steps, guidance_scale),
-        base_seed=settings.seed,
-        batch_size=batch_size,
-        progress=True,
-    )
-    fitted = fit_gate(timesteps, sigmas, reference, quantile)
+    config = GateConfig(
+        directory, prompts, model or LAB_MODEL, column, encoder, quantile, n_generations, num_inference_steps,
+        guidance_scale, batch_size,
+    )  # fmt: skip
+    fitted = fit_index_gate(config, ctx.obj.runtime)
     fitted.save(out)
     low, high = min(fitted.thresholds), max(fitted.thresholds)
     typer.echo(
-        f"wrote {out}: lambda_t from {low:.3f} to {high:.3f} over {len(timesteps)} steps "
+        f"wrote {out}: lambda_t from {low:.3f} to {high:.3f} over {len(fitted.timesteps)} steps "
         f"({fitted.num_samples} generations, quantile {quantile}); use --mitigation amg:gate={out}"
     )
