@@ -33,6 +33,8 @@ _EXPORTS = {
     "build_index": "diffmem.workflows.index",
     "GateConfig": "diffmem.workflows.index",
     "fit_index_gate": "diffmem.workflows.index",
+    "DetectionEvalConfig": "diffmem.workflows.evaluate",
+    "evaluate_detection": "diffmem.workflows.evaluate",
 }
 __all__ = list(_EXPORTS)
 

@@ -47,58 +47,15 @@ def detect(
     ] = None,
 ) -> None:
     """AUC, TPR at 1% and 3% FPR, UNet evaluations per prompt and wall time of each detector setting."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from diffmem.detect.evaluate import DEFAULT_SETTINGS
+    from diffmem.workflows.evaluate import DetectionEvalConfig, evaluate_detection
 
-    from diffmem.detect.evaluate import DEFAULT_SETTINGS, SettingSpec, evaluate_settings
-    from diffmem.models import model_identity, open_model
-    from diffmem.report.detection_report import write_detection_report
-    from diffmem.run_record import environment
-
-    options: Settings = ctx.obj
-    specs = [SettingSpec.parse(text) for text in (setting or DEFAULT_SETTINGS)]
-    if len({s.name for s in specs}) != len(specs):
-        raise DiffmemError("each --setting must be given once")
-    table = _labelled(labels, prompt_column, label_column, group)
-    prompts = table[prompt_column].to_pylist()
-    truth = [int(v) for v in table[label_column].to_pylist()]
-    if not 0 < sum(truth) < len(truth):
-        raise DiffmemError(
-            f"{labels.name} needs memorized and non-memorized prompts; it has {sum(truth)} of {len(truth)} memorized"
-        )
-    denoiser = open_model(model, options.device, options.dtype, options.speedups)
-    evaluated = evaluate_settings(denoiser, prompts, truth, specs, options.seed, progress=True)
-    out.mkdir(parents=True, exist_ok=True)
-    scores = {"prompt": prompts, "memorized": truth} | {s.name: s.scores for s in evaluated}
-    pq.write_table(pa.table(scores), out / "scores.parquet")
-    provenance = {
-        "command": " ".join(["diffmem", *sys.argv[1:]]),
-        "model": model or DEFAULT_MODEL,
-        "model_hash": model_identity(model),
-        "labels": str(labels),
-        "prompts": len(truth),
-        "memorized": sum(truth),
-        "device": str(options.device),
-        "dtype": str(options.dtype),
-        "seed": options.seed,
-        **environment(),
-    }
-    page = write_detection_report(evaluated, out, provenance)
+    given = setting or list(DEFAULT_SETTINGS)
+    config = DetectionEvalConfig(labels, model or DEFAULT_MODEL, given, prompt_column, label_column, group)
+    evaluation = evaluate_detection(config, ctx.obj.runtime, " ".join(["diffmem", *sys.argv[1:]]))
+    page = evaluation.save(out)
     typer.echo((out / "results.md").read_text())
     typer.echo(f"wrote {page}")
-
-
-def _labelled(path: Path, prompt_column: str, label_column: str, groups: list[str] | None) -> pa.Table:
-    """The labelled rows of a prompt table, checked and filtered by group."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    table = _read_labels(path, [prompt_column, label_column, *(["group"] if groups else [])])
-    if groups:
-        table = table.filter(pc.is_in(table["group"], value_set=pa.array(groups)))
-    if not pa.types.is_boolean(table[label_column].type) or table[label_column].null_count:
-        raise DiffmemError(f"column {label_column!r} of {path.name} must be true/false on every row")
-    return table
 
 
 @evaluate.command()
@@ -270,7 +227,9 @@ def _shipped_labels(model: str) -> Path:
 
 def _grouped(path: Path, prompt_column: str, groups: list[str]) -> pa.Table:
     """The rows of the two groups, checked."""
-    table = _read_labels(path, [prompt_column, "group"])
+    from diffmem.workflows.evaluate import read_labels
+
+    table = read_labels(path, [prompt_column, "group"])
     present = set(table["group"].to_pylist())
     missing = [g for g in groups if g not in present]
     if missing:
@@ -305,21 +264,3 @@ def _quality(data, table, control_group, max_prompts, references, reader) -> Qua
     rows = table.filter(pc.equal(table["group"], control_group))
     scene_ids = rows["scene_id"].to_pylist()[:max_prompts]
     return Quality(load_lab_dataset(data).images(scene_ids), networks[0])
-
-
-def _read_labels(path: Path, columns: list[str]) -> pa.Table:
-    """A prompt table (.parquet, .jsonl or .csv) that has ``columns``."""
-    from diffmem.prompts_io import READERS
-
-    if not path.is_file():
-        raise DiffmemError(f"labels file not found: {path}")
-    reader = READERS.get(path.suffix.lower())
-    if reader is None:
-        raise DiffmemError(f"unsupported labels file {path.name}; use .parquet, .jsonl or .csv")
-    table = reader(path)
-    for column in columns:
-        if column not in table.column_names:
-            raise DiffmemError(
-                f"{path.name} has no column {column!r}; columns: {', '.join(table.column_names)}"
-            )
-    return table
