@@ -35,6 +35,8 @@ _EXPORTS = {
     "fit_index_gate": "diffmem.workflows.index",
     "DetectionEvalConfig": "diffmem.workflows.evaluate",
     "evaluate_detection": "diffmem.workflows.evaluate",
+    "MitigationEvalConfig": "diffmem.workflows.evaluate",
+    "evaluate_mitigation": "diffmem.workflows.evaluate",
 }
 __all__ = list(_EXPORTS)
 

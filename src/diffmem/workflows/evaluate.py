@@ -1,9 +1,10 @@
-"""Evaluate detector settings on a labelled prompt table: the Python side of ``diffmem eval detect``, and
-the labelled-table readers ``eval mitigate`` shares."""
+"""Evaluate detector settings and mitigations on a labelled prompt table: the Python side of
+``diffmem eval detect`` and ``diffmem eval mitigate``."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -11,13 +12,27 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from diffmem.atomic_io import write_atomic, write_json_atomic, write_parquet_atomic
 from diffmem.detect.evaluate import DEFAULT_SETTINGS, EvaluatedSetting, SettingSpec, evaluate_settings
 from diffmem.errors import DiffmemError
-from diffmem.model_names import DEFAULT_MODEL
+from diffmem.lab.alignment import alignment, load_reader
+from diffmem.lab.dataset import load_lab_dataset
+from diffmem.mitigate import ReferenceSet
+from diffmem.mitigate.evaluate import (
+    DEFAULT_METHODS,
+    Measure,
+    MitigationEvaluation,
+    Quality,
+    evaluate_mitigations,
+    results_markdown,
+)
+from diffmem.mitigate.mitigation import SamplingOptions
+from diffmem.model_names import DEFAULT_MODEL, LAB_MODEL
 from diffmem.models import ModelSource
 from diffmem.prompts_io import READERS
 from diffmem.report.detection_report import write_detection_report
 from diffmem.run_record import environment
+from diffmem.workflows.inputs import calibrated_guard, training_reference
 from diffmem.workflows.runtime import Runtime
 
 
@@ -111,3 +126,162 @@ def read_labels(path: Path, columns: list[str]) -> pa.Table:
                 f"{path.name} has no column {column!r}; columns: {', '.join(table.column_names)}"
             )
     return table
+
+
+@dataclass(frozen=True)
+class MitigationEvalConfig:
+    """The memorized and control groups of a labelled table, the methods, and how each image is judged."""
+
+    model: str = LAB_MODEL
+    labels: Path | None = None  # with a `group` column (default: a shipped model's labels.parquet)
+    indexes: list[Path] = field(default_factory=list)  # each adds its measure (default: a shipped model's)
+    encoder: Path | None = None  # an embedding index's encoder (default: the one it records)
+    amg_index: Path | None = None  # what AMG guides against (default: the first embedding index)
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))  # NAME[:key=value,...]
+    memorized_group: str = "memorized"
+    control_group: str = "heldout"
+    prompt_column: str = "caption"
+    max_prompts_per_group: int | None = None
+    nl2_threshold: float = 1.4  # memorized below this nL2 (SPEC §5)
+    copy_threshold: float = 0.5  # memorized above this copy similarity
+    data: Path | None = None  # the lab dataset: FID/KID of the control group against its real scenes
+    reader: Path | None = None  # the lab's attribute reader: text alignment, and FID/KID features
+    n_generations: int = 4
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    batch_size: int = 16
+    guard: bool = False  # each method applies only to prompts above the calibrated threshold
+    calibration: Path | None = None  # the guard's (default: a shipped model's own)
+
+
+@dataclass(frozen=True)
+class MitigationReport:
+    """Each method's memorization, quality and cost (the AMG paper's table), with one row per image."""
+
+    results: list[MitigationEvaluation]
+    record: dict[str, Any]
+
+    @property
+    def markdown(self) -> str:
+        """The results table."""
+        return results_markdown(self.results)
+
+    def save(self, out: Path) -> None:
+        """Write ``images.parquet``, ``results.md`` and ``results.json`` into ``out``."""
+        out.mkdir(parents=True, exist_ok=True)
+        rows = pa.concat_tables([r.rows for r in self.results], promote_options="default")
+        write_parquet_atomic(rows, out / "images.parquet")
+        write_atomic(out / "results.md", self.markdown.encode())
+        write_json_atomic(out / "results.json", self.record)
+
+
+def evaluate_mitigation(
+    config: MitigationEvalConfig, runtime: Runtime | None = None, command: str | None = None
+) -> MitigationReport:
+    """Generate both groups' prompts with every method and measure them against the training set."""
+    runtime = runtime or Runtime()
+    source = ModelSource.resolve(config.model)
+    labels = config.labels or source.labels
+    if labels is None:
+        raise DiffmemError("give --labels: only the shipped lab model comes with its own labelled prompts")
+    table = _grouped(labels, config.prompt_column, [config.memorized_group, config.control_group])
+    groups = {
+        name: table.filter(pc.equal(table["group"], name))[config.prompt_column].to_pylist()[
+            : config.max_prompts_per_group
+        ]
+        for name in (config.memorized_group, config.control_group)
+    }
+    indexes, encoder = config.indexes, config.encoder
+    if not indexes:
+        if source.reference is None:
+            raise DiffmemError("give --index: only the shipped lab model comes with its training-set index")
+        indexes, encoder = [source.reference[0]], source.reference[1]
+    references = [training_reference(path, encoder, runtime.device, source) for path in indexes]
+    thresholds = {"nl2": config.nl2_threshold, "copy_similarity": config.copy_threshold}
+    measures = [Measure(r, thresholds[r.measure]) for r in references]
+    chosen = (
+        training_reference(config.amg_index, encoder, runtime.device, source)
+        if config.amg_index
+        else ([r for r in references if r.measure == "copy_similarity"] or references)[0]
+    )
+    guard = calibrated_guard(source, config.calibration) if config.guard else None
+    reader = load_reader(config.reader, runtime.device) if config.reader else None
+    quality = _quality(config, table, references, reader)
+    denoiser = source.open(runtime.device, runtime.dtype, runtime.speedups)
+    results = evaluate_mitigations(
+        denoiser,
+        groups,
+        config.methods,
+        measures,
+        chosen,
+        n_generations=config.n_generations,
+        sampling=SamplingOptions(config.num_inference_steps, config.guidance_scale),
+        base_seed=runtime.seed,
+        batch_size=config.batch_size,
+        quality=quality,
+        control_group=config.control_group,
+        alignment=None if reader is None else partial(alignment, reader),
+        guard=guard,
+        progress=True,
+    )
+    record = {
+        "command": command,
+        "model": source.name,
+        "model_hash": source.identity,
+        "labels": str(labels),
+        "prompts": {g: len(p) for g, p in groups.items()},
+        "n_generations": config.n_generations,
+        "indexes": [str(p) for p in indexes],
+        "amg_index": str(config.amg_index) if config.amg_index else None,
+        "guard_threshold": None if guard is None else guard.threshold,
+        **runtime.describe(),
+        "results": [_result_record(r) for r in results],
+        **environment(),
+    }
+    return MitigationReport(results, record)
+
+
+def _result_record(result: MitigationEvaluation) -> dict[str, Any]:
+    summaries = {g: {m: s.to_dict() for m, s in ms.items()} for g, ms in result.summaries.items()}
+    return {
+        "name": result.name,
+        "summaries": summaries,
+        "fid": result.fid,
+        "kid": result.kid,
+        "alignment": result.alignment,
+        "seconds_per_image": result.seconds_per_image,
+        "unet_evaluations_per_image": result.unet_evaluations_per_image,
+        "guided_share": result.guided_share,
+    }
+
+
+def _grouped(path: Path, prompt_column: str, groups: list[str]) -> pa.Table:
+    """The rows of the groups, checked."""
+    table = read_labels(path, [prompt_column, "group"])
+    present = set(table["group"].to_pylist())
+    missing = [g for g in groups if g not in present]
+    if missing:
+        raise DiffmemError(
+            f"{path.name} has no rows of group {', '.join(missing)}; "
+            f"groups: {', '.join(sorted(map(str, present)))}"
+        )
+    return table
+
+
+def _quality(
+    config: MitigationEvalConfig, table: pa.Table, references: list[ReferenceSet], reader: Any
+) -> Quality | None:
+    """FID/KID inputs: the control group's real scenes and the feature network (the attribute reader's
+    glimpse features, else the copy detector's embedding)."""
+    if config.data is None:
+        return None
+    networks = [r.encoder for r in references if r.encoder is not None]
+    if reader is not None:
+        networks.insert(0, reader.encoder)
+    if not networks or "scene_id" not in table.column_names:
+        raise DiffmemError(
+            "FID/KID needs a feature network (--reader, or an embedding index's encoder) and scene ids in the labels"
+        )
+    rows = table.filter(pc.equal(table["group"], config.control_group))
+    scene_ids = rows["scene_id"].to_pylist()[: config.max_prompts_per_group]
+    return Quality(load_lab_dataset(config.data).images(scene_ids), networks[0])
