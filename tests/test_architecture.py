@@ -90,3 +90,14 @@ def test_the_names_the_command_line_lists_are_the_registries():
     from diffmem.train.fine_tune import POLICIES
 
     assert MITIGATION_NAMES == tuple(MITIGATIONS) and POLICY_NAMES == tuple(POLICIES)
+
+
+def test_commands_are_thin():
+    """Every command is flags into a workflow and its result printed: no function in the CLI over 40 lines."""
+    long = [
+        f"{path.name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for path in modules("cli")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.FunctionDef) and node.end_lineno - node.lineno + 1 > 40
+    ]
+    assert not long, f"commands to move into diffmem.workflows: {long}"

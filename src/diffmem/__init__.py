@@ -37,6 +37,12 @@ _EXPORTS = {
     "evaluate_detection": "diffmem.workflows.evaluate",
     "MitigationEvalConfig": "diffmem.workflows.evaluate",
     "evaluate_mitigation": "diffmem.workflows.evaluate",
+    "TrainLabConfig": "diffmem.workflows.lab",
+    "train_lab": "diffmem.workflows.lab",
+    "LabelLabConfig": "diffmem.workflows.lab",
+    "label_lab": "diffmem.workflows.lab",
+    "TrainConfig": "diffmem.workflows.train",
+    "train_model": "diffmem.workflows.train",
 }
 __all__ = list(_EXPORTS)
 

@@ -50,69 +50,88 @@ def detect(
     typer.echo(f"wrote {page}")
 
 
+Index = Annotated[
+    list[Path] | None,
+    typer.Option(
+        help="Training-set index (repeatable): each adds its measure, nL2 (pixels) or copy similarity "
+        "(default: the lab model's copy-detection index)."
+    ),
+]
+Model = Annotated[str | None, typer.Option(help=f"Model directory or builtin:NAME (default {LAB_MODEL}).")]
+Labels = Annotated[
+    Path | None,
+    typer.Option(help="Prompts with a group column (default: the lab model's labels.parquet)."),
+]
+Out = Annotated[Path, typer.Option(help="Report directory.")]
+Method = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="NAME[:key=value,...] to evaluate (repeatable; default: every mitigation at its defaults)."
+    ),
+]
+Encoder = Annotated[
+    Path | None,
+    typer.Option(help="Copy-detection encoder of the embedding index (default: the one it records)."),
+]
+AmgIndex = Annotated[
+    Path | None,
+    typer.Option(help="The index AMG guides against (default: the first embedding index given)."),
+]
+MemorizedGroup = Annotated[str, typer.Option(help="Group value of the memorized prompts.")]
+ControlGroup = Annotated[str, typer.Option(help="Group value of the non-memorized prompts.")]
+PromptColumn = Annotated[str, typer.Option(help="Column of the prompts.")]
+MaxPromptsPerGroup = Annotated[int | None, typer.Option(help="Use at most this many prompts a group.")]
+Nl2Threshold = Annotated[float, typer.Option(help="Memorized below this nL2 (SPEC §5).")]
+CopyThreshold = Annotated[float, typer.Option(help="Memorized above this copy similarity.")]
+Data = Annotated[
+    Path | None,
+    typer.Option(
+        help="The lab dataset: FID/KID of the control group against its real scenes (needs --encoder or an embedding index)."
+    ),
+]
+Reader = Annotated[
+    Path | None,
+    typer.Option(
+        help="The lab's attribute reader (diffmem lab reader): text alignment, and FID/KID features."
+    ),
+]
+NGenerations = Annotated[int, typer.Option(help="Generations per prompt.")]
+NumInferenceSteps = Annotated[int, typer.Option(help="Sampling steps.")]
+GuidanceScale = Annotated[float, typer.Option(help="CFG scale.")]
+BatchSize = Annotated[int, typer.Option(help="Images per batch.")]
+Guard = Annotated[
+    bool,
+    typer.Option(help="Guard mode: each method applies only to prompts above the calibrated threshold."),
+]
+Calibration = Annotated[
+    Path | None, typer.Option(help="The guard's noise-norm calibration (default: the lab model's).")
+]
+
+
 @evaluate.command()
 def mitigate(
     ctx: typer.Context,
-    index: Annotated[
-        list[Path] | None,
-        typer.Option(
-            help="Training-set index (repeatable): each adds its measure, nL2 (pixels) or copy similarity "
-            "(default: the lab model's copy-detection index)."
-        ),
-    ] = None,
-    model: Annotated[
-        str | None, typer.Option(help=f"Model directory or builtin:NAME (default {LAB_MODEL}).")
-    ] = None,
-    labels: Annotated[
-        Path | None,
-        typer.Option(help="Prompts with a group column (default: the lab model's labels.parquet)."),
-    ] = None,
-    out: Annotated[Path, typer.Option(help="Report directory.")] = Path("out/eval-mitigate"),
-    method: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="NAME[:key=value,...] to evaluate (repeatable; default: every mitigation at its defaults)."
-        ),
-    ] = None,
-    encoder: Annotated[
-        Path | None,
-        typer.Option(help="Copy-detection encoder of the embedding index (default: the one it records)."),
-    ] = None,
-    amg_index: Annotated[
-        Path | None,
-        typer.Option(help="The index AMG guides against (default: the first embedding index given)."),
-    ] = None,
-    memorized_group: Annotated[str, typer.Option(help="Group value of the memorized prompts.")] = "memorized",
-    control_group: Annotated[str, typer.Option(help="Group value of the non-memorized prompts.")] = "heldout",
-    prompt_column: Annotated[str, typer.Option(help="Column of the prompts.")] = "caption",
-    max_prompts_per_group: Annotated[
-        int | None, typer.Option(help="Use at most this many prompts a group.")
-    ] = None,
-    nl2_threshold: Annotated[float, typer.Option(help="Memorized below this nL2 (SPEC §5).")] = 1.4,
-    copy_threshold: Annotated[float, typer.Option(help="Memorized above this copy similarity.")] = 0.5,
-    data: Annotated[
-        Path | None,
-        typer.Option(
-            help="The lab dataset: FID/KID of the control group against its real scenes (needs --encoder or an embedding index)."
-        ),
-    ] = None,
-    reader: Annotated[
-        Path | None,
-        typer.Option(
-            help="The lab's attribute reader (diffmem lab reader): text alignment, and FID/KID features."
-        ),
-    ] = None,
-    n_generations: Annotated[int, typer.Option(help="Generations per prompt.")] = 4,
-    num_inference_steps: Annotated[int, typer.Option(help="Sampling steps.")] = 50,
-    guidance_scale: Annotated[float, typer.Option(help="CFG scale.")] = 7.5,
-    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 16,
-    guard: Annotated[
-        bool,
-        typer.Option(help="Guard mode: each method applies only to prompts above the calibrated threshold."),
-    ] = False,
-    calibration: Annotated[
-        Path | None, typer.Option(help="The guard's noise-norm calibration (default: the lab model's).")
-    ] = None,
+    index: Index = None,
+    model: Model = None,
+    labels: Labels = None,
+    out: Out = Path("out/eval-mitigate"),
+    method: Method = None,
+    encoder: Encoder = None,
+    amg_index: AmgIndex = None,
+    memorized_group: MemorizedGroup = "memorized",
+    control_group: ControlGroup = "heldout",
+    prompt_column: PromptColumn = "caption",
+    max_prompts_per_group: MaxPromptsPerGroup = None,
+    nl2_threshold: Nl2Threshold = 1.4,
+    copy_threshold: CopyThreshold = 0.5,
+    data: Data = None,
+    reader: Reader = None,
+    n_generations: NGenerations = 4,
+    num_inference_steps: NumInferenceSteps = 50,
+    guidance_scale: GuidanceScale = 7.5,
+    batch_size: BatchSize = 16,
+    guard: Guard = False,
+    calibration: Calibration = None,
 ) -> None:
     """Memorization (Top 5%, Top 1, share memorized), quality and cost of each mitigation (the AMG tables)."""
     from diffmem.mitigate.evaluate import DEFAULT_METHODS

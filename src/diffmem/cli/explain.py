@@ -25,31 +25,39 @@ AttributeTo = Annotated[
 ]
 
 
+Prompt = Annotated[str, typer.Argument(help="The prompt to explain.")]
+Model = Annotated[str | None, typer.Option(help=f"Model directory or builtin:NAME (default {LAB_MODEL}).")]
+Out = Annotated[Path, typer.Option(help="Directory for the word table, plot and summary.")]
+NumInferenceSteps = Annotated[int, typer.Option(help="Length of the sampling schedule.")]
+FirstSteps = Annotated[int, typer.Option(help="Average over the first K steps.")]
+NGenerations = Annotated[int, typer.Option(help="Generations (seeds) to average over.")]
+GuidanceScale = Annotated[float, typer.Option(help="CFG scale of the trajectory.")]
+Html = Annotated[
+    Path | None,
+    typer.Option(help="Also write a self-contained page: heat map, images, attention overlays."),
+]
+AttentionStep = Annotated[
+    int | None, typer.Option(help="Sampling step of the attention maps (default: the middle one).")
+]
+Calibration = Annotated[
+    Path | None, typer.Option(help="A noise-norm calibration: says whether the prompt is flagged.")
+]
+
+
 @app.command()
 def explain(
     ctx: typer.Context,
-    prompt: Annotated[str, typer.Argument(help="The prompt to explain.")],
-    model: Annotated[
-        str | None, typer.Option(help=f"Model directory or builtin:NAME (default {LAB_MODEL}).")
-    ] = None,
-    out: Annotated[Path, typer.Option(help="Directory for the word table, plot and summary.")] = Path(
-        "out/explain"
-    ),
-    num_inference_steps: Annotated[int, typer.Option(help="Length of the sampling schedule.")] = 50,
-    first_steps: Annotated[int, typer.Option(help="Average over the first K steps.")] = 1,
-    n_generations: Annotated[int, typer.Option(help="Generations (seeds) to average over.")] = 1,
-    guidance_scale: Annotated[float, typer.Option(help="CFG scale of the trajectory.")] = 7.5,
+    prompt: Prompt,
+    model: Model = None,
+    out: Out = Path("out/explain"),
+    num_inference_steps: NumInferenceSteps = 50,
+    first_steps: FirstSteps = 1,
+    n_generations: NGenerations = 1,
+    guidance_scale: GuidanceScale = 7.5,
     attribute_to: AttributeTo = "prompt_embeds",
-    html: Annotated[
-        Path | None,
-        typer.Option(help="Also write a self-contained page: heat map, images, attention overlays."),
-    ] = None,
-    attention_step: Annotated[
-        int | None, typer.Option(help="Sampling step of the attention maps (default: the middle one).")
-    ] = None,
-    calibration: Annotated[
-        Path | None, typer.Option(help="A noise-norm calibration: says whether the prompt is flagged.")
-    ] = None,
+    html: Html = None,
+    attention_step: AttentionStep = None,
+    calibration: Calibration = None,
 ) -> None:
     """Token significance (Wen et al.): each word shaded by how much it drives the noise-norm score."""
     from rich.console import Console

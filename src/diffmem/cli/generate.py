@@ -17,55 +17,64 @@ MITIGATION_NAMES = (  # mitigate.registry.MITIGATIONS, named without importing i
 )  # fmt: skip
 
 
+Prompts = Annotated[list[str] | None, typer.Argument(help="Prompts (class labels for class models).")]
+Out = Annotated[Path, typer.Option(help="Output directory.")]
+Model = Annotated[
+    str | None, typer.Option(help=f"Model directory or builtin:NAME (default {DEFAULT_MODEL}).")
+]
+PromptsFile = Annotated[Path | None, typer.Option(help="A .txt, .jsonl, .csv or .parquet prompt file.")]
+Column = Annotated[str, typer.Option(help="Prompt column of a tabular prompt file.")]
+NGenerations = Annotated[int, typer.Option(help="Images per prompt.")]
+NumInferenceSteps = Annotated[int, typer.Option("--num-inference-steps", "--steps", help="Sampling steps.")]
+GuidanceScale = Annotated[float | None, typer.Option(help="CFG scale (default: the model family's).")]
+Scheduler = Annotated[str | None, typer.Option(help="ddim, ddpm, pndm, euler, ... (default: the model's).")]
+Eta = Annotated[float, typer.Option(help="DDIM eta.")]
+BatchSize = Annotated[int, typer.Option(help="Images per batch.")]
+Mitigation = Annotated[
+    str,
+    typer.Option(
+        help=f"none, or a mitigation with settings: NAME[:key=value,...]; one of {', '.join(MITIGATION_NAMES)}."
+    ),
+]
+Index = Annotated[
+    Path | None,
+    typer.Option(
+        help="Training-set index (diffmem index build): AMG's reference; adds nearest-image columns."
+    ),
+]
+Encoder = Annotated[
+    Path | None,
+    typer.Option(help="Copy-detection encoder of an embedding index (default: the one it records)."),
+]
+Guard = Annotated[
+    bool, typer.Option(help="Score prompts at the first step; mitigate only those above the threshold.")
+]
+Calibration = Annotated[
+    Path | None, typer.Option(help="The guard's noise-norm calibration (default: the lab model's).")
+]
+Overwrite = Annotated[bool, typer.Option(help="Replace an earlier run in --out.")]
+
+
 @app.command()
 def generate(
     ctx: typer.Context,
-    prompts: Annotated[
-        list[str] | None, typer.Argument(help="Prompts (class labels for class models).")
-    ] = None,
-    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("out/generate"),
-    model: Annotated[
-        str | None, typer.Option(help=f"Model directory or builtin:NAME (default {DEFAULT_MODEL}).")
-    ] = None,
-    prompts_file: Annotated[
-        Path | None, typer.Option(help="A .txt, .jsonl, .csv or .parquet prompt file.")
-    ] = None,
-    column: Annotated[str, typer.Option(help="Prompt column of a tabular prompt file.")] = "prompt",
-    n_generations: Annotated[int, typer.Option(help="Images per prompt.")] = 1,
-    num_inference_steps: Annotated[
-        int, typer.Option("--num-inference-steps", "--steps", help="Sampling steps.")
-    ] = 50,
-    guidance_scale: Annotated[
-        float | None, typer.Option(help="CFG scale (default: the model family's).")
-    ] = None,
-    scheduler: Annotated[
-        str | None, typer.Option(help="ddim, ddpm, pndm, euler, ... (default: the model's).")
-    ] = None,
-    eta: Annotated[float, typer.Option(help="DDIM eta.")] = 0.0,
-    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 8,
-    mitigation: Annotated[
-        str,
-        typer.Option(
-            help=f"none, or a mitigation with settings: NAME[:key=value,...]; one of {', '.join(MITIGATION_NAMES)}."
-        ),
-    ] = "none",
-    index: Annotated[
-        Path | None,
-        typer.Option(
-            help="Training-set index (diffmem index build): AMG's reference; adds nearest-image columns."
-        ),
-    ] = None,
-    encoder: Annotated[
-        Path | None,
-        typer.Option(help="Copy-detection encoder of an embedding index (default: the one it records)."),
-    ] = None,
-    guard: Annotated[
-        bool, typer.Option(help="Score prompts at the first step; mitigate only those above the threshold.")
-    ] = False,
-    calibration: Annotated[
-        Path | None, typer.Option(help="The guard's noise-norm calibration (default: the lab model's).")
-    ] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an earlier run in --out.")] = False,
+    prompts: Prompts = None,
+    out: Out = Path("out/generate"),
+    model: Model = None,
+    prompts_file: PromptsFile = None,
+    column: Column = "prompt",
+    n_generations: NGenerations = 1,
+    num_inference_steps: NumInferenceSteps = 50,
+    guidance_scale: GuidanceScale = None,
+    scheduler: Scheduler = None,
+    eta: Eta = 0.0,
+    batch_size: BatchSize = 8,
+    mitigation: Mitigation = "none",
+    index: Index = None,
+    encoder: Encoder = None,
+    guard: Guard = False,
+    calibration: Calibration = None,
+    overwrite: Overwrite = False,
 ) -> None:
     """Sample images and write them with ``generations.parquet`` and ``summary.json``."""
     from diffmem.output_rules import check_output_dir

@@ -16,46 +16,72 @@ index = typer.Typer(
 )
 app.add_typer(index, name="index")
 
+IndexOut = Annotated[Path, typer.Option(help="New index directory.")]
+IndexData = Annotated[
+    Path | None,
+    typer.Argument(help="A lab dataset, or a folder of images with metadata.parquet (file_name, caption)."),
+]
+Embeddings = Annotated[
+    Path | None,
+    typer.Option(help="clip-retrieval output instead of DATA: img_emb/img_emb_*.npy, metadata/*.parquet."),
+]
+Kind = Annotated[
+    str | None,
+    typer.Option(
+        help="pixels (for nL2) or embedding (copy detection); default pixels, or embedding with --embeddings."
+    ),
+]
+IndexEncoder = Annotated[
+    Path | None,
+    typer.Option(
+        help="Copy-detection encoder (save_encoder directory or SSCD TorchScript file) for --kind embedding; "
+        "with --embeddings, the network that made them (recorded, not run)."
+    ),
+]
+Exact = Annotated[
+    bool | None,
+    typer.Option("--exact/--approximate", help="Flat index, or IVF-PQ re-ranked exactly (default: by size)."),
+]
+IndexBatch = Annotated[int, typer.Option(help="Images read and embedded at a time.")]
+Overwrite = Annotated[bool, typer.Option(help="Replace an existing index at --out.")]
+IndexDirectory = Annotated[Path, typer.Argument(help="An index directory.")]
+GuidedIndex = Annotated[Path, typer.Argument(help="The index AMG will guide against.")]
+GateOut = Annotated[Path, typer.Option(help="The gate file to write (.json).")]
+GatePrompts = Annotated[
+    Path | None,
+    typer.Option(
+        help="Prompts known not to be memorized (.txt, .jsonl, .csv or .parquet; class numbers for a "
+        "class-conditional model; none for an unconditional one)."
+    ),
+]
+GateModel = Annotated[
+    str | None, typer.Option(help="Model directory or builtin:NAME (default: the lab model).")
+]
+Column = Annotated[str, typer.Option(help="Prompt column of a tabular file.")]
+GateEncoder = Annotated[
+    Path | None,
+    typer.Option(help="Copy-detection encoder of an embedding index (default: the one it records)."),
+]
+Quantile = Annotated[
+    float, typer.Option(help="lambda_t is this quantile of the prompts' similarity at step t.")
+]
+Generations = Annotated[int, typer.Option(help="Generations per prompt.")]
+InferenceSteps = Annotated[int, typer.Option(help="Sampling steps.")]
+Guidance = Annotated[float | None, typer.Option(help="CFG scale (default: the model's).")]
+GateBatch = Annotated[int, typer.Option(help="Images per batch.")]
+
 
 @index.command()
 def build(
     ctx: typer.Context,
-    out: Annotated[Path, typer.Option(help="New index directory.")],
-    data: Annotated[
-        Path | None,
-        typer.Argument(
-            help="A lab dataset, or a folder of images with metadata.parquet (file_name, caption)."
-        ),
-    ] = None,
-    embeddings: Annotated[
-        Path | None,
-        typer.Option(
-            help="clip-retrieval output instead of DATA: img_emb/img_emb_*.npy, metadata/*.parquet."
-        ),
-    ] = None,
-    kind: Annotated[
-        str | None,
-        typer.Option(
-            help="pixels (for nL2) or embedding (copy detection); default pixels, "
-            "or embedding with --embeddings."
-        ),
-    ] = None,
-    encoder: Annotated[
-        Path | None,
-        typer.Option(
-            help="Copy-detection encoder (save_encoder directory or SSCD TorchScript file) "
-            "for --kind embedding; "
-            "with --embeddings, the network that made them (recorded, not run)."
-        ),
-    ] = None,
-    exact: Annotated[
-        bool | None,
-        typer.Option(
-            "--exact/--approximate", help="Flat index, or IVF-PQ re-ranked exactly (default: by size)."
-        ),
-    ] = None,
-    batch_size: Annotated[int, typer.Option(help="Images read and embedded at a time.")] = 256,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing index at --out.")] = False,
+    out: IndexOut,
+    data: IndexData = None,
+    embeddings: Embeddings = None,
+    kind: Kind = None,
+    encoder: IndexEncoder = None,
+    exact: Exact = None,
+    batch_size: IndexBatch = 256,
+    overwrite: Overwrite = False,
 ) -> None:
     """Index the distinct training images with their captions and caption duplicate counts."""
     from diffmem.workflows.index import IndexConfig, build_index
@@ -68,7 +94,7 @@ def build(
 
 
 @index.command()
-def info(directory: Annotated[Path, typer.Argument(help="An index directory.")]) -> None:
+def info(directory: IndexDirectory) -> None:
     """Print the manifest of an index (after checking that its files load)."""
     from diffmem.index import TrainingSetIndex
 
@@ -78,30 +104,17 @@ def info(directory: Annotated[Path, typer.Argument(help="An index directory.")])
 @index.command()
 def gate(
     ctx: typer.Context,
-    directory: Annotated[Path, typer.Argument(help="The index AMG will guide against.")],
-    out: Annotated[Path, typer.Option(help="The gate file to write (.json).")],
-    prompts: Annotated[
-        Path | None,
-        typer.Option(
-            help="Prompts known not to be memorized (.txt, .jsonl, .csv or .parquet; class numbers for a "
-            "class-conditional model; none for an unconditional one)."
-        ),
-    ] = None,
-    model: Annotated[
-        str | None, typer.Option(help="Model directory or builtin:NAME (default: the lab model).")
-    ] = None,
-    column: Annotated[str, typer.Option(help="Prompt column of a tabular file.")] = "prompt",
-    encoder: Annotated[
-        Path | None,
-        typer.Option(help="Copy-detection encoder of an embedding index (default: the one it records)."),
-    ] = None,
-    quantile: Annotated[
-        float, typer.Option(help="lambda_t is this quantile of the prompts' similarity at step t.")
-    ] = 0.9,
-    n_generations: Annotated[int, typer.Option(help="Generations per prompt.")] = 1,
-    num_inference_steps: Annotated[int, typer.Option(help="Sampling steps.")] = 50,
-    guidance_scale: Annotated[float | None, typer.Option(help="CFG scale (default: the model's).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 16,
+    directory: GuidedIndex,
+    out: GateOut,
+    prompts: GatePrompts = None,
+    model: GateModel = None,
+    column: Column = "prompt",
+    encoder: GateEncoder = None,
+    quantile: Quantile = 0.9,
+    n_generations: Generations = 1,
+    num_inference_steps: InferenceSteps = 50,
+    guidance_scale: Guidance = None,
+    batch_size: GateBatch = 16,
 ) -> None:
     """Fit AMG's threshold schedule to this index: at each step, a quantile of the similarity that plain
     generations of non-memorized prompts reach (use it as ``amg:gate=FILE``)."""

@@ -1,39 +1,46 @@
-"""``diffmem info``: what a model is."""
+"""``diffmem info``: what a model is (:func:`diffmem.model_info.describe`), as a table or JSON."""
 
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from diffmem.cli.app import Settings, app
+from diffmem.cli.app import app
 from diffmem.model_names import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+ModelArgument = Annotated[
+    str | None, typer.Argument(help=f"A diffusers model directory or builtin:NAME (default {DEFAULT_MODEL}).")
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
 @app.command()
-def info(
-    ctx: typer.Context,
-    model: Annotated[
-        str | None,
-        typer.Argument(help=f"A diffusers model directory or builtin:NAME (default {DEFAULT_MODEL})."),
-    ] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-) -> None:
+def info(ctx: typer.Context, model: ModelArgument = None, json_output: JsonOption = False) -> None:
     """Family, prediction type, resolution, text encoders and parameter counts of a model."""
     from rich.console import Console
-    from rich.table import Table
 
     from diffmem.model_info import describe
     from diffmem.models import open_model
 
-    settings: Settings = ctx.obj
-    summary = describe(open_model(model, settings.device, settings.dtype, settings.speedups))
+    runtime = ctx.obj.runtime
+    summary = describe(open_model(model, runtime.device, runtime.dtype, runtime.speedups)).to_dict()
     if json_output:
-        typer.echo(json.dumps({"model": model or DEFAULT_MODEL, **summary.to_dict()}, indent=2))
-        return
-    table = Table(title=model or DEFAULT_MODEL, show_header=False)
-    for key, value in summary.to_dict().items():
+        typer.echo(json.dumps({"model": model or DEFAULT_MODEL, **summary}, indent=2))
+    else:
+        Console().print(_table(model or DEFAULT_MODEL, summary))
+
+
+def _table(title: str, summary: dict[str, Any]) -> Table:
+    """The summary as a two-column rich table, its lists written out on one line each."""
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    for key, value in summary.items():
         if key == "text_encoders":
             value = (
                 "; ".join(f"{e['name']}: {e['class_name']} (width {e['hidden_size']})" for e in value) or "-"
@@ -41,4 +48,4 @@ def info(
         elif key == "parameters":
             value = ", ".join(f"{name} {count / 1e6:.2f}M" for name, count in value.items())
         table.add_row(key.replace("_", " "), str(value))
-    Console().print(table)
+    return table

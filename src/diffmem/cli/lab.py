@@ -1,15 +1,14 @@
-"""``diffmem lab``: build the memorization lab's dataset and train its model."""
+"""``diffmem lab``: flags into :func:`diffmem.lab.dataset.build_lab_dataset` and :mod:`diffmem.workflows.lab`,
+results printed."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from diffmem.cli.app import Settings, app
+from diffmem.cli.app import app
 from diffmem.errors import DiffmemError
 
 lab = typer.Typer(
@@ -18,43 +17,227 @@ lab = typer.Typer(
 app.add_typer(lab, name="lab")
 
 Micro = Annotated[bool, typer.Option(help="The micro-lab: 32 px, a few hundred rows, minutes on a CPU.")]
+DatasetOut = Annotated[Path, typer.Argument(help="New (or empty) dataset directory.")]
+SmallDataset = Annotated[
+    bool,
+    typer.Option(help="32 px with 150 memorized and 500 held-out captions (a CPU lab at benchmark size)."),
+]
+Keyed = Annotated[
+    bool,
+    typer.Option(
+        help="The --small sizes with background patterns no caption states and memorized scenes "
+        "keyed by two-word titles over shared words (LabConfig.keyed)."
+    ),
+]
+Unique = Annotated[
+    int | None,
+    typer.Option(
+        help="Number of unique scenes instead of the preset's (the shipped keyed lab: --keyed --unique 3000)."
+    ),
+]
+LabData = Annotated[Path, typer.Option(help="A dataset directory from `diffmem lab build`.")]
+ModelOut = Annotated[Path, typer.Option(help="Model directory (checkpoints live here until training ends).")]
+SmallModel = Annotated[
+    bool,
+    typer.Option(
+        help="Micro-lab data, a wider model that memorizes (the shipped lab model; ~50 min on CPU)."
+    ),
+]
+VaeSteps = Annotated[int | None, typer.Option(help="VAE steps (default: the recipe's).")]
+UnetSteps = Annotated[int | None, typer.Option(help="UNet steps (default: the recipe's).")]
+UnetBatch = Annotated[int | None, typer.Option(help="UNet batch size (default: the recipe's).")]
+TimeBudget = Annotated[float | None, typer.Option(help="Checkpoint and stop after this many seconds.")]
+UnetChannels = Annotated[
+    str | None,
+    typer.Option(
+        help="UNet widths, one a level, e.g. 64,128,128 (default: the preset's).", metavar="W,W,..."
+    ),
+]
+TextLayers = Annotated[int | None, typer.Option(help="Text-encoder layers (default: the preset's).")]
+PredictionType = Annotated[
+    str | None,
+    typer.Option(
+        help="What the UNet predicts: epsilon (SD 1.x) or v_prediction (SD 2.x); default: the "
+        "preset's (v_prediction at 64 px, epsilon for --micro and --small; the shipped keyed lab is "
+        "--small with v_prediction)."
+    ),
+]
+VaeFrom = Annotated[
+    Path | None, typer.Option(help="Take this trained lab model's VAE and skip the VAE stage.")
+]
+InitFrom = Annotated[
+    Path | None,
+    typer.Option(
+        help="Start from this trained lab model (VAE, UNet, text encoder, architecture) and train "
+        "--unet-steps more."
+    ),
+]
+TrainedModel = Annotated[Path, typer.Option(help="A trained lab model directory.")]
+TrainedOn = Annotated[Path, typer.Option(help="The lab dataset it was trained on.")]
+LabelsOut = Annotated[Path | None, typer.Option(help="Output directory (default MODEL/labels).")]
+Generations = Annotated[int, typer.Option(help="Generations (seeds) per prompt.")]
+InferenceSteps = Annotated[int, typer.Option("--num-inference-steps", "--steps")]
+Guidance = Annotated[float, typer.Option(help="CFG scale.")]
+LabelBatch = Annotated[int, typer.Option(help="Images per batch.")]
+Groups = Annotated[list[str] | None, typer.Option(help="Prompt groups to label (repeatable; default all).")]
+MaxPrompts = Annotated[int | None, typer.Option(help="Label at most this many prompts a group.")]
+CopyDetector = Annotated[Path | None, typer.Option(help="A copy-detection encoder directory.")]
+CopyThreshold = Annotated[
+    float | None,
+    typer.Option(help="A near-copy above this copy similarity (default SSCD's 0.5; the lab uses 0.75)."),
+]
+EncoderOut = Annotated[Path, typer.Option(help="Encoder directory to write (save_encoder format).")]
+TrainingSteps = Annotated[int, typer.Option(help="Training steps.")]
+DetectorBatch = Annotated[int, typer.Option(help="Images per step (each seen in two edited views).")]
+InputSize = Annotated[int, typer.Option(help="Side the encoder resizes images to.")]
+ReaderOut = Annotated[Path, typer.Option(help="Reader directory to write (save_reader format).")]
+ExtraScenes = Annotated[int, typer.Option(help="Random Fashion-MNIST scenes added to the training scenes.")]
 
 
 @lab.command()
 def build(
     ctx: typer.Context,
-    out: Annotated[Path, typer.Argument(help="New (or empty) dataset directory.")],
+    out: DatasetOut,
     micro: Micro = False,
-    small: Annotated[
-        bool,
-        typer.Option(
-            help="32 px with 150 memorized and 500 held-out captions (a CPU lab at benchmark size)."
-        ),
-    ] = False,
-    keyed: Annotated[
-        bool,
-        typer.Option(
-            help="The --small sizes with background patterns no caption states and memorized scenes "
-            "keyed by two-word titles over shared words (LabConfig.keyed)."
-        ),
-    ] = False,
-    unique: Annotated[
-        int | None,
-        typer.Option(
-            help="Number of unique scenes instead of the preset's (the shipped keyed lab: --keyed --unique 3000)."
-        ),
-    ] = None,
+    small: SmallDataset = False,
+    keyed: Keyed = False,
+    unique: Unique = None,
 ) -> None:
     """Compose the captioned Fashion-MNIST scenes with controlled duplication and write the dataset."""
+    from dataclasses import replace
+
     from diffmem.lab.dataset import LabConfig, build_lab_dataset
 
-    settings: Settings = ctx.obj
-    preset = _preset(LabConfig, micro=micro, small=small, keyed=keyed)
-    config = replace(preset(), seed=settings.seed)
+    preset = _preset(micro=micro, small=small, keyed=keyed)
+    make = getattr(LabConfig, preset) if preset else LabConfig
+    config = make(seed=ctx.obj.seed)
     if unique is not None:
         config = replace(config, num_unique=unique)
     build_lab_dataset(out, config)
     typer.echo(f"wrote the lab dataset ({config.num_train_rows} training rows) to {out}")
+
+
+@lab.command()
+def train(
+    ctx: typer.Context,
+    data: LabData,
+    out: ModelOut,
+    micro: Micro = False,
+    small: SmallModel = False,
+    vae_steps: VaeSteps = None,
+    unet_steps: UnetSteps = None,
+    batch_size: UnetBatch = None,
+    time_budget_s: TimeBudget = None,
+    unet_channels: UnetChannels = None,
+    text_layers: TextLayers = None,
+    prediction_type: PredictionType = None,
+    vae_from: VaeFrom = None,
+    init_from: InitFrom = None,
+) -> None:
+    """Train the lab model (VAE, then UNet and text encoder); run again to continue an interrupted run."""
+    from diffmem.workflows.lab import TrainLabConfig, train_lab
+
+    recipe = {"vae_steps": vae_steps, "unet_steps": unet_steps, "batch_size": batch_size}
+    sizes = {
+        "unet_channels": _widths(unet_channels),
+        "text_layers": text_layers,
+        "prediction_type": prediction_type,
+    }
+    starts = {"vae_from": vae_from, "init_from": init_from, "time_budget_s": time_budget_s}
+    config = TrainLabConfig(data, _preset(micro=micro, small=small), **recipe, **sizes, **starts)
+    status = train_lab(config, out, ctx.obj.runtime)
+    if status.complete:
+        typer.echo(f"trained the lab model in {out}")
+    else:
+        typer.echo(
+            f"stopped at VAE step {status.vae_step}, UNet step {status.unet_step}; run again to continue"
+        )
+
+
+@lab.command()
+def label(
+    ctx: typer.Context,
+    model: TrainedModel,
+    data: TrainedOn,
+    out: LabelsOut = None,
+    n_generations: Generations = 8,
+    num_inference_steps: InferenceSteps = 50,
+    guidance_scale: Guidance = 7.5,
+    batch_size: LabelBatch = 64,
+    groups: Groups = None,
+    max_prompts_per_group: MaxPrompts = None,
+    copy_detector: CopyDetector = None,
+    copy_threshold: CopyThreshold = None,
+) -> None:
+    """Generate for every lab prompt and label it memorized when most generations are near-copies."""
+    from diffmem.lab.label import LabelConfig
+    from diffmem.workflows.lab import LabelLabConfig, label_lab
+
+    given = {"groups": tuple(groups) if groups else None, "copy_threshold": copy_threshold}
+    given |= {"max_prompts_per_group": max_prompts_per_group}
+    chosen = {k: v for k, v in given.items() if v is not None}  # the rest keep LabelConfig's defaults
+    labelling = LabelConfig(n_generations, num_inference_steps, guidance_scale, batch_size, **chosen)
+    labels = label_lab(LabelLabConfig(model, data, labelling, copy_detector), out, ctx.obj.runtime)
+    for group, values in labels.groups.items():
+        typer.echo(_group_line(group, values, labels.copy_threshold))
+    typer.echo(f"wrote labels to {labels.directory}")
+
+
+def _group_line(group: str, values: dict, copy_threshold: float) -> str:
+    """A prompt group's share memorized, by nL2 and, when measured, by copy similarity."""
+    by_copy = values.get("share_memorized_copy")
+    copies = "" if by_copy is None else f" ({by_copy:.1%} by copy similarity > {copy_threshold:g})"
+    return f"{group}: {values['share_memorized']:.1%} of {values['prompts']} prompts memorized by nL2{copies}"
+
+
+@lab.command(name="copy-detector")
+def copy_detector_command(
+    ctx: typer.Context,
+    data: LabData,
+    out: EncoderOut,
+    steps: TrainingSteps = 1500,
+    batch_size: DetectorBatch = 128,
+    input_size: InputSize = 32,
+) -> None:
+    """Train the lab's SSCD-style copy detector on its unique training images; report its copy accuracy."""
+    from diffmem.workflows.lab import CopyDetectorTrainingConfig, train_lab_copy_detector
+
+    config = CopyDetectorTrainingConfig(data, steps, batch_size, input_size)
+    trained = train_lab_copy_detector(config, ctx.obj.runtime)
+    trained.save(out)
+    typer.echo(
+        f"copy detector: {trained.accuracy:.1%} of {trained.queries} edited copies matched to their source; "
+        f"wrote {out}"
+    )
+
+
+@lab.command(name="reader")
+def reader_command(
+    ctx: typer.Context,
+    data: LabData,
+    out: ReaderOut,
+    steps: TrainingSteps = 2400,
+    extra_scenes: ExtraScenes = 20_000,
+) -> None:
+    """Train the lab's attribute reader (text alignment, FID features); report it on held-out scenes."""
+    from diffmem.workflows.lab import ReaderTrainingConfig, train_lab_reader
+
+    trained = train_lab_reader(ReaderTrainingConfig(data, steps, extra_scenes), ctx.obj.runtime)
+    trained.save(out)
+    accuracy = trained.accuracy
+    typer.echo(
+        f"reader: categories {accuracy.item_category:.1%}, colours {accuracy.item_colour:.1%}, backgrounds "
+        f"{accuracy.background:.1%} on held-out scenes; alignment with their captions "
+        f"{trained.own_alignment:.1%}; wrote {out}"
+    )
+
+
+def _preset(**chosen: bool) -> str | None:
+    """The one preset flag that is on, or None for none."""
+    names = [name for name, on in chosen.items() if on]
+    if len(names) > 1:
+        raise DiffmemError(f"pass one of {', '.join('--' + n for n in chosen)}")
+    return names[0] if names else None
 
 
 def _widths(text: str | None) -> tuple[int, ...] | None:
@@ -70,238 +253,3 @@ def _widths(text: str | None) -> tuple[int, ...] | None:
             f"--unet-channels takes two or more positive widths such as 64,128,128, not {text!r}"
         )
     return widths
-
-
-def _preset(config: type, **chosen: bool):
-    """The classmethod of ``config`` named by the one chosen preset flag, or ``config`` itself for none."""
-    names = [name for name, on in chosen.items() if on]
-    if len(names) > 1:
-        raise DiffmemError(f"pass one of {', '.join('--' + n for n in chosen)}")
-    return getattr(config, names[0]) if names else config
-
-
-@lab.command()
-def train(
-    ctx: typer.Context,
-    data: Annotated[Path, typer.Option(help="A dataset directory from `diffmem lab build`.")],
-    out: Annotated[Path, typer.Option(help="Model directory (checkpoints live here until training ends).")],
-    micro: Micro = False,
-    small: Annotated[
-        bool,
-        typer.Option(
-            help="Micro-lab data, a wider model that memorizes (the shipped lab model; ~50 min on CPU)."
-        ),
-    ] = False,
-    vae_steps: Annotated[int | None, typer.Option(help="VAE steps (default: the recipe's).")] = None,
-    unet_steps: Annotated[int | None, typer.Option(help="UNet steps (default: the recipe's).")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="UNet batch size (default: the recipe's).")] = None,
-    time_budget_s: Annotated[
-        float | None, typer.Option(help="Checkpoint and stop after this many seconds.")
-    ] = None,
-    unet_channels: Annotated[
-        str | None,
-        typer.Option(
-            help="UNet widths, one a level, e.g. 64,128,128 (default: the preset's).", metavar="W,W,..."
-        ),
-    ] = None,
-    text_layers: Annotated[
-        int | None, typer.Option(help="Text-encoder layers (default: the preset's).")
-    ] = None,
-    prediction_type: Annotated[
-        str | None,
-        typer.Option(
-            help="What the UNet predicts: epsilon (SD 1.x) or v_prediction (SD 2.x); default: the "
-            "preset's (v_prediction at 64 px, epsilon for --micro and --small; the shipped keyed lab is "
-            "--small with v_prediction)."
-        ),
-    ] = None,
-    vae_from: Annotated[
-        Path | None, typer.Option(help="Take this trained lab model's VAE and skip the VAE stage.")
-    ] = None,
-    init_from: Annotated[
-        Path | None,
-        typer.Option(
-            help="Start from this trained lab model (VAE, UNet, text encoder, architecture) and train "
-            "--unet-steps more."
-        ),
-    ] = None,
-) -> None:
-    """Train the lab model (VAE, then UNet and text encoder); run again to continue an interrupted run."""
-    from diffmem.lab.model import LabModelConfig
-    from diffmem.lab.train import LabTrainConfig, train_lab_model
-
-    settings: Settings = ctx.obj
-    recipe = _preset(LabTrainConfig, micro=micro, small=small)()
-    overrides = {"vae_steps": vae_steps, "unet_steps": unet_steps, "batch_size": batch_size}
-    recipe = replace(recipe, seed=settings.seed, **{k: v for k, v in overrides.items() if v is not None})
-    sizes = {
-        "unet_channels": _widths(unet_channels),
-        "text_layers": text_layers,
-        "prediction_type": prediction_type,
-    }
-    model = None
-    if init_from is None:
-        model = LabModelConfig.small() if small else LabModelConfig.micro() if micro else LabModelConfig()
-        model = replace(model, **{k: v for k, v in sizes.items() if v is not None})
-    elif any(v is not None for v in sizes.values()):
-        raise DiffmemError(
-            "--init-from continues that model's architecture; "
-            "drop --unet-channels, --text-layers and --prediction-type"
-        )
-    status = train_lab_model(
-        data,
-        out,
-        model,
-        recipe,
-        device=settings.device,
-        time_budget_s=time_budget_s,
-        vae_from=vae_from,
-        init_from=init_from,
-    )
-    if status.complete:
-        typer.echo(f"trained the lab model in {out}")
-    else:
-        typer.echo(
-            f"stopped at VAE step {status.vae_step}, UNet step {status.unet_step}; run again to continue"
-        )
-
-
-@lab.command()
-def label(
-    ctx: typer.Context,
-    model: Annotated[Path, typer.Option(help="A trained lab model directory.")],
-    data: Annotated[Path, typer.Option(help="The lab dataset it was trained on.")],
-    out: Annotated[Path | None, typer.Option(help="Output directory (default MODEL/labels).")] = None,
-    n_generations: Annotated[int, typer.Option(help="Generations (seeds) per prompt.")] = 8,
-    num_inference_steps: Annotated[int, typer.Option("--num-inference-steps", "--steps")] = 50,
-    guidance_scale: Annotated[float, typer.Option(help="CFG scale.")] = 7.5,
-    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 64,
-    groups: Annotated[
-        list[str] | None, typer.Option(help="Prompt groups to label (repeatable; default all).")
-    ] = None,
-    max_prompts_per_group: Annotated[
-        int | None, typer.Option(help="Label at most this many prompts a group.")
-    ] = None,
-    copy_detector: Annotated[Path | None, typer.Option(help="A copy-detection encoder directory.")] = None,
-    copy_threshold: Annotated[
-        float | None,
-        typer.Option(help="A near-copy above this copy similarity (default SSCD's 0.5; the lab uses 0.75)."),
-    ] = None,
-) -> None:
-    """Generate for every lab prompt and label it memorized when most generations are near-copies."""
-    from diffmem.adapters import load_denoiser
-    from diffmem.lab.dataset import load_lab_dataset
-    from diffmem.lab.label import GROUPS, LabelConfig, label_lab_model
-    from diffmem.metrics.copy_detection import COPY_THRESHOLD, load_encoder
-
-    settings: Settings = ctx.obj
-    copy_threshold = COPY_THRESHOLD if copy_threshold is None else copy_threshold
-    config = LabelConfig(
-        n_generations=n_generations,
-        num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale,
-        batch_size=batch_size,
-        groups=tuple(groups) if groups else GROUPS,
-        max_prompts_per_group=max_prompts_per_group,
-        copy_threshold=copy_threshold,
-        seed=settings.seed,
-    )
-    denoiser = load_denoiser(model, device=settings.device, dtype=settings.dtype)
-    encoder = load_encoder(copy_detector, settings.device) if copy_detector else None
-    written = label_lab_model(denoiser, model, load_lab_dataset(data), config, encoder, out)
-    summary = json.loads((written / "labels.json").read_text())["summary"]["groups"]
-    for group, values in summary.items():
-        by_copy = values.get("share_memorized_copy")
-        copies = "" if by_copy is None else f" ({by_copy:.1%} by copy similarity > {copy_threshold:g})"
-        typer.echo(
-            f"{group}: {values['share_memorized']:.1%} of {values['prompts']} prompts memorized by nL2{copies}"
-        )
-    typer.echo(f"wrote labels to {written}")
-
-
-@lab.command(name="copy-detector")
-def copy_detector_command(
-    ctx: typer.Context,
-    data: Annotated[Path, typer.Option(help="A dataset directory from `diffmem lab build`.")],
-    out: Annotated[Path, typer.Option(help="Encoder directory to write (save_encoder format).")],
-    steps: Annotated[int, typer.Option(help="Training steps.")] = 1500,
-    batch_size: Annotated[int, typer.Option(help="Images per step (each seen in two edited views).")] = 128,
-    input_size: Annotated[int, typer.Option(help="Side the encoder resizes images to.")] = 32,
-) -> None:
-    """Train the lab's SSCD-style copy detector on its unique training images; report its copy accuracy."""
-    import torch
-
-    from diffmem.atomic_io import write_json_atomic
-    from diffmem.lab.dataset import load_lab_dataset
-    from diffmem.metrics.copy_detection import (
-        CopyDetectionConfig,
-        copy_detection_accuracy,
-        save_encoder,
-        train_copy_detector,
-    )
-
-    settings: Settings = ctx.obj
-    _, images = load_lab_dataset(data).unique_train_images()
-    encoder = train_copy_detector(
-        images.to(settings.device),
-        steps,
-        batch_size,
-        seed=settings.seed,
-        config=CopyDetectionConfig(input_size=input_size),
-    )
-    queries = min(500, len(images))
-    accuracy = copy_detection_accuracy(
-        encoder, images.to(settings.device), torch.Generator().manual_seed(settings.seed + 1), queries
-    )
-    save_encoder(encoder.cpu(), out)
-    record = {
-        "data": str(data),
-        "steps": steps,
-        "batch_size": batch_size,
-        "seed": settings.seed,
-        "copy_accuracy": accuracy,
-        "queries": queries,
-    }
-    write_json_atomic(out / "training.json", record)
-    typer.echo(
-        f"copy detector: {accuracy:.1%} of {queries} edited copies matched to their source; wrote {out}"
-    )
-
-
-@lab.command(name="reader")
-def reader_command(
-    ctx: typer.Context,
-    data: Annotated[Path, typer.Option(help="A dataset directory from `diffmem lab build`.")],
-    out: Annotated[Path, typer.Option(help="Reader directory to write (save_reader format).")],
-    steps: Annotated[int, typer.Option(help="Training steps.")] = 2400,
-    extra_scenes: Annotated[
-        int, typer.Option(help="Random Fashion-MNIST scenes added to the training scenes.")
-    ] = 20_000,
-) -> None:
-    """Train the lab's attribute reader (text alignment, FID features); report it on held-out scenes."""
-    from diffmem.atomic_io import write_json_atomic
-    from diffmem.lab.alignment import (
-        alignment,
-        lab_scenes,
-        reader_accuracy,
-        save_reader,
-        train_attribute_reader,
-    )
-    from diffmem.lab.dataset import load_lab_dataset
-
-    settings: Settings = ctx.obj
-    dataset = load_lab_dataset(data)
-    reader = train_attribute_reader(dataset, steps, extra_scenes, seed=settings.seed, device=settings.device)
-    scene_ids, scenes = lab_scenes(dataset, "heldout")
-    images = dataset.images(scene_ids)
-    accuracy = reader_accuracy(reader, images, scenes)
-    captions = {r["scene_id"]: r["caption"] for r in dataset.heldout.to_pylist()}
-    own = float(alignment(reader, images, [captions[s] for s in scene_ids]).mean())
-    save_reader(reader.cpu(), out)
-    record = {"data": str(data), "steps": steps, "extra_scenes": extra_scenes, "seed": settings.seed}
-    record |= {"heldout_accuracy": accuracy.to_dict(), "heldout_alignment_own_captions": own}
-    write_json_atomic(out / "training.json", record)
-    typer.echo(
-        f"reader: categories {accuracy.item_category:.1%}, colours {accuracy.item_colour:.1%}, backgrounds "
-        f"{accuracy.background:.1%} on held-out scenes; alignment with their captions {own:.1%}; wrote {out}"
-    )

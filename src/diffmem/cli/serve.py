@@ -3,40 +3,44 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from diffmem.cli.app import app
-from diffmem.cli.explain import AttributeTo
+from diffmem.cli.explain import AttributeTo, FirstSteps, GuidanceScale, Model, NGenerations, NumInferenceSteps
 from diffmem.model_names import LAB_MODEL
+
+if TYPE_CHECKING:
+    from diffmem.serve import ExplanationServer, PromptExplainer
+
+Host = Annotated[str, typer.Option(help="Address to listen on; anything but localhost exposes the model.")]
+Port = Annotated[int, typer.Option(help="Port to listen on (0: any free port).")]
+Calibration = Annotated[
+    Path | None, typer.Option(help="A noise-norm calibration: the page shows its threshold.")
+]
+Thumbnails = Annotated[bool, typer.Option(help="Generate an image for every explained prompt.")]
+MaxPending = Annotated[int, typer.Option(help="Requests that may wait for the model at once.")]
 
 
 @app.command()
 def serve(
     ctx: typer.Context,
-    model: Annotated[
-        str | None, typer.Option(help=f"Model directory or builtin:NAME (default {LAB_MODEL}).")
-    ] = None,
-    host: Annotated[
-        str, typer.Option(help="Address to listen on; anything but localhost exposes the model.")
-    ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8765,
-    num_inference_steps: Annotated[int, typer.Option(help="Length of the sampling schedule.")] = 50,
-    first_steps: Annotated[int, typer.Option(help="Average over the first K steps.")] = 1,
-    n_generations: Annotated[int, typer.Option(help="Generations (seeds) to average over.")] = 1,
-    guidance_scale: Annotated[float, typer.Option(help="CFG scale of the trajectory.")] = 7.5,
+    model: Model = None,
+    host: Host = "127.0.0.1",
+    port: Port = 8765,
+    num_inference_steps: NumInferenceSteps = 50,
+    first_steps: FirstSteps = 1,
+    n_generations: NGenerations = 1,
+    guidance_scale: GuidanceScale = 7.5,
     attribute_to: AttributeTo = "prompt_embeds",
-    calibration: Annotated[
-        Path | None, typer.Option(help="A noise-norm calibration: the page shows its threshold.")
-    ] = None,
-    thumbnails: Annotated[bool, typer.Option(help="Generate an image for every explained prompt.")] = True,
-    max_pending: Annotated[int, typer.Option(help="Requests that may wait for the model at once.")] = 8,
+    calibration: Calibration = None,
+    thumbnails: Thumbnails = True,
+    max_pending: MaxPending = 8,
 ) -> None:
     """A local page to type and edit prompts and watch their memorization score and word heat map."""
     from diffmem.models import ModelSource
     from diffmem.serve import ExplanationServer, PromptExplainer
-    from diffmem.serve.server import LOOPBACK
     from diffmem.workflows.explain import ExplainConfig, explanation_threshold, significance_config
 
     runtime = ctx.obj.runtime
@@ -53,7 +57,13 @@ def serve(
         thumbnails=thumbnails,
         max_pending=max_pending,
     )
-    server = ExplanationServer(explainer, host, port)
+    _serve_until_stopped(ExplanationServer(explainer, host, port), explainer, host)
+
+
+def _serve_until_stopped(server: ExplanationServer, explainer: PromptExplainer, host: str) -> None:
+    """Serve until Ctrl-C, warning first when the address is reachable from other machines."""
+    from diffmem.serve.server import LOOPBACK
+
     if host not in LOOPBACK:
         typer.echo(f"warning: listening on {host}: anyone who can reach it can use the model", err=True)
     typer.echo(f"serving {server.url} (Ctrl-C stops)")

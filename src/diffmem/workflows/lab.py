@@ -1,0 +1,248 @@
+"""Train the memorization lab's model, label its prompts, and train its copy detector and attribute reader:
+the Python side of ``diffmem lab train``, ``lab label``, ``lab copy-detector`` and ``lab reader``
+(``lab build`` is :func:`diffmem.lab.dataset.build_lab_dataset` with a
+:class:`~diffmem.lab.dataset.LabConfig`)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffmem.adapters import load_denoiser
+from diffmem.atomic_io import write_json_atomic
+from diffmem.errors import DiffmemError
+from diffmem.lab.alignment import (
+    AttributeReader,
+    ReaderAccuracy,
+    alignment,
+    lab_scenes,
+    reader_accuracy,
+    save_reader,
+    train_attribute_reader,
+)
+from diffmem.lab.dataset import load_lab_dataset
+from diffmem.lab.label import LabelConfig, label_lab_model
+from diffmem.lab.model import LabModelConfig
+from diffmem.lab.train import LabTrainConfig, TrainingStatus, train_lab_model
+from diffmem.metrics.copy_detection import (
+    CopyDetectionConfig,
+    CopyDetectionEncoder,
+    copy_detection_accuracy,
+    load_encoder,
+    save_encoder,
+    train_copy_detector,
+)
+from diffmem.workflows.runtime import Runtime
+
+PRESETS = ("micro", "small")  # the lab model's presets (LabTrainConfig and LabModelConfig classmethods)
+
+
+@dataclass(frozen=True)
+class TrainLabConfig:
+    """The lab dataset, the preset recipe and architecture, what overrides them, and the warm starts."""
+
+    data: Path
+    preset: str | None = None  # micro or small; None: the 64 px lab model
+    vae_steps: int | None = None  # None: the recipe's
+    unet_steps: int | None = None
+    batch_size: int | None = None
+    unet_channels: tuple[int, ...] | None = None  # None: the preset's
+    text_layers: int | None = None
+    prediction_type: str | None = None
+    vae_from: Path | None = None  # take this trained lab model's VAE and skip the VAE stage
+    init_from: Path | None = None  # start from this trained lab model, in its architecture
+    time_budget_s: float | None = None  # checkpoint and stop after this many seconds
+
+    def __post_init__(self) -> None:
+        if self.preset not in (None, *PRESETS):
+            raise DiffmemError(f"unknown lab preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        if self.init_from is not None and self._sizes():
+            raise DiffmemError(
+                "--init-from continues that model's architecture; "
+                "drop --unet-channels, --text-layers and --prediction-type"
+            )
+
+    def recipe(self, seed: int) -> LabTrainConfig:
+        """The preset's optimisation settings with the given steps and batch size."""
+        recipe = getattr(LabTrainConfig, self.preset)() if self.preset else LabTrainConfig()
+        overrides = {
+            "vae_steps": self.vae_steps,
+            "unet_steps": self.unet_steps,
+            "batch_size": self.batch_size,
+        }
+        return replace(recipe, seed=seed, **{k: v for k, v in overrides.items() if v is not None})
+
+    def model(self) -> LabModelConfig | None:
+        """The preset's architecture with the given sizes; None with ``init_from`` (that model's)."""
+        if self.init_from is not None:
+            return None
+        model = getattr(LabModelConfig, self.preset)() if self.preset else LabModelConfig()
+        return replace(model, **self._sizes())
+
+    def _sizes(self) -> dict[str, Any]:
+        sizes = {
+            "unet_channels": self.unet_channels,
+            "text_layers": self.text_layers,
+            "prediction_type": self.prediction_type,
+        }
+        return {k: v for k, v in sizes.items() if v is not None}
+
+
+def train_lab(config: TrainLabConfig, out: Path, runtime: Runtime | None = None) -> TrainingStatus:
+    """Train the lab model (VAE, then UNet and text encoder) into ``out``, or continue an interrupted run.
+
+    Checkpoints are written to ``out`` while it runs and the pipeline at the end; a run stopped by the
+    time budget returns ``complete=False`` and continues when called again.
+    """
+    runtime = runtime or Runtime()
+    return train_lab_model(
+        config.data,
+        out,
+        config.model(),
+        config.recipe(runtime.seed),
+        device=runtime.device,
+        time_budget_s=config.time_budget_s,
+        vae_from=config.vae_from,
+        init_from=config.init_from,
+    )
+
+
+@dataclass(frozen=True)
+class LabelLabConfig:
+    """A trained lab model, the dataset it was trained on, how its prompts are labelled (the seed is the
+    runtime's), and the copy-detection encoder whose similarity labels them too."""
+
+    model: Path
+    data: Path
+    labelling: LabelConfig = field(default_factory=LabelConfig)
+    copy_detector: Path | None = None
+
+
+@dataclass(frozen=True)
+class LabLabels:
+    """Where the labels were written, and each prompt group's summary (prompts, shares memorized)."""
+
+    directory: Path
+    groups: dict[str, dict[str, Any]]
+    copy_threshold: float
+
+
+def label_lab(config: LabelLabConfig, out: Path | None = None, runtime: Runtime | None = None) -> LabLabels:
+    """Generate for every lab prompt and label it memorized when most generations are near-copies.
+
+    Writes ``labels.parquet``, ``generations.parquet`` and ``labels.json`` into ``out`` (default
+    ``MODEL/labels``) as it finishes.
+    """
+    runtime = runtime or Runtime()
+    labelling = replace(config.labelling, seed=runtime.seed)
+    denoiser = load_denoiser(config.model, device=runtime.device, dtype=runtime.dtype)
+    encoder = load_encoder(config.copy_detector, runtime.device) if config.copy_detector else None
+    written = label_lab_model(denoiser, config.model, load_lab_dataset(config.data), labelling, encoder, out)
+    groups = json.loads((written / "labels.json").read_text())["summary"]["groups"]
+    return LabLabels(written, groups, labelling.copy_threshold)
+
+
+@dataclass(frozen=True)
+class CopyDetectorTrainingConfig:
+    """The lab dataset whose unique training images the copy detector learns, and how it trains."""
+
+    data: Path
+    steps: int = 1500
+    batch_size: int = 128  # images a step, each seen in two edited views
+    input_size: int = 32  # side the encoder resizes images to
+
+
+@dataclass(frozen=True)
+class TrainedCopyDetector:
+    """A copy-detection encoder, how it was trained, and the share of edited copies it matched."""
+
+    encoder: CopyDetectionEncoder
+    config: CopyDetectorTrainingConfig
+    seed: int
+    accuracy: float
+    queries: int
+
+    def save(self, out: Path) -> None:
+        """Write the encoder (``save_encoder`` format) and its ``training.json`` into ``out``."""
+        save_encoder(self.encoder.cpu(), out)
+        record = {
+            "data": str(self.config.data),
+            "steps": self.config.steps,
+            "batch_size": self.config.batch_size,
+            "seed": self.seed,
+            "copy_accuracy": self.accuracy,
+            "queries": self.queries,
+        }
+        write_json_atomic(out / "training.json", record)
+
+
+def train_lab_copy_detector(
+    config: CopyDetectorTrainingConfig, runtime: Runtime | None = None
+) -> TrainedCopyDetector:
+    """The lab's SSCD-style copy detector, trained on its unique training images, with its copy accuracy."""
+    runtime = runtime or Runtime()
+    _, images = load_lab_dataset(config.data).unique_train_images()
+    images = images.to(runtime.device)
+    detection = CopyDetectionConfig(input_size=config.input_size)
+    encoder = train_copy_detector(
+        images, config.steps, config.batch_size, seed=runtime.seed, config=detection
+    )
+    queries = min(500, len(images))
+    accuracy = copy_detection_accuracy(
+        encoder, images, torch.Generator().manual_seed(runtime.seed + 1), queries
+    )
+    return TrainedCopyDetector(encoder, config, runtime.seed, accuracy, queries)
+
+
+@dataclass(frozen=True)
+class ReaderTrainingConfig:
+    """The lab dataset the attribute reader learns, and how it trains."""
+
+    data: Path
+    steps: int = 2400
+    extra_scenes: int = 20_000  # random Fashion-MNIST scenes added to the training scenes
+
+
+@dataclass(frozen=True)
+class TrainedReader:
+    """An attribute reader, how it was trained, and how it reads the held-out scenes."""
+
+    reader: AttributeReader
+    config: ReaderTrainingConfig
+    seed: int
+    accuracy: ReaderAccuracy
+    own_alignment: float  # its alignment of the held-out scenes with their own captions
+
+    def save(self, out: Path) -> None:
+        """Write the reader (``save_reader`` format) and its ``training.json`` into ``out``."""
+        save_reader(self.reader.cpu(), out)
+        record = {
+            "data": str(self.config.data),
+            "steps": self.config.steps,
+            "extra_scenes": self.config.extra_scenes,
+            "seed": self.seed,
+        }
+        record |= {
+            "heldout_accuracy": self.accuracy.to_dict(),
+            "heldout_alignment_own_captions": self.own_alignment,
+        }
+        write_json_atomic(out / "training.json", record)
+
+
+def train_lab_reader(config: ReaderTrainingConfig, runtime: Runtime | None = None) -> TrainedReader:
+    """The lab's attribute reader (text alignment, FID features), measured on the held-out scenes."""
+    runtime = runtime or Runtime()
+    dataset = load_lab_dataset(config.data)
+    reader = train_attribute_reader(
+        dataset, config.steps, config.extra_scenes, seed=runtime.seed, device=runtime.device
+    )
+    scene_ids, scenes = lab_scenes(dataset, "heldout")
+    images = dataset.images(scene_ids)
+    accuracy = reader_accuracy(reader, images, scenes)
+    captions = {r["scene_id"]: r["caption"] for r in dataset.heldout.to_pylist()}
+    own = float(alignment(reader, images, [captions[s] for s in scene_ids]).mean())
+    return TrainedReader(reader, config, runtime.seed, accuracy, own)
