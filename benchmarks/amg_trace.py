@@ -15,13 +15,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from diffmem.core.method_spec import parse_method_spec
 from diffmem.errors import DiffmemError
-from diffmem.method_spec import parse_method_spec
 from diffmem.mitigate import mitigation_config
 from diffmem.mitigate.anti_memorization_guidance import AntiMemorizationGuidance
 from diffmem.mitigate.fitted_gate import SimilarityTrace
 from diffmem.mitigate.training_similarity import measure_against_training, open_reference
-from diffmem.models import open_model
+from diffmem.models.source import open_model
 from diffmem.sampling import sample
 from support import report
 

@@ -20,11 +20,11 @@ from dataclasses import replace
 import torch
 from diffusers.models.attention_processor import AttnProcessor
 
+from diffmem.core.timing import timed
 from diffmem.detect import NoiseNormConfig, noise_norm
-from diffmem.models import resolve_device, resolve_dtype
-from diffmem.run_record import environment
-from diffmem.speedups import Speedups, apply_speedups
-from diffmem.timing import timed
+from diffmem.io.run_record import environment
+from diffmem.models.source import resolve_device, resolve_dtype
+from diffmem.models.speedups import Speedups, apply_speedups
 from support import benchmark_model, benchmark_parser, report
 
 SPEEDUPS = {

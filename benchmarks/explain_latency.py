@@ -14,11 +14,11 @@ import argparse
 import json
 import urllib.request
 
+from diffmem.core.timing import timed
 from diffmem.explain import SignificanceConfig, token_significance
-from diffmem.models import resolve_device, resolve_dtype
-from diffmem.run_record import environment
+from diffmem.io.run_record import environment
+from diffmem.models.source import resolve_device, resolve_dtype
 from diffmem.serve import ExplanationServer, PromptExplainer
-from diffmem.timing import timed
 from support import benchmark_model, benchmark_parser, report
 
 PROMPT = "the sulrhaquin quoobvel poster: a red pullover at the top left and pink trousers at the bottom left"

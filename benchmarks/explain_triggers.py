@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 
 from diffmem.explain.evaluate import trigger_evaluation
 from diffmem.explain.token_significance import ATTRIBUTION_TARGETS, SignificanceConfig
-from diffmem.model_names import LAB_MODEL
-from diffmem.models import open_model, shipped_directory
+from diffmem.models.names import LAB_MODEL
+from diffmem.models.source import open_model, shipped_directory
 from support import report
 
 

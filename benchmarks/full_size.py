@@ -9,8 +9,8 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel
 
-from diffmem.clip_tokenizer import clip_text_config, load_clip_tokenizer
 from diffmem.sampling.schedulers import stable_diffusion_scheduler
+from diffmem.text.clip_tokenizer import clip_text_config, load_clip_tokenizer
 
 
 def stable_diffusion_15(

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from diffmem.index import TrainingSetIndex
-from diffmem.run_record import environment
+from diffmem.io.run_record import environment
 from support import report
 
 

@@ -20,8 +20,8 @@ from diffmem.lab.captions import caption
 from diffmem.lab.dataset import load_lab_dataset
 from diffmem.lab.fashion_mnist import CLASS_NAMES
 from diffmem.lab.scenes import BACKGROUND_COLOURS, ITEM_COLOURS, POSITIONS, Item, Scene
-from diffmem.model_names import LAB_MODEL
-from diffmem.models import open_model
+from diffmem.models.names import LAB_MODEL
+from diffmem.models.source import open_model
 from diffmem.sampling.generate import generate
 from support import report
 

@@ -24,16 +24,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from diffmem.atomic_io import write_json_atomic
-from diffmem.denoiser import Denoiser
+from diffmem.core.denoiser import Denoiser
+from diffmem.core.timing import timed
 from diffmem.index import TrainingSetIndex
+from diffmem.io.atomic import write_json_atomic
+from diffmem.io.run_record import environment
 from diffmem.metrics.copy_detection import CopyDetectionEncoder
 from diffmem.mitigate import ReferenceSet, SamplingOptions, mitigated_generate, mitigation_config
 from diffmem.mitigate.training_similarity import training_similarity
-from diffmem.models import resolve_device, resolve_dtype
-from diffmem.run_record import environment
+from diffmem.models.source import resolve_device, resolve_dtype
 from diffmem.sampling.guided_sampler import predict_pair
-from diffmem.timing import timed
 from support import benchmark_model, benchmark_parser, report
 
 PROMPT = "a photograph of an astronaut riding a horse, detailed, trending"

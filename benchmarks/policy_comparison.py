@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from diffmem.run_record import environment
+from diffmem.io.run_record import environment
 from support import labelled_scatter, report
 
 MEASURES = ("copy_similarity", "nl2")

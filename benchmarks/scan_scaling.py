@@ -24,9 +24,9 @@ from diffmem.detect import NoiseNormConfig
 from diffmem.detect.ray_scan import RayOptions, ray_scan_prompts
 from diffmem.detect.scan import ScanJob, scan_prompts
 from diffmem.detect.scan_store import ScanStore
-from diffmem.models import resolve_device, resolve_dtype
-from diffmem.prompts_io import PromptRecord
-from diffmem.run_record import environment
+from diffmem.io.prompts import PromptRecord
+from diffmem.io.run_record import environment
+from diffmem.models.source import resolve_device, resolve_dtype
 from support import benchmark_parser, load_benchmark_model, report
 
 

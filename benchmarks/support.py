@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 
 from diffmem.adapters import wrap_pipeline
-from diffmem.denoiser import Denoiser
-from diffmem.model_names import LAB_MODEL
-from diffmem.models import open_model
-from diffmem.tiny_pipelines import tiny_stable_diffusion
+from diffmem.core.denoiser import Denoiser
+from diffmem.models.names import LAB_MODEL
+from diffmem.models.source import open_model
+from diffmem.models.tiny import tiny_stable_diffusion
 from full_size import stable_diffusion_15
 
 SIZES = ("sd15", "lab", "tiny")  # SD 1.5 architecture with random weights, the shipped lab model, tiny

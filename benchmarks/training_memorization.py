@@ -20,14 +20,14 @@ import torch
 import torch.nn.functional as F
 
 from diffmem.index.build import open_encoder
+from diffmem.io.run_record import environment
 from diffmem.lab.alignment import load_reader
 from diffmem.lab.dataset import load_lab_dataset
 from diffmem.metrics.copy_detection import embed
 from diffmem.metrics.memorization import summarize
 from diffmem.metrics.nl2 import NL2_THRESHOLD, nl2
 from diffmem.metrics.quality import fid, kid
-from diffmem.models import open_model, resolve_device, resolve_dtype
-from diffmem.run_record import environment
+from diffmem.models.source import open_model, resolve_device, resolve_dtype
 from diffmem.sampling import generate
 from support import labelled_scatter, report
 

@@ -15,9 +15,8 @@ import pyarrow.parquet as pq
 import torch
 
 from diffmem.detect.noise_norm import NoiseNormConfig, noise_norm
-from diffmem.explain.evaluate import REPLACEMENT
-from diffmem.explain.token_significance import token_significance
-from diffmem.models import open_model
+from diffmem.explain.token_significance import REPLACEMENT, token_significance
+from diffmem.models.source import open_model
 from support import report
 
 

@@ -1,12 +1,15 @@
 # Tests never reach a model hub: everything they load is built locally.
 import os
+import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# self-calibration profiles go to a cache of this test session, never the user's
+os.environ["DIFFMEM_CACHE_DIR"] = tempfile.mkdtemp(prefix="diffmem-test-cache-")
 
 import pytest
 
 from diffmem.adapters import wrap_pipeline
-from diffmem.tiny_pipelines import tiny_stable_diffusion
+from diffmem.models.tiny import tiny_stable_diffusion
 
 
 @pytest.fixture(scope="session")
@@ -46,3 +49,29 @@ def accelerate_launch():
 def sd():
     """A tiny Stable Diffusion pipeline with random weights, wrapped as a denoiser (one per test module)."""
     return wrap_pipeline(tiny_stable_diffusion())
+
+
+@pytest.fixture
+def browser():
+    """A headless Chromium driven by Debian's chromedriver, or a skip (a failure where
+    DIFFMEM_REQUIRE_BROWSER is set, as in CI) when absent; closed after the test."""
+    import shutil
+
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        webdriver = None
+    if webdriver is None or chromium is None or driver is None:
+        message = "needs selenium and Debian's chromium + chromium-driver"
+        if os.environ.get("DIFFMEM_REQUIRE_BROWSER"):
+            pytest.fail(message)
+        pytest.skip(message)
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,900"):
+        options.add_argument(argument)
+    opened = webdriver.Chrome(options=options, service=Service(executable_path=driver))
+    yield opened
+    opened.quit()

@@ -13,8 +13,8 @@ from diffmem.index import TrainingSetIndex
 from diffmem.mitigate import ReferenceSet, SamplingOptions, mitigated_generate, mitigation_config
 from diffmem.mitigate.anti_memorization_guidance import GATES, AntiMemorizationGuidance
 from diffmem.mitigate.training_similarity import training_similarity
+from diffmem.models.tiny import tiny_unet2d
 from diffmem.sampling import generate, generation_seed, sample
-from diffmem.tiny_pipelines import tiny_unet2d
 
 PROMPTS = ["a red sneaker at the top left", "the zorblax vase poster"]
 SAMPLING = SamplingOptions(num_inference_steps=3, guidance_scale=7.5)

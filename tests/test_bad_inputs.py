@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 from diffmem.cli.main import run
+from diffmem.core.method_spec import parse_method_spec
 from diffmem.detect.calibration import Calibration
 from diffmem.errors import DiffmemError
 from diffmem.index.build import open_encoder
-from diffmem.method_spec import parse_method_spec
 from diffmem.mitigate import mitigation_config
 
 TINY = ["--model", "builtin:tiny-sd"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from diffmem.models import shipped_directory
+from diffmem.models.source import shipped_directory
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
@@ -128,8 +128,8 @@ def test_mitigation_overhead_smoke(tmp_path):
 
 def test_training_memorization_smoke(tmp_path, micro_lab_data):
     from diffmem.lab.alignment import AttributeReader, AttributeReaderConfig, save_reader
-    from diffmem.models import shipped_reference
-    from diffmem.tiny_pipelines import tiny_unet2d
+    from diffmem.models.source import shipped_reference
+    from diffmem.models.tiny import tiny_unet2d
 
     tiny_unet2d().save_pretrained(tmp_path / "model")
     save_reader(AttributeReader(AttributeReaderConfig()), tmp_path / "reader")  # untrained: features only
@@ -169,10 +169,19 @@ def test_scan_scaling_smoke(tmp_path):
 def test_explain_triggers_on_the_keyed_model_meets_the_explanation_goals(tmp_path):
     shipped = shipped_directory("builtin:lab-keyed")
     args = ["--model", "builtin:lab-keyed", "--labels", str(shipped / "labels.parquet")]
-    args += ["--calibration", str(shipped / "calibration.json"), "--attribute-to", "token_embeddings"]
+    args += ["--calibration", str(shipped / "calibration.json"), "--attribute-to", "word_replacement"]
     record = _load("explain_triggers").main([*args, "--out", str(tmp_path / "record.json")])
     assert record["captions"] == 150 and record["top_is_trigger_share"] >= 0.8
     assert record["below_without_top"] >= 0.7 * record["flagged"] > record["below_without_random"]
+
+
+def test_self_calibration_smoke(tmp_path):
+    args = ["--labs", "lab-micro", "--reference-size", "16", "--out", str(tmp_path / "record.json")]
+    record = _load("self_calibration").main(args)["lab-micro"]
+    assert set(record["thresholds"]) == {"neutral", "single_copy_captions", "heldout"}
+    assert len(record["scores"]["neutral"]) == 16 and 0 < record["detection"]["auc"] <= 1
+    for reference in record["thresholds"].values():
+        assert 0 <= reference["heldout_fpr"] <= 1 and 0 <= reference["memorized_tpr"] <= 1
 
 
 def test_lab_separability_smoke(tmp_path, micro_lab_data):
@@ -238,7 +247,7 @@ def test_device_checks_script_runs_every_step_in_smoke_mode(tmp_path):
 def test_policy_comparison_tabulates_eval_records_against_the_baseline(tmp_path, micro_lab_data):
     from diffmem.cli.main import run
     from diffmem.lab.alignment import AttributeReader, AttributeReaderConfig, save_reader
-    from diffmem.models import shipped_reference
+    from diffmem.models.source import shipped_reference
 
     save_reader(AttributeReader(AttributeReaderConfig()), tmp_path / "reader")  # untrained: features only
     assert run(["index", "build", str(micro_lab_data), "--out", str(tmp_path / "pixels")]) == 0
@@ -293,7 +302,7 @@ def test_policy_comparison_tabulates_eval_records_against_the_baseline(tmp_path,
 
 def test_amg_trace_samples_an_evaluated_image_again(tmp_path):
     from diffmem.cli.main import run
-    from diffmem.models import shipped_reference
+    from diffmem.models.source import shipped_reference
 
     index, encoder = shipped_reference("builtin:lab-micro")
     args = ["eval", "mitigate", "--model", "builtin:lab-micro", "--max-prompts-per-group", "1"]

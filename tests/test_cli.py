@@ -6,8 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from diffmem.cli.main import run
+from diffmem.models.tiny import tiny_stable_diffusion
 from diffmem.sampling import generation_seed
-from diffmem.tiny_pipelines import tiny_stable_diffusion
 
 
 def test_info_on_the_builtin_default(capsys):

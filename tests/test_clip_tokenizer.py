@@ -3,9 +3,9 @@ import sys
 
 import pytest
 
-from diffmem import clip_tokenizer
-from diffmem.clip_tokenizer import clip_tokenizer_files, load_clip_tokenizer
 from diffmem.errors import DiffmemError
+from diffmem.text import clip_tokenizer
+from diffmem.text.clip_tokenizer import clip_tokenizer_files, load_clip_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from diffmem.condition import Condition
+from diffmem.core.condition import Condition
 from diffmem.errors import DiffmemError
 
 

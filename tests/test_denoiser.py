@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from diffmem.adapters import StableDiffusionDenoiser, StableDiffusionXLDenoiser, UNet2DDenoiser, wrap_pipeline
-from diffmem.denoiser import Denoiser, eps_from_model_output, x0_from_eps
+from diffmem.core.denoiser import Denoiser, eps_from_model_output, x0_from_eps
 from diffmem.errors import DiffmemError
-from diffmem.tiny_pipelines import tiny_stable_diffusion, tiny_stable_diffusion_xl, tiny_unet2d
+from diffmem.models.tiny import tiny_stable_diffusion, tiny_stable_diffusion_xl, tiny_unet2d
 
 
 def _noisy(shape=(2, 4, 8, 8), alpha_bar=0.3):

@@ -11,7 +11,7 @@ from diffmem.cli.main import run
 from diffmem.detect import NoiseNormConfig, noise_norm
 from diffmem.detect.evaluate import SettingSpec
 from diffmem.errors import DiffmemError
-from diffmem.tiny_pipelines import tiny_stable_diffusion
+from diffmem.models.tiny import tiny_stable_diffusion
 
 PROMPTS = [
     "a red sneaker",

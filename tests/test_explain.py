@@ -8,10 +8,10 @@ from diffmem.errors import DiffmemError
 from diffmem.explain import SignificanceConfig, token_significance, word_attention_maps
 from diffmem.explain.evaluate import trigger_evaluation
 from diffmem.explain.token_significance import _token_embedding_leaves
+from diffmem.models.tiny import tiny_stable_diffusion, tiny_stable_diffusion_xl, tiny_unet2d
 from diffmem.sampling import generation_seed
 from diffmem.sampling.guided_sampler import eps_scheduler
 from diffmem.sampling.seeds import initial_noise, seeded_generators
-from diffmem.tiny_pipelines import tiny_stable_diffusion, tiny_stable_diffusion_xl, tiny_unet2d
 
 CONFIG = SignificanceConfig(num_inference_steps=5)
 PROMPT = "A Zorblax-vase  at the top-left!"

@@ -17,7 +17,7 @@ from diffmem.adapters import load_denoiser
 from diffmem.cli.main import run
 from diffmem.errors import DiffmemError
 from diffmem.lab.dataset import LabConfig
-from diffmem.models import shipped_directory
+from diffmem.models.source import shipped_directory
 from diffmem.train.fine_tune import FineTuneConfig, fine_tune, training_magnitudes
 
 MODEL = shipped_directory("builtin:lab-micro") / "model"
@@ -206,7 +206,7 @@ def test_near_duplicate_images_are_dropped():
 
 @pytest.mark.parametrize("class_conditional", [True, False])
 def test_unet2d_pipelines_train_on_pixels(data_dir, tmp_path, class_conditional):
-    from diffmem.tiny_pipelines import tiny_unet2d
+    from diffmem.models.tiny import tiny_unet2d
 
     model = tmp_path / "unet2d"
     tiny_unet2d(class_conditional=class_conditional).save_pretrained(model)
@@ -221,7 +221,7 @@ def test_unet2d_pipelines_train_on_pixels(data_dir, tmp_path, class_conditional)
 
 
 def test_policies_that_need_conditioning_refuse_an_unconditional_model(data_dir, tmp_path):
-    from diffmem.tiny_pipelines import tiny_unet2d
+    from diffmem.models.tiny import tiny_unet2d
 
     model = tmp_path / "unet2d"
     tiny_unet2d().save_pretrained(model)

@@ -13,8 +13,8 @@ from diffmem.index import TrainingSetIndex
 from diffmem.mitigate import ReferenceSet, SamplingOptions, mitigated_generate, mitigation_config
 from diffmem.mitigate.anti_memorization_guidance import AntiMemorizationGuidance
 from diffmem.mitigate.fitted_gate import FittedGate, fit_gate, similarity_trajectories
+from diffmem.models.tiny import tiny_unet2d
 from diffmem.sampling import generate
-from diffmem.tiny_pipelines import tiny_unet2d
 
 PROMPTS = ["a red sneaker at the top left", "the zorblax vase poster"]
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from diffmem.adapters import load_denoiser
+from diffmem.models.tiny import tiny_stable_diffusion, tiny_stable_diffusion_xl
 from diffmem.sampling import sample
-from diffmem.tiny_pipelines import tiny_stable_diffusion, tiny_stable_diffusion_xl
 
 pytestmark = [
     pytest.mark.gpu,

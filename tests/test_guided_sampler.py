@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from diffmem.adapters import wrap_pipeline
-from diffmem.denoiser import x0_from_eps
+from diffmem.core.denoiser import x0_from_eps
 from diffmem.errors import DiffmemError
+from diffmem.models.tiny import tiny_unet2d
 from diffmem.sampling import StepState, sample
 from diffmem.sampling.schedulers import scheduler_like
-from diffmem.tiny_pipelines import tiny_unet2d
 
 PROMPTS = ["a red sneaker", "a blue bag on a gray background", "three green hats"]
 SEEDS = [1, 2, 3]

@@ -7,7 +7,7 @@ import pytest
 
 from diffmem.detect.noise_norm import NoiseNormConfig, noise_norm
 from diffmem.metrics.roc import detection_metrics
-from diffmem.models import open_model, shipped_directory
+from diffmem.models.source import open_model, shipped_directory
 
 KEYED = "builtin:lab-keyed"
 

@@ -16,7 +16,7 @@ from diffmem.lab.label import LabelConfig, lab_prompts, label_lab_model
 from diffmem.lab.model import LabModelConfig
 from diffmem.lab.train import LabTrainConfig, train_lab_model, trained_model_config
 from diffmem.metrics.copy_detection import load_encoder
-from diffmem.models import model_hash, shipped_directory
+from diffmem.models.source import model_hash, shipped_directory
 
 QUICK = replace(
     LabTrainConfig.micro(), vae_steps=3, vae_batch_size=8, unet_steps=4, batch_size=8, checkpoint_every=2

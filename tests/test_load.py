@@ -7,8 +7,8 @@ import torch
 
 from diffmem.adapters import load_denoiser, wrap_pipeline
 from diffmem.errors import DiffmemError
-from diffmem.model_info import describe
-from diffmem.tiny_pipelines import tiny_stable_diffusion, tiny_stable_diffusion_xl, tiny_unet2d
+from diffmem.models.info import describe
+from diffmem.models.tiny import tiny_stable_diffusion, tiny_stable_diffusion_xl, tiny_unet2d
 
 
 @pytest.mark.parametrize("build", [tiny_stable_diffusion, tiny_stable_diffusion_xl, tiny_unet2d])

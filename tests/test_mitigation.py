@@ -15,8 +15,8 @@ from diffmem.mitigate import (
     mitigation_config,
 )
 from diffmem.mitigate.prompt_optimization import optimize_prompt_embeddings
+from diffmem.models.tiny import tiny_stable_diffusion_xl, tiny_unet2d
 from diffmem.sampling import generate, generation_seed
-from diffmem.tiny_pipelines import tiny_stable_diffusion_xl, tiny_unet2d
 
 PROMPTS = ["a red sneaker at the top left", "the zorblax vase poster", "a blue bag"]
 SAMPLING = SamplingOptions(num_inference_steps=4, guidance_scale=7.5)

@@ -9,8 +9,8 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
 from diffmem.adapters import wrap_pipeline
-from diffmem.condition import Condition
-from diffmem.denoiser import Prediction
+from diffmem.core.condition import Condition
+from diffmem.core.denoiser import Prediction
 from diffmem.errors import DiffmemError
 from diffmem.mitigate.bos_attention_scaling import (
     BosAttentionScalingConfig,
@@ -37,8 +37,8 @@ from diffmem.mitigate.transition_point import (
     dynamic_transition_point,
     static_transition_point,
 )
+from diffmem.models.tiny import tiny_stable_diffusion_xl, tiny_unet2d
 from diffmem.sampling import StepState, sample
-from diffmem.tiny_pipelines import tiny_stable_diffusion_xl, tiny_unet2d
 
 PROMPTS = ["a red sneaker at the top left", "a blue bag on a gray background", "three green hats"]
 SEEDS = [11, 12, 13]

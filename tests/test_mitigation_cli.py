@@ -97,7 +97,7 @@ def test_generate_refuses_what_it_cannot_do(tmp_path, capsys, embedding_index):
     cases = [
         (["--mitigation", "amg"], "needs the training set: give an index"),
         (["--mitigation", "nope"], "unknown mitigation 'nope'"),
-        (["--guard"], "--guard needs a noise-norm calibration"),
+        (["--guard", "--model", "builtin:tiny-unet2d-class"], "--guard needs a noise-norm calibration"),
         (["--encoder", str(tmp_path)], "--encoder goes with an embedding index"),
         (
             ["--index", str(embedding_index / "index"), "--encoder", str(embedding_index / "encoder")],
@@ -237,9 +237,15 @@ def test_eval_mitigate_in_guard_mode_mitigates_only_flagged_prompts(tmp_path):
             assert after["copy_similarity"] == untouched["copy_similarity"]  # sampled as plain sampling
 
 
-def test_eval_mitigate_guard_needs_a_calibration(tmp_path, pixel_index, capsys):
+def test_eval_mitigate_guards_a_model_without_a_calibration_by_its_self_calibration(tmp_path, pixel_index):
+    from diffmem.models.source import ModelSource
+    from diffmem.workflows.calibrate import model_profile
+
     labels = tmp_path / "labels.parquet"
     pq.write_table(pa.table({"caption": PROMPTS, "group": ["memorized"] * 2 + ["heldout"] * 2}), labels)
-    args = ["eval", "mitigate", "--model", "builtin:tiny-sd", "--labels", str(labels)]
-    assert run([*args, "--index", str(pixel_index), "--guard", "--out", str(tmp_path / "x")]) == 2
-    assert "--guard needs a noise-norm calibration" in capsys.readouterr().err
+    args = ["eval", "mitigate", "--model", "builtin:tiny-sd", "--labels", str(labels), "--method", "cwr"]
+    args += ["--n-generations", "1", "--num-inference-steps", "2", "--index", str(pixel_index), "--guard"]
+    assert run([*args, "--out", str(tmp_path / "x")]) == 0
+    record = json.loads((tmp_path / "x" / "results.json").read_text())
+    profile = model_profile(ModelSource.resolve("builtin:tiny-sd"))  # cached by the run above
+    assert record["guard_threshold"] == pytest.approx(profile.detection_threshold)

@@ -9,7 +9,7 @@ from diffmem.cli.main import run
 from diffmem.index.manifest import read_manifest
 from diffmem.index.model_match import dataset_mismatch, model_lab_config
 from diffmem.lab.dataset import ADDED_CONFIG_FIELDS, LabConfig, with_added_defaults
-from diffmem.models import shipped_reference
+from diffmem.models.source import shipped_reference
 
 MICRO = asdict(LabConfig.micro())
 MICRO_LAB = "builtin:lab-micro"  # its model and index were made before the keyed lab's fields existed

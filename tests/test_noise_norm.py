@@ -8,9 +8,9 @@ import torch
 from diffmem.adapters import wrap_pipeline
 from diffmem.detect import NoiseNormConfig, noise_norm
 from diffmem.errors import DiffmemError
+from diffmem.models.tiny import tiny_stable_diffusion, tiny_stable_diffusion_xl
 from diffmem.sampling import generation_seed
 from diffmem.sampling.guided_sampler import eps_scheduler
-from diffmem.tiny_pipelines import tiny_stable_diffusion, tiny_stable_diffusion_xl
 
 PROMPTS = ["a red sneaker at the top left", "a blue bag", "three green hats on a navy background"]
 

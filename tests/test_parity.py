@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from diffmem.adapters import wrap_pipeline
+from diffmem.models.tiny import tiny_stable_diffusion, tiny_stable_diffusion_xl, tiny_unet2d
 from diffmem.sampling import sample
-from diffmem.tiny_pipelines import tiny_stable_diffusion, tiny_stable_diffusion_xl, tiny_unet2d
 
 PROMPTS = ["a red sneaker at the top left", "a blue bag at the bottom right on a gray background"]
 SEEDS = [3, 11]

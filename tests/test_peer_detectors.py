@@ -9,7 +9,7 @@ import torch
 from diffusers.models.attention_processor import Attention
 
 from diffmem.adapters import wrap_pipeline
-from diffmem.condition import Condition
+from diffmem.core.condition import Condition
 from diffmem.detect import NoiseNormConfig, noise_norm
 from diffmem.detect.attention_entropy import (
     AttentionEntropyConfig,
@@ -28,9 +28,9 @@ from diffmem.detect.generation_agreement import (
 from diffmem.detect.one_step import OneStepConfig, one_step
 from diffmem.detect.sharpness import SharpnessConfig, sharpness
 from diffmem.errors import DiffmemError
+from diffmem.models.tiny import tiny_stable_diffusion, tiny_stable_diffusion_xl, tiny_unet2d
 from diffmem.sampling import generation_seed
 from diffmem.sampling.guided_sampler import eps_scheduler
-from diffmem.tiny_pipelines import tiny_stable_diffusion, tiny_stable_diffusion_xl, tiny_unet2d
 
 PROMPTS = ["a red sneaker at the top left", "a blue bag", "three green hats on a navy background"]
 STEPS = 5

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from diffmem.errors import DiffmemError
-from diffmem.prompts_io import encoding_problem, read_prompt_records
+from diffmem.io.prompts import encoding_problem, read_prompt_records
 
 STATUSES = {"ok", "empty", "not_utf8", "missing"}
 

@@ -20,8 +20,8 @@ from diffmem.detect.scan import scan_prompts
 from diffmem.detect.scan_store import ScanStore
 from diffmem.detect.scanner import Scanner
 from diffmem.errors import DiffmemError
-from diffmem.models import open_model
-from diffmem.prompts_io import PromptRecord
+from diffmem.io.prompts import PromptRecord
+from diffmem.models.source import open_model
 
 MODEL = "builtin:tiny-sd"
 CONFIG = NoiseNormConfig(num_inference_steps=3, batch_size=2)

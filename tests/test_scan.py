@@ -20,10 +20,10 @@ from diffmem.detect.scan import scan_prompts
 from diffmem.detect.scan_store import ScanStore
 from diffmem.detect.scanner import Scanner
 from diffmem.errors import DiffmemError
-from diffmem.model_names import LAB_MODEL
-from diffmem.models import model_identity, shipped_directory
-from diffmem.prompts_io import PromptRecord
-from diffmem.tiny_pipelines import tiny_stable_diffusion
+from diffmem.io.prompts import PromptRecord
+from diffmem.models.names import LAB_MODEL
+from diffmem.models.source import model_identity, shipped_directory
+from diffmem.models.tiny import tiny_stable_diffusion
 
 CONFIG = NoiseNormConfig(num_inference_steps=4, batch_size=4)
 PROMPTS = [f"a {c} sneaker at the top left on a gray background" for c in ("red", "blue", "green", "pink")]

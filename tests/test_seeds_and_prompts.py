@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from diffmem.errors import DiffmemError
-from diffmem.prompts_io import read_prompt_records, read_prompts
+from diffmem.io.prompts import read_prompt_records, read_prompts
 from diffmem.sampling import generation_seed
 
 

@@ -2,8 +2,6 @@
 headless browser (Debian's chromium + chromedriver through selenium)."""
 
 import json
-import os
-import shutil
 import socket
 import threading
 import time
@@ -16,7 +14,7 @@ import torch
 from diffmem.detect.calibration import Calibration
 from diffmem.errors import DiffmemError
 from diffmem.explain import SignificanceConfig, token_significance
-from diffmem.models import open_model, shipped_directory
+from diffmem.models.source import open_model, shipped_directory
 from diffmem.serve import ExplanationServer, PromptExplainer
 from diffmem.serve import explainer as explainer_module
 
@@ -184,59 +182,37 @@ def test_a_port_in_use_is_a_one_line_error(lab):
             ExplanationServer(PromptExplainer(lambda: lab), port=taken.getsockname()[1])
 
 
-def _browser():
-    """A headless Chromium driven by Debian's chromedriver, or a skip (a failure in CI) when absent."""
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        webdriver = None
-    if webdriver is None or chromium is None or driver is None:
-        message = "needs selenium and Debian's chromium + chromium-driver"
-        if os.environ.get("DIFFMEM_REQUIRE_BROWSER"):
-            pytest.fail(message)
-        pytest.skip(message)
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,900"):
-        options.add_argument(argument)
-    return webdriver.Chrome(options=options, service=Service(executable_path=driver))
-
-
-def test_the_page_in_a_real_browser_scores_explains_and_compares_an_edit(serving, threshold, tmp_path):
+def test_the_page_in_a_real_browser_scores_explains_and_compares_an_edit(
+    serving, threshold, tmp_path, browser
+):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
     server = serving()
-    browser = _browser()
-    try:
-        wait = WebDriverWait(browser, 30)
-        browser.get(server.url)
-        wait.until(lambda b: "threshold" in b.find_element(By.ID, "model").text)
-        rows = lambda b: b.find_elements(By.CSS_SELECTOR, "#history tbody tr")
-        box = browser.find_element(By.ID, "prompt")
-        box.send_keys(MEMORIZED)
-        browser.find_element(By.ID, "explain").click()
-        wait.until(lambda b: len(rows(b)) == 1)
-        assert browser.find_element(By.ID, "verdict").text.startswith(f"above the threshold {threshold:.3f}")
-        words = browser.find_elements(By.CSS_SELECTOR, "#heatmap .word")
-        assert " ".join(w.text for w in words).startswith("the sulrhaquin quoobvel poster")
-        hottest = max(words, key=lambda w: float(w.get_attribute("data-share")))
-        assert hottest.text == "quoobvel"
-        wait.until(lambda b: b.execute_script("return document.getElementById('thumbnail').naturalWidth") > 0)
-        first_score = browser.find_element(By.ID, "score").text
+    wait = WebDriverWait(browser, 30)
+    browser.get(server.url)
+    wait.until(lambda b: "threshold" in b.find_element(By.ID, "model").text)
+    rows = lambda b: b.find_elements(By.CSS_SELECTOR, "#history tbody tr")
+    box = browser.find_element(By.ID, "prompt")
+    box.send_keys(MEMORIZED)
+    browser.find_element(By.ID, "explain").click()
+    wait.until(lambda b: len(rows(b)) == 1)
+    assert browser.find_element(By.ID, "verdict").text.startswith(f"above the threshold {threshold:.3f}")
+    words = browser.find_elements(By.CSS_SELECTOR, "#heatmap .word")
+    assert " ".join(w.text for w in words).startswith("the sulrhaquin quoobvel poster")
+    hottest = max(words, key=lambda w: float(w.get_attribute("data-share")))
+    assert hottest.text == "quoobvel"
+    wait.until(lambda b: b.execute_script("return document.getElementById('thumbnail').naturalWidth") > 0)
+    first_score = browser.find_element(By.ID, "score").text
 
-        hottest.click()  # selects the word in the prompt box, so typing replaces it
-        box.send_keys("old" + Keys.ENTER)
-        wait.until(lambda b: len(rows(b)) == 2)
-        assert box.get_attribute("value") == MEMORIZED.replace("quoobvel", "old")
-        assert browser.find_element(By.ID, "score").text != first_score
-        assert browser.find_element(By.ID, "verdict").text.startswith("below the threshold")
-        newest = rows(browser)[0]
-        assert [m.text for m in newest.find_elements(By.TAG_NAME, "mark")] == ["old"]
-        assert newest.find_element(By.CSS_SELECTOR, ".down").text.startswith("-")
-        browser.save_screenshot(str(tmp_path / "page.png"))
-    finally:
-        browser.quit()
+    hottest.click()  # selects the word in the prompt box, so typing replaces it
+    box.send_keys("old" + Keys.ENTER)
+    wait.until(lambda b: len(rows(b)) == 2)
+    assert box.get_attribute("value") == MEMORIZED.replace("quoobvel", "old")
+    assert browser.find_element(By.ID, "score").text != first_score
+    assert browser.find_element(By.ID, "verdict").text.startswith("below the threshold")
+    newest = rows(browser)[0]
+    assert [m.text for m in newest.find_elements(By.TAG_NAME, "mark")] == ["old"]
+    assert newest.find_element(By.CSS_SELECTOR, ".down").text.startswith("-")
+    browser.save_screenshot(str(tmp_path / "page.png"))

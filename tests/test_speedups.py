@@ -7,8 +7,8 @@ import torch
 from diffmem.cli.main import run
 from diffmem.detect.registry import detector
 from diffmem.errors import DiffmemError
-from diffmem.models import open_model
-from diffmem.speedups import Speedups
+from diffmem.models.source import open_model
+from diffmem.models.speedups import Speedups
 
 PROMPTS = [f"a {c} bag at the bottom left" for c in ("red", "blue", "green", "tan")]
 

@@ -11,7 +11,7 @@ from diffusers import (
 )
 
 from diffmem.errors import DiffmemError
-from diffmem.tiny_pipelines import tiny_stable_diffusion, tiny_stable_diffusion_xl, tiny_unet2d
+from diffmem.models.tiny import tiny_stable_diffusion, tiny_stable_diffusion_xl, tiny_unet2d
 
 PROMPT = "a red sneaker"
 

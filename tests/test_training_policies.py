@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from diffmem.denoiser import eps_from_model_output
+from diffmem.core.denoiser import eps_from_model_output
 from diffmem.errors import DiffmemError
 from diffmem.sampling.schedulers import STABLE_DIFFUSION_SCHEDULE
 from diffmem.train.ambient_loss import (

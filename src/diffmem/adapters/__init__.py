@@ -1,4 +1,4 @@
-"""Adapters: each model family behind the denoiser contract (``diffmem.denoiser.Denoiser``)."""
+"""Adapters: each model family behind the denoiser contract (``diffmem.core.denoiser.Denoiser``)."""
 
 from diffmem.adapters.diffusers_base import DiffusersDenoiser
 from diffmem.adapters.load import load_denoiser, wrap_pipeline

@@ -6,8 +6,8 @@ import torch
 from diffusers import DiffusionPipeline
 from transformers import PreTrainedTokenizerBase
 
-from diffmem.condition import Condition
-from diffmem.denoiser import Conditioning, Prediction, eps_from_model_output
+from diffmem.core.condition import Condition
+from diffmem.core.denoiser import Conditioning, Prediction, eps_from_model_output
 from diffmem.errors import DiffmemError
 
 SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")

@@ -8,9 +8,9 @@ import torch
 from diffusers import DiffusionPipeline
 
 from diffmem.adapters.diffusers_base import DiffusersDenoiser
-from diffmem.condition import Condition
+from diffmem.core.condition import Condition
 from diffmem.errors import DiffmemError
-from diffmem.prompts_io import encoding_problem
+from diffmem.io.prompts import encoding_problem
 
 
 class StableDiffusionDenoiser(DiffusersDenoiser):

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from diffmem.adapters.stable_diffusion import StableDiffusionDenoiser, _check_prompts, _expand
-from diffmem.condition import Condition
+from diffmem.core.condition import Condition
 
 
 class StableDiffusionXLDenoiser(StableDiffusionDenoiser):

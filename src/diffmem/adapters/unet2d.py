@@ -8,7 +8,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from diffmem.adapters.diffusers_base import DiffusersDenoiser
-from diffmem.condition import Condition
+from diffmem.core.condition import Condition
 from diffmem.errors import DiffmemError
 
 

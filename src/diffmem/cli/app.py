@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from diffmem.speedups import Speedups
+from diffmem.models.speedups import Speedups
 
 if TYPE_CHECKING:
     import torch

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from diffmem.cli.app import app
-from diffmem.model_names import DEFAULT_MODEL, LAB_MODEL
+from diffmem.models.names import DEFAULT_MODEL, LAB_MODEL
 
 evaluate = typer.Typer(help="Evaluate detectors and mitigations against ground truth.", no_args_is_help=True)
 app.add_typer(evaluate, name="eval")

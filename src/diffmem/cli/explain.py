@@ -8,7 +8,14 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from diffmem.cli.app import app, printable
-from diffmem.model_names import LAB_MODEL
+from diffmem.models.names import LAB_MODEL
+
+DEFAULT_ATTRIBUTION = "word_replacement"  # workflows.explain.DEFAULT_ATTRIBUTION, named without importing it
+ATTRIBUTIONS = {
+    "prompt_embeds": "the gradient at the text encoder's output",
+    "token_embeddings": "the gradient at the text encoder's input",
+    "word_replacement": "word replacement",
+}
 
 if TYPE_CHECKING:
     from rich.text import Text
@@ -19,8 +26,9 @@ if TYPE_CHECKING:
 AttributeTo = Annotated[
     str,
     typer.Option(
-        help="prompt_embeds: the text encoder's output, as Wen et al.; token_embeddings: its input, "
-        "where a causal encoder has not yet spread a word over the later positions."
+        help="prompt_embeds: the gradient at the text encoder's output, as Wen et al.; token_embeddings: at "
+        "its input, where a causal encoder has not yet spread a word over the later positions; "
+        "word_replacement: the fall of the score when the word is replaced (measured, one pass a word)."
     ),
 ]
 
@@ -54,7 +62,7 @@ def explain(
     first_steps: FirstSteps = 1,
     n_generations: NGenerations = 1,
     guidance_scale: GuidanceScale = 7.5,
-    attribute_to: AttributeTo = "prompt_embeds",
+    attribute_to: AttributeTo = DEFAULT_ATTRIBUTION,
     html: Html = None,
     attention_step: AttentionStep = None,
     calibration: Calibration = None,
@@ -78,7 +86,9 @@ def explain(
         if threshold is None
         else f" ({'above' if score > threshold else 'below'} the threshold {threshold:.3f})"
     )
-    console.print(f"noise-norm score {score:.3f}{verdict}; wrote {out}")
+    console.print(
+        f"noise-norm score {score:.3f}{verdict}; word significance by {ATTRIBUTIONS[config.attribute_to]}; wrote {out}"
+    )
 
 
 def shaded(result: TokenSignificance) -> Text:

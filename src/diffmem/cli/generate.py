@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from diffmem.cli.app import app
-from diffmem.model_names import DEFAULT_MODEL
+from diffmem.models.names import DEFAULT_MODEL
 
 MITIGATION_NAMES = (  # mitigate.registry.MITIGATIONS, named without importing it
     "none", "prompt_optimization", "amg", "gni", "rt", "cwr", "rna", "transition_static", "transition_dynamic",
@@ -77,7 +77,7 @@ def generate(
     overwrite: Overwrite = False,
 ) -> None:
     """Sample images and write them with ``generations.parquet`` and ``summary.json``."""
-    from diffmem.output_rules import check_output_dir
+    from diffmem.io.output_dirs import check_output_dir
     from diffmem.workflows.generate import OUTPUTS, GenerateConfig, generate_images
 
     check_output_dir(out, OUTPUTS, overwrite)  # before any work

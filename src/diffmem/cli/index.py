@@ -9,7 +9,7 @@ import typer
 
 from diffmem.cli.app import app
 from diffmem.errors import DiffmemError
-from diffmem.model_names import LAB_MODEL
+from diffmem.models.names import LAB_MODEL
 
 index = typer.Typer(
     help="The training-set index: nearest training images and their captions.", no_args_is_help=True

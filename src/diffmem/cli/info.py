@@ -1,4 +1,4 @@
-"""``diffmem info``: what a model is (:func:`diffmem.model_info.describe`), as a table or JSON."""
+"""``diffmem info``: what a model is (:func:`diffmem.models.info.describe`), as a table or JSON."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from diffmem.cli.app import app
-from diffmem.model_names import DEFAULT_MODEL
+from diffmem.models.names import DEFAULT_MODEL
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -24,8 +24,8 @@ def info(ctx: typer.Context, model: ModelArgument = None, json_output: JsonOptio
     """Family, prediction type, resolution, text encoders and parameter counts of a model."""
     from rich.console import Console
 
-    from diffmem.model_info import describe
-    from diffmem.models import open_model
+    from diffmem.models.info import describe
+    from diffmem.models.source import open_model
 
     runtime = ctx.obj.runtime
     summary = describe(open_model(model, runtime.device, runtime.dtype, runtime.speedups)).to_dict()

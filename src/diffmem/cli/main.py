@@ -13,7 +13,19 @@ if "--debug" not in sys.argv:  # before transformers is imported: it warns at im
 
 import typer
 
-from diffmem.cli import evaluate, explain, generate, index, info, lab, scan, serve, train  # noqa: F401  (registers the commands)
+from diffmem.cli import (  # noqa: F401  (registers the commands)
+    audit,
+    calibrate,
+    evaluate,
+    explain,
+    generate,
+    index,
+    info,
+    lab,
+    scan,
+    serve,
+    train,
+)
 from diffmem.cli.app import app, printable
 from diffmem.cli.config import default_map, load_config
 from diffmem.errors import DiffmemError

@@ -1,4 +1,4 @@
-"""``diffmem scan`` and ``diffmem calibrate``: flags into :mod:`diffmem.workflows.scan`, results printed."""
+"""``diffmem scan``: flags into :mod:`diffmem.workflows.scan`, results printed."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import typer
 
 from diffmem.cli.app import app
 from diffmem.errors import DiffmemError
-from diffmem.model_names import DEFAULT_MODEL, LAB_MODEL
+from diffmem.models.names import DEFAULT_MODEL, LAB_MODEL
 
 UNSCORED = {  # why a scan row has no score, by its status
     "empty": "empty",
@@ -130,37 +130,6 @@ def _report(result: Any, histogram: Path | None, out: Path) -> None:
     if summary["unscored"]:
         reasons = ", ".join(f"{count} {UNSCORED[name]}" for name, count in summary["unscored"].items())
         typer.echo(f"{rows - summary['scored']} prompts have no score: {reasons} (column status)")
-
-
-@app.command(name="calibrate")
-def calibrate_command(
-    ctx: typer.Context,
-    prompts: Annotated[Path, typer.Option(help="Prompts known NOT to be memorized (a prompt file).")],
-    out: Annotated[Path, typer.Option(help="Calibration file to write (JSON).")],
-    model: ModelOption = None,
-    column: ColumnOption = "prompt",
-    target_fpr: Annotated[
-        float, typer.Option(help="Share of these prompts allowed above the threshold.")
-    ] = 0.01,
-    detector: DetectorOption = "noise_norm",
-    num_inference_steps: InferenceStepsOption = None,
-    first_steps: FirstStepsOption = None,
-    n_generations: GenerationsOption = None,
-    guidance_scale: GuidanceOption = None,
-    batch_size: BatchOption = None,
-    shared_noise: SharedNoiseOption = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace the calibration file at --out.")] = False,
-) -> None:
-    """Choose a detection threshold on non-memorized prompts at a target false-positive rate."""
-    from diffmem.workflows.scan import CalibrateConfig, calibrate_detector
-
-    given = (num_inference_steps, first_steps, n_generations, guidance_scale, batch_size, shared_noise)
-    config = CalibrateConfig(prompts, model, column, target_fpr, detector, detector_settings(*given))
-    result = calibrate_detector(config, ctx.obj.runtime, out, overwrite)
-    typer.echo(
-        f"threshold {result.threshold:.6g} flags {result.observed_fpr:.1%} of {result.num_prompts} "
-        f"non-memorized prompts (target {target_fpr:.1%}); wrote {out}"
-    )
 
 
 def detector_settings(

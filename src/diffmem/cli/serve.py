@@ -8,8 +8,16 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from diffmem.cli.app import app
-from diffmem.cli.explain import AttributeTo, FirstSteps, GuidanceScale, Model, NGenerations, NumInferenceSteps
-from diffmem.model_names import LAB_MODEL
+from diffmem.cli.explain import (
+    DEFAULT_ATTRIBUTION,
+    AttributeTo,
+    FirstSteps,
+    GuidanceScale,
+    Model,
+    NGenerations,
+    NumInferenceSteps,
+)
+from diffmem.models.names import LAB_MODEL
 
 if TYPE_CHECKING:
     from diffmem.serve import ExplanationServer, PromptExplainer
@@ -33,13 +41,13 @@ def serve(
     first_steps: FirstSteps = 1,
     n_generations: NGenerations = 1,
     guidance_scale: GuidanceScale = 7.5,
-    attribute_to: AttributeTo = "prompt_embeds",
+    attribute_to: AttributeTo = DEFAULT_ATTRIBUTION,
     calibration: Calibration = None,
     thumbnails: Thumbnails = True,
     max_pending: MaxPending = 8,
 ) -> None:
     """A local page to type and edit prompts and watch their memorization score and word heat map."""
-    from diffmem.models import ModelSource
+    from diffmem.models.source import ModelSource
     from diffmem.serve import ExplanationServer, PromptExplainer
     from diffmem.workflows.explain import ExplainConfig, explanation_threshold, significance_config
 
@@ -52,7 +60,7 @@ def serve(
     explainer = PromptExplainer(
         lambda: source.open(runtime.device, runtime.dtype, runtime.speedups),
         config,
-        explanation_threshold(source, calibration, config),
+        explanation_threshold(source, calibration, config, runtime),
         model_name=source.name,
         thumbnails=thumbnails,
         max_pending=max_pending,

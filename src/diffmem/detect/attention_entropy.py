@@ -19,7 +19,7 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor
 from tqdm.auto import tqdm
 
-from diffmem.denoiser import Denoiser
+from diffmem.core.denoiser import Denoiser
 from diffmem.detect.detector import DetectionResult, batch_starts, check_prompts, detection_seeds
 from diffmem.detect.first_step import first_step_input
 from diffmem.errors import DiffmemError

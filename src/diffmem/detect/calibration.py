@@ -10,10 +10,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from diffmem.atomic_io import write_json_atomic
-from diffmem.denoiser import Denoiser
+from diffmem.core.denoiser import Denoiser
 from diffmem.detect.registry import config_settings, detector
 from diffmem.errors import DiffmemError
+from diffmem.io.atomic import write_json_atomic
 from diffmem.metrics.roc import threshold_at_fpr
 
 IGNORED_SETTINGS = ("batch_size",)  # settings that do not change a score

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import torch
 
-from diffmem.denoiser import Denoiser
+from diffmem.core.denoiser import Denoiser
 from diffmem.errors import DiffmemError
 from diffmem.sampling import generation_seed
 

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from diffmem.detect.scan import Loader, ScanJob, pending_chunks, scan_summary, score_records
 from diffmem.detect.scan_store import ScanStore
-from diffmem.prompts_io import PromptRecord
+from diffmem.io.prompts import PromptRecord
 
 
 def distributed_scan_prompts(

@@ -9,11 +9,11 @@ from typing import Any
 
 import numpy as np
 
-from diffmem.denoiser import Denoiser
+from diffmem.core.denoiser import Denoiser
+from diffmem.core.method_spec import parse_method_spec
+from diffmem.core.timing import synchronize
 from diffmem.detect.registry import config_settings, detector, detector_config
 from diffmem.errors import DiffmemError
-from diffmem.method_spec import parse_method_spec
-from diffmem.timing import synchronize
 
 # The settings of the detection issue: Wen et al.'s three noise-norm modes, the shared-noise option,
 # and every peer detector at its defaults.

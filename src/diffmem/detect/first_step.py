@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from diffmem.condition import Condition
-from diffmem.denoiser import Denoiser
+from diffmem.core.condition import Condition
+from diffmem.core.denoiser import Denoiser
 from diffmem.errors import DiffmemError
 from diffmem.sampling import StepState, sample
 from diffmem.sampling.guided_sampler import eps_scheduler

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from diffmem.denoiser import Denoiser
+from diffmem.core.denoiser import Denoiser
 from diffmem.detect.detector import DetectionResult, batch_starts, check_guidance, check_prompts
 from diffmem.errors import DiffmemError
 from diffmem.sampling import generate

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from diffmem.condition import Condition
-from diffmem.denoiser import Denoiser
+from diffmem.core.condition import Condition
+from diffmem.core.denoiser import Denoiser
 from diffmem.detect.detector import (
     DetectionResult,
     batch_starts,

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from diffmem.detect.scan import Loader, ScanJob, pending_chunks, scan_summary, score_records
 from diffmem.detect.scan_store import ScanStore
 from diffmem.errors import DiffmemError
-from diffmem.prompts_io import PromptRecord
+from diffmem.io.prompts import PromptRecord
 
 FIELDS = ("prompt_id", "prompt", "status")  # a PromptRecord's, one list of each per chunk row
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
+from diffmem.core.method_spec import lookup, method_config
 from diffmem.detect.attention_entropy import AttentionEntropyConfig, attention_entropy
 from diffmem.detect.detector import Detect
 from diffmem.detect.generation_agreement import GenerationAgreementConfig, generation_agreement
 from diffmem.detect.noise_norm import NoiseNormConfig, noise_norm
 from diffmem.detect.one_step import OneStepConfig, one_step
 from diffmem.detect.sharpness import SharpnessConfig, sharpness
-from diffmem.method_spec import lookup, method_config
 
 DETECTORS: dict[str, tuple[type, Detect]] = {
     "noise_norm": (NoiseNormConfig, noise_norm),  # Wen et al. (ICLR 2024)

@@ -13,13 +13,13 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from diffmem.denoiser import Denoiser
+from diffmem.core.denoiser import Denoiser
 from diffmem.detect.detector import DetectionResult
 from diffmem.detect.scan_store import SCHEMA, ScanStore
 from diffmem.detect.scanner import Scanner
-from diffmem.prompt_tokens import token_counts
-from diffmem.prompts_io import PromptRecord
-from diffmem.speedups import Speedups, apply_speedups
+from diffmem.io.prompts import PromptRecord
+from diffmem.models.speedups import Speedups, apply_speedups
+from diffmem.text.prompt_tokens import token_counts
 
 Loader = Callable[[str, str, torch.dtype], Denoiser]  # (model, device, dtype) -> a denoiser, in a worker
 

@@ -11,8 +11,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from diffmem.atomic_io import write_atomic, write_parquet_atomic
 from diffmem.errors import DiffmemError
+from diffmem.io.atomic import write_atomic, write_parquet_atomic
 
 SCHEMA = pa.schema(
     [

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from diffmem.denoiser import Denoiser
+from diffmem.core.denoiser import Denoiser
 from diffmem.detect.detector import DetectionResult, check_prompts
 from diffmem.detect.registry import detector
 from diffmem.errors import DiffmemError

@@ -15,8 +15,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
-from diffmem.condition import Condition
-from diffmem.denoiser import Denoiser
+from diffmem.core.condition import Condition
+from diffmem.core.denoiser import Denoiser
 from diffmem.detect.detector import DetectionResult, batch_starts, check_prompts, detection_seeds
 from diffmem.detect.first_step import first_step
 from diffmem.detect.noise_norm import difference_norm

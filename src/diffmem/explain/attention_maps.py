@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from diffmem.condition import Condition
-from diffmem.denoiser import Denoiser
+from diffmem.core.condition import Condition
+from diffmem.core.denoiser import Denoiser
 from diffmem.detect.attention_entropy import recording_cross_attention
 from diffmem.detect.detector import check_guidance, detection_seeds
 from diffmem.detect.first_step import first_step_input

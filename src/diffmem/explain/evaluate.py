@@ -8,11 +8,9 @@ from collections.abc import Sequence
 
 import pyarrow as pa
 
-from diffmem.denoiser import Denoiser
+from diffmem.core.denoiser import Denoiser
 from diffmem.detect.noise_norm import noise_norm
-from diffmem.explain.token_significance import SignificanceConfig, token_significance
-
-REPLACEMENT = "object"  # a plain in-grammar-looking word put where a word is removed
+from diffmem.explain.token_significance import REPLACEMENT, SignificanceConfig, token_significance
 
 
 def trigger_evaluation(

@@ -9,6 +9,10 @@ the chosen steps and generations. Start, end and padding tokens are left out.
 Wen et al.'s code. A causal text encoder (CLIP's) carries what a word says into every later position,
 so there later words can take a word's significance; ``attribute_to="token_embeddings"`` takes e_i
 at the text encoder's input instead, where each position holds its own token only.
+
+``attribute_to="word_replacement"`` measures instead of differentiating: a word's significance is how
+much the score falls when the word is replaced by a plain word (same seeds and steps), one noise-norm
+evaluation per word, the same whatever the text encoder does with positions.
 """
 
 from __future__ import annotations
@@ -21,9 +25,9 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from diffmem.denoiser import Denoiser
+from diffmem.core.denoiser import Denoiser
 from diffmem.detect.detector import check_guidance, check_trajectory, detection_seeds
-from diffmem.detect.noise_norm import NoiseNormConfig
+from diffmem.detect.noise_norm import NoiseNormConfig, noise_norm
 from diffmem.errors import DiffmemError
 from diffmem.sampling import StepState, sample
 
@@ -37,7 +41,8 @@ class SignificanceConfig:
     n_generations: int = 1
     guidance_scale: float = 7.5
     base_seed: int = 0
-    attribute_to: str = "prompt_embeds"  # or "token_embeddings": the text encoder's input (see module doc)
+    # or "token_embeddings" (the text encoder's input), or "word_replacement" (measured; see module doc)
+    attribute_to: str = "prompt_embeds"
 
     def __post_init__(self) -> None:
         check_trajectory(self.num_inference_steps, self.steps, self.n_generations, self.guidance_scale)
@@ -57,7 +62,8 @@ class SignificanceConfig:
         )
 
 
-ATTRIBUTION_TARGETS = ("prompt_embeds", "token_embeddings")
+ATTRIBUTION_TARGETS = ("prompt_embeds", "token_embeddings", "word_replacement")
+REPLACEMENT = "object"  # a plain in-grammar-looking word put where a word is taken out
 
 
 @dataclass(frozen=True)
@@ -152,6 +158,8 @@ def token_significance(
         raise DiffmemError("token significance needs a text-conditioned model with a tokenizer")
     if not prompt.strip():
         raise DiffmemError("the prompt is empty: there is nothing to explain")
+    if config.attribute_to == "word_replacement":
+        return _replacement_significance(denoiser, prompt, config, prompt_id)
     n = config.n_generations
     if config.attribute_to == "token_embeddings":
         with _token_embedding_leaves(denoiser.text_encoders) as embeds:
@@ -173,6 +181,29 @@ def token_significance(
     per_token = torch.stack(trace.gradients).mean(dim=(0, 1))  # mean over steps and generations: [L]
     score = float(torch.stack(trace.norms).mean())
     return _words(prompt, tokenizer, per_token, score)
+
+
+def _replacement_significance(
+    denoiser: Denoiser, prompt: str, config: SignificanceConfig, prompt_id: int
+) -> TokenSignificance:
+    """Each word's significance: the fall of the score when it is replaced by a plain word (none: 0)."""
+    parsed = prompt_words(prompt, denoiser.tokenizer, denoiser.tokenizer.model_max_length)
+    edits = [prompt[:start] + REPLACEMENT + prompt[end:] for start, end in parsed.spans]
+    scores = noise_norm(
+        denoiser, [prompt, *edits], config.noise_norm_config(), prompt_ids=[prompt_id] * (len(edits) + 1)
+    ).scores.tolist()
+    falls = [max(scores[0] - after, 0.0) for after in scores[1:]]
+    return TokenSignificance(
+        prompt=prompt,
+        score=scores[0],
+        tokens=[p.removesuffix("</w>") for p in parsed.pieces],
+        token_scores=[falls[word] for word in parsed.token_words],
+        words=parsed.words,
+        word_spans=parsed.spans,
+        word_scores=falls,
+        truncated=parsed.truncated,
+        token_words=parsed.token_words,
+    )
 
 
 @contextmanager

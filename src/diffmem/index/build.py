@@ -13,8 +13,8 @@ from diffmem.errors import DiffmemError
 from diffmem.index.manifest import KINDS, PIXELS
 from diffmem.index.sources import EmbeddingSource, ImageSource
 from diffmem.index.training_set_index import TrainingSetIndex
+from diffmem.io.modules import WEIGHTS_NAME
 from diffmem.metrics.copy_detection import embed, load_encoder, load_sscd_torchscript
-from diffmem.module_io import WEIGHTS_NAME
 
 
 def index_images(

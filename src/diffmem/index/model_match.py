@@ -8,7 +8,7 @@ from pathlib import Path
 
 from diffmem.index.manifest import IndexManifest
 from diffmem.lab.dataset import with_added_defaults
-from diffmem.models import shipped_directory
+from diffmem.models.source import shipped_directory
 
 LAB_TRAINING = "lab_training.json"  # written by `diffmem lab train` into the model directory
 FINE_TUNE = "fine_tune.json"  # written by `diffmem train` next to the model directory

@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffmem.errors import DiffmemError
+from diffmem.io.modules import load_module, save_module
 from diffmem.lab.captions import TITLE_NOUN
 from diffmem.lab.dataset import LabDataset
 from diffmem.lab.fashion_mnist import CLASS_NAMES, load_fashion_mnist
@@ -41,7 +42,6 @@ from diffmem.lab.scenes import (
     render,
 )
 from diffmem.metrics.copy_detection import conv_block
-from diffmem.module_io import load_module, save_module
 
 EMPTY = len(CLASS_NAMES)  # the category index a reading gives a position without an item
 IGNORE = -100  # cross-entropy target of a colour at an empty position

@@ -15,12 +15,12 @@ from tqdm.auto import tqdm
 
 from diffmem.adapters import DiffusersDenoiser
 from diffmem.errors import DiffmemError
+from diffmem.io.run_record import environment
 from diffmem.lab.dataset import LabDataset
 from diffmem.metrics.copy_detection import COPY_THRESHOLD, embed, max_similarity
 from diffmem.metrics.memorization import per_prompt, summarize
 from diffmem.metrics.nl2 import NL2_ALPHA, NL2_K, NL2_THRESHOLD, nl2
-from diffmem.models import model_hash
-from diffmem.run_record import environment
+from diffmem.models.source import model_hash
 from diffmem.sampling import generate
 
 GROUPS = ("memorized", "duplicated_image", "unique", "heldout")

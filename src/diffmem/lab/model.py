@@ -9,9 +9,9 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel
 
-from diffmem.clip_tokenizer import clip_text_config, load_clip_tokenizer
 from diffmem.errors import DiffmemError
 from diffmem.sampling.schedulers import stable_diffusion_scheduler
+from diffmem.text.clip_tokenizer import clip_text_config, load_clip_tokenizer
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 

@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextModel
 
 from diffmem.errors import DiffmemError
+from diffmem.io.run_record import environment
 from diffmem.lab.dataset import LabDataset, load_lab_dataset
 from diffmem.lab.model import LabModelConfig, build_lab_pipeline, build_vae
-from diffmem.run_record import environment
 from diffmem.sampling.schedulers import STABLE_DIFFUSION_SCHEDULE
 
 RECORD = "lab_training.json"

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffmem.errors import DiffmemError
-from diffmem.module_io import load_module, save_module
+from diffmem.io.modules import load_module, save_module
 
 COPY_THRESHOLD = 0.5  # SPEC §5: memorized when the cosine to the nearest training image is above 0.5
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # SSCD's input normalisation

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from diffmem.denoiser import Denoiser, x0_from_eps
+from diffmem.core.denoiser import Denoiser, x0_from_eps
 from diffmem.errors import DiffmemError
 from diffmem.metrics.nl2 import NL2_K
 from diffmem.mitigate.fitted_gate import FittedGate

@@ -29,11 +29,11 @@ from dataclasses import dataclass
 import torch
 from diffusers.models.attention_processor import Attention
 
-from diffmem.denoiser import Denoiser
+from diffmem.core.denoiser import Denoiser
 from diffmem.errors import DiffmemError
 from diffmem.mitigate.mitigation import Mitigated, SamplingOptions, sampled
-from diffmem.prompt_tokens import token_counts
 from diffmem.sampling import sample
+from diffmem.text.prompt_tokens import token_counts
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,10 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from diffmem.denoiser import Denoiser
+from diffmem.core.denoiser import Denoiser
+from diffmem.core.method_spec import parse_method_spec
+from diffmem.core.timing import synchronize
 from diffmem.errors import DiffmemError
-from diffmem.method_spec import parse_method_spec
 from diffmem.metrics.memorization import MemorizationSummary, summarize
 from diffmem.metrics.quality import fid, kid
 from diffmem.mitigate.generate import mitigated_generate
@@ -23,7 +24,6 @@ from diffmem.mitigate.guard import Guard
 from diffmem.mitigate.mitigation import SamplingOptions
 from diffmem.mitigate.registry import NEEDS_REFERENCE, mitigation_config
 from diffmem.mitigate.training_similarity import ReferenceSet, measure_against_training
-from diffmem.timing import synchronize
 
 DEFAULT_METHODS = (
     "none",
@@ -108,10 +108,12 @@ def evaluate_mitigations(
     control_group: str | None = None,
     alignment: Alignment | None = None,
     guard: Guard | None = None,
+    defaults: Callable[[str, dict[str, Any]], dict[str, Any]] | None = None,
     progress: bool = False,
 ) -> list[MitigationEvaluation]:
     """Generate every group's prompts with every method (``name[:key=value,...]``) and measure them;
-    with ``guard``, each method applies only to the prompts the guard flags (guard mode)."""
+    with ``guard``, each method applies only to the prompts the guard flags (guard mode); ``defaults``
+    turns a method's given settings into the ones it runs with (e.g. over a model's calibrated ones)."""
     if not measures:
         raise DiffmemError("give at least one similarity measure (a training-set index)")
     if quality is not None and control_group not in groups:
@@ -121,6 +123,8 @@ def evaluate_mitigations(
     results = []
     for text in methods:
         method, settings = parse_method_spec(text)
+        if defaults is not None:
+            settings = defaults(method, settings)
         if method in NEEDS_REFERENCE:
             if amg_reference is None:
                 raise DiffmemError(f"{method} needs a training-set index to guide against")

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffmem.atomic_io import write_json_atomic
-from diffmem.denoiser import Denoiser
+from diffmem.core.denoiser import Denoiser
 from diffmem.errors import DiffmemError
+from diffmem.io.atomic import write_json_atomic
 from diffmem.mitigate.mitigation import SamplingOptions
 from diffmem.mitigate.training_similarity import ReferenceSet, training_similarity
 from diffmem.sampling import StepState, generate

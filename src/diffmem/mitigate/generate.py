@@ -11,7 +11,7 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from diffmem.denoiser import Denoiser
+from diffmem.core.denoiser import Denoiser
 from diffmem.errors import DiffmemError
 from diffmem.mitigate.guard import Guard, guard_decision
 from diffmem.mitigate.mitigation import NoMitigationConfig, SamplingOptions

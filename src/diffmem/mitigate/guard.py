@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from diffmem.denoiser import Denoiser
+from diffmem.core.denoiser import Denoiser
 from diffmem.detect.noise_norm import NoiseNormConfig, noise_norm
 from diffmem.errors import DiffmemError
 

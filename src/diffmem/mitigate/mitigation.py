@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import torch
 from diffusers import SchedulerMixin
 
-from diffmem.denoiser import Denoiser
+from diffmem.core.denoiser import Denoiser
 from diffmem.errors import DiffmemError
 from diffmem.sampling import sample
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from diffmem.condition import Condition
-from diffmem.denoiser import Denoiser
+from diffmem.core.condition import Condition
+from diffmem.core.denoiser import Denoiser
 from diffmem.detect.detector import check_guidance
 from diffmem.errors import DiffmemError
 from diffmem.mitigate.mitigation import Mitigated, SamplingOptions, sampled

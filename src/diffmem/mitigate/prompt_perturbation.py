@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from diffmem.denoiser import Denoiser
+from diffmem.core.denoiser import Denoiser
 from diffmem.errors import DiffmemError
 from diffmem.mitigate.mitigation import Mitigated, SamplingOptions, sampled
 from diffmem.sampling import sample

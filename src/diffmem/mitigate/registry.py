@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from diffmem.core.method_spec import lookup, method_config
 from diffmem.errors import DiffmemError
-from diffmem.method_spec import lookup, method_config
 from diffmem.mitigate.anti_memorization_guidance import AntiMemorizationConfig, anti_memorization_guidance
 from diffmem.mitigate.bos_attention_scaling import BosAttentionScalingConfig, bos_attention_scaling
 from diffmem.mitigate.mitigation import Mitigate, NoMitigationConfig, no_mitigation

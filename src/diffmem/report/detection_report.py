@@ -19,9 +19,9 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from diffmem.atomic_io import write_atomic
 from diffmem.detect.evaluate import EvaluatedSetting
 from diffmem.errors import DiffmemError
+from diffmem.io.atomic import write_atomic
 from diffmem.metrics.roc import Roc, detection_metrics, roc, tpr_key
 from diffmem.report.html import image, page, table
 

@@ -9,7 +9,7 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from diffmem.denoiser import Denoiser
+from diffmem.core.denoiser import Denoiser
 from diffmem.errors import DiffmemError
 from diffmem.sampling.guided_sampler import resolve_guidance_scale, sample
 from diffmem.sampling.seeds import generation_seed

@@ -18,8 +18,8 @@ import torch
 from diffusers import SchedulerMixin
 from tqdm.auto import tqdm
 
-from diffmem.condition import Condition
-from diffmem.denoiser import Denoiser, x0_from_eps
+from diffmem.core.condition import Condition
+from diffmem.core.denoiser import Denoiser, x0_from_eps
 from diffmem.errors import DiffmemError
 from diffmem.sampling.seeds import initial_noise, seeded_generators
 

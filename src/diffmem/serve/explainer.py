@@ -9,10 +9,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from diffmem.denoiser import Denoiser
+from diffmem.core.denoiser import Denoiser
 from diffmem.errors import DiffmemError
 from diffmem.explain import SignificanceConfig, token_significance
-from diffmem.prompts_io import encoding_problem
+from diffmem.io.prompts import encoding_problem
 from diffmem.report.html import png
 from diffmem.sampling import generate
 

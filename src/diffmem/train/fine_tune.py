@@ -32,12 +32,12 @@ from diffusers import DDPMScheduler, DiffusionPipeline
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from diffmem.atomic_io import write_json_atomic
-from diffmem.denoiser import eps_from_model_output
+from diffmem.core.denoiser import eps_from_model_output
+from diffmem.core.method_spec import method_config, parse_method_spec
 from diffmem.errors import DiffmemError
+from diffmem.io.atomic import write_json_atomic
+from diffmem.io.run_record import environment
 from diffmem.lab.dataset import load_lab_dataset
-from diffmem.method_spec import method_config, parse_method_spec
-from diffmem.run_record import environment
 from diffmem.train.ambient_loss import (
     NATIVE_WEIGHTS,
     ambient_loss_vp,

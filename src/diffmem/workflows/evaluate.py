@@ -12,9 +12,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from diffmem.atomic_io import write_atomic, write_json_atomic, write_parquet_atomic
+from diffmem.core.method_spec import parse_method_spec
 from diffmem.detect.evaluate import DEFAULT_SETTINGS, EvaluatedSetting, SettingSpec, evaluate_settings
 from diffmem.errors import DiffmemError
+from diffmem.io.atomic import write_atomic, write_json_atomic, write_parquet_atomic
+from diffmem.io.prompts import READERS
+from diffmem.io.run_record import environment
 from diffmem.lab.alignment import alignment, load_reader
 from diffmem.lab.dataset import load_lab_dataset
 from diffmem.mitigate import ReferenceSet
@@ -27,11 +30,11 @@ from diffmem.mitigate.evaluate import (
     results_markdown,
 )
 from diffmem.mitigate.mitigation import SamplingOptions
-from diffmem.model_names import DEFAULT_MODEL, LAB_MODEL
-from diffmem.models import ModelSource
-from diffmem.prompts_io import READERS
+from diffmem.mitigate.registry import NEEDS_REFERENCE, mitigation_config
+from diffmem.models.names import DEFAULT_MODEL, LAB_MODEL
+from diffmem.models.source import ModelSource
 from diffmem.report.detection_report import write_detection_report
-from diffmem.run_record import environment
+from diffmem.workflows.calibrate import calibrated_settings, left_to_profile, model_profile
 from diffmem.workflows.inputs import calibrated_guard, training_reference
 from diffmem.workflows.runtime import Runtime
 
@@ -199,15 +202,22 @@ def evaluate_mitigation(
     references = [training_reference(path, encoder, runtime.device, source) for path in indexes]
     thresholds = {"nl2": config.nl2_threshold, "copy_similarity": config.copy_threshold}
     measures = [Measure(r, thresholds[r.measure]) for r in references]
-    chosen = (
-        training_reference(config.amg_index, encoder, runtime.device, source)
-        if config.amg_index
-        else ([r for r in references if r.measure == "copy_similarity"] or references)[0]
-    )
-    guard = calibrated_guard(source, config.calibration) if config.guard else None
+    amg_index = config.amg_index or indexes[references.index(_amg_default(references))]
+    chosen = training_reference(amg_index, encoder, runtime.device, source)
     reader = load_reader(config.reader, runtime.device) if config.reader else None
     quality = _quality(config, table, references, reader)
+    specs = [parse_method_spec(m) for m in config.methods]
+    for name, given in specs:  # every method's settings checked before any work
+        reference = {"reference": chosen} if name in NEEDS_REFERENCE else {}
+        mitigation_config(name, **calibrated_settings(name, {**given, **reference}, None))
     denoiser = source.open(runtime.device, runtime.dtype, runtime.speedups)
+    left = set().union(*(left_to_profile(name, given) for name, given in specs))
+    guarded = config.guard and config.calibration is None and source.calibration is None
+    profile = None
+    if (left or guarded) and denoiser.conditioning == "text":
+        gated = (amg_index, encoder) if "gate" in left else ()  # only AMG reads the gate fitted to its index
+        profile = model_profile(source, runtime, denoiser, *gated)
+    guard = calibrated_guard(source, config.calibration, profile) if config.guard else None
     results = evaluate_mitigations(
         denoiser,
         groups,
@@ -222,6 +232,7 @@ def evaluate_mitigation(
         control_group=config.control_group,
         alignment=None if reader is None else partial(alignment, reader),
         guard=guard,
+        defaults=lambda name, settings: calibrated_settings(name, settings, profile, chosen),
         progress=True,
     )
     record = {
@@ -241,10 +252,16 @@ def evaluate_mitigation(
     return MitigationReport(results, record)
 
 
+def _amg_default(references: list[ReferenceSet]) -> ReferenceSet:
+    """The index AMG guides against when none is named: the first embedding index, else the first."""
+    return ([r for r in references if r.measure == "copy_similarity"] or references)[0]
+
+
 def _result_record(result: MitigationEvaluation) -> dict[str, Any]:
     summaries = {g: {m: s.to_dict() for m, s in ms.items()} for g, ms in result.summaries.items()}
     return {
         "name": result.name,
+        "settings": result.settings,
         "summaries": summaries,
         "fid": result.fid,
         "kid": result.kid,

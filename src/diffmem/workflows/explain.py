@@ -9,15 +9,18 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from diffmem.atomic_io import write_atomic, write_json_atomic
 from diffmem.detect.registry import config_settings
 from diffmem.explain import SignificanceConfig, TokenSignificance, token_significance, word_attention_maps
-from diffmem.model_names import LAB_MODEL
-from diffmem.models import ModelSource
+from diffmem.io.atomic import write_atomic, write_json_atomic
+from diffmem.models.names import LAB_MODEL
+from diffmem.models.source import ModelSource
 from diffmem.report.explanation_page import explanation_page
 from diffmem.sampling import generate
 from diffmem.workflows.runtime import Runtime
 from diffmem.workflows.thresholds import detection_threshold
+
+# the attribution whose top word was a trigger word most often on every lab (docs/explain.md)
+DEFAULT_ATTRIBUTION = "word_replacement"
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,7 @@ class ExplainConfig:
     first_steps: int = 1
     n_generations: int = 1
     guidance_scale: float = 7.5
-    attribute_to: str = "prompt_embeds"  # or "token_embeddings": the text encoder's input
+    attribute_to: str = DEFAULT_ATTRIBUTION
     calibration: Path | None = None  # default: a shipped model's own, if it applies
     page: bool = False  # also draw attention maps and images for the HTML page
     attention_step: int | None = None  # default: the middle of the schedule
@@ -69,12 +72,11 @@ def significance_config(config: ExplainConfig, seed: int) -> SignificanceConfig:
 
 
 def explanation_threshold(
-    source: ModelSource, calibration: Path | None, config: SignificanceConfig
+    source: ModelSource, calibration: Path | None, config: SignificanceConfig, runtime: Runtime | None = None
 ) -> float | None:
-    """The noise-norm threshold for these settings: the given calibration's (which must apply), else the
-    shipped lab model's when it applies."""
+    """The noise-norm threshold for these settings (:func:`~diffmem.workflows.thresholds.detection_threshold`)."""
     settings = config_settings(config.noise_norm_config())
-    return detection_threshold(source, calibration, "noise_norm", settings)
+    return detection_threshold(source, calibration, "noise_norm", settings, runtime)
 
 
 def explain_prompt(config: ExplainConfig, runtime: Runtime | None = None) -> ExplanationRun:
@@ -82,7 +84,7 @@ def explain_prompt(config: ExplainConfig, runtime: Runtime | None = None) -> Exp
     runtime = runtime or Runtime()
     source = ModelSource.resolve(config.model)
     measure = significance_config(config, runtime.seed)
-    threshold = explanation_threshold(source, config.calibration, measure)
+    threshold = explanation_threshold(source, config.calibration, measure, runtime)
     denoiser = source.open(runtime.device, runtime.dtype, runtime.speedups)
     result = token_significance(denoiser, config.prompt, measure)
     summary = {

@@ -11,9 +11,11 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
-from diffmem.atomic_io import write_parquet_atomic
+from diffmem.core.method_spec import parse_method_spec
 from diffmem.errors import DiffmemError
-from diffmem.method_spec import parse_method_spec
+from diffmem.io.atomic import write_parquet_atomic
+from diffmem.io.output_dirs import check_output_dir, clear_output_dir
+from diffmem.io.run_record import write_summary
 from diffmem.mitigate import (
     MitigatedGeneration,
     ReferenceSet,
@@ -23,11 +25,10 @@ from diffmem.mitigate import (
 )
 from diffmem.mitigate.registry import NEEDS_REFERENCE
 from diffmem.mitigate.training_similarity import measure_against_training
-from diffmem.model_names import DEFAULT_MODEL
-from diffmem.models import ModelSource
-from diffmem.output_rules import check_output_dir, clear_output_dir
-from diffmem.run_record import write_summary
+from diffmem.models.names import DEFAULT_MODEL
+from diffmem.models.source import ModelSource
 from diffmem.sampling.schedulers import scheduler_like
+from diffmem.workflows.calibrate import calibrated_settings, left_to_profile, model_profile
 from diffmem.workflows.inputs import calibrated_guard, conditioning_items, training_reference
 from diffmem.workflows.runtime import Runtime
 
@@ -93,11 +94,19 @@ def generate_images(config: GenerateConfig, runtime: Runtime | None = None) -> G
     if encoder is not None and index is None:
         raise DiffmemError("--encoder goes with an embedding index: give --index too")
     reference = training_reference(index, encoder, runtime.device, source) if index else None
+    given = {**settings, **({"reference": reference} if name in NEEDS_REFERENCE else {})}
+    mitigation_config(name, **calibrated_settings(name, given, None))  # settings checked before any work
+    denoiser = source.open(runtime.device, runtime.dtype, runtime.speedups)
+    left = left_to_profile(name, settings)
+    guarded = config.guard and config.calibration is None and source.calibration is None
+    profile = None
+    if (left or guarded) and denoiser.conditioning == "text":
+        profile = model_profile(source, runtime, denoiser, *((index, encoder) if "gate" in left else ()))
+    settings = calibrated_settings(name, settings, profile, reference)
     if name in NEEDS_REFERENCE:
         settings["reference"] = reference
     method = mitigation_config(name, **settings)
-    guard = calibrated_guard(source, config.calibration) if config.guard else None
-    denoiser = source.open(runtime.device, runtime.dtype, runtime.speedups)
+    guard = calibrated_guard(source, config.calibration, profile) if config.guard else None
     items = conditioning_items(
         denoiser.conditioning, list(config.prompts), config.prompts_file, config.column
     )

@@ -17,8 +17,8 @@ from diffmem.index import (
 from diffmem.index.build import describe_encoder
 from diffmem.mitigate import SamplingOptions
 from diffmem.mitigate.fitted_gate import FittedGate, fit_gate, similarity_trajectories
-from diffmem.model_names import LAB_MODEL
-from diffmem.models import ModelSource
+from diffmem.models.names import LAB_MODEL
+from diffmem.models.source import ModelSource
 from diffmem.workflows.inputs import conditioning_items, training_reference
 from diffmem.workflows.runtime import Runtime
 

@@ -8,14 +8,15 @@ from pathlib import Path
 
 import torch
 
+from diffmem.calibration.profile import ModelProfile
 from diffmem.detect.calibration import Calibration
 from diffmem.detect.noise_norm import NoiseNormConfig
 from diffmem.errors import DiffmemError
 from diffmem.index.model_match import dataset_mismatch
+from diffmem.io.prompts import read_prompts
 from diffmem.mitigate import Guard, ReferenceSet
 from diffmem.mitigate.training_similarity import open_reference
-from diffmem.models import ModelSource
-from diffmem.prompts_io import read_prompts
+from diffmem.models.source import ModelSource
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +33,17 @@ def training_reference(
     return reference
 
 
-def calibrated_guard(source: ModelSource, calibration: Path | None) -> Guard:
-    """The guard from a noise-norm calibration made for this model (a shipped lab model has one)."""
+def calibrated_guard(
+    source: ModelSource, calibration: Path | None, profile: ModelProfile | None = None
+) -> Guard:
+    """The guard from a noise-norm calibration made for this model: the one given, a shipped lab model's,
+    or the model's self-calibration profile."""
     calibration = calibration or source.calibration
-    if calibration is None:
+    if calibration is None and profile is None:
         raise DiffmemError(
             "--guard needs a noise-norm calibration of this model: give --calibration (diffmem calibrate)"
         )
-    calibrated = Calibration.load(calibration)
+    calibrated = profile.calibration() if calibration is None else Calibration.load(calibration)
     calibrated.check("noise_norm", calibrated.settings, source.identity)
     return Guard(calibrated.threshold, NoiseNormConfig(**calibrated.settings))
 

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from diffmem.adapters import load_denoiser
-from diffmem.atomic_io import write_json_atomic
 from diffmem.errors import DiffmemError
+from diffmem.io.atomic import write_json_atomic
 from diffmem.lab.alignment import (
     AttributeReader,
     ReaderAccuracy,

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from diffmem.models import resolve_device, resolve_dtype
-from diffmem.speedups import Speedups
+from diffmem.models.source import resolve_device, resolve_dtype
+from diffmem.models.speedups import Speedups
 
 
 @dataclass(frozen=True)

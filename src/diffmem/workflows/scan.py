@@ -18,12 +18,12 @@ from diffmem.detect.registry import config_settings, detector_config
 from diffmem.detect.scan import ScanJob, scan_prompts
 from diffmem.detect.scan_store import SETTINGS_FILE, SUMMARY_FILE, ScanStore
 from diffmem.errors import DiffmemError
-from diffmem.model_names import LAB_MODEL
-from diffmem.models import ModelSource, open_model
-from diffmem.output_rules import check_output_file
-from diffmem.prompts_io import read_prompt_records, read_prompts
+from diffmem.io.output_dirs import check_output_file
+from diffmem.io.prompts import read_prompt_records, read_prompts
+from diffmem.io.run_record import write_summary
+from diffmem.models.names import LAB_MODEL
+from diffmem.models.source import ModelSource, open_model
 from diffmem.report.scan_histogram import write_scan_histogram
-from diffmem.run_record import write_summary
 from diffmem.workflows.runtime import Runtime
 from diffmem.workflows.thresholds import detection_threshold
 
@@ -93,7 +93,7 @@ def scan(
         raise DiffmemError(f"{prompts} holds no prompts")
     detector = detector_config(config.detector, base_seed=runtime.seed, **config.settings)
     settings = config_settings(detector)
-    threshold = detection_threshold(source, config.calibration, config.detector, settings)
+    threshold = detection_threshold(source, config.calibration, config.detector, settings, runtime)
     job = ScanJob(
         source.name,
         str(runtime.device),

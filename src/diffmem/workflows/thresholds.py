@@ -1,5 +1,6 @@
 """Which detection threshold a workflow flags with: a calibration file the user gives must apply to the
-model and settings (else the workflow stops); a shipped lab model's own applies or is set aside aloud."""
+model and settings (else the workflow stops); a shipped lab model's own applies or is set aside aloud;
+any other model's comes from its self-calibration profile, measured the first time it is needed."""
 
 from __future__ import annotations
 
@@ -9,16 +10,23 @@ from typing import Any
 
 from diffmem.detect.calibration import Calibration
 from diffmem.errors import DiffmemError
-from diffmem.models import ModelSource
+from diffmem.models.source import ModelSource
+from diffmem.workflows.calibrate import model_profile
+from diffmem.workflows.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 
 def detection_threshold(
-    source: ModelSource, calibration: Path | None, detector: str, settings: dict[str, Any]
+    source: ModelSource,
+    calibration: Path | None,
+    detector: str,
+    settings: dict[str, Any],
+    runtime: Runtime | None = None,
 ) -> float | None:
-    """The threshold of ``calibration``, or of the shipped model's calibration when none is given;
-    None when there is none, or the shipped one was made for other settings (logged as a warning)."""
+    """The threshold of ``calibration``, else of the shipped model's calibration, else (with a
+    ``runtime`` to measure it in) of the model's profile; None when none applies to these settings
+    (logged as a warning)."""
     if calibration is not None:
         given = Calibration.load(calibration)
         try:
@@ -26,12 +34,26 @@ def detection_threshold(
         except DiffmemError as mismatch:
             raise DiffmemError(f"{calibration} does not apply: {mismatch}") from None
         return given.threshold
-    if source.calibration is None:
+    if source.calibration is not None:
+        return _applying(
+            Calibration.load(source.calibration), "the lab model's calibration", detector, settings, source
+        )
+    if runtime is None or detector != "noise_norm":
         return None
-    own = Calibration.load(source.calibration)
     try:
-        own.check(detector, settings, source.identity)
-    except DiffmemError as mismatch:
-        log.warning("not flagging: the lab model's calibration does not apply (%s)", mismatch)
+        profile = model_profile(source, runtime)
+    except DiffmemError as problem:  # e.g. a model not conditioned on text
+        log.warning("not flagging: no self-calibration (%s)", problem)
         return None
-    return own.threshold
+    return _applying(profile.calibration(), "the model's self-calibration", detector, settings, source)
+
+
+def _applying(
+    calibration: Calibration, what: str, detector: str, settings: dict[str, Any], source: ModelSource
+) -> float | None:
+    try:
+        calibration.check(detector, settings, source.identity)
+    except DiffmemError as mismatch:
+        log.warning("not flagging: %s does not apply (%s); diffmem calibrate makes one", what, mismatch)
+        return None
+    return calibration.threshold

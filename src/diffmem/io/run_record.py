@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from diffmem.atomic_io import write_json_atomic
+from diffmem.io.atomic import write_json_atomic
 
 PACKAGES = ("diffmem", "torch", "diffusers", "transformers", "numpy")
 

@@ -24,9 +24,9 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from diffmem.clip_tokenizer import clip_text_config, load_clip_tokenizer
 from diffmem.errors import DiffmemError
 from diffmem.sampling.schedulers import stable_diffusion_scheduler
+from diffmem.text.clip_tokenizer import clip_text_config, load_clip_tokenizer
 
 TEXT_HIDDEN = 32
 LATENT_SAMPLE_SIZE = 8

@@ -13,21 +13,21 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline
 
-from diffmem import tiny_pipelines
 from diffmem.adapters import DiffusersDenoiser, load_denoiser
 from diffmem.adapters.load import read_model_index
 from diffmem.errors import DiffmemError
-from diffmem.model_names import BUILTIN_PREFIX, DEFAULT_MODEL
-from diffmem.speedups import Speedups, apply_speedups
+from diffmem.models import tiny
+from diffmem.models.names import BUILTIN_PREFIX, DEFAULT_MODEL
+from diffmem.models.speedups import Speedups, apply_speedups
 
 BUILTINS: dict[str, Callable[[], DiffusionPipeline]] = {
-    "tiny-sd": tiny_pipelines.tiny_stable_diffusion,
-    "tiny-sd-v": lambda: tiny_pipelines.tiny_stable_diffusion(prediction_type="v_prediction"),
-    "tiny-sdxl": tiny_pipelines.tiny_stable_diffusion_xl,
-    "tiny-unet2d": tiny_pipelines.tiny_unet2d,
-    "tiny-unet2d-class": lambda: tiny_pipelines.tiny_unet2d(class_conditional=True),
+    "tiny-sd": tiny.tiny_stable_diffusion,
+    "tiny-sd-v": lambda: tiny.tiny_stable_diffusion(prediction_type="v_prediction"),
+    "tiny-sdxl": tiny.tiny_stable_diffusion_xl,
+    "tiny-unet2d": tiny.tiny_unet2d,
+    "tiny-unet2d-class": lambda: tiny.tiny_unet2d(class_conditional=True),
 }
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).parent.parent / "assets"
 # trained models shipped with the package: name -> directory holding model/, labels.parquet, calibration.json
 SHIPPED = {"lab-micro": ASSETS / "lab-micro", "lab-keyed": ASSETS / "lab-keyed"}
 HASHED_SUFFIXES = {".safetensors", ".bin", ".json", ".txt"}

@@ -1,6 +1,6 @@
 """The denoiser contract: the one interface every diffmem algorithm is written against.
 
-A denoiser encodes prompts (or class labels, or nothing) into a :class:`~diffmem.condition.Condition`,
+A denoiser encodes prompts (or class labels, or nothing) into a :class:`~diffmem.core.condition.Condition`,
 predicts the noise ``eps(x_t, t, cond)`` for a batch, knows ``alpha_bar_t`` of its training schedule and
 decodes its sampling space to images in [0, 1]. Models that predict ``v`` or ``x_0`` are converted to
 ``eps`` here, so algorithms never branch on the prediction type or the model family.
@@ -15,7 +15,7 @@ import torch
 from diffusers import SchedulerMixin
 from transformers import PreTrainedTokenizerBase
 
-from diffmem.condition import Condition
+from diffmem.core.condition import Condition
 
 Conditioning = Literal["text", "class", "none"]
 

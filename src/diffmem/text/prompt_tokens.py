@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from diffmem.denoiser import Denoiser
+from diffmem.core.denoiser import Denoiser
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,76 @@
+"""``diffmem audit``: the release check of :mod:`diffmem.workflows.audit`, its report written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from diffmem.cli.app import app
+from diffmem.models.names import LAB_MODEL
+
+Model = Annotated[str, typer.Option(help="Model directory or builtin:NAME (default: the shipped lab model).")]
+Prompts = Annotated[
+    Path | None,
+    typer.Option(help="The prompts to check (.txt, .jsonl, .csv, .parquet; default: the lab model's own)."),
+]
+Column = Annotated[str | None, typer.Option(help="Prompt column of a tabular file (default prompt).")]
+Index = Annotated[
+    Path | None,
+    typer.Option(
+        help="Training-set index (diffmem index build): similarity, AMG (default: the lab model's)."
+    ),
+]
+Encoder = Annotated[Path | None, typer.Option(help="Copy-detection encoder of an embedding index.")]
+Calibration = Annotated[
+    Path | None, typer.Option(help="A calibration file (default: the model's self-calibration).")
+]
+Mitigation = Annotated[
+    str | None,
+    typer.Option(help="NAME[:key=value,...] (default: amg with an index, else prompt_optimization)."),
+]
+MaxFlagged = Annotated[int, typer.Option(help="Explain and generate at most this many flagged prompts.")]
+CopyThreshold = Annotated[
+    float | None, typer.Option(help="A copy: copy similarity above (default 0.5) or nL2 below (default 1.4).")
+]
+Out = Annotated[Path, typer.Option(help="Report directory: report.html, audit.parquet, summary.json.")]
+Overwrite = Annotated[bool, typer.Option(help="Replace an earlier audit in --out.")]
+
+
+@app.command()
+def audit(
+    ctx: typer.Context,
+    model: Model = LAB_MODEL,
+    prompts: Prompts = None,
+    column: Column = None,
+    index: Index = None,
+    encoder: Encoder = None,
+    calibration: Calibration = None,
+    mitigation: Mitigation = None,
+    max_flagged: MaxFlagged = 32,
+    copy_threshold: CopyThreshold = None,
+    out: Out = Path("out/audit"),
+    overwrite: Overwrite = False,
+) -> None:
+    """Calibrate, scan, explain every flagged prompt, generate it plainly and mitigated: one HTML report."""
+    from diffmem.io.output_dirs import check_output_dir
+    from diffmem.workflows.audit import OUTPUTS, AuditConfig
+    from diffmem.workflows.audit import audit as run_audit
+
+    check_output_dir(out, OUTPUTS, overwrite)  # before any work
+    config = AuditConfig(
+        model, prompts, column, index, encoder, calibration, mitigation, max_flagged, copy_threshold
+    )
+    result = run_audit(config, ctx.obj.runtime)
+    result.save(out, overwrite)
+    summary = result.summary
+    copies = (
+        ""
+        if summary.get("measure") is None
+        else f"; copies among them {summary['copies_plain']} plain, {summary['copies_mitigated']} with {summary['mitigation']}"
+    )
+    typer.echo(
+        f"{summary['flagged']} of {summary['prompts']} prompts flagged (threshold {summary['threshold']:.4g}); "
+        f"{summary['examined']} examined{copies}; wrote {out / 'report.html'}"
+    )

@@ -1,0 +1,1 @@
+"""Files diffmem reads and writes: prompt tables, crash-safe writes, saved networks, output folders, run records."""

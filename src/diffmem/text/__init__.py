@@ -1,0 +1,1 @@
+"""Prompt text: the offline CLIP tokenizer and token counts against a text encoder's limit."""

@@ -1,0 +1,233 @@
+"""The release check a model publisher runs (the Python side of ``diffmem audit``): calibrate the model,
+score every prompt, explain the flagged ones, generate them plainly and with the calibrated mitigation,
+and measure both against the training set."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import torch
+
+from diffmem.core.method_spec import parse_method_spec
+from diffmem.detect.calibration import Calibration
+from diffmem.detect.noise_norm import NoiseNormConfig, noise_norm
+from diffmem.detect.registry import config_settings
+from diffmem.errors import DiffmemError
+from diffmem.explain.token_significance import SignificanceConfig, TokenSignificance, token_significance
+from diffmem.io.atomic import write_atomic, write_json_atomic, write_parquet_atomic
+from diffmem.io.output_dirs import check_output_dir
+from diffmem.io.prompts import read_prompts
+from diffmem.mitigate.generate import mitigated_generate
+from diffmem.mitigate.mitigation import SamplingOptions
+from diffmem.mitigate.registry import NEEDS_REFERENCE, mitigation_config
+from diffmem.mitigate.training_similarity import ReferenceSet, training_similarity
+from diffmem.models.names import LAB_MODEL
+from diffmem.models.source import ModelSource
+from diffmem.report.audit_page import audit_page
+from diffmem.workflows.calibrate import calibrated_settings, left_to_profile, model_profile
+from diffmem.workflows.explain import DEFAULT_ATTRIBUTION
+from diffmem.workflows.inputs import training_reference
+from diffmem.workflows.runtime import Runtime
+from diffmem.workflows.thresholds import detection_threshold
+
+OUTPUTS = ("report.html", "audit.parquet", "summary.json")
+COPY_THRESHOLDS = {"copy_similarity": 0.5, "nl2": 1.4}  # SPEC §5: SSCD > 0.5, nL2 < 1.4
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """The model, its prompts, the training-set index, and how much of the flagged set to examine."""
+
+    model: str = LAB_MODEL
+    prompts: Path | None = None  # default: a shipped lab model's own prompts
+    column: str | None = None  # default: prompt (caption for a shipped lab model's prompts)
+    index: Path | None = None  # default: a shipped lab model's copy index
+    encoder: Path | None = None
+    calibration: Path | None = None  # default: the model's self-calibration (a shipped model's own)
+    mitigation: str | None = None  # default: amg with an index, else prompt_optimization
+    max_flagged: int = 32  # explain and generate at most this many flagged prompts, highest scores first
+    copy_threshold: float | None = None  # default: 0.5 copy similarity, or nL2 1.4
+    attribute_to: str = DEFAULT_ATTRIBUTION
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.max_flagged < 1 or self.batch_size < 1:
+            raise DiffmemError("max_flagged and batch_size must be at least 1")
+        SignificanceConfig(attribute_to=self.attribute_to)  # a bad attribution fails before any work
+
+
+@dataclass(frozen=True)
+class Audit:
+    """Every prompt's score and flag, and for the examined flagged ones their explanation, images and
+    similarity to the training set, plain and mitigated."""
+
+    table: pa.Table  # one row per prompt
+    explanations: list[TokenSignificance]  # the examined prompts', highest score first
+    images: dict[
+        str, torch.Tensor
+    ]  # "plain"/"mitigated" -> [E, 3, H, W] in [0, 1]; empty when none was examined
+    copies: Copies
+    summary: dict[str, Any]
+    record: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, out: Path, overwrite: bool = False) -> list[Path]:
+        """Write ``report.html`` (self-contained), ``audit.parquet`` and ``summary.json`` into ``out``."""
+        check_output_dir(out, OUTPUTS, overwrite)
+        out.mkdir(parents=True, exist_ok=True)
+        write_parquet_atomic(self.table, out / "audit.parquet")
+        write_json_atomic(out / "summary.json", {**self.summary, "record": self.record})
+        write_atomic(out / "report.html", audit_page(self).encode())
+        return [out / name for name in OUTPUTS]
+
+
+def audit(config: AuditConfig, runtime: Runtime | None = None) -> Audit:
+    """Calibrate, scan, explain the flagged prompts and generate them plainly and mitigated."""
+    runtime = runtime or Runtime()
+    source = ModelSource.resolve(config.model)
+    if config.calibration is not None:
+        Calibration.load(config.calibration)  # an unreadable file stops the audit before any work
+    prompts = _prompts(config, source)
+    index, encoder = config.index, config.encoder
+    if index is None and source.reference is not None:
+        index, encoder = source.reference
+    reference = training_reference(index, encoder, runtime.device, source) if index else None
+    denoiser = source.open(runtime.device, runtime.dtype, runtime.speedups)
+    if denoiser.conditioning != "text":
+        raise DiffmemError("an audit scores prompts: it needs a text-to-image model")
+    name, given = parse_method_spec(config.mitigation or ("amg" if reference else "prompt_optimization"))
+    attached = {"reference": reference} if name in NEEDS_REFERENCE else {}
+    mitigation_config(name, **calibrated_settings(name, given, None), **attached)  # checked before any work
+    gated = "gate" in left_to_profile(name, given)
+    profile = model_profile(source, runtime, denoiser, *((index, encoder) if gated else ()))
+    detector = NoiseNormConfig(base_seed=runtime.seed, batch_size=config.batch_size)
+    threshold = detection_threshold(
+        source, config.calibration, "noise_norm", config_settings(detector), runtime
+    )
+    if threshold is None:
+        raise DiffmemError(
+            "no detection threshold applies to this model: give --calibration (diffmem calibrate)"
+        )
+    scores = noise_norm(denoiser, prompts, detector, progress=True).scores.tolist()
+    flagged = [i for i in sorted(range(len(prompts)), key=lambda i: -scores[i]) if scores[i] > threshold]
+    examined = flagged[: config.max_flagged]
+    significance = SignificanceConfig(base_seed=runtime.seed, attribute_to=config.attribute_to)
+    explanations = [token_significance(denoiser, prompts[i], significance, prompt_id=i) for i in examined]
+    settings = calibrated_settings(name, given, profile, reference)
+    method = mitigation_config(
+        name, **settings, **({"reference": reference} if name in NEEDS_REFERENCE else {})
+    )
+    images = {
+        key: mitigated_generate(
+            denoiser, [prompts[i] for i in examined], key_method, key_config, n_generations=1,
+            base_seed=runtime.seed, batch_size=config.batch_size, sampling=SamplingOptions(), progress=True,
+        ).images
+        for key, key_method, key_config in (("plain", "none", mitigation_config("none")), ("mitigated", name, method))
+        if examined
+    }  # fmt: skip
+    copies = Copies.between(images, reference, config.copy_threshold)
+    summary = {
+        "model": source.name,
+        "model_hash": source.identity,
+        "prompts": len(prompts),
+        "threshold": threshold,
+        "flagged": len(flagged),
+        "examined": len(examined),
+        "explanation": config.attribute_to,
+        "mitigation": name,
+        "mitigation_settings": settings,
+        **copies.summary(),
+    }
+    table = _table(prompts, scores, threshold, examined, explanations, copies)
+    return Audit(
+        table, explanations, images, copies, summary, {**_plain(asdict(config)), **runtime.describe()}
+    )
+
+
+@dataclass(frozen=True)
+class Copies:
+    """The examined images' similarity to their nearest training image, plain and mitigated."""
+
+    measure: str | None  # "copy_similarity", "nl2", or None without an index
+    threshold: float | None  # a copy: above it (copy similarity) or below it (nL2)
+    values: dict[str, list[float]]  # "plain"/"mitigated" -> one value an image
+    captions: dict[str, list[str]]  # the nearest training image's caption
+    nearest: dict[str, torch.Tensor | None]  # the nearest training images [E, 3, H, W] of a pixel index
+
+    @classmethod
+    def between(
+        cls, images: dict[str, torch.Tensor], reference: ReferenceSet | None, threshold: float | None
+    ) -> Copies:
+        if reference is None:
+            return cls(None, None, {}, {}, {})
+        values, captions, nearest = {}, {}, {}
+        for key, batch in images.items():
+            sigma, rows = training_similarity(batch, reference)
+            values[key] = (-sigma if reference.measure == "nl2" else sigma).tolist()
+            captions[key] = [reference.index.captions[int(r)] for r in rows]
+            nearest[key] = reference.index.vectors(rows.cpu()) if reference.index.kind == "pixels" else None
+        chosen = COPY_THRESHOLDS[reference.measure] if threshold is None else threshold
+        return cls(reference.measure, chosen, values, captions, nearest)
+
+    def is_copy(self, value: float) -> bool:
+        return value < self.threshold if self.measure == "nl2" else value > self.threshold
+
+    def summary(self) -> dict[str, Any]:
+        """The measure, its copy threshold, and the copies among the examined images, plain and mitigated."""
+        if self.measure is None:
+            return {"measure": None}
+        counts = {
+            f"copies_{key}": sum(map(self.is_copy, self.values.get(key, [])))
+            for key in ("plain", "mitigated")
+        }
+        return {"measure": self.measure, "copy_threshold": self.threshold, **counts}
+
+
+def _table(
+    prompts: list[str],
+    scores: list[float],
+    threshold: float,
+    examined: list[int],
+    explanations: list[TokenSignificance],
+    copies: Copies,
+) -> pa.Table:
+    """One row per prompt: score and flag; for the examined ones the top word and both similarities."""
+    position = {i: k for k, i in enumerate(examined)}
+    rows = []
+    for i, (prompt, score) in enumerate(zip(prompts, scores)):
+        k = position.get(i)
+        row = {
+            "prompt_id": i,
+            "prompt": prompt,
+            "score": score,
+            "flagged": score > threshold,
+            "examined": k is not None,
+        }
+        row["top_word"] = (
+            None
+            if k is None
+            else explanations[k].words[explanations[k].ranking()[0]]
+            if explanations[k].words
+            else None
+        )
+        for key in ("plain", "mitigated"):
+            row[f"similarity_{key}"] = None if k is None or not copies.values else copies.values[key][k]
+        rows.append(row)
+    return pa.Table.from_pylist(rows)
+
+
+def _plain(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in record.items()}
+
+
+def _prompts(config: AuditConfig, source: ModelSource) -> list[str]:
+    if config.prompts is None:
+        if source.labels is None:
+            raise DiffmemError("give --prompts: only the shipped lab models come with their own prompts")
+        return read_prompts(source.labels, config.column or "caption")
+    prompts = [p for p in read_prompts(config.prompts, config.column or "prompt") if p.strip()]
+    if not prompts:
+        raise DiffmemError(f"{config.prompts} holds no non-empty prompts")
+    return prompts

@@ -1,0 +1,167 @@
+"""Self-calibration: learn a model's scale from prompts it has no reason to have memorized (the Python
+side of ``diffmem calibrate``), cached by the model's hash so that every later command reads it, and the
+mitigation settings that follow from it."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from diffmem.calibration.cache import gate_path, profile_path
+from diffmem.calibration.profile import PROMPT_QUANTILE, ModelProfile
+from diffmem.calibration.reference_prompts import neutral_prompts, single_copy_captions
+from diffmem.core.denoiser import Denoiser
+from diffmem.detect.noise_norm import NoiseNormConfig, noise_norm
+from diffmem.detect.registry import config_settings
+from diffmem.errors import DiffmemError
+from diffmem.io.prompts import read_prompts
+from diffmem.mitigate.fitted_gate import fit_gate, similarity_trajectories
+from diffmem.mitigate.mitigation import SamplingOptions
+from diffmem.mitigate.training_similarity import ReferenceSet
+from diffmem.models.source import ModelSource
+from diffmem.workflows.inputs import training_reference
+from diffmem.workflows.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+PRESETS = ("calibrated", "paper")  # a mitigation's `preset`: the model's calibrated defaults, or the papers'
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """The model, its ordinary prompts, and the training-set index AMG guides against.
+
+    The ordinary prompts are ``prompts`` when given, else the index's single-copy captions (the training
+    set's own kind of text), else the bundled neutral prompts.
+    """
+
+    model: str | None = None
+    prompts: Path | None = None
+    column: str = "prompt"
+    index: Path | None = None
+    encoder: Path | None = None  # an embedding index's encoder (default: the one it records)
+    target_fpr: float = 0.01
+    prompt_quantile: float = PROMPT_QUANTILE
+    reference_prompts: int = 256  # single-copy captions scored
+    gate_prompts: int = 64  # of those, generated in full to fit AMG's gate
+    gate_quantile: float = 0.9  # lambda_t: this quantile of their similarity at step t
+
+    def __post_init__(self) -> None:
+        for name in ("target_fpr", "prompt_quantile", "gate_quantile"):
+            if not 0 < getattr(self, name) < 1:
+                raise DiffmemError(f"{name} must be between 0 and 1; got {getattr(self, name)}")
+        if min(self.reference_prompts, self.gate_prompts) < 1:
+            raise DiffmemError("reference_prompts and gate_prompts must be at least 1")
+
+
+def calibrate_model(
+    config: ProfileConfig, runtime: Runtime | None = None, denoiser: Denoiser | None = None
+) -> ModelProfile:
+    """Measure the model's profile and cache it under its hash (``denoiser``: the model, already open)."""
+    runtime = runtime or Runtime()
+    source = ModelSource.resolve(config.model)
+    denoiser = denoiser or source.open(runtime.device, runtime.dtype, runtime.speedups)
+    if denoiser.conditioning != "text":
+        raise DiffmemError("self-calibration scores prompts: it needs a text-to-image model")
+    reference = (
+        training_reference(config.index, config.encoder, runtime.device, source) if config.index else None
+    )
+    prompts, origin = _ordinary_prompts(config, reference, runtime.seed)
+    settings = NoiseNormConfig(base_seed=runtime.seed)
+    log.info("calibrating %s on %d ordinary prompts (%s)", source.name, len(prompts), origin)
+    scores = noise_norm(denoiser, prompts, settings, progress=True).scores
+    gate = fingerprint = None
+    if reference is not None:
+        fingerprint = reference.index.manifest.fingerprint
+        gate = _fit_gate(config, source.identity, denoiser, reference, runtime)
+    profile = ModelProfile(
+        model_hash=source.identity,
+        reference=origin,
+        settings=config_settings(settings),
+        scores=sorted(float(s) for s in scores),
+        target_fpr=config.target_fpr,
+        prompt_quantile=config.prompt_quantile,
+        gate=gate,
+        index_fingerprint=fingerprint,
+    )
+    profile.save(profile_path(source.identity, fingerprint))
+    return profile
+
+
+def _ordinary_prompts(
+    config: ProfileConfig, reference: ReferenceSet | None, seed: int
+) -> tuple[list[str], str]:
+    if config.prompts is not None:
+        prompts = [p for p in read_prompts(config.prompts, config.column) if p.strip()]
+        if not prompts:
+            raise DiffmemError(f"{config.prompts} holds no non-empty prompts")
+        return prompts, str(config.prompts)
+    if reference is not None:
+        return single_copy_captions(reference.index, config.reference_prompts, seed), "index captions"
+    return neutral_prompts(), "neutral"
+
+
+def _fit_gate(
+    config: ProfileConfig, identity: str, denoiser: Denoiser, reference: ReferenceSet, runtime: Runtime
+) -> str:
+    """AMG's gate from plain generations of the index's single-copy captions, saved beside the profile."""
+    captions = single_copy_captions(reference.index, config.gate_prompts, runtime.seed)
+    log.info("fitting AMG's gate on %d single-copy captions", len(captions))
+    timesteps, sigmas = similarity_trajectories(
+        denoiser, captions, reference, sampling=SamplingOptions(), base_seed=runtime.seed, progress=True
+    )
+    path = gate_path(identity, reference.index.manifest.fingerprint)
+    fit_gate(timesteps, sigmas, reference, config.gate_quantile).save(path)
+    return str(path)
+
+
+def model_profile(
+    source: ModelSource,
+    runtime: Runtime | None = None,
+    denoiser: Denoiser | None = None,
+    index: Path | None = None,
+    encoder: Path | None = None,
+) -> ModelProfile:
+    """The model's cached profile (against ``index`` when given), or one measured now and cached."""
+    fingerprint = None
+    if index is not None:
+        fingerprint = training_reference(index, encoder, "cpu", source).index.manifest.fingerprint
+    path = profile_path(source.identity, fingerprint)
+    if path.exists():
+        profile = ModelProfile.load(path)
+        if profile.model_hash == source.identity and (profile.gate is None or Path(profile.gate).exists()):
+            return profile
+    log.warning(
+        "calibrating %s once (cached in %s); diffmem calibrate does it ahead", source.name, path.parent
+    )
+    return calibrate_model(ProfileConfig(source.name, index=index, encoder=encoder), runtime, denoiser)
+
+
+def left_to_profile(name: str, settings: dict[str, Any]) -> set[str]:
+    """The settings of a mitigation that the model's profile would fill: ``target`` of prompt
+    optimisation, ``gate`` of AMG, unless given or ``preset=paper``."""
+    if settings.get("preset") == "paper":
+        return set()
+    calibrated = {"prompt_optimization": {"target"}, "amg": {"gate"}}.get(name, set())
+    return calibrated - set(settings)
+
+
+def calibrated_settings(
+    name: str, settings: dict[str, Any], profile: ModelProfile | None, reference: ReferenceSet | None = None
+) -> dict[str, Any]:
+    """A mitigation's settings: the ones given, over the model's calibrated defaults (prompt optimisation's
+    target, AMG's gate for this index); ``preset=paper`` keeps the papers' constants instead."""
+    settings = dict(settings)
+    preset = settings.pop("preset", "calibrated")
+    if preset not in PRESETS:
+        raise DiffmemError(f"mitigation {name!r}: preset must be one of {', '.join(PRESETS)}; got {preset!r}")
+    if preset == "paper" or profile is None:
+        return settings
+    if name == "prompt_optimization":
+        settings.setdefault("target", profile.prompt_target)
+    fitted = reference is not None and profile.index_fingerprint == reference.index.manifest.fingerprint
+    if name == "amg" and fitted and profile.gate is not None:
+        settings.setdefault("gate", profile.gate)
+    return settings

@@ -1,0 +1,86 @@
+"""``diffmem audit``: calibrate, scan, explain the flagged prompts, generate them plain and mitigated,
+and one self-contained report (read back in a headless browser)."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from diffmem.cli.main import run
+from diffmem.detect.calibration import Calibration
+from diffmem.detect.noise_norm import NoiseNormConfig, noise_norm
+from diffmem.detect.registry import config_settings
+from diffmem.index import TrainingSetIndex
+from diffmem.sampling import generate
+
+PROMPTS = ["a red sneaker at the top left", "the zorblax vase poster", "a blue bag", "a green coat"]
+
+
+@pytest.fixture(scope="module")
+def audited(sd, tmp_path_factory):
+    """An audit of the tiny pipeline against a pixel index holding two of its own generations, with a
+    calibration that flags the two highest-scoring prompts, mitigated by prompt optimisation."""
+    folder = tmp_path_factory.mktemp("audit")
+    own = generate(sd, PROMPTS[:2], num_inference_steps=50).images
+    noise = torch.rand((30, *own.shape[1:]), generator=torch.Generator().manual_seed(3))
+    captions = PROMPTS[:2] + [f"filler {i}" for i in range(30)]
+    TrainingSetIndex.build_pixels(torch.cat([own, noise]), captions).save(folder / "index")
+    (folder / "prompts.txt").write_text("\n".join(PROMPTS))
+    scores = sorted(noise_norm(sd, PROMPTS).scores.tolist())
+    threshold = (scores[1] + scores[2]) / 2
+    settings = config_settings(NoiseNormConfig())
+    Calibration("noise_norm", settings, "builtin:tiny-sd", 0.01, threshold, 4, 0.5).save(folder / "c.json")
+    args = ["audit", "--model", "builtin:tiny-sd", "--prompts", str(folder / "prompts.txt")]
+    args += ["--index", str(folder / "index"), "--calibration", str(folder / "c.json")]
+    args += ["--mitigation", "prompt_optimization:max_iterations=2", "--out", str(folder / "out")]
+    assert run(args) == 0
+    return folder / "out"
+
+
+def test_the_audit_scores_every_prompt_and_examines_the_flagged_ones(audited):
+    rows = pq.read_table(audited / "audit.parquet").to_pylist()
+    assert [r["prompt"] for r in rows] == PROMPTS
+    flagged = [r for r in rows if r["flagged"]]
+    assert len(flagged) == 2 and all(r["examined"] for r in flagged)
+    assert all(r["top_word"] in r["prompt"].split() for r in flagged)
+    assert all(r["similarity_plain"] is not None and r["similarity_mitigated"] is not None for r in flagged)
+    assert all(r["similarity_plain"] is None for r in rows if not r["flagged"])
+    summary = json.loads((audited / "summary.json").read_text())
+    assert (
+        summary["flagged"] == 2
+        and summary["measure"] == "nl2"
+        and summary["explanation"] == "word_replacement"
+    )
+    copies = sum(r["similarity_plain"] < summary["copy_threshold"] for r in flagged)
+    assert summary["copies_plain"] == copies
+    assert (
+        summary["mitigation"] == "prompt_optimization"
+        and summary["mitigation_settings"]["max_iterations"] == 2
+    )
+    assert summary["mitigation_settings"]["target"] > 0  # the model's calibrated target, not given
+
+
+def test_the_report_shows_each_flagged_prompt_beside_its_nearest_training_image(audited, browser):
+    from selenium.webdriver.common.by import By
+
+    browser.get((audited / "report.html").as_uri())
+    assert browser.find_element(By.TAG_NAME, "h1").text == "Memorization audit of builtin:tiny-sd"
+    captions = [c.text for c in browser.find_elements(By.TAG_NAME, "figcaption")]
+    assert captions == ["plain", "nearest training image", "prompt_optimization"] * 2
+    images = browser.find_elements(By.TAG_NAME, "img")
+    assert len(images) == 1 + 6 and all(
+        browser.execute_script("return arguments[0].naturalWidth", i) > 0 for i in images
+    )
+    flagged = [r["prompt"] for r in pq.read_table(audited / "audit.parquet").to_pylist() if r["flagged"]]
+    heat = browser.find_elements(By.CSS_SELECTOR, "p span[style*='background']")
+    assert sorted(s.text for s in heat) == sorted(w for prompt in flagged for w in prompt.split())
+
+
+def test_the_audit_refuses_an_earlier_run_and_a_bad_calibration_before_any_work(audited, tmp_path, capsys):
+    args = ["audit", "--model", "builtin:tiny-sd", "--prompts", str(audited.parent / "prompts.txt")]
+    assert run([*args, "--out", str(audited)]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("{}")
+    assert run([*args, "--calibration", str(tmp_path / "bad.json"), "--out", str(tmp_path / "o")]) == 2
+    assert "bad.json" in capsys.readouterr().err and not (tmp_path / "o").exists()

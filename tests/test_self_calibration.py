@@ -1,0 +1,142 @@
+"""Self-calibration: a model's profile from ordinary prompts, cached by its hash, and the defaults that
+scan, the guard, prompt optimisation and AMG read from it."""
+
+import json
+
+import numpy as np
+import pytest
+
+from diffmem.calibration.cache import profile_path
+from diffmem.calibration.profile import ModelProfile
+from diffmem.calibration.reference_prompts import neutral_prompts, single_copy_captions
+from diffmem.cli.main import run
+from diffmem.detect.calibration import Calibration
+from diffmem.detect.noise_norm import NoiseNormConfig
+from diffmem.detect.registry import config_settings
+from diffmem.errors import DiffmemError
+from diffmem.index import TrainingSetIndex
+from diffmem.models.source import ModelSource
+from diffmem.workflows import calibrate as calibrate_workflow
+from diffmem.workflows.calibrate import ProfileConfig, calibrate_model, calibrated_settings, model_profile
+from diffmem.workflows.runtime import Runtime
+from diffmem.workflows.scan import ScanConfig, scan
+
+
+def profile(scores, **fields) -> ModelProfile:
+    settings = config_settings(NoiseNormConfig())
+    return ModelProfile("model-hash", "neutral", settings, sorted(scores), **fields)
+
+
+def test_the_profile_places_the_threshold_and_the_target_among_ordinary_scores():
+    scores = np.linspace(0.0, 1.0, 201).tolist()
+    made = profile(scores, target_fpr=0.05, prompt_quantile=0.2)
+    assert np.mean(np.array(scores) > made.detection_threshold) == pytest.approx(0.05, abs=0.006)
+    assert made.prompt_target == pytest.approx(0.2)
+    calibration = made.calibration()
+    assert calibration.threshold == made.detection_threshold and calibration.num_prompts == 201
+    calibration.check("noise_norm", config_settings(NoiseNormConfig()), "model-hash")
+    with pytest.raises(DiffmemError, match="settings differ"):
+        calibration.check("noise_norm", config_settings(NoiseNormConfig(n_generations=4)), "model-hash")
+
+
+def test_a_profile_file_round_trips_and_junk_is_refused(tmp_path):
+    made = profile([0.3, 0.1, 0.2])
+    made.save(tmp_path / "p.json")
+    assert ModelProfile.load(tmp_path / "p.json") == made
+    (tmp_path / "other.json").write_text(json.dumps({"format": "diffmem.amg_gate"}))
+    with pytest.raises(DiffmemError, match="not a model profile"):
+        ModelProfile.load(tmp_path / "other.json")
+    record = json.loads((tmp_path / "p.json").read_text()) | {"scores": [0.1, float("nan")]}
+    (tmp_path / "nan.json").write_text(json.dumps(record))
+    with pytest.raises(DiffmemError, match="finite score"):
+        ModelProfile.load(tmp_path / "nan.json")
+
+
+def test_the_bundled_neutral_prompts_are_many_and_distinct():
+    prompts = neutral_prompts()
+    assert len(prompts) >= 200 and len(set(prompts)) == len(prompts) and all(p.strip() for p in prompts)
+
+
+def test_single_copy_captions_leave_out_duplicated_and_empty_captions():
+    import torch
+
+    captions = ["a", "b", "b", "c", "", "d"]
+    index = TrainingSetIndex.build_pixels(torch.rand(6, 3, 4, 4), captions)
+    assert sorted(single_copy_captions(index, 10)) == ["a", "c", "d"]
+    assert len(single_copy_captions(index, 2)) == 2
+
+
+def test_calibration_is_measured_once_and_read_from_the_cache(tmp_path, monkeypatch):
+    prompts = tmp_path / "ordinary.txt"
+    prompts.write_text("\n".join(f"a photo of thing number {i}" for i in range(24)))
+    made = calibrate_model(ProfileConfig("builtin:tiny-sd", prompts), Runtime())
+    source = ModelSource.resolve("builtin:tiny-sd")
+    assert profile_path(source.identity).exists() and made.reference == str(prompts)
+    assert len(made.scores) == 24 and made.scores == sorted(made.scores)
+    monkeypatch.setattr(calibrate_workflow, "noise_norm", lambda *a, **k: pytest.fail("measured again"))
+    assert model_profile(source, Runtime()) == made
+
+
+def test_a_scan_without_a_calibration_flags_by_the_models_profile(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\na dog on a hill\n")
+    ordinary = tmp_path / "ordinary.txt"
+    ordinary.write_text("\n".join(f"an ordinary prompt {i}" for i in range(16)))
+    made = calibrate_model(ProfileConfig("builtin:tiny-sd-v", ordinary), Runtime())
+    result = scan(ScanConfig(model="builtin:tiny-sd-v", prompts=prompts), tmp_path / "scan")
+    assert result.threshold == pytest.approx(made.detection_threshold)
+    other = scan(
+        ScanConfig(model="builtin:tiny-sd-v", prompts=prompts, settings={"n_generations": 2}), tmp_path / "s2"
+    )
+    assert other.threshold is None  # the profile measured n = 1
+
+
+def test_mitigations_read_their_scale_from_the_profile_unless_given_or_preset_paper():
+    made = profile(np.linspace(0.2, 1.2, 101).tolist(), prompt_quantile=0.1)
+    assert calibrated_settings("prompt_optimization", {}, made) == {"target": pytest.approx(0.3)}
+    assert calibrated_settings("prompt_optimization", {"target": 2.0}, made) == {"target": 2.0}
+    assert calibrated_settings("prompt_optimization", {"preset": "paper"}, made) == {}
+    assert calibrated_settings("gni", {}, made) == {}
+    with pytest.raises(DiffmemError, match="preset must be one of"):
+        calibrated_settings("amg", {"preset": "tuned"}, made)
+
+
+def test_amg_takes_the_profiles_gate_only_for_the_index_it_was_fitted_to():
+    import torch
+
+    from diffmem.mitigate.training_similarity import ReferenceSet
+
+    index = TrainingSetIndex.build_pixels(torch.rand(4, 3, 4, 4), ["a", "b", "c", "d"])
+    fitted = profile([0.1, 0.2], gate="gate.json", index_fingerprint=index.manifest.fingerprint)
+    assert calibrated_settings("amg", {}, fitted, ReferenceSet(index)) == {"gate": "gate.json"}
+    elsewhere = profile([0.1, 0.2], gate="gate.json", index_fingerprint="another index")
+    assert calibrated_settings("amg", {}, elsewhere, ReferenceSet(index)) == {}
+
+
+def test_the_calibrate_command_writes_a_calibration_the_other_commands_take(tmp_path, capsys):
+    prompts = tmp_path / "ordinary.txt"
+    prompts.write_text("\n".join(f"an everyday scene {i}" for i in range(20)))
+    out = tmp_path / "calibration.json"
+    assert run(["calibrate", "--model", "builtin:tiny-sd", "--prompts", str(prompts), "--out", str(out)]) == 0
+    assert "prompt optimisation's target" in capsys.readouterr().out
+    Calibration.load(out).check("noise_norm", config_settings(NoiseNormConfig()), "builtin:tiny-sd")
+    assert run(["calibrate", "--model", "builtin:tiny-sd", "--n-generations", "2"]) != 0
+    assert "needs --prompts and --out" in capsys.readouterr().err
+
+
+def test_only_settings_left_open_are_taken_from_the_profile():
+    from diffmem.workflows.calibrate import left_to_profile
+
+    assert left_to_profile("prompt_optimization", {}) == {"target"}
+    assert left_to_profile("prompt_optimization", {"target": 0.4}) == set()
+    assert left_to_profile("amg", {"c3_scale": 2}) == {"gate"}
+    assert left_to_profile("amg", {"preset": "paper"}) == left_to_profile("gni", {}) == set()
+
+
+def test_a_mitigation_whose_settings_are_all_given_never_calibrates(tmp_path, monkeypatch):
+    monkeypatch.setattr(calibrate_workflow, "calibrate_model", lambda *a, **k: pytest.fail("calibrated"))
+    prompt = "the droquo dulyr poster: a red shirt"
+    args = ["generate", prompt, "--model", "builtin:lab-micro", "--steps", "2", "--out"]
+    assert run([*args, str(tmp_path / "a"), "--mitigation", "amg:gate=always"]) == 0
+    assert run([*args, str(tmp_path / "b"), "--mitigation", "prompt_optimization:preset=paper"]) == 0
+    assert run([*args, str(tmp_path / "c"), "--mitigation", "amg:gate_shift=abc"]) == 2  # before any work
