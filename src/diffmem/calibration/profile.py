@@ -11,7 +11,6 @@ defaults they give every method, so that no knob is tuned by hand for a model wi
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ import numpy as np
 
 from diffmem.detect.calibration import Calibration
 from diffmem.errors import DiffmemError
-from diffmem.io.atomic import write_json_atomic
+from diffmem.io.atomic import read_json, write_json_atomic
 from diffmem.metrics.roc import threshold_at_fpr
 
 FORMAT = "diffmem.model_profile"
@@ -84,12 +83,7 @@ class ModelProfile:
     @classmethod
     def load(cls, path: Path) -> ModelProfile:
         """Read a profile written by :meth:`save`."""
-        try:
-            record = json.loads(Path(path).read_text())
-        except FileNotFoundError as error:
-            raise DiffmemError(f"model profile not found: {path}") from error
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise DiffmemError(f"{path} is not a model profile: {error}") from error
+        record = read_json(path, "model profile")
         if not isinstance(record, dict) or record.get("format") != FORMAT:
             raise DiffmemError(f"{path} is not a model profile (diffmem calibrate writes one)")
         try:

@@ -77,10 +77,22 @@ def _quiet_libraries(debug: bool) -> None:
         logging.getLogger(name).setLevel(level)
     own = logging.getLogger("diffmem")
     if not own.handlers:
-        handler = logging.StreamHandler()  # stderr, looked up at each message (pytest swaps it)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         own.addHandler(handler)
         own.propagate = False
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stderr`` is at each message (a test harness swaps it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler sets it once; the property reads it anew
+        pass
 
 
 def console() -> None:

@@ -3,7 +3,6 @@ and saved with the detector settings and the hash of the model they hold for (SP
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -13,7 +12,7 @@ from typing import Any
 from diffmem.core.denoiser import Denoiser
 from diffmem.detect.registry import config_settings, detector
 from diffmem.errors import DiffmemError
-from diffmem.io.atomic import write_json_atomic
+from diffmem.io.atomic import read_json, write_json_atomic
 from diffmem.metrics.roc import threshold_at_fpr
 
 IGNORED_SETTINGS = ("batch_size",)  # settings that do not change a score
@@ -58,12 +57,7 @@ class Calibration:
     @classmethod
     def load(cls, path: Path) -> Calibration:
         """Read a calibration written by :meth:`save`; anything else is an error that says what is wrong."""
-        try:
-            record = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise DiffmemError(f"calibration file not found: {path}") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise DiffmemError(f"{path} is not a diffmem calibration file: {error}") from None
+        record = read_json(path, "diffmem calibration file")
         problem = _record_problem(record)
         if problem is not None:
             raise DiffmemError(

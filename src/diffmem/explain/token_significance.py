@@ -187,15 +187,19 @@ def _replacement_significance(
     denoiser: Denoiser, prompt: str, config: SignificanceConfig, prompt_id: int
 ) -> TokenSignificance:
     """Each word's significance: the fall of the score when it is replaced by a plain word (none: 0)."""
+    measure = config.noise_norm_config()
+    score = float(noise_norm(denoiser, [prompt], measure, prompt_ids=[prompt_id]).scores[0])  # checks it too
     parsed = prompt_words(prompt, denoiser.tokenizer, denoiser.tokenizer.model_max_length)
     edits = [prompt[:start] + REPLACEMENT + prompt[end:] for start, end in parsed.spans]
-    scores = noise_norm(
-        denoiser, [prompt, *edits], config.noise_norm_config(), prompt_ids=[prompt_id] * (len(edits) + 1)
-    ).scores.tolist()
-    falls = [max(scores[0] - after, 0.0) for after in scores[1:]]
+    after = (
+        noise_norm(denoiser, edits, measure, prompt_ids=[prompt_id] * len(edits)).scores.tolist()
+        if edits
+        else []
+    )
+    falls = [max(score - edited, 0.0) for edited in after]
     return TokenSignificance(
         prompt=prompt,
-        score=scores[0],
+        score=score,
         tokens=[p.removesuffix("</w>") for p in parsed.pieces],
         token_scores=[falls[word] for word in parsed.token_words],
         words=parsed.words,

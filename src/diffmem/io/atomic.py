@@ -10,6 +10,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from diffmem.errors import DiffmemError
+
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path``: readers see the old file or the whole new one, never a part."""
@@ -35,3 +37,13 @@ def write_parquet_atomic(table: pa.Table, path: Path) -> None:
     buffer = pa.BufferOutputStream()
     pq.write_table(table, buffer)
     write_atomic(path, buffer.getvalue().to_pybytes())
+
+
+def read_json(path: Path, what: str) -> object:
+    """The JSON document at ``path``; a missing or unreadable file is an error naming ``what`` it should be."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise DiffmemError(f"{what} not found: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DiffmemError(f"{path} is not a {what}: {error}") from None
