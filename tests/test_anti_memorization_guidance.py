@@ -11,7 +11,11 @@ from diffmem.adapters import wrap_pipeline
 from diffmem.errors import DiffmemError
 from diffmem.index import TrainingSetIndex
 from diffmem.mitigate import ReferenceSet, SamplingOptions, mitigated_generate, mitigation_config
-from diffmem.mitigate.anti_memorization_guidance import GATES, AntiMemorizationGuidance
+from diffmem.mitigate.anti_memorization_guidance import (
+    GATES,
+    AntiMemorizationConfig,
+    AntiMemorizationGuidance,
+)
 from diffmem.mitigate.training_similarity import training_similarity
 from diffmem.models.tiny import tiny_unet2d
 from diffmem.sampling import generate, generation_seed, sample
@@ -305,3 +309,25 @@ def test_reference_gate_curves():
     assert GATES["nl2-cifar"](0) == pytest.approx(-1.5) and GATES["nl2-cifar"](1000) == pytest.approx(
         -1.95, abs=1e-3
     )
+
+
+def test_the_excess_rule_sets_the_step_that_lowers_similarity_by_its_excess_to_first_order():
+    from diffmem.mitigate.anti_memorization_guidance import excess_c3
+
+    gradient = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    gradient[2] = 0.0
+    excess, alpha_bar = torch.tensor([0.2, -0.1, 0.3]), torch.tensor(0.36)
+    c3 = excess_c3(excess, gradient, alpha_bar)
+    # first-order drop of sigma_t: (1 - abar_t) c3 |g|^2
+    drop = (1 - alpha_bar) * c3 * gradient.flatten(1).square().sum(1)
+    assert (
+        drop[0] == pytest.approx(0.2, rel=1e-5) and c3[1] == 0 and c3[2] == 0
+    )  # under the gate; no gradient
+    assert excess_c3(excess, 10 * gradient, alpha_bar)[0] == pytest.approx(
+        c3[0] / 100, rel=1e-5
+    )  # scale-free
+
+
+def test_an_unknown_c3_rule_is_refused(embeddings):
+    with pytest.raises(DiffmemError, match="c3_rule must be one of reference, excess"):
+        AntiMemorizationConfig(reference=embeddings, c3_rule="big")

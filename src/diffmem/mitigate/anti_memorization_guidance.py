@@ -41,6 +41,7 @@ GATES: dict[str, Callable[[float], float]] = {
 }
 
 
+C3_RULES = ("reference", "excess")
 SSCD_ORIGIN = 0.3  # the reference SSCD curve at t -> infinity: where its dissimilarity strength starts
 
 
@@ -49,6 +50,19 @@ def reference_c3(sigma: torch.Tensor, t: float, origin: float = SSCD_ORIGIN) -> 
     ``origin`` with the gate)."""
     # c3 = 100 (sigma_t - 0.3) exp((1000 - t) / 170)   (SPEC §5.5, t on the 0..1000 scale)
     return 100.0 * (sigma - origin) * math.exp((1000.0 - t) / 170.0)
+
+
+def excess_c3(excess: torch.Tensor, gradient: torch.Tensor, alpha_bar_t: torch.Tensor) -> torch.Tensor:
+    """The dissimilarity strength whose step lowers sigma_t by ``excess`` to first order (0 without a gradient).
+
+    G_sim = c3 sqrt(1 - abar_t) g moves x0_hat by -(1 - abar_t) / sqrt(abar_t) c3 g, and sigma_t by about
+    -(1 - abar_t) c3 |g|^2 (g = grad_{x_t} sigma_t ~ grad_{x0} sigma_t / sqrt(abar_t), the UNet's own
+    dependence on x_t left out)."""
+    squared = gradient.flatten(1).float().square().sum(dim=1)
+    per_sample = alpha_bar_t.flatten().float().to(squared.device)
+    denominator = (1 - per_sample) * squared
+    c3 = excess.float().clamp_min(0.0) / denominator.clamp_min(torch.finfo(torch.float32).tiny)
+    return torch.where(squared > 0, c3, 0.0).to(excess.dtype)
 
 
 @dataclass(frozen=True)
@@ -69,6 +83,9 @@ class AntiMemorizationConfig:
     # multiplies the dissimilarity strength: a detector that separates copies less sharply than SSCD
     # moves a guided sample less per unit of similarity, and the copy it left can return in the last steps
     c3_scale: float = 1.0
+    # "reference": c3 as the reference code sets it; "excess": the step whose first-order effect lowers
+    # sigma_t by c3_scale times its excess over lambda_t, whatever the scale of the similarity's gradient
+    c3_rule: str = "reference"
     # a sample whose gate has not opened yet is checked every check_every steps (from the first), one whose
     # gate has opened at every later step: at SD 1.5 size one decode costs more than the step's UNet pair
     check_every: int = 1
@@ -91,6 +108,8 @@ class AntiMemorizationConfig:
             raise DiffmemError("AMG strengths c1, c3 and min_caption_copies must be non-negative")
         if not self.c3_scale > 0:
             raise DiffmemError(f"AMG c3_scale must be positive; got {self.c3_scale}")
+        if self.c3_rule not in C3_RULES:
+            raise DiffmemError(f"AMG c3_rule must be one of {', '.join(C3_RULES)}; got {self.c3_rule!r}")
         if not (isinstance(self.check_every, int) and self.check_every >= 1):
             raise DiffmemError(
                 f"AMG check_every must be a whole number of steps >= 1; got {self.check_every!r}"
@@ -160,7 +179,7 @@ class AntiMemorizationGuidance:
         self._record(sigma, nearest)
         if not bool(gate.any()):
             return torch.zeros_like(step.eps)
-        correction = self._guidance(step, sigma, nearest, gate, t)
+        correction = self._guidance(step, sigma, nearest, gate, t, lambda_t)
         finite = correction.flatten(1).isfinite().all(1)
         for row in torch.nonzero(gate & ~finite).flatten().tolist():
             self.status[row] = NONFINITE  # guidance stops for this sample; its image is kept
@@ -184,7 +203,13 @@ class AntiMemorizationGuidance:
         return sigma, nearest
 
     def _guidance(
-        self, step: StepState, sigma: torch.Tensor, nearest: torch.Tensor, gate: torch.Tensor, t: float
+        self,
+        step: StepState,
+        sigma: torch.Tensor,
+        nearest: torch.Tensor,
+        gate: torch.Tensor,
+        t: float,
+        lambda_t: float,
     ) -> torch.Tensor:
         terms, s0 = self.config.terms, step.guidance_scale
         conditional = self.denoiser.conditioning != "none"
@@ -200,11 +225,12 @@ class AntiMemorizationGuidance:
             correction = correction + self._deduplication(step, sig, s1, nearest, gate)
         if "dissimilarity" in terms:
             gradient = self._similarity_gradient(step, gate)
-            c3 = (
-                reference_c3(sig, t, self.config.c3_origin)
-                if self._c3 is None
-                else torch.full_like(sig, self._c3)
-            )
+            if self.config.c3_rule == "excess":
+                c3 = excess_c3(sig - lambda_t, gradient, step.alpha_bar_t)
+            elif self._c3 is None:
+                c3 = reference_c3(sig, t, self.config.c3_origin)
+            else:
+                c3 = torch.full_like(sig, self._c3)
             c3 = self.config.c3_scale * c3
             # G_sim = c3 sqrt(1 - abar_t) grad_{x_t} sigma_t   (eq. 17)
             correction = correction + c3.view(shape) * (1 - step.alpha_bar_t).sqrt() * gradient
