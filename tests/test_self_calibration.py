@@ -108,9 +108,12 @@ def test_amg_takes_the_profiles_gate_only_for_the_index_it_was_fitted_to():
 
     index = TrainingSetIndex.build_pixels(torch.rand(4, 3, 4, 4), ["a", "b", "c", "d"])
     fitted = profile([0.1, 0.2], gate="gate.json", index_fingerprint=index.manifest.fingerprint)
-    assert calibrated_settings("amg", {}, fitted, ReferenceSet(index)) == {"gate": "gate.json"}
+    excess = {"c3_rule": "excess"}
+    assert calibrated_settings("amg", {}, fitted, ReferenceSet(index)) == {"gate": "gate.json", **excess}
     elsewhere = profile([0.1, 0.2], gate="gate.json", index_fingerprint="another index")
-    assert calibrated_settings("amg", {}, elsewhere, ReferenceSet(index)) == {}
+    assert calibrated_settings("amg", {}, elsewhere, ReferenceSet(index)) == excess
+    assert calibrated_settings("amg", {"c3": 50}, elsewhere, ReferenceSet(index)) == {"c3": 50}
+    assert calibrated_settings("amg", {"preset": "paper"}, fitted, ReferenceSet(index)) == {}
 
 
 def test_the_calibrate_command_writes_a_calibration_the_other_commands_take(tmp_path, capsys):

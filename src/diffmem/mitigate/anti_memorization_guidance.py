@@ -42,6 +42,9 @@ GATES: dict[str, Callable[[float], float]] = {
 
 
 C3_RULES = ("reference", "excess")
+# the excess rule's step in excesses: one excess (first order) left 67.5% of lab-keyed's memorized
+# generations copies, three left none on either shipped lab (docs/calibrate.md)
+EXCESS_OVERSHOOT = 3.0
 SSCD_ORIGIN = 0.3  # the reference SSCD curve at t -> infinity: where its dissimilarity strength starts
 
 
@@ -84,7 +87,8 @@ class AntiMemorizationConfig:
     # moves a guided sample less per unit of similarity, and the copy it left can return in the last steps
     c3_scale: float = 1.0
     # "reference": c3 as the reference code sets it; "excess": the step whose first-order effect lowers
-    # sigma_t by c3_scale times its excess over lambda_t, whatever the scale of the similarity's gradient
+    # sigma_t by EXCESS_OVERSHOOT (x c3_scale) times its excess over lambda_t, whatever the scale of the
+    # similarity's gradient
     c3_rule: str = "reference"
     # a sample whose gate has not opened yet is checked every check_every steps (from the first), one whose
     # gate has opened at every later step: at SD 1.5 size one decode costs more than the step's UNet pair
@@ -226,7 +230,7 @@ class AntiMemorizationGuidance:
         if "dissimilarity" in terms:
             gradient = self._similarity_gradient(step, gate)
             if self.config.c3_rule == "excess":
-                c3 = excess_c3(sig - lambda_t, gradient, step.alpha_bar_t)
+                c3 = EXCESS_OVERSHOOT * excess_c3(sig - lambda_t, gradient, step.alpha_bar_t)
             elif self._c3 is None:
                 c3 = reference_c3(sig, t, self.config.c3_origin)
             else:

@@ -152,7 +152,8 @@ def calibrated_settings(
     name: str, settings: dict[str, Any], profile: ModelProfile | None, reference: ReferenceSet | None = None
 ) -> dict[str, Any]:
     """A mitigation's settings: the ones given, over the model's calibrated defaults (prompt optimisation's
-    target, AMG's gate for this index); ``preset=paper`` keeps the papers' constants instead."""
+    target; AMG's gate for this index and its excess rule for the dissimilarity step); ``preset=paper``
+    keeps the papers' constants instead."""
     settings = dict(settings)
     preset = settings.pop("preset", "calibrated")
     if preset not in PRESETS:
@@ -164,4 +165,6 @@ def calibrated_settings(
     fitted = reference is not None and profile.index_fingerprint == reference.index.manifest.fingerprint
     if name == "amg" and fitted and profile.gate is not None:
         settings.setdefault("gate", profile.gate)
+    if name == "amg" and not {"c3", "c3_rule"} & set(settings):
+        settings["c3_rule"] = "excess"  # a dissimilarity step in units of the gate, not of SSCD's scale
     return settings
