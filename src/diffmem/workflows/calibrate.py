@@ -16,6 +16,8 @@ from diffmem.core.denoiser import Denoiser
 from diffmem.detect.noise_norm import NoiseNormConfig, noise_norm
 from diffmem.detect.registry import config_settings
 from diffmem.errors import DiffmemError
+from diffmem.index.manifest import read_manifest
+from diffmem.index.training_set_index import MANIFEST_FILE
 from diffmem.io.prompts import read_prompts
 from diffmem.mitigate.fitted_gate import fit_gate, similarity_trajectories
 from diffmem.mitigate.mitigation import SamplingOptions
@@ -125,9 +127,7 @@ def model_profile(
     encoder: Path | None = None,
 ) -> ModelProfile:
     """The model's cached profile (against ``index`` when given), or one measured now and cached."""
-    fingerprint = None
-    if index is not None:
-        fingerprint = training_reference(index, encoder, "cpu", source).index.manifest.fingerprint
+    fingerprint = None if index is None else read_manifest(Path(index) / MANIFEST_FILE).fingerprint
     path = profile_path(source.identity, fingerprint)
     if path.exists():
         profile = ModelProfile.load(path)
