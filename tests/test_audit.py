@@ -84,3 +84,24 @@ def test_the_audit_refuses_an_earlier_run_and_a_bad_calibration_before_any_work(
     (tmp_path / "bad.json").write_text("{}")
     assert run([*args, "--calibration", str(tmp_path / "bad.json"), "--out", str(tmp_path / "o")]) == 2
     assert "bad.json" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_each_examined_image_is_the_generation_whose_first_step_was_scored(audited, sd, tmp_path):
+    from diffmem.workflows.audit import AuditConfig, audit
+
+    scores = noise_norm(sd, PROMPTS).scores.tolist()
+    rising = [PROMPTS[i] for i in sorted(range(len(PROMPTS)), key=lambda i: scores[i])]
+    (tmp_path / "rising.txt").write_text("\n".join(rising))  # examined highest first: ids 3, 2, ...
+    settings = config_settings(NoiseNormConfig())
+    Calibration("noise_norm", settings, "builtin:tiny-sd", 0.01, min(scores) - 1, 4, 1.0).save(
+        tmp_path / "c.json"
+    )
+    config = AuditConfig(
+        "builtin:tiny-sd", tmp_path / "rising.txt", index=audited.parent / "index",
+        calibration=tmp_path / "c.json", mitigation="prompt_optimization:max_iterations=1", max_flagged=2,
+    )  # fmt: skip
+    result = audit(config)
+    examined = [r["prompt_id"] for r in result.table.to_pylist() if r["examined"]]
+    assert sorted(examined) == [2, 3]
+    plain = generate(sd, [rising[i] for i in (3, 2)], prompt_ids=[3, 2], num_inference_steps=50).images
+    assert torch.allclose(result.images["plain"], plain, atol=1e-5)

@@ -116,13 +116,12 @@ def audit(config: AuditConfig, runtime: Runtime | None = None) -> Audit:
     significance = SignificanceConfig(base_seed=runtime.seed, attribute_to=config.attribute_to)
     explanations = [token_significance(denoiser, prompts[i], significance, prompt_id=i) for i in examined]
     settings = calibrated_settings(name, given, profile, reference)
-    method = mitigation_config(
-        name, **settings, **({"reference": reference} if name in NEEDS_REFERENCE else {})
-    )
-    images = {
+    method = mitigation_config(name, **settings, **attached)
+    images = {  # each prompt's generation is the one whose first step was scored (same seed)
         key: mitigated_generate(
             denoiser, [prompts[i] for i in examined], key_method, key_config, n_generations=1,
-            base_seed=runtime.seed, batch_size=config.batch_size, sampling=SamplingOptions(), progress=True,
+            base_seed=runtime.seed, prompt_ids=examined, batch_size=config.batch_size,
+            sampling=SamplingOptions(), progress=True,
         ).images
         for key, key_method, key_config in (("plain", "none", mitigation_config("none")), ("mitigated", name, method))
         if examined
