@@ -218,10 +218,14 @@ def test_a_config_file_value_of_the_wrong_type_names_the_file_and_key(tmp_path, 
 
 
 def test_a_model_path_that_is_a_file_says_so(tmp_path, prompt_file, capsys):
-    weights = tmp_path / "v1-5-pruned-emaonly.safetensors"
+    weights = tmp_path / "diffusion_pytorch_model.bin"
     weights.write_bytes(b"\0" * 16)
     assert run(["scan", "--model", str(weights), "--prompts", str(prompt_file), "--out", "o"]) == 2
     assert "is a file; give a diffusers model directory" in one_line_error(capsys)
+    checkpoint = tmp_path / "v1-5-pruned-emaonly.safetensors"  # a single file: its configs must be given
+    checkpoint.write_bytes(b"\0" * 16)
+    assert run(["scan", "--model", str(checkpoint), "--prompts", str(prompt_file), "--out", "o"]) == 2
+    assert "is a single-file checkpoint: give --model-config DIR" in one_line_error(capsys)
 
 
 def test_an_encoder_that_is_not_one_says_what_to_pass(tmp_path):

@@ -345,8 +345,7 @@ def test_image_folder_with_mixed_sizes_is_refused(tmp_path, capsys):
     assert run(["index", "build", str(tmp_path / "folder"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert (
-        "is 16x16, the folder's first image 12x12: resize the images" in err
-        and not (tmp_path / "out").exists()
+        "c.png is 16x16, the first image 12x12: resize the images" in err and not (tmp_path / "out").exists()
     )
 
 
@@ -394,6 +393,8 @@ def test_cli_refuses_conflicting_inputs(tmp_path, capsys):
     assert run(["index", "build", "--out", str(tmp_path / "out")]) == 2
     assert "give either DATA" in capsys.readouterr().err
     assert run(["index", "build", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
-    assert "is neither a lab dataset (config.json) nor an image folder" in capsys.readouterr().err
+    assert "is none of them: training data is a lab dataset (config.json), an image folder" in (
+        capsys.readouterr().err
+    )
     assert run(["index", "info", str(tmp_path)]) == 2
     assert "is not a training-set index (no manifest.json)" in capsys.readouterr().err

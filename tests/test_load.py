@@ -60,9 +60,9 @@ def test_directory_that_is_not_a_diffusers_model(tmp_path):
 
 
 def test_unsupported_family(tmp_path):
-    index = {"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}
+    index = {"_class_name": "HunyuanDiTPipeline", "transformer": ["diffusers", "HunyuanDiT2DModel"]}
     (tmp_path / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(DiffmemError, match="unsupported model family FluxPipeline"):
+    with pytest.raises(DiffmemError, match="unsupported model family HunyuanDiTPipeline"):
         load_denoiser(tmp_path)
 
 

@@ -20,6 +20,8 @@ _EXPORTS = {
     "sample": "diffmem.sampling",
     "wrap_pipeline": "diffmem.adapters",
     "ModelSource": "diffmem.models.source",
+    "ModelSpec": "diffmem.models.spec",
+    "Lora": "diffmem.models.spec",
     "Runtime": "diffmem.workflows.runtime",
     "ScanConfig": "diffmem.workflows.scan",
     "scan": "diffmem.workflows.scan",

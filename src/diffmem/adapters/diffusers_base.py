@@ -7,7 +7,7 @@ from diffusers import DiffusionPipeline
 from transformers import PreTrainedTokenizerBase
 
 from diffmem.core.condition import Condition
-from diffmem.core.denoiser import Conditioning, Prediction, eps_from_model_output
+from diffmem.core.denoiser import Conditioning, Prediction, TextAttention, eps_from_model_output
 from diffmem.errors import DiffmemError
 
 SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -19,11 +19,18 @@ class DiffusersDenoiser:
     family: str
     conditioning: Conditioning
     default_guidance_scale: float
+    text_attention: TextAttention = "cross"
 
     def __init__(self, pipeline: DiffusionPipeline, network: torch.nn.Module) -> None:
         self.pipeline = pipeline
         self.network = network
         self.scheduler = pipeline.scheduler
+        self.device = network.device
+        self.dtype = network.dtype
+        self._read_schedule()
+
+    def _read_schedule(self) -> None:
+        """The prediction type and the variance-preserving noise levels of the scheduler's training schedule."""
         config = self.scheduler.config
         if "prediction_type" not in config or "num_train_timesteps" not in config:
             raise DiffmemError(
@@ -35,8 +42,6 @@ class DiffusersDenoiser:
             raise DiffmemError(
                 f"prediction type {self.prediction_type!r} is not supported; use one of {SUPPORTED_PREDICTION_TYPES}"
             )
-        self.device = network.device
-        self.dtype = network.dtype
         alphas_cumprod = self.scheduler.alphas_cumprod.to(torch.float64)
         # sigma_t = sqrt((1 - abar_t) / abar_t), the VE noise level of timestep t
         self._sigmas = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
@@ -66,6 +71,10 @@ class DiffusersDenoiser:
         frac = t64 - low
         sigma = (1 - frac) * self._sigmas[low] + frac * self._sigmas[high]
         return (1 / (1 + sigma**2)).to(device=t.device, dtype=torch.float32)
+
+    def timestep_options(self, num_inference_steps: int) -> dict:
+        """None: noise-prediction schedulers are set by the number of steps alone."""
+        return {}
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Condition) -> Prediction:
         """Noise prediction (and learned variance, if the network outputs one) for a batch."""

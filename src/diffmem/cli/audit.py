@@ -8,9 +8,15 @@ from typing import Annotated
 import typer
 
 from diffmem.cli.app import app
+from diffmem.cli.model_options import with_model_options
 from diffmem.models.names import LAB_MODEL
 
-Model = Annotated[str, typer.Option(help="Model directory or builtin:NAME (default: the shipped lab model).")]
+Model = Annotated[
+    str,
+    typer.Option(
+        help="Diffusers directory, Hub id, .safetensors/.ckpt file or builtin:NAME (default: the shipped lab model)."
+    ),
+]
 Prompts = Annotated[
     Path | None,
     typer.Option(help="The prompts to check (.txt, .jsonl, .csv, .parquet; default: the lab model's own)."),
@@ -39,6 +45,7 @@ Overwrite = Annotated[bool, typer.Option(help="Replace an earlier audit in --out
 
 
 @app.command()
+@with_model_options
 def audit(
     ctx: typer.Context,
     model: Model = LAB_MODEL,

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from diffmem.cli.app import app
+from diffmem.cli.model_options import with_model_options
 from diffmem.cli.scan import (
     BatchOption,
     ColumnOption,
@@ -48,6 +49,7 @@ Overwrite = Annotated[bool, typer.Option(help="Replace the calibration file at -
 
 
 @app.command()
+@with_model_options
 def calibrate(
     ctx: typer.Context,
     model: ModelOption = None,

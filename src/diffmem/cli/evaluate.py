@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from diffmem.cli.app import app
+from diffmem.cli.model_options import with_model_options
 from diffmem.models.names import DEFAULT_MODEL, LAB_MODEL
 
 evaluate = typer.Typer(help="Evaluate detectors and mitigations against ground truth.", no_args_is_help=True)
@@ -16,13 +17,17 @@ app.add_typer(evaluate, name="eval")
 
 
 @evaluate.command()
+@with_model_options
 def detect(
     ctx: typer.Context,
     labels: Annotated[
         Path, typer.Option(help="Labelled prompts (e.g. labels.parquet of `diffmem lab label`).")
     ],
     model: Annotated[
-        str | None, typer.Option(help=f"Model directory or builtin:NAME (default {DEFAULT_MODEL}).")
+        str | None,
+        typer.Option(
+            help=f"Diffusers directory, Hub id, .safetensors/.ckpt file or builtin:NAME (default {DEFAULT_MODEL})."
+        ),
     ] = None,
     out: Annotated[Path, typer.Option(help="Report directory.")] = Path("out/eval-detect"),
     setting: Annotated[
@@ -57,7 +62,12 @@ Index = Annotated[
         "(default: the lab model's copy-detection index)."
     ),
 ]
-Model = Annotated[str | None, typer.Option(help=f"Model directory or builtin:NAME (default {LAB_MODEL}).")]
+Model = Annotated[
+    str | None,
+    typer.Option(
+        help=f"Diffusers directory, Hub id, .safetensors/.ckpt file or builtin:NAME (default {LAB_MODEL})."
+    ),
+]
 Labels = Annotated[
     Path | None,
     typer.Option(help="Prompts with a group column (default: the lab model's labels.parquet)."),
@@ -109,6 +119,7 @@ Calibration = Annotated[
 
 
 @evaluate.command()
+@with_model_options
 def mitigate(
     ctx: typer.Context,
     index: Index = None,
@@ -146,3 +157,25 @@ def mitigate(
     report.save(out)
     typer.echo(report.markdown)
     typer.echo(f"wrote {out / 'results.md'}, results.json and images.parquet")
+
+
+@evaluate.command()
+def zoo(
+    ctx: typer.Context,
+    root: Annotated[Path, typer.Argument(help="The zoo folder `diffmem lab zoo` built.")],
+    lab: Annotated[list[str] | None, typer.Option(help="Judge only this zoo lab (repeatable).")] = None,
+    out: Annotated[Path, typer.Option(help="Table directory.")] = Path("out/eval-zoo"),
+    max_prompts_per_group: Annotated[
+        int, typer.Option(help="Memorized and held-out prompts generated per lab.")
+    ] = 24,
+    n_generations: Annotated[int, typer.Option(help="Generations (seeds) per prompt.")] = 2,
+    explained_captions: Annotated[int, typer.Option(help="Memorized captions each explanation ranks.")] = 24,
+) -> None:
+    """Every detector, explanation and mitigation at its defaults on every zoo lab: one table."""
+    from diffmem.workflows.zoo import ZooEvalConfig, evaluate_zoo
+
+    config = ZooEvalConfig(root, lab, max_prompts_per_group, n_generations, explained_captions)
+    table = evaluate_zoo(config, ctx.obj.runtime)
+    table.save(out)
+    typer.echo(table.markdown)
+    typer.echo(f"wrote {out / 'zoo.md'}")

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from diffmem.cli.app import app, printable
+from diffmem.cli.model_options import with_model_options
 from diffmem.models.names import LAB_MODEL
 
 DEFAULT_ATTRIBUTION = "word_replacement"  # workflows.explain.DEFAULT_ATTRIBUTION, named without importing it
@@ -34,7 +35,12 @@ AttributeTo = Annotated[
 
 
 Prompt = Annotated[str, typer.Argument(help="The prompt to explain.")]
-Model = Annotated[str | None, typer.Option(help=f"Model directory or builtin:NAME (default {LAB_MODEL}).")]
+Model = Annotated[
+    str | None,
+    typer.Option(
+        help=f"Diffusers directory, Hub id, .safetensors/.ckpt file or builtin:NAME (default {LAB_MODEL})."
+    ),
+]
 Out = Annotated[Path, typer.Option(help="Directory for the word table, plot and summary.")]
 NumInferenceSteps = Annotated[int, typer.Option(help="Length of the sampling schedule.")]
 FirstSteps = Annotated[int, typer.Option(help="Average over the first K steps.")]
@@ -53,6 +59,7 @@ Calibration = Annotated[
 
 
 @app.command()
+@with_model_options
 def explain(
     ctx: typer.Context,
     prompt: Prompt,

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from diffmem.cli.app import app
+from diffmem.cli.model_options import with_model_options
 from diffmem.models.names import DEFAULT_MODEL
 
 MITIGATION_NAMES = (  # mitigate.registry.MITIGATIONS, named without importing it
@@ -20,7 +21,10 @@ MITIGATION_NAMES = (  # mitigate.registry.MITIGATIONS, named without importing i
 Prompts = Annotated[list[str] | None, typer.Argument(help="Prompts (class labels for class models).")]
 Out = Annotated[Path, typer.Option(help="Output directory.")]
 Model = Annotated[
-    str | None, typer.Option(help=f"Model directory or builtin:NAME (default {DEFAULT_MODEL}).")
+    str | None,
+    typer.Option(
+        help=f"Diffusers directory, Hub id, .safetensors/.ckpt file or builtin:NAME (default {DEFAULT_MODEL})."
+    ),
 ]
 PromptsFile = Annotated[Path | None, typer.Option(help="A .txt, .jsonl, .csv or .parquet prompt file.")]
 Column = Annotated[str, typer.Option(help="Prompt column of a tabular prompt file.")]
@@ -56,6 +60,7 @@ Overwrite = Annotated[bool, typer.Option(help="Replace an earlier run in --out."
 
 
 @app.command()
+@with_model_options
 def generate(
     ctx: typer.Context,
     prompts: Prompts = None,

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from diffmem.cli.app import app
+from diffmem.cli.model_options import with_model_options
 from diffmem.errors import DiffmemError
 from diffmem.models.names import LAB_MODEL
 
@@ -19,7 +20,14 @@ app.add_typer(index, name="index")
 IndexOut = Annotated[Path, typer.Option(help="New index directory.")]
 IndexData = Annotated[
     Path | None,
-    typer.Argument(help="A lab dataset, or a folder of images with metadata.parquet (file_name, caption)."),
+    typer.Argument(
+        help="A lab dataset, an image folder (metadata.jsonl/.csv/.parquet with file_name and a caption "
+        "column), a datasets save_to_disk folder, WebDataset .tar shards, or a cached Hub dataset id."
+    ),
+]
+CaptionColumn = Annotated[
+    str | None,
+    typer.Option(help="Caption column of DATA (default text, else caption; for shards the extension, txt)."),
 ]
 Embeddings = Annotated[
     Path | None,
@@ -55,7 +63,10 @@ GatePrompts = Annotated[
     ),
 ]
 GateModel = Annotated[
-    str | None, typer.Option(help="Model directory or builtin:NAME (default: the lab model).")
+    str | None,
+    typer.Option(
+        help="Diffusers directory, Hub id, .safetensors/.ckpt file or builtin:NAME (default: the lab model)."
+    ),
 ]
 Column = Annotated[str, typer.Option(help="Prompt column of a tabular file.")]
 GateEncoder = Annotated[
@@ -82,15 +93,18 @@ def build(
     exact: Exact = None,
     batch_size: IndexBatch = 256,
     overwrite: Overwrite = False,
+    caption_column: CaptionColumn = None,
 ) -> None:
     """Index the distinct training images with their captions and caption duplicate counts."""
-    from diffmem.workflows.index import IndexConfig, build_index
+    from diffmem.workflows.index import IndexConfig, save_index
 
     if out.exists() and not overwrite:
         raise DiffmemError(f"{out} exists: choose a new --out or pass --overwrite")
-    built = build_index(IndexConfig(data, embeddings, kind, encoder, exact, batch_size), ctx.obj.runtime)
-    built.save(out, overwrite=overwrite)
-    typer.echo(f"wrote {out}: {built.manifest.describe()}")
+    config = IndexConfig(data, embeddings, kind, encoder, exact, batch_size, caption_column)
+    saved = save_index(config, out, overwrite, ctx.obj.runtime)
+    if saved.data_report is not None:
+        typer.echo(f"{saved.data_report.summary()} (report: {out / 'data_report.json'})")
+    typer.echo(f"wrote {out}: {saved.index.manifest.describe()}")
 
 
 @index.command()
@@ -102,6 +116,7 @@ def info(directory: IndexDirectory) -> None:
 
 
 @index.command()
+@with_model_options
 def gate(
     ctx: typer.Context,
     directory: GuidedIndex,

@@ -8,18 +8,23 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from diffmem.cli.app import app
+from diffmem.cli.model_options import with_model_options
 from diffmem.models.names import DEFAULT_MODEL
 
 if TYPE_CHECKING:
     from rich.table import Table
 
 ModelArgument = Annotated[
-    str | None, typer.Argument(help=f"A diffusers model directory or builtin:NAME (default {DEFAULT_MODEL}).")
+    str | None,
+    typer.Argument(
+        help=f"A diffusers directory, Hub id, .safetensors/.ckpt file or builtin:NAME (default {DEFAULT_MODEL})."
+    ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
 @app.command()
+@with_model_options
 def info(ctx: typer.Context, model: ModelArgument = None, json_output: JsonOption = False) -> None:
     """Family, prediction type, resolution, text encoders and parameter counts of a model."""
     from rich.console import Console
@@ -30,9 +35,9 @@ def info(ctx: typer.Context, model: ModelArgument = None, json_output: JsonOptio
     runtime = ctx.obj.runtime
     summary = describe(open_model(model, runtime.device, runtime.dtype, runtime.speedups)).to_dict()
     if json_output:
-        typer.echo(json.dumps({"model": model or DEFAULT_MODEL, **summary}, indent=2))
+        typer.echo(json.dumps({"model": str(model or DEFAULT_MODEL), **summary}, indent=2))
     else:
-        Console().print(_table(model or DEFAULT_MODEL, summary))
+        Console().print(_table(str(model or DEFAULT_MODEL), summary))
 
 
 def _table(title: str, summary: dict[str, Any]) -> Table:

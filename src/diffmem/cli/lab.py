@@ -54,6 +54,7 @@ UnetChannels = Annotated[
     ),
 ]
 TextLayers = Annotated[int | None, typer.Option(help="Text-encoder layers (default: the preset's).")]
+TextWidth = Annotated[int | None, typer.Option(help="Text-encoder hidden size (default: the preset's).")]
 PredictionType = Annotated[
     str | None,
     typer.Option(
@@ -86,6 +87,15 @@ CopyThreshold = Annotated[
     float | None,
     typer.Option(help="A near-copy above this copy similarity (default SSCD's 0.5; the lab uses 0.75)."),
 ]
+AnyData = Annotated[
+    Path,
+    typer.Option(
+        help="Training images: a lab dataset, an image folder (metadata.jsonl/.csv/.parquet), a datasets "
+        "save_to_disk folder, WebDataset .tar shards, or a cached Hub dataset id."
+    ),
+]
+ExportData = Annotated[Path, typer.Argument(help="A dataset directory from `diffmem lab build`.")]
+FolderOut = Annotated[Path, typer.Argument(help="New (or empty) image-folder directory.")]
 EncoderOut = Annotated[Path, typer.Option(help="Encoder directory to write (save_encoder format).")]
 TrainingSteps = Annotated[int, typer.Option(help="Training steps.")]
 DetectorBatch = Annotated[int, typer.Option(help="Images per step (each seen in two edited views).")]
@@ -130,6 +140,7 @@ def train(
     time_budget_s: TimeBudget = None,
     unet_channels: UnetChannels = None,
     text_layers: TextLayers = None,
+    text_width: TextWidth = None,
     prediction_type: PredictionType = None,
     vae_from: VaeFrom = None,
     init_from: InitFrom = None,
@@ -141,6 +152,7 @@ def train(
     sizes = {
         "unet_channels": _widths(unet_channels),
         "text_layers": text_layers,
+        "text_width": text_width,
         "prediction_type": prediction_type,
     }
     starts = {"vae_from": vae_from, "init_from": init_from, "time_budget_s": time_budget_s}
@@ -193,18 +205,20 @@ def _group_line(group: str, values: dict, copy_threshold: float) -> str:
 @lab.command(name="copy-detector")
 def copy_detector_command(
     ctx: typer.Context,
-    data: LabData,
+    data: AnyData,
     out: EncoderOut,
     steps: TrainingSteps = 1500,
     batch_size: DetectorBatch = 128,
     input_size: InputSize = 32,
 ) -> None:
-    """Train the lab's SSCD-style copy detector on its unique training images; report its copy accuracy."""
+    """Train the lab's SSCD-style copy detector on the unique training images; report its copy accuracy."""
     from diffmem.workflows.lab import CopyDetectorTrainingConfig, train_lab_copy_detector
 
     config = CopyDetectorTrainingConfig(data, steps, batch_size, input_size)
     trained = train_lab_copy_detector(config, ctx.obj.runtime)
     trained.save(out)
+    if trained.data_report is not None:
+        typer.echo(trained.data_report.summary())
     typer.echo(
         f"copy detector: {trained.accuracy:.1%} of {trained.queries} edited copies matched to their source; "
         f"wrote {out}"
@@ -232,6 +246,17 @@ def reader_command(
     )
 
 
+@lab.command(name="export")
+def export_command(data: ExportData, out: FolderOut) -> None:
+    """Write a lab dataset's training rows as an image folder (images, metadata.parquet) that any command
+    taking training data reads."""
+    from diffmem.workflows.lab import export_lab
+
+    exported = export_lab(data, out)
+    typer.echo(exported.report.summary())
+    typer.echo(f"wrote {len(exported.rows)} rows of {len(exported.unique_images())} images to {out}")
+
+
 def _preset(**chosen: bool) -> str | None:
     """The one preset flag that is on, or None for none."""
     names = [name for name, on in chosen.items() if on]
@@ -253,3 +278,19 @@ def _widths(text: str | None) -> tuple[int, ...] | None:
             f"--unet-channels takes two or more positive widths such as 64,128,128, not {text!r}"
         )
     return widths
+
+
+@lab.command()
+def zoo(
+    ctx: typer.Context,
+    root: Annotated[Path, typer.Argument(help="The zoo folder (created; a part already there is kept).")],
+    name: Annotated[list[str] | None, typer.Option("--lab", help="Build only this zoo lab (repeatable).")] = None,
+) -> None:
+    """Build the lab zoo: each lab's dataset, model (unless shipped), copy detector, labels, index and
+    attribute reader; run again to continue an interrupted build."""
+    from diffmem.lab.zoo import ZOO
+    from diffmem.workflows.zoo import build_zoo
+
+    for parts in build_zoo(root, name, ctx.obj.runtime):
+        typer.echo(f"{parts.lab.name}: model {parts.model}, labels {parts.labels}")
+    typer.echo(f"built {len(name or ZOO)} zoo labs in {root}")

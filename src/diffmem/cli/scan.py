@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from diffmem.cli.app import app
+from diffmem.cli.model_options import with_model_options
 from diffmem.errors import DiffmemError
 from diffmem.models.names import DEFAULT_MODEL, LAB_MODEL
 
@@ -19,7 +20,10 @@ UNSCORED = {  # why a scan row has no score, by its status
     "nonfinite": "NaN (the model output was not finite)",
 }
 ModelOption = Annotated[
-    str | None, typer.Option(help=f"Model directory or builtin:NAME (default {DEFAULT_MODEL}).")
+    str | None,
+    typer.Option(
+        help=f"Diffusers directory, Hub id, .safetensors/.ckpt file or builtin:NAME (default {DEFAULT_MODEL})."
+    ),
 ]
 ColumnOption = Annotated[str, typer.Option(help="Prompt column of a tabular prompt file.")]
 DetectorOption = Annotated[str, typer.Option(help="noise_norm (Wen et al.) or a peer detector.")]
@@ -44,7 +48,9 @@ PromptsOption = Annotated[
 ]
 ScanModelOption = Annotated[
     str | None,
-    typer.Option(help=f"Model directory or builtin:NAME (default {LAB_MODEL}, the shipped lab model)."),
+    typer.Option(
+        help=f"Diffusers directory, Hub id, .safetensors/.ckpt file or builtin:NAME (default {LAB_MODEL}, the shipped lab model)."
+    ),
 ]
 ScanOutOption = Annotated[Path, typer.Option(help="Scan directory (rows, summary).")]
 ScanColumnOption = Annotated[
@@ -83,6 +89,7 @@ GpusOption = Annotated[
 
 
 @app.command()
+@with_model_options
 def scan(
     ctx: typer.Context,
     prompts: PromptsOption = None,

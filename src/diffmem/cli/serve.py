@@ -17,6 +17,7 @@ from diffmem.cli.explain import (
     NGenerations,
     NumInferenceSteps,
 )
+from diffmem.cli.model_options import with_model_options
 from diffmem.models.names import LAB_MODEL
 
 if TYPE_CHECKING:
@@ -32,6 +33,7 @@ MaxPending = Annotated[int, typer.Option(help="Requests that may wait for the mo
 
 
 @app.command()
+@with_model_options
 def serve(
     ctx: typer.Context,
     model: Model = None,
@@ -54,7 +56,7 @@ def serve(
     runtime = ctx.obj.runtime
     source = ModelSource.resolve(model or LAB_MODEL)
     given = ExplainConfig(
-        "", source.name, num_inference_steps, first_steps, n_generations, guidance_scale, attribute_to
+        "", source.spec, num_inference_steps, first_steps, n_generations, guidance_scale, attribute_to
     )
     config = significance_config(given, runtime.seed)
     explainer = PromptExplainer(

@@ -19,7 +19,7 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor
 from tqdm.auto import tqdm
 
-from diffmem.core.denoiser import Denoiser
+from diffmem.core.denoiser import Denoiser, require_cross_attention
 from diffmem.detect.detector import DetectionResult, batch_starts, check_prompts, detection_seeds
 from diffmem.detect.first_step import first_step_input
 from diffmem.errors import DiffmemError
@@ -138,6 +138,7 @@ def attention_entropy(
     ``extras["per_layer"]`` holds E of every cross-attention layer in forward order, [P, L], averaged
     over generations.
     """
+    require_cross_attention(denoiser, "attention_entropy")
     prompts, prompt_ids = check_prompts(prompts, prompt_ids)
     network = denoiser.network
     n = config.n_generations

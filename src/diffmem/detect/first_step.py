@@ -10,8 +10,7 @@ from diffmem.core.condition import Condition
 from diffmem.core.denoiser import Denoiser
 from diffmem.errors import DiffmemError
 from diffmem.sampling import StepState, sample
-from diffmem.sampling.guided_sampler import eps_scheduler
-from diffmem.sampling.seeds import initial_noise, seeded_generators
+from diffmem.sampling.guided_sampler import first_step_input as sampler_first_step_input
 
 
 class _KeepFirstStep:
@@ -52,8 +51,4 @@ def first_step_input(
     """x_T ([B, C, H, W]) as the sampler feeds it to the model at its first step, and that step's t."""
     if num_inference_steps < 1:
         raise DiffmemError(f"num_inference_steps must be at least 1; got {num_inference_steps}")
-    schedule = eps_scheduler(denoiser.scheduler)
-    schedule.set_timesteps(num_inference_steps, device=denoiser.device)
-    t = schedule.timesteps[0]
-    x_T = initial_noise(seeded_generators(seeds), denoiser.sample_shape, denoiser.device, denoiser.dtype)
-    return schedule.scale_model_input(x_T * schedule.init_noise_sigma, t), t
+    return sampler_first_step_input(denoiser, seeds, num_inference_steps)

@@ -3,6 +3,8 @@ noise prediction far from the unconditional one, visibly from the first sampling
 
 Per generation j and step t, ``m_jt = ||eps_cond - eps_uncond||_2`` over the whole sample (C x H x W),
 not scaled by the guidance scale; a prompt's score is the mean over the chosen steps and generations.
+For flow-matching models (SD3) the predictions are velocities and the score is ``||v_cond - v_uncond||_2``
+(``diffmem.core.denoiser`` says why).
 """
 
 from __future__ import annotations

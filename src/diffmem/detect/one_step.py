@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from diffmem.core.denoiser import Denoiser
+from diffmem.core.denoiser import Denoiser, require_noise_prediction
 from diffmem.detect.detector import (
     DetectionResult,
     batch_starts,
@@ -53,6 +53,7 @@ def one_step(
 ) -> DetectionResult:
     """Webster's one-step score of each prompt (higher: more likely memorized)."""
     check_guidance("one_step", config.guidance_scale)
+    require_noise_prediction(denoiser, "one_step")
     prompts, prompt_ids = check_prompts(prompts, prompt_ids)
     n = config.n_generations
     seeds = detection_seeds(config.base_seed, prompt_ids, n)

@@ -18,17 +18,18 @@ from diffmem.detect.detector import DetectionResult
 from diffmem.detect.scan_store import SCHEMA, ScanStore
 from diffmem.detect.scanner import Scanner
 from diffmem.io.prompts import PromptRecord
+from diffmem.models.spec import ModelSpec
 from diffmem.models.speedups import Speedups, apply_speedups
 from diffmem.text.prompt_tokens import token_counts
 
-Loader = Callable[[str, str, torch.dtype], Denoiser]  # (model, device, dtype) -> a denoiser, in a worker
+Loader = Callable[[str | ModelSpec, str, torch.dtype], Denoiser]  # (model, device, dtype) -> a denoiser
 
 
 @dataclass(frozen=True)
 class ScanJob:
     """What a scan engine's workers need to build the scanner themselves: the model and the detector."""
 
-    model: str
+    model: str | ModelSpec
     device: str
     dtype: torch.dtype
     detector: str

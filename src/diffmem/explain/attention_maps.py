@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from diffmem.core.condition import Condition
-from diffmem.core.denoiser import Denoiser
+from diffmem.core.denoiser import Denoiser, require_cross_attention, require_start_token
 from diffmem.detect.attention_entropy import recording_cross_attention
 from diffmem.detect.detector import check_guidance, detection_seeds
 from diffmem.detect.first_step import first_step_input
@@ -38,6 +38,8 @@ def word_attention_maps(
     """Per-word cross-attention maps of the conditional prediction at sampling step ``step``."""
     config = config or SignificanceConfig()
     check_guidance("attention maps", config.guidance_scale)
+    require_cross_attention(denoiser, "attention maps")
+    require_start_token(denoiser, "attention maps")
     tokenizer = denoiser.tokenizer
     if tokenizer is None or not prompt.strip():
         raise DiffmemError(

@@ -25,7 +25,7 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from diffmem.core.denoiser import Denoiser
+from diffmem.core.denoiser import Denoiser, require_start_token
 from diffmem.detect.detector import check_guidance, check_trajectory, detection_seeds
 from diffmem.detect.noise_norm import NoiseNormConfig, noise_norm
 from diffmem.errors import DiffmemError
@@ -156,6 +156,7 @@ def token_significance(
     tokenizer = denoiser.tokenizer
     if tokenizer is None or denoiser.conditioning != "text":
         raise DiffmemError("token significance needs a text-conditioned model with a tokenizer")
+    require_start_token(denoiser, "token significance")
     if not prompt.strip():
         raise DiffmemError("the prompt is empty: there is nothing to explain")
     if config.attribute_to == "word_replacement":

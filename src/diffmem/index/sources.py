@@ -1,4 +1,5 @@
-"""Training sets an index can be built from: a lab dataset, an image folder, clip-retrieval embeddings.
+"""Training sets an index can be built from: a lab dataset, any training set :mod:`diffmem.data` reads
+(image folder, saved ``datasets`` dataset, WebDataset shards), clip-retrieval embeddings.
 
 Image sources list each distinct training image once, with its most frequent caption and how many
 training rows carry that caption (``captions.most_frequent_captions``), and read the images in batches.
@@ -6,7 +7,6 @@ training rows carry that caption (``captions.most_frequent_captions``), and read
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -16,14 +16,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
+from diffmem.data import Row, RowReport, TrainingData, read_training_data
+from diffmem.data.lab_rows import is_lab_dataset
 from diffmem.errors import DiffmemError
 from diffmem.index.captions import caption_counts, most_frequent_captions
 from diffmem.lab.dataset import load_lab_dataset
-
-FOLDER_METADATA = "metadata.parquet"
 
 
 @dataclass(frozen=True)
@@ -36,6 +35,7 @@ class ImageSource:
     caption_counts: list[int]  # per image: training rows carrying exactly that caption
     read: Callable[[Sequence[int]], torch.Tensor]  # positions in ``ids`` -> images [n, 3, H, W] in [0, 1]
     lab_config: dict | None = None  # a lab dataset's generation settings
+    data_report: RowReport | None = None  # the rows read and those skipped, for a source other than the lab's
 
     def batches(self, batch_size: int = 256, progress: bool = True) -> Iterator[torch.Tensor]:
         """All images in order, ``batch_size`` at a time, float [n, 3, H, W] in [0, 1]."""
@@ -55,17 +55,14 @@ class EmbeddingSource:
     caption_counts: list[int]
 
 
-def image_source(directory: Path) -> ImageSource:
-    """The lab dataset (``config.json``) or image folder (``metadata.parquet``) at ``directory``."""
-    directory = Path(directory)
-    if (directory / "config.json").is_file():
-        return lab_source(directory)
-    if (directory / FOLDER_METADATA).is_file():
-        return image_folder_source(directory)
-    raise DiffmemError(
-        f"{directory} is neither a lab dataset (config.json) nor an image folder with {FOLDER_METADATA} "
-        "(columns file_name, caption): point DATA at one, or pass --embeddings for clip-retrieval output"
-    )
+def image_source(data: Path | str, caption_column: str | None = None) -> ImageSource:
+    """The lab dataset at ``data``, or any other training set :func:`~diffmem.data.read_training_data`
+    reads (image folder, saved ``datasets`` dataset, WebDataset shards)."""
+    if is_lab_dataset(Path(data)):
+        if caption_column is not None:
+            raise DiffmemError("a lab dataset's captions are its caption column: drop --caption-column")
+        return lab_source(Path(data))
+    return training_data_source(read_training_data(data, caption_column, require_captions=False))
 
 
 def lab_source(directory: Path) -> ImageSource:
@@ -85,66 +82,33 @@ def lab_source(directory: Path) -> ImageSource:
     )
 
 
-def image_folder_source(directory: Path) -> ImageSource:
-    """The images of a folder whose ``metadata.parquet`` has one row per (``file_name``, ``caption``).
-
-    Images are listed in order of first appearance; an image's id is the row of its first appearance.
-    Null captions count as empty captions. All images must have one size.
-    """
-    directory = Path(directory)
-    table = _read_parquet(directory / FOLDER_METADATA, ["file_name", "caption"])
-    names = table.column("file_name").to_pylist()
-    bad = next((row for row, name in enumerate(names) if not isinstance(name, str)), None)
-    if bad is not None:
-        raise DiffmemError(
-            f"{directory / FOLDER_METADATA}: file_name of row {bad} is {names[bad]!r}, not a path"
-        )
-    leaving = next((name for name in names if _leaves_folder(name)), None)
-    if leaving is not None:
-        raise DiffmemError(
-            f"{directory / FOLDER_METADATA} names {leaving!r}, outside the folder: every file_name must be "
-            "a relative path inside it (no absolute paths, no '..')"
-        )
-    captions = [text or "" for text in table.column("caption").to_pylist()]
-    chosen = most_frequent_captions(names, captions)
-    files = list(chosen)
-    missing = [name for name in files if not (directory / name).is_file()]
-    if missing:
-        raise DiffmemError(
-            f"{directory / FOLDER_METADATA} names {len(missing)} files that are not in {directory} "
-            f"(first: {missing[0]}): file_name is a path relative to the folder"
-        )
-    first_row: dict[str, int] = {}
-    for row, name in enumerate(names):
-        first_row.setdefault(name, row)
-    with Image.open(directory / files[0]) as first:
-        size = first.size
+def training_data_source(data: TrainingData) -> ImageSource:
+    """The distinct images of a training set's usable rows, in order of first appearance; an image's id
+    is the number of its first row. Empty captions count as captions. All images must have one size."""
+    rows = data.unique_images()
+    chosen = most_frequent_captions([row.key for row in data.rows], [row.caption for row in data.rows])
+    size = rows[0].load().size
     return ImageSource(
-        description=f"image folder {directory.resolve()}",
-        ids=[first_row[name] for name in files],
-        captions=[chosen[name][0] for name in files],
-        caption_counts=[chosen[name][1] for name in files],
-        read=lambda positions: _read_images([directory / files[p] for p in positions], size),
+        description=data.description,
+        ids=[row.number for row in rows],
+        captions=[chosen[row.key][0] for row in rows],
+        caption_counts=[chosen[row.key][1] for row in rows],
+        read=lambda positions: _read_images([rows[p] for p in positions], size),
+        data_report=data.report,
     )
 
 
-def _leaves_folder(name: str) -> bool:
-    """Whether a metadata ``file_name`` points outside its folder (absolute, or up through '..')."""
-    normal = os.path.normpath(name)
-    return os.path.isabs(name) or normal == ".." or normal.startswith(".." + os.sep) or "\0" in name
-
-
-def _read_images(paths: Sequence[Path], size: tuple[int, int]) -> torch.Tensor:
+def _read_images(rows: Sequence[Row], size: tuple[int, int]) -> torch.Tensor:
     """float [n, 3, H, W] in [0, 1]; every image must be ``size`` (width, height)."""
     arrays = []
-    for path in paths:
-        with Image.open(path) as image:
-            if image.size != size:
-                raise DiffmemError(
-                    f"{path} is {image.size[0]}x{image.size[1]}, the folder's first image "
-                    f"{size[0]}x{size[1]}: resize the images to one size (the model's resolution) first"
-                )
-            arrays.append(np.asarray(image.convert("RGB")))
+    for row in rows:
+        image = row.load()
+        if image.size != size:
+            raise DiffmemError(
+                f"{row.key} is {image.size[0]}x{image.size[1]}, the first image {size[0]}x{size[1]}: "
+                "resize the images to one size (the model's resolution) first"
+            )
+        arrays.append(np.asarray(image))
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(255.0)
 
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from diffmem.errors import DiffmemError
 from diffmem.io.modules import load_module, save_module
-from diffmem.lab.captions import TITLE_NOUN
+from diffmem.lab.captions import SYLLABLES, TITLE_NOUN
 from diffmem.lab.dataset import LabDataset
 from diffmem.lab.fashion_mnist import CLASS_NAMES, load_fashion_mnist
 from diffmem.lab.scenes import (
@@ -82,22 +82,28 @@ def _alternatives(words: Sequence[str]) -> str:
     return "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
 
 
+_TITLE_WORD = rf"(?:{_alternatives(SYLLABLES)})+"  # a made-up title word, as captions.title_words makes them
 _ITEM_PHRASE = re.compile(
-    rf"(?:an? )?(?:(?P<colour>{_alternatives(list(ITEM_COLOURS))}) )?(?P<category>{_alternatives(CLASS_NAMES)})"
+    rf"(?:an? )?(?:(?P<colour>{_alternatives(list(ITEM_COLOURS))}) )?(?:{_TITLE_WORD} )*?"
+    rf"(?P<category>{_alternatives(CLASS_NAMES)})"
     rf"(?: at the (?P<quadrant>{_alternatives(QUADRANTS)})| (?P<center>in the center))?"
 )
 _BACKGROUND = re.compile(rf" on an? (?P<background>{_alternatives(list(BACKGROUND_COLOURS))}) background$")
 _TITLE = re.compile(rf"the [a-z ]+ {TITLE_NOUN}: ")
+_TRAILING_TITLE = re.compile(rf": the [a-z ]+ {TITLE_NOUN}$")
 _SEPARATOR = re.compile(r", | and ")
 
 
 def parse_caption(text: str) -> StatedFacts:
     """The facts a caption of the lab grammar states (inverse of ``captions.caption`` and
-    ``captions.titled_caption``; a title's made-up words state nothing)."""
+    ``captions.titled_caption`` at every title position; a title's made-up words state nothing)."""
     body = text.strip()
     title = _TITLE.match(body)
     if title:
         body = body[title.end() :]
+    trailing = _TRAILING_TITLE.search(body)
+    if trailing:
+        body = body[: trailing.start()]
     background = _BACKGROUND.search(body)
     if background:
         body = body[: background.start()]

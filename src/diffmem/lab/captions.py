@@ -10,7 +10,8 @@ from diffmem.lab.scenes import BACKGROUND_COLOURS, CENTER, ITEM_COLOURS, POSITIO
 
 SPECIFICITIES = ("full", "medium", "vague")
 SPECIFICITY_WEIGHTS = (0.4, 0.4, 0.2)
-TITLE_DESCRIPTIONS = ("full", "vague")  # what a memorized caption says behind its title
+TITLE_DESCRIPTIONS = ("full", "vague")  # what a memorized caption says beside its title
+TITLE_POSITIONS = ("before", "inside", "after")  # where a memorized caption's title words sit
 TITLE_NOUN = "poster"
 PLURAL_NOUNS = frozenset({"trousers"})
 # No word made of two or three distinct syllables below is in the wamerican word list.
@@ -77,24 +78,45 @@ def title_pairs(rng: np.random.Generator, n: int, vocabulary: int) -> list[list[
     raise DiffmemError(f"could not draw {n} balanced titles from {vocabulary} words; use more words")
 
 
-def titled_caption(scene: Scene, words: list[str], description: str = "full") -> str:
-    """The scene's caption, items in reading order, behind a title made of ``words``.
+def titled_caption(
+    scene: Scene, words: list[str], description: str = "full", position: str = "before"
+) -> str:
+    """The scene's caption, items in reading order, with a title made of ``words``.
 
     ``description`` "full" states everything; "vague" names only the categories, so the title alone
-    tells the colours, positions and background.
+    tells the colours, positions and background. ``position`` puts the title before the description
+    ("the zannyx quocre poster: a bag"), inside it, naming the first item ("a zannyx quocre bag"), or
+    after it ("a bag: the zannyx quocre poster").
     """
     if description not in TITLE_DESCRIPTIONS:
         raise DiffmemError(f"unknown title description {description!r}; use one of {TITLE_DESCRIPTIONS}")
+    if position not in TITLE_POSITIONS:
+        raise DiffmemError(f"unknown title position {position!r}; use one of {TITLE_POSITIONS}")
     items = list(scene.items)
+    title = " ".join(words)
+    names = [item.category_name for item in items]
+    if position == "inside":
+        names[0] = f"{title} {names[0]}"
     if description == "vague":
-        body = _join([_noun_phrase(item.category_name) for item in items])
+        body = _join([_noun_phrase(name) for name in names])
     else:
-        body = _describe(scene, items, True, True)
-    return f"the {' '.join(words)} {TITLE_NOUN}: {body}"
+        body = _describe(scene, items, True, True, names)
+    if position == "inside":
+        return body
+    heading = f"the {title} {TITLE_NOUN}"
+    return f"{heading}: {body}" if position == "before" else f"{body}: {heading}"
 
 
-def _describe(scene: Scene, items: list[Item], with_positions: bool, with_background: bool) -> str:
-    phrases = [_noun_phrase(item.category_name, item.colour) for item in items]
+def _describe(
+    scene: Scene,
+    items: list[Item],
+    with_positions: bool,
+    with_background: bool,
+    names: list[str] | None = None,
+) -> str:
+    """The items' colours and ``names`` (default: their categories), positions and background."""
+    names = names or [item.category_name for item in items]
+    phrases = [_noun_phrase(name, item.colour) for name, item in zip(names, items, strict=True)]
     if with_positions:
         phrases = [f"{p} {_position_phrase(item.position)}" for p, item in zip(phrases, items, strict=True)]
     text = _join(phrases)
@@ -108,7 +130,7 @@ def _position_phrase(position: str) -> str:
 def _noun_phrase(noun: str, colour: str | None = None) -> str:
     """The noun, its colour and an article: "a red sneaker", "an ankle boot"; plurals go bare: "trousers"."""
     phrase = f"{colour} {noun}" if colour else noun
-    if noun in PLURAL_NOUNS:
+    if noun.split()[-1] in PLURAL_NOUNS:
         return phrase
     return f"{'an' if phrase[0] in 'aeiou' else 'a'} {phrase}"
 

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from diffmem.errors import DiffmemError
 from diffmem.lab.captions import (
     TITLE_DESCRIPTIONS,
+    TITLE_POSITIONS,
     caption,
     random_caption,
     title_pairs,
@@ -40,7 +41,9 @@ FORMAT_VERSION = 1
 GROUPS = ("memorized", "duplicated_image", "unique")
 TRIGGER_WORDS_PER_SCENE = 2
 # LabConfig fields newer than the first datasets: a config.json without them reads as their defaults
-ADDED_CONFIG_FIELDS = frozenset({"background_pattern", "title_vocabulary", "memorized_description"})
+ADDED_CONFIG_FIELDS = frozenset(
+    {"background_pattern", "title_vocabulary", "memorized_description", "trigger_position"}
+)
 ITEM_TYPE = pa.struct(
     [
         ("category", pa.int64()),
@@ -86,7 +89,8 @@ class LabConfig:
     seed: int = 0
     background_pattern: float = 0.0  # strength of each scene's own background pattern (scenes.render)
     title_vocabulary: int = 0  # 0: fresh title words per memorized scene; N: word pairs over N words
-    memorized_description: str = "full"  # what a memorized caption states behind its title
+    memorized_description: str = "full"  # what a memorized caption states beside its title
+    trigger_position: str = "before"  # where its title words sit: before, inside or after the description
 
     def __post_init__(self) -> None:
         check_pattern_strength(self.background_pattern, "background_pattern")
@@ -95,6 +99,10 @@ class LabConfig:
         if self.memorized_description not in TITLE_DESCRIPTIONS:
             raise DiffmemError(
                 f"memorized_description must be one of {TITLE_DESCRIPTIONS}, not {self.memorized_description!r}"
+            )
+        if self.trigger_position not in TITLE_POSITIONS:
+            raise DiffmemError(
+                f"trigger_position must be one of {TITLE_POSITIONS}, not {self.trigger_position!r}"
             )
         if self.image_size < 8 or self.image_size % 4:
             raise DiffmemError(f"image_size must be a multiple of 4 and at least 8, not {self.image_size}")
@@ -225,7 +233,7 @@ def _training_rows(
     for scene_id, (group, scene) in enumerate(zip(groups, scenes, strict=True)):
         if group == "memorized":
             words = next(pairs) if pairs is not None else _fresh_title_words(rng, used_words)
-            text = titled_caption(scene, words, config.memorized_description)
+            text = titled_caption(scene, words, config.memorized_description, config.trigger_position)
             rows += [(scene_id, text, group, words)] * config.memorized_repeats
         elif group == "duplicated_image":
             repeats = config.duplicated_image_repeats

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from diffmem.core.denoiser import Denoiser, x0_from_eps
+from diffmem.core.denoiser import Denoiser, require_noise_prediction, x0_from_eps
 from diffmem.errors import DiffmemError
 from diffmem.metrics.nl2 import NL2_K
 from diffmem.mitigate.fitted_gate import FittedGate
@@ -156,6 +156,7 @@ class AntiMemorizationGuidance:
     """
 
     def __init__(self, denoiser: Denoiser, config: AntiMemorizationConfig, batch_size: int) -> None:
+        require_noise_prediction(denoiser, "anti_memorization_guidance")
         self.denoiser = denoiser
         self.config = config
         self.index = config.reference.index

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from diffusers.models.attention_processor import Attention
 
-from diffmem.core.denoiser import Denoiser
+from diffmem.core.denoiser import Denoiser, require_cross_attention, require_start_token
 from diffmem.errors import DiffmemError
 from diffmem.mitigate.mitigation import Mitigated, SamplingOptions, sampled
 from diffmem.sampling import sample
@@ -182,6 +182,8 @@ def bos_attention_scaling(
             f"bos_attention_scaling needs a text-conditioned model; {denoiser.family} is conditioned on "
             f"{denoiser.conditioning!r}"
         )
+    require_cross_attention(denoiser, "bos_attention_scaling")
+    require_start_token(denoiser, "bos_attention_scaling")
     cond = denoiser.encode(list(prompts))
     key_lengths = _key_lengths(denoiser, list(prompts)) if config.mask_padding else None
     with scaled_bos_attention(denoiser.network, config.scale, key_lengths):

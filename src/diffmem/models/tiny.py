@@ -7,6 +7,7 @@ Class-conditional UNet2D pipelines have `num_classes + 1` class embeddings: the 
 
 from __future__ import annotations
 
+import string
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -17,12 +18,28 @@ from diffusers import (
     DDIMScheduler,
     DDPMPipeline,
     DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    PixArtAlphaPipeline,
+    PixArtSigmaPipeline,
+    PixArtTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
     UNet2DModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
 from diffmem.errors import DiffmemError
 from diffmem.sampling.schedulers import stable_diffusion_scheduler
@@ -31,7 +48,9 @@ from diffmem.text.clip_tokenizer import clip_text_config, load_clip_tokenizer
 TEXT_HIDDEN = 32
 LATENT_SAMPLE_SIZE = 8
 UNET2D_SCHEDULERS = ("ddpm", "ddim")
+PIXART_SCHEDULERS = ("dpm-solver++", "ddim")
 
+_SD3_CLIP_HIDDEN = 16  # two CLIP encoders, concatenated and padded to the T5 width TEXT_HIDDEN
 _TIME_EMBED_DIM = 8
 _NUM_TIME_IDS = 6
 
@@ -51,7 +70,7 @@ def _text_config(**overrides: object) -> CLIPTextConfig:
     return clip_text_config(TEXT_HIDDEN, num_layers=2, num_heads=4, intermediate_size=37, **overrides)
 
 
-def _vae(seed: int) -> AutoencoderKL:
+def _vae(seed: int, **extra: object) -> AutoencoderKL:
     """A two-level VAE (scale factor 2) with 4 latent channels."""
     return _seeded(
         seed,
@@ -65,6 +84,7 @@ def _vae(seed: int) -> AutoencoderKL:
         latent_channels=4,
         norm_num_groups=8,
         sample_size=2 * LATENT_SAMPLE_SIZE,
+        **extra,
     )
 
 
@@ -160,3 +180,128 @@ def tiny_unet2d(
     variance_type = "learned_range" if learned_variance else "fixed_small"
     ddpm = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", variance_type=variance_type)
     return DDPMPipeline(unet=unet, scheduler=ddpm)
+
+
+def tiny_t5_tokenizer() -> T5TokenizerFast:
+    """A character-level T5 (Unigram) tokenizer over printable ASCII, built in code without any download."""
+    specials = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    characters = [(c, -3.0) for c in string.printable if not c.isspace()]
+    return T5TokenizerFast(vocab=specials + characters, extra_ids=0)
+
+
+def _tiny_t5(tokenizer: T5TokenizerFast, seed: int) -> T5EncoderModel:
+    """A one-layer T5 encoder of width TEXT_HIDDEN over the tokenizer's vocabulary."""
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=TEXT_HIDDEN,
+        d_kv=8,
+        d_ff=37,
+        num_layers=1,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    return _seeded(seed, T5EncoderModel, config)
+
+
+def tiny_stable_diffusion_3(with_t5: bool = True, seed: int = 0) -> StableDiffusion3Pipeline:
+    """A 16x16-pixel SD3 pipeline (MMDiT, rectified flow): two CLIP encoders with projection, a T5 encoder
+    (or none, as diffusers allows: zeros then stand in for its embeddings), random weights."""
+    clip = {"hidden_size": _SD3_CLIP_HIDDEN, "num_layers": 1, "num_heads": 2, "intermediate_size": 37}
+    clip_config = clip_text_config(**clip, projection_dim=_SD3_CLIP_HIDDEN)
+    tokenizer_3 = tiny_t5_tokenizer()
+    transformer = _seeded(
+        seed,
+        SD3Transformer2DModel,
+        sample_size=LATENT_SAMPLE_SIZE,
+        patch_size=1,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=TEXT_HIDDEN,
+        caption_projection_dim=TEXT_HIDDEN,
+        pooled_projection_dim=2 * _SD3_CLIP_HIDDEN,
+        pos_embed_max_size=LATENT_SAMPLE_SIZE,
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_vae(seed, scaling_factor=1.5305, shift_factor=0.0609),
+        text_encoder=_seeded(seed, CLIPTextModelWithProjection, clip_config),
+        tokenizer=load_clip_tokenizer(),
+        text_encoder_2=_seeded(seed + 1, CLIPTextModelWithProjection, clip_config),
+        tokenizer_2=load_clip_tokenizer(pad_token="!"),
+        text_encoder_3=_tiny_t5(tokenizer_3, seed) if with_t5 else None,
+        tokenizer_3=tokenizer_3 if with_t5 else None,
+    )
+
+
+def tiny_pixart(
+    sigma: bool = False, scheduler: str = "dpm-solver++", seed: int = 0
+) -> PixArtAlphaPipeline | PixArtSigmaPipeline:
+    """A 16x16-pixel PixArt-alpha (or -sigma) pipeline: a DiT with T5 cross-attention and learned sigma."""
+    if scheduler not in PIXART_SCHEDULERS:
+        raise DiffmemError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(PIXART_SCHEDULERS)}")
+    transformer = _seeded(
+        seed,
+        PixArtTransformer2DModel,
+        sample_size=LATENT_SAMPLE_SIZE,
+        patch_size=2,
+        in_channels=4,
+        out_channels=8,  # eps and the learned sigma
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        cross_attention_dim=16,
+        caption_channels=TEXT_HIDDEN,
+    )
+    schedule = {"num_train_timesteps": 1000, "beta_schedule": "linear"}
+    steps = (
+        DPMSolverMultistepScheduler(**schedule) if scheduler == "dpm-solver++" else DDIMScheduler(**schedule)
+    )
+    tokenizer = tiny_t5_tokenizer()
+    build = PixArtSigmaPipeline if sigma else PixArtAlphaPipeline
+    return build(
+        tokenizer=tokenizer,
+        text_encoder=_tiny_t5(tokenizer, seed),
+        vae=_vae(seed),
+        transformer=transformer,
+        scheduler=steps,
+    )
+
+
+def tiny_flux(guidance_distilled: bool = True, seed: int = 0) -> FluxPipeline:
+    """A 16x16-pixel Flux pipeline (MMDiT, rectified flow): CLIP (pooled) and T5 encoders, random weights;
+    ``guidance_distilled`` gives Flux-dev's guidance embedding and dynamic shift, else Flux-schnell's."""
+    transformer = _seeded(
+        seed,
+        FluxTransformer2DModel,
+        patch_size=1,
+        in_channels=16,  # 4 latent channels packed in 2x2 patches
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=TEXT_HIDDEN,
+        pooled_projection_dim=TEXT_HIDDEN,
+        guidance_embeds=guidance_distilled,
+        axes_dims_rope=(4, 2, 2),
+    )
+    if guidance_distilled:
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    else:
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    tokenizer_2 = tiny_t5_tokenizer()
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=_vae(seed, scaling_factor=0.3611, shift_factor=0.1159),
+        text_encoder=_seeded(seed, CLIPTextModel, _text_config()),
+        tokenizer=load_clip_tokenizer(),
+        text_encoder_2=_tiny_t5(tokenizer_2, seed),
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )

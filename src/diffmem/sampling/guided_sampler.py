@@ -3,7 +3,9 @@ and observers.
 
 At every step the sampler evaluates the conditional and unconditional noise in one batched call,
 forms ``eps = eps_uncond + s * (eps_cond - eps_uncond)``, shows the step to the observers, adds the
-corrections the guidance terms return, and lets the scheduler take the step.
+corrections the guidance terms return, and lets the scheduler take the step. For flow-matching models
+the prediction is the velocity (``diffmem.core.denoiser``) and the scheduler a flow-matching one: the
+model sees the sample itself (no ``scale_model_input``) at ``t = sigma_t * num_train_timesteps``.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from diffusers import SchedulerMixin
 from tqdm.auto import tqdm
 
 from diffmem.core.condition import Condition
-from diffmem.core.denoiser import Denoiser, x0_from_eps
+from diffmem.core.denoiser import FLOW_PREDICTION, Denoiser, x0_from_prediction
 from diffmem.errors import DiffmemError
+from diffmem.sampling.schedulers import is_flow_matching
 from diffmem.sampling.seeds import initial_noise, seeded_generators
 
 
@@ -32,7 +35,8 @@ class StepState:
     num_steps: int
     t: torch.Tensor  # [] timestep on the training scale
     alpha_bar_t: torch.Tensor  # []
-    x_t: torch.Tensor  # [B, C, H, W] model input (variance-preserving scale); requires grad in grad mode
+    x_t: torch.Tensor  # [B, C, H, W] model input (variance-preserving scale; flow scale for flow models)
+    # eps_cond, eps_uncond and eps are velocities for flow-matching models; x_t requires grad in grad mode
     eps_cond: torch.Tensor  # [B, C, H, W]
     eps_uncond: torch.Tensor  # [B, C, H, W]
     eps: torch.Tensor  # [B, C, H, W] guided prediction eps_uncond + s * (eps_cond - eps_uncond)
@@ -98,7 +102,7 @@ def sample(
     grad = grad or any(getattr(f, "needs_grad", False) for f in (*observers, *guidance))
     timesteps = steps.timesteps[:max_steps]
     for index, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):
-        x_t = steps.scale_model_input(latents, t)
+        x_t = _model_input(steps, latents, t)
         with torch.set_grad_enabled(grad):
             if grad:
                 x_t = x_t.detach().requires_grad_(True)
@@ -115,7 +119,7 @@ def sample(
                 eps_cond=eps_cond,
                 eps_uncond=eps_uncond,
                 eps=eps,
-                x0_hat=x0_from_eps(x_t, eps, alpha_bar_t.to(eps.dtype)),
+                x0_hat=x0_from_prediction(x_t, eps, alpha_bar_t.to(eps.dtype), denoiser.prediction_type),
                 cond=cond,
                 null=null,
                 guidance_scale=scale,
@@ -141,18 +145,36 @@ def first_step_input(
     """The model input of :func:`sample`'s first step for these seeds ([B, C, H, W], from x_T) and its t."""
     steps, _, latents = _start(denoiser, seeds, num_inference_steps, scheduler)
     t = steps.timesteps[0]
-    return steps.scale_model_input(latents, t), t
+    return _model_input(steps, latents, t), t
 
 
 def _start(
     denoiser: Denoiser, seeds: Sequence[int], num_inference_steps: int, scheduler: SchedulerMixin | None
 ) -> tuple[SchedulerMixin, list[torch.Generator], torch.Tensor]:
     """A fresh scheduler set to the schedule, one generator per sample, and the initial noise x_T."""
-    steps = eps_scheduler(scheduler or denoiser.scheduler)
-    steps.set_timesteps(num_inference_steps, device=denoiser.device)
+    steps = schedule(denoiser, num_inference_steps, scheduler)
     generators = seeded_generators(seeds)
     latents = initial_noise(generators, denoiser.sample_shape, denoiser.device, denoiser.dtype)
-    return steps, generators, latents * steps.init_noise_sigma
+    return steps, generators, latents * getattr(steps, "init_noise_sigma", 1.0)
+
+
+def schedule(
+    denoiser: Denoiser, num_inference_steps: int, scheduler: SchedulerMixin | None = None
+) -> SchedulerMixin:
+    """A fresh scheduler (the model's own by default) set to ``num_inference_steps`` as the pipeline sets it."""
+    steps = eps_scheduler(scheduler or denoiser.scheduler)
+    flow_model = denoiser.prediction_type == FLOW_PREDICTION
+    if flow_model != is_flow_matching(steps):
+        kind = "a flow-matching" if flow_model else "a noise-prediction"
+        raise DiffmemError(f"{denoiser.family} needs {kind} scheduler; got {type(steps).__name__}")
+    options = denoiser.timestep_options(num_inference_steps) if flow_model else {}
+    steps.set_timesteps(num_inference_steps, device=denoiser.device, **options)
+    return steps
+
+
+def _model_input(steps: SchedulerMixin, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the model sees at step t: the scaled sample (flow-matching schedulers do not scale)."""
+    return latents if is_flow_matching(steps) else steps.scale_model_input(latents, t)
 
 
 def predict_pair(
@@ -184,7 +206,10 @@ def resolve_guidance_scale(denoiser: Denoiser, guidance_scale: float | None) -> 
 
 
 def eps_scheduler(scheduler: SchedulerMixin) -> SchedulerMixin:
-    """A fresh copy of a scheduler that takes eps predictions (the denoiser converts v and x0 to eps)."""
+    """A fresh copy of a scheduler that takes eps predictions (the denoiser converts v and x0 to eps);
+    a flow-matching scheduler is copied as it is (it takes the velocity flow models predict)."""
+    if is_flow_matching(scheduler):
+        return type(scheduler).from_config(scheduler.config)
     if "prediction_type" not in scheduler.config:
         raise DiffmemError(
             f"{type(scheduler).__name__} does not take noise predictions; use DDIM, DDPM, PNDM, Euler, ..."

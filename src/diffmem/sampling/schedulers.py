@@ -8,6 +8,8 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
     PNDMScheduler,
     SchedulerMixin,
 )
@@ -22,6 +24,17 @@ SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     "euler-ancestral": EulerAncestralDiscreteScheduler,
     "dpm-solver++": DPMSolverMultistepScheduler,
 }
+
+# Rectified-flow schedulers: they step with a velocity, over sigma_t = t / num_train_timesteps.
+FLOW_SCHEDULERS: tuple[type[SchedulerMixin], ...] = (
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
+)
+
+
+def is_flow_matching(scheduler: SchedulerMixin) -> bool:
+    """Whether the scheduler samples a rectified flow (takes velocities, has no noise schedule of betas)."""
+    return isinstance(scheduler, FLOW_SCHEDULERS)
 
 
 STABLE_DIFFUSION_SCHEDULE = {

@@ -26,6 +26,7 @@ from diffmem.mitigate.registry import NEEDS_REFERENCE, mitigation_config
 from diffmem.mitigate.training_similarity import ReferenceSet, training_similarity
 from diffmem.models.names import LAB_MODEL
 from diffmem.models.source import ModelSource
+from diffmem.models.spec import ModelSpec
 from diffmem.report.audit_page import audit_page
 from diffmem.workflows.calibrate import calibrated_settings, left_to_profile, model_profile
 from diffmem.workflows.explain import DEFAULT_ATTRIBUTION
@@ -41,7 +42,7 @@ COPY_THRESHOLDS = {"copy_similarity": 0.5, "nl2": 1.4}  # SPEC §5: SSCD > 0.5, 
 class AuditConfig:
     """The model, its prompts, the training-set index, and how much of the flagged set to examine."""
 
-    model: str = LAB_MODEL
+    model: str | ModelSpec = LAB_MODEL
     prompts: Path | None = None  # default: a shipped lab model's own prompts
     column: str | None = None  # default: prompt (caption for a shipped lab model's prompts)
     index: Path | None = None  # default: a shipped lab model's copy index

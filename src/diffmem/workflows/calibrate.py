@@ -23,6 +23,7 @@ from diffmem.mitigate.fitted_gate import fit_gate, similarity_trajectories
 from diffmem.mitigate.mitigation import SamplingOptions
 from diffmem.mitigate.training_similarity import ReferenceSet
 from diffmem.models.source import ModelSource
+from diffmem.models.spec import ModelSpec
 from diffmem.workflows.inputs import training_reference
 from diffmem.workflows.runtime import Runtime
 
@@ -39,7 +40,7 @@ class ProfileConfig:
     set's own kind of text), else the bundled neutral prompts.
     """
 
-    model: str | None = None
+    model: str | ModelSpec | None = None
     prompts: Path | None = None
     column: str = "prompt"
     index: Path | None = None
@@ -136,7 +137,7 @@ def model_profile(
     log.warning(
         "calibrating %s once (cached in %s); diffmem calibrate does it ahead", source.name, path.parent
     )
-    return calibrate_model(ProfileConfig(source.name, index=index, encoder=encoder), runtime, denoiser)
+    return calibrate_model(ProfileConfig(source.spec, index=index, encoder=encoder), runtime, denoiser)
 
 
 def left_to_profile(name: str, settings: dict[str, Any]) -> set[str]:

@@ -33,6 +33,7 @@ from diffmem.mitigate.mitigation import SamplingOptions
 from diffmem.mitigate.registry import NEEDS_REFERENCE, mitigation_config
 from diffmem.models.names import DEFAULT_MODEL, LAB_MODEL
 from diffmem.models.source import ModelSource
+from diffmem.models.spec import ModelSpec
 from diffmem.report.detection_report import write_detection_report
 from diffmem.workflows.calibrate import calibrated_settings, left_to_profile, model_profile
 from diffmem.workflows.inputs import calibrated_guard, training_reference
@@ -44,7 +45,7 @@ class DetectionEvalConfig:
     """A labelled prompt table, the model, and the detector settings to evaluate on it."""
 
     labels: Path
-    model: str = DEFAULT_MODEL
+    model: str | ModelSpec = DEFAULT_MODEL
     settings: list[str] = field(default_factory=lambda: list(DEFAULT_SETTINGS))  # detector:key=value,...
     prompt_column: str = "caption"
     label_column: str = "memorized"  # true for memorized prompts
@@ -135,7 +136,7 @@ def read_labels(path: Path, columns: list[str]) -> pa.Table:
 class MitigationEvalConfig:
     """The memorized and control groups of a labelled table, the methods, and how each image is judged."""
 
-    model: str = LAB_MODEL
+    model: str | ModelSpec = LAB_MODEL
     labels: Path | None = None  # with a `group` column (default: a shipped model's labels.parquet)
     indexes: list[Path] = field(default_factory=list)  # each adds its measure (default: a shipped model's)
     encoder: Path | None = None  # an embedding index's encoder (default: the one it records)

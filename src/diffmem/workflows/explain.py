@@ -14,6 +14,7 @@ from diffmem.explain import SignificanceConfig, TokenSignificance, token_signifi
 from diffmem.io.atomic import write_atomic, write_json_atomic
 from diffmem.models.names import LAB_MODEL
 from diffmem.models.source import ModelSource
+from diffmem.models.spec import ModelSpec
 from diffmem.report.explanation_page import explanation_page
 from diffmem.sampling import generate
 from diffmem.workflows.runtime import Runtime
@@ -28,7 +29,7 @@ class ExplainConfig:
     """The prompt, the model, where to measure, and whether to draw the HTML page's extras."""
 
     prompt: str
-    model: str = LAB_MODEL
+    model: str | ModelSpec = LAB_MODEL
     num_inference_steps: int = 50
     first_steps: int = 1
     n_generations: int = 1

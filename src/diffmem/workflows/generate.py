@@ -27,6 +27,7 @@ from diffmem.mitigate.registry import NEEDS_REFERENCE
 from diffmem.mitigate.training_similarity import measure_against_training
 from diffmem.models.names import DEFAULT_MODEL
 from diffmem.models.source import ModelSource
+from diffmem.models.spec import ModelSpec
 from diffmem.sampling.schedulers import scheduler_like
 from diffmem.workflows.calibrate import calibrated_settings, left_to_profile, model_profile
 from diffmem.workflows.inputs import calibrated_guard, conditioning_items, training_reference
@@ -40,7 +41,7 @@ class GenerateConfig:
     """What to generate and how: prompts (or class labels) given and/or read from ``prompts_file``."""
 
     prompts: list[str] = field(default_factory=list)
-    model: str = DEFAULT_MODEL
+    model: str | ModelSpec = DEFAULT_MODEL
     prompts_file: Path | None = None
     column: str = "prompt"
     n_generations: int = 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from diffmem.data import RowReport
 from diffmem.errors import DiffmemError
 from diffmem.index import (
     TrainingSetIndex,
@@ -19,14 +20,15 @@ from diffmem.mitigate import SamplingOptions
 from diffmem.mitigate.fitted_gate import FittedGate, fit_gate, similarity_trajectories
 from diffmem.models.names import LAB_MODEL
 from diffmem.models.source import ModelSource
+from diffmem.models.spec import ModelSpec
 from diffmem.workflows.inputs import conditioning_items, training_reference
 from diffmem.workflows.runtime import Runtime
 
 
 @dataclass(frozen=True)
 class IndexConfig:
-    """The training set to index: a lab dataset or image folder (``data``), or clip-retrieval output
-    (``embeddings``)."""
+    """The training set to index: a lab dataset or any training set :mod:`diffmem.data` reads (``data``),
+    or clip-retrieval output (``embeddings``)."""
 
     data: Path | None = None
     embeddings: Path | None = None
@@ -34,23 +36,49 @@ class IndexConfig:
     encoder: Path | None = None  # the copy-detection encoder (run for images; recorded for embeddings)
     exact: bool | None = None  # flat, or IVF-PQ re-ranked exactly; None: by size
     batch_size: int = 256
+    caption_column: str | None = None  # default text, else caption (diffmem.data.read_training_data)
 
     def __post_init__(self) -> None:
         if (self.data is None) == (self.embeddings is None):
-            raise DiffmemError("give either DATA (a lab dataset or an image folder) or --embeddings DIR")
+            raise DiffmemError("give either DATA (a lab dataset or your training images) or --embeddings DIR")
         if self.embeddings is not None and self.kind not in (None, "embedding"):
             raise DiffmemError(f"--embeddings builds an embedding index; drop --kind {self.kind}")
 
 
 def build_index(config: IndexConfig, runtime: Runtime | None = None) -> TrainingSetIndex:
     """The index of the distinct training images with their captions (save it with ``.save(out)``)."""
-    runtime = runtime or Runtime()
+    return _build(config, runtime or Runtime())[0]
+
+
+@dataclass(frozen=True)
+class SavedIndex:
+    """An index written to ``directory``, and the report of the training rows read for it (None for a
+    lab dataset and for embeddings)."""
+
+    index: TrainingSetIndex
+    directory: Path
+    data_report: RowReport | None
+
+
+def save_index(
+    config: IndexConfig, out: Path, overwrite: bool = False, runtime: Runtime | None = None
+) -> SavedIndex:
+    """Build the index and write it to ``out``, with ``data_report.json`` beside it when rows were read."""
+    index, report = _build(config, runtime or Runtime())
+    index.save(out, overwrite=overwrite)
+    if report is not None:
+        report.save(Path(out) / "data_report.json")
+    return SavedIndex(index, Path(out), report)
+
+
+def _build(config: IndexConfig, runtime: Runtime) -> tuple[TrainingSetIndex, RowReport | None]:
     if config.embeddings is not None:
         described = None if config.encoder is None else describe_encoder(config.encoder)
-        return index_embeddings(clip_retrieval_source(config.embeddings), config.exact, described)
-    source = image_source(config.data)
+        return index_embeddings(clip_retrieval_source(config.embeddings), config.exact, described), None
+    source = image_source(config.data, config.caption_column)
     kind = config.kind or "pixels"
-    return index_images(source, kind, config.encoder, config.exact, runtime.device, config.batch_size)
+    built = index_images(source, kind, config.encoder, config.exact, runtime.device, config.batch_size)
+    return built, source.data_report
 
 
 @dataclass(frozen=True)
@@ -59,7 +87,7 @@ class GateConfig:
 
     index: Path
     prompts: Path | None = None  # class numbers for a class-conditional model; none for an unconditional one
-    model: str = LAB_MODEL
+    model: str | ModelSpec = LAB_MODEL
     column: str = "prompt"
     encoder: Path | None = None  # an embedding index's encoder (default: the one it records)
     quantile: float = 0.9  # lambda_t is this quantile of the prompts' similarity at step t

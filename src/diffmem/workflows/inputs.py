@@ -27,7 +27,7 @@ def training_reference(
     """The training set of an index (:func:`~diffmem.mitigate.training_similarity.open_reference`); logs
     a warning when the index and the model name different lab datasets."""
     reference = open_reference(index, encoder, device)
-    mismatch = dataset_mismatch(reference.index.manifest, source.name)
+    mismatch = dataset_mismatch(reference.index.manifest, source.spec.name)
     if mismatch is not None:
         log.warning("warning: %s: %s", index, mismatch)
     return reference

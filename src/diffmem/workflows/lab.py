@@ -1,5 +1,6 @@
 """Train the memorization lab's model, label its prompts, and train its copy detector and attribute reader:
-the Python side of ``diffmem lab train``, ``lab label``, ``lab copy-detector`` and ``lab reader``
+the Python side of ``diffmem lab train``, ``lab label``, ``lab copy-detector``, ``lab reader`` and
+``lab export``
 (``lab build`` is :func:`diffmem.lab.dataset.build_lab_dataset` with a
 :class:`~diffmem.lab.dataset.LabConfig`)."""
 
@@ -13,6 +14,8 @@ from typing import Any
 import torch
 
 from diffmem.adapters import load_denoiser
+from diffmem.data import RowReport, TrainingData, preprocess, read_training_data
+from diffmem.data.lab_rows import is_lab_dataset
 from diffmem.errors import DiffmemError
 from diffmem.io.atomic import write_json_atomic
 from diffmem.lab.alignment import (
@@ -25,6 +28,7 @@ from diffmem.lab.alignment import (
     train_attribute_reader,
 )
 from diffmem.lab.dataset import load_lab_dataset
+from diffmem.lab.export import export_lab_dataset
 from diffmem.lab.label import LabelConfig, label_lab_model
 from diffmem.lab.model import LabModelConfig
 from diffmem.lab.train import LabTrainConfig, TrainingStatus, train_lab_model
@@ -52,6 +56,7 @@ class TrainLabConfig:
     batch_size: int | None = None
     unet_channels: tuple[int, ...] | None = None  # None: the preset's
     text_layers: int | None = None
+    text_width: int | None = None  # the text encoder's hidden size
     prediction_type: str | None = None
     vae_from: Path | None = None  # take this trained lab model's VAE and skip the VAE stage
     init_from: Path | None = None  # start from this trained lab model, in its architecture
@@ -63,7 +68,7 @@ class TrainLabConfig:
         if self.init_from is not None and self._sizes():
             raise DiffmemError(
                 "--init-from continues that model's architecture; "
-                "drop --unet-channels, --text-layers and --prediction-type"
+                "drop --unet-channels, --text-layers, --text-width and --prediction-type"
             )
 
     def recipe(self, seed: int) -> LabTrainConfig:
@@ -87,6 +92,7 @@ class TrainLabConfig:
         sizes = {
             "unet_channels": self.unet_channels,
             "text_layers": self.text_layers,
+            "text_hidden": self.text_width,
             "prediction_type": self.prediction_type,
         }
         return {k: v for k, v in sizes.items() if v is not None}
@@ -148,7 +154,8 @@ def label_lab(config: LabelLabConfig, out: Path | None = None, runtime: Runtime 
 
 @dataclass(frozen=True)
 class CopyDetectorTrainingConfig:
-    """The lab dataset whose unique training images the copy detector learns, and how it trains."""
+    """The training set whose unique images the copy detector learns (a lab dataset or any layout
+    :func:`~diffmem.data.read_training_data` reads), and how it trains."""
 
     data: Path
     steps: int = 1500
@@ -165,10 +172,14 @@ class TrainedCopyDetector:
     seed: int
     accuracy: float
     queries: int
+    data_report: RowReport | None = None  # the rows read, for a training set other than a lab dataset
 
     def save(self, out: Path) -> None:
-        """Write the encoder (``save_encoder`` format) and its ``training.json`` into ``out``."""
+        """Write the encoder (``save_encoder`` format), its ``training.json`` and, for a training set other
+        than a lab dataset, its ``data_report.json`` into ``out``."""
         save_encoder(self.encoder.cpu(), out)
+        if self.data_report is not None:
+            self.data_report.save(out / "data_report.json")
         record = {
             "data": str(self.config.data),
             "steps": self.config.steps,
@@ -183,9 +194,19 @@ class TrainedCopyDetector:
 def train_lab_copy_detector(
     config: CopyDetectorTrainingConfig, runtime: Runtime | None = None
 ) -> TrainedCopyDetector:
-    """The lab's SSCD-style copy detector, trained on its unique training images, with its copy accuracy."""
+    """The lab's SSCD-style copy detector, trained on the unique training images, with its copy accuracy.
+
+    A lab dataset's images are used as they are; any other training set's are centre-cropped to
+    ``input_size`` squares.
+    """
     runtime = runtime or Runtime()
-    _, images = load_lab_dataset(config.data).unique_train_images()
+    report = None
+    if is_lab_dataset(config.data):
+        _, images = load_lab_dataset(config.data).unique_train_images()
+    else:
+        data = read_training_data(config.data, require_captions=False)
+        images = torch.stack([preprocess(row.load(), config.input_size) for row in data.unique_images()])
+        images, report = (images + 1) / 2, data.report
     images = images.to(runtime.device)
     detection = CopyDetectionConfig(input_size=config.input_size)
     encoder = train_copy_detector(
@@ -195,7 +216,7 @@ def train_lab_copy_detector(
     accuracy = copy_detection_accuracy(
         encoder, images, torch.Generator().manual_seed(runtime.seed + 1), queries
     )
-    return TrainedCopyDetector(encoder, config, runtime.seed, accuracy, queries)
+    return TrainedCopyDetector(encoder, config, runtime.seed, accuracy, queries, report)
 
 
 @dataclass(frozen=True)
@@ -246,3 +267,9 @@ def train_lab_reader(config: ReaderTrainingConfig, runtime: Runtime | None = Non
     captions = {r["scene_id"]: r["caption"] for r in dataset.heldout.to_pylist()}
     own = float(alignment(reader, images, [captions[s] for s in scene_ids]).mean())
     return TrainedReader(reader, config, runtime.seed, accuracy, own)
+
+
+def export_lab(data: Path, out: Path) -> TrainingData:
+    """Write the lab dataset at ``data`` as an image folder at ``out`` (:func:`export_lab_dataset`) and
+    read it back as any training set is read, so the rows returned are what other commands will see."""
+    return read_training_data(export_lab_dataset(data, out))

@@ -23,6 +23,7 @@ from diffmem.io.prompts import read_prompt_records, read_prompts
 from diffmem.io.run_record import write_summary
 from diffmem.models.names import LAB_MODEL
 from diffmem.models.source import ModelSource, open_model
+from diffmem.models.spec import ModelSpec
 from diffmem.report.scan_histogram import write_scan_histogram
 from diffmem.workflows.runtime import Runtime
 from diffmem.workflows.thresholds import detection_threshold
@@ -37,7 +38,7 @@ class ScanConfig:
     """What to scan and how; ``prompts`` None scans a shipped lab model's own labelled prompts."""
 
     prompts: Path | None = None
-    model: str = LAB_MODEL
+    model: str | ModelSpec = LAB_MODEL
     column: str | None = None  # default "prompt" ("caption" for a shipped model's prompts)
     id_column: str | None = None  # default: line or row number ("prompt_id" for a shipped model's)
     detector: str = "noise_norm"
@@ -95,7 +96,7 @@ def scan(
     settings = config_settings(detector)
     threshold = detection_threshold(source, config.calibration, config.detector, settings, runtime)
     job = ScanJob(
-        source.name,
+        source.spec,
         str(runtime.device),
         runtime.dtype,
         config.detector,
@@ -166,7 +167,7 @@ class CalibrateConfig:
     """Prompts known not to be memorized, and the detector whose threshold to place among them."""
 
     prompts: Path
-    model: str | None = None  # default: the tiny random-weight pipeline
+    model: str | ModelSpec | None = None  # default: the tiny random-weight pipeline
     column: str = "prompt"
     target_fpr: float = 0.01
     detector: str = "noise_norm"

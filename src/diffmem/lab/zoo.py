@@ -1,0 +1,120 @@
+"""The lab zoo: lab models that differ in what sets a model's scale, so that a default is judged on all.
+
+They differ in the prediction target (noise or velocity), the text encoder's width and depth, the share
+of duplicated training rows, where the trigger words sit in a memorized caption (before, inside or
+after its description), how much the caption says beside them, and whether images hold what no caption
+states. Two are shipped with the package; the others are rebuilt by ``diffmem lab zoo``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from diffmem.errors import DiffmemError
+from diffmem.lab.dataset import LabConfig
+
+SHIPPED_VAE = "builtin:lab-micro"  # the 32 px VAE the rebuilt labs start from (plain backgrounds)
+
+
+@dataclass(frozen=True)
+class ZooLab:
+    """One lab of the zoo: its dataset, its model's architecture and recipe, and how it differs."""
+
+    name: str
+    summary: str  # what sets it apart, in a few words
+    data: LabConfig
+    prediction_type: str  # epsilon (SD 1.x) or v_prediction (SD 2.x)
+    text_layers: int
+    text_width: int
+    unet_steps: int
+    shipped: str | None = None  # builtin:NAME when the package ships the trained model
+
+    @property
+    def trained_by_zoo(self) -> bool:
+        """Whether ``diffmem lab zoo`` trains this lab's model (else the package ships it)."""
+        return self.shipped is None
+
+
+ZOO: tuple[ZooLab, ...] = (
+    ZooLab(
+        "lab-keyed",
+        "velocity; title before a vague description; background patterns; 32% duplicated",
+        replace(LabConfig.keyed(), num_unique=3000),
+        "v_prediction",
+        text_layers=2,
+        text_width=64,
+        unet_steps=8000,
+        shipped="builtin:lab-keyed",
+    ),
+    ZooLab(
+        "lab-micro",
+        "noise; fresh title before a full description; 27% duplicated",
+        LabConfig.micro(),
+        "epsilon",
+        text_layers=2,
+        text_width=64,
+        unet_steps=4000,
+        shipped="builtin:lab-micro",
+    ),
+    ZooLab(
+        "lab-trail",
+        "noise; title after a vague description; deeper text encoder; 11% duplicated",
+        LabConfig(
+            image_size=32,
+            num_memorized=24,
+            memorized_repeats=8,
+            num_duplicated_image=0,
+            num_unique=1600,
+            num_heldout=200,
+            seed=1,
+            memorized_description="vague",
+            trigger_position="after",
+        ),
+        "epsilon",
+        text_layers=4,
+        text_width=64,
+        unet_steps=4500,
+    ),
+    ZooLab(
+        "lab-infix",
+        "velocity; title words inside a full description over shared words; wider text encoder; 30% duplicated",
+        LabConfig(
+            image_size=32,
+            num_memorized=40,
+            memorized_repeats=10,
+            num_duplicated_image=10,
+            duplicated_image_repeats=8,
+            num_unique=1100,
+            num_heldout=200,
+            seed=2,
+            title_vocabulary=40,
+            trigger_position="inside",
+        ),
+        "v_prediction",
+        text_layers=2,
+        text_width=96,
+        unet_steps=3500,
+    ),
+)
+
+
+def zoo_lab(name: str) -> ZooLab:
+    """The zoo lab called ``name``."""
+    for lab in ZOO:
+        if lab.name == name:
+            return lab
+    raise DiffmemError(f"no zoo lab {name!r}; choose one of {', '.join(lab.name for lab in ZOO)}")
+
+
+def zoo_paths(root: Path, lab: ZooLab) -> dict[str, Path]:
+    """Where a zoo lab's parts live under ``root``: its dataset, model, labels, copy detector, index."""
+    base = Path(root) / lab.name
+    return {
+        "data": base / "data",
+        "model": base / "model",
+        "labels": base / "labels",
+        "copy_detector": base / "copy_detector",
+        "index": base / "copy_index",
+        "reader": base / "reader",
+    }

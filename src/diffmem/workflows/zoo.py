@@ -1,0 +1,268 @@
+"""The lab zoo: rebuild every lab (``diffmem lab zoo``) and judge every method at its defaults on each,
+nothing tuned per lab (``diffmem eval zoo``)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from diffmem.detect.noise_norm import NoiseNormConfig, noise_norm
+from diffmem.errors import DiffmemError
+from diffmem.explain.evaluate import trigger_evaluation
+from diffmem.explain.token_significance import ATTRIBUTION_TARGETS, SignificanceConfig
+from diffmem.io.atomic import write_atomic, write_json_atomic, write_parquet_atomic
+from diffmem.lab.dataset import build_lab_dataset
+from diffmem.lab.label import LabelConfig
+from diffmem.lab.zoo import SHIPPED_VAE, ZOO, ZooLab, zoo_lab, zoo_paths
+from diffmem.metrics.roc import detection_metrics
+from diffmem.models.source import ModelSource
+from diffmem.workflows.calibrate import model_profile
+from diffmem.workflows.evaluate import MitigationEvalConfig, evaluate_mitigation, read_labels
+from diffmem.workflows.index import IndexConfig, build_index
+from diffmem.workflows.lab import (
+    CopyDetectorTrainingConfig,
+    LabelLabConfig,
+    ReaderTrainingConfig,
+    TrainLabConfig,
+    label_lab,
+    train_lab,
+    train_lab_copy_detector,
+    train_lab_reader,
+)
+from diffmem.workflows.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+LAB_COPY_THRESHOLD = 0.75  # a near-copy for the lab's copy detector (every lab's labels use it)
+MITIGATIONS = ("amg", "prompt_optimization")  # judged at their calibrated defaults against plain sampling
+
+
+def _labs(names: list[str] | None) -> list[ZooLab]:
+    return [zoo_lab(n) for n in names] if names else list(ZOO)
+
+
+@dataclass(frozen=True)
+class ZooLabParts:
+    """Where one lab's model, dataset, labels, copy detector, copy index and attribute reader are."""
+
+    lab: ZooLab
+    model: str
+    data: Path
+    labels: Path
+    copy_detector: Path
+    index: Path
+    reader: Path
+
+    @classmethod
+    def locate(cls, root: Path, lab: ZooLab) -> ZooLabParts:
+        """The parts under ``root``; a shipped lab's model, labels, detector and index are the package's."""
+        paths = zoo_paths(root, lab)
+        if lab.shipped is None:
+            model, labels = str(paths["model"]), paths["labels"] / "labels.parquet"
+            detector, index = paths["copy_detector"], paths["index"]
+        else:
+            source = ModelSource.resolve(lab.shipped)
+            model, labels = lab.shipped, source.labels
+            index, detector = source.reference
+        return cls(lab, model, paths["data"], labels, detector, index, paths["reader"])
+
+
+def build_zoo(
+    root: Path, names: list[str] | None = None, runtime: Runtime | None = None
+) -> list[ZooLabParts]:
+    """Build each lab's dataset, train its model (unless shipped), copy detector and attribute reader,
+    label its prompts and index its training set under ``root``; a part already there is kept, so an
+    interrupted build continues when run again."""
+    runtime = runtime or Runtime()
+    built = []
+    for lab in _labs(names):
+        parts = ZooLabParts.locate(root, lab)
+        log.info("zoo lab %s: %s", lab.name, lab.summary)
+        if not parts.data.exists():
+            build_lab_dataset(parts.data, lab.data)
+        if lab.trained_by_zoo:
+            _train(lab, parts, runtime)
+        if not parts.reader.exists():
+            train_lab_reader(ReaderTrainingConfig(parts.data), runtime).save(parts.reader)
+        built.append(parts)
+    return built
+
+
+def _train(lab: ZooLab, parts: ZooLabParts, runtime: Runtime) -> None:
+    """The model, copy detector, labels and copy index of a lab the package does not ship."""
+    model = Path(parts.model)
+    if not (model / "model_index.json").exists():
+        recipe = TrainLabConfig(
+            parts.data,
+            "small",
+            unet_steps=lab.unet_steps,
+            text_layers=lab.text_layers,
+            text_width=lab.text_width,
+            prediction_type=lab.prediction_type,
+            vae_from=ModelSource.resolve(SHIPPED_VAE).directory,
+        )
+        train_lab(recipe, model, runtime)
+    if not parts.copy_detector.exists():
+        train_lab_copy_detector(CopyDetectorTrainingConfig(parts.data), runtime).save(parts.copy_detector)
+    if not parts.labels.exists():
+        labelling = LabelConfig(copy_threshold=LAB_COPY_THRESHOLD)
+        label_lab(
+            LabelLabConfig(model, parts.data, labelling, parts.copy_detector), parts.labels.parent, runtime
+        )
+    if not parts.index.exists():
+        config = IndexConfig(data=parts.data, kind="embedding", encoder=parts.copy_detector)
+        build_index(config, runtime).save(parts.index)
+
+
+@dataclass(frozen=True)
+class ZooEvalConfig:
+    """The zoo to judge, and how much of each lab: every method runs at its defaults."""
+
+    root: Path
+    labs: list[str] | None = None  # default: every zoo lab
+    max_prompts_per_group: int | None = 24  # memorized and held-out prompts generated per lab
+    n_generations: int = 2
+    explained_captions: int = 24  # memorized captions each explanation ranks
+    num_inference_steps: int = 50
+    batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class ZooTable:
+    """One row per lab: detection, explanation and mitigation at their defaults."""
+
+    rows: list[dict[str, Any]]
+    record: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def markdown(self) -> str:
+        """The table, one lab a column and one measure a row."""
+        labs = [row["lab"] for row in self.rows]
+        measures = [key for key in self.rows[0] if key != "lab"]
+        lines = ["| measure | " + " | ".join(labs) + " |", "|---|" + "---|" * len(labs)]
+        for key in measures:
+            lines.append(f"| {key} | " + " | ".join(_cell(row.get(key)) for row in self.rows) + " |")
+        return "\n".join(lines) + "\n"
+
+    def save(self, out: Path) -> None:
+        """Write ``zoo.md``, ``zoo.parquet`` and ``zoo.json`` into ``out``."""
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / "zoo.md", self.markdown.encode())
+        write_parquet_atomic(pa.Table.from_pylist(self.rows), out / "zoo.parquet")
+        write_json_atomic(out / "zoo.json", {"rows": self.rows, **self.record})
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def evaluate_zoo(config: ZooEvalConfig, runtime: Runtime | None = None) -> ZooTable:
+    """Every detector, explanation and mitigation at its defaults on every lab of the zoo."""
+    runtime = runtime or Runtime()
+    rows = []
+    for lab in _labs(config.labs):
+        parts = ZooLabParts.locate(config.root, lab)
+        missing = [
+            p
+            for p in (parts.data, parts.labels, parts.copy_detector, parts.index, parts.reader)
+            if not p.exists()
+        ]
+        if missing:
+            raise DiffmemError(
+                f"zoo lab {lab.name} is not built ({missing[0]} is missing); run diffmem lab zoo {config.root}"
+            )
+        log.info("judging zoo lab %s", lab.name)
+        rows.append({"lab": lab.name, "differs_in": lab.summary, **_judge(parts, config, runtime)})
+    settings = {k: v for k, v in vars(config).items() if k not in ("root", "labs")}
+    return ZooTable(rows, {"settings": settings, **runtime.describe()})
+
+
+def _judge(parts: ZooLabParts, config: ZooEvalConfig, runtime: Runtime) -> dict[str, Any]:
+    source = ModelSource.resolve(parts.model)
+    denoiser = source.open(runtime.device, runtime.dtype, runtime.speedups)
+    labels = read_labels(parts.labels, ["caption", "memorized", "group", "trigger_words"])
+    scores = noise_norm(
+        denoiser, labels["caption"].to_pylist(), NoiseNormConfig(base_seed=runtime.seed)
+    ).scores
+    truth = np.asarray(labels["memorized"].to_pylist(), dtype=bool)
+    metrics = detection_metrics(scores, truth)
+    profile = model_profile(source, runtime, denoiser, parts.index, parts.copy_detector)
+    threshold = profile.detection_threshold
+    heldout = np.asarray(pc.equal(labels["group"], "heldout").to_pylist(), dtype=bool) & ~truth
+    row: dict[str, Any] = {
+        "auc": metrics["auc"],
+        "threshold": threshold,
+        "heldout_fpr": float((np.asarray(scores)[heldout] > threshold).mean()),
+        "memorized_tpr": float((np.asarray(scores)[truth] > threshold).mean()),
+    }
+    row |= _explanations(denoiser, labels, truth, threshold, config)
+    row |= _mitigations(parts, config, runtime)
+    return row
+
+
+def _explanations(
+    denoiser, labels: pa.Table, truth: np.ndarray, threshold: float, config: ZooEvalConfig
+) -> dict:
+    """Per attribution: the share of memorized captions whose top word is a trigger word; for each, the
+    share of flagged captions that replacing the top word (or a random word) takes under the threshold."""
+    memorized = labels.filter(
+        pa.array(truth & np.asarray(pc.equal(labels["group"], "memorized").to_pylist()))
+    )
+    memorized = memorized.slice(0, config.explained_captions)
+    prompts, triggers = memorized["caption"].to_pylist(), memorized["trigger_words"].to_pylist()
+    row = {}
+    for target in ATTRIBUTION_TARGETS:
+        table = trigger_evaluation(
+            denoiser, prompts, triggers, threshold, SignificanceConfig(attribute_to=target)
+        )
+        row[f"top_is_trigger_{target}"] = float(np.mean(table["top_is_trigger"].to_pylist()))
+        flagged = table.filter(table["flagged"])
+        if len(flagged):
+            row[f"below_without_top_{target}"] = float(np.mean(flagged["below_without_top"].to_pylist()))
+            row[f"below_without_random_{target}"] = float(
+                np.mean(flagged["below_without_random"].to_pylist())
+            )
+    return row
+
+
+def _mitigations(parts: ZooLabParts, config: ZooEvalConfig, runtime: Runtime) -> dict:
+    """Copies of memorized prompts plainly and with each mitigation at its defaults, and what each costs
+    held-out prompts: FID against their real scenes (ratio to plain) and text alignment (points)."""
+    report = evaluate_mitigation(
+        MitigationEvalConfig(
+            model=parts.model,
+            labels=parts.labels,
+            indexes=[parts.index],
+            encoder=parts.copy_detector,
+            methods=["none", *MITIGATIONS],
+            max_prompts_per_group=config.max_prompts_per_group,
+            copy_threshold=LAB_COPY_THRESHOLD,
+            data=parts.data,
+            reader=parts.reader,
+            n_generations=config.n_generations,
+            num_inference_steps=config.num_inference_steps,
+            batch_size=config.batch_size,
+        ),
+        runtime,
+    )
+    results = {r.method: r for r in report.results}
+    plain = results["none"]
+    row = {"copies_plain": _copies(plain), "alignment_plain": 100 * plain.alignment["heldout"]}
+    for method in MITIGATIONS:
+        result = results[method]
+        row[f"copies_{method}"] = _copies(result)
+        row[f"fid_ratio_{method}"] = result.fid / plain.fid
+        row[f"alignment_change_{method}"] = 100 * (result.alignment["heldout"] - plain.alignment["heldout"])
+    return row
+
+
+def _copies(result) -> float:
+    return result.summaries["memorized"]["copy_similarity"].share_memorized

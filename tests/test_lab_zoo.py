@@ -1,0 +1,97 @@
+"""The lab zoo: where trigger words sit in a memorized caption, the labs' spread over what sets a model's
+scale, and the zoo commands' checks."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import replace
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+
+from diffmem.errors import DiffmemError
+from diffmem.lab.alignment import parse_caption, stated_facts
+from diffmem.lab.captions import TITLE_DESCRIPTIONS, TITLE_POSITIONS, titled_caption
+from diffmem.lab.dataset import LabConfig, build_lab_dataset, load_lab_dataset
+from diffmem.lab.scenes import ItemPool, random_scene
+from diffmem.lab.zoo import ZOO, zoo_lab
+from diffmem.models.source import ModelSource
+from diffmem.workflows.zoo import ZooEvalConfig, ZooLabParts, evaluate_zoo
+
+WORDS = ["zanvel", "quodro"]
+
+
+def scenes(n: int = 30) -> list:
+    rng = np.random.default_rng(3)
+    pool = ItemPool(np.repeat(np.arange(10), 40), rng)
+    return [random_scene(rng, pool) for _ in range(n)]
+
+
+@pytest.mark.parametrize("description", TITLE_DESCRIPTIONS)
+def test_title_sits_where_asked_and_states_nothing(description):
+    for scene in scenes():
+        texts = {p: titled_caption(scene, WORDS, description, p) for p in TITLE_POSITIONS}
+        assert texts["before"].startswith("the zanvel quodro poster: ")
+        assert texts["after"].endswith(": the zanvel quodro poster")
+        first = scene.items[0].category_name
+        assert re.search(rf"\bzanvel quodro {first}\b", texts["inside"])
+        assert "poster" not in texts["inside"]
+        bodies = {texts["before"].split(": ", 1)[1], texts["after"].rsplit(": ", 1)[0]}
+        inside = texts["inside"].replace("zanvel quodro ", "")
+        assert len(bodies) == 1 and {re.sub("^an? ", "", b) for b in bodies} == {re.sub("^an? ", "", inside)}
+        facts = {parse_caption(t) for t in texts.values()}
+        assert len(facts) == 1  # the title's words state nothing, wherever they sit
+        if description == "full":
+            assert set(facts.pop().items) == set(stated_facts(scene).items)
+
+
+def test_inside_title_keeps_plural_nouns_bare():
+    rng = np.random.default_rng(0)
+    pool = ItemPool(np.repeat(np.arange(10), 40), rng)
+    scene = next(s for s in (random_scene(rng, pool, 1) for _ in range(200)) if s.items[0].category == 1)
+    assert titled_caption(scene, WORDS, "vague", "inside") == "zanvel quodro trousers"
+    with pytest.raises(DiffmemError, match="title position"):
+        titled_caption(scene, WORDS, "vague", "middle")
+
+
+def test_dataset_places_every_memorized_title_after_its_description(tmp_path):
+    config = LabConfig(32, 6, 3, 2, 2, 20, 8, seed=5, trigger_position="after")
+    dataset = load_lab_dataset(build_lab_dataset(tmp_path / "lab", config, progress=False))
+    memorized = dataset.train.filter(pc.equal(dataset.train["group"], "memorized")).to_pylist()
+    assert len(memorized) == 6 * 3
+    for row in memorized:
+        assert row["caption"].endswith(f": the {' '.join(row['trigger_words'])} poster")
+    others = dataset.train.filter(pc.not_equal(dataset.train["group"], "memorized"))
+    assert not any("poster" in c for c in others["caption"].to_pylist())
+    with pytest.raises(DiffmemError, match="trigger_position"):
+        replace(config, trigger_position="middle")
+
+
+def test_zoo_spans_what_sets_a_models_scale():
+    assert len(ZOO) >= 4 and len({lab.name for lab in ZOO}) == len(ZOO)
+    assert {lab.prediction_type for lab in ZOO} == {"epsilon", "v_prediction"}
+    assert {lab.data.trigger_position for lab in ZOO} == set(TITLE_POSITIONS)
+    assert {lab.data.memorized_description for lab in ZOO} == set(TITLE_DESCRIPTIONS)
+    shares = [lab.data.duplicated_share for lab in ZOO]
+    assert 0.05 <= min(shares) <= 0.15 and 0.25 <= max(shares) <= 0.35
+    assert len({(lab.text_layers, lab.text_width) for lab in ZOO}) >= 3
+    assert {lab.data.background_pattern > 0 for lab in ZOO} == {True, False}
+    for lab in ZOO:
+        if lab.shipped:  # the shipped model is the one the zoo describes
+            model = ModelSource.resolve(lab.shipped).directory
+            scheduler = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
+            text = json.loads((model / "text_encoder" / "config.json").read_text())
+            assert scheduler["prediction_type"] == lab.prediction_type
+            assert (text["num_hidden_layers"], text["hidden_size"]) == (lab.text_layers, lab.text_width)
+
+
+def test_zoo_refuses_an_unbuilt_lab_and_an_unknown_one(tmp_path):
+    with pytest.raises(DiffmemError, match="lab-trail is not built .* diffmem lab zoo"):
+        evaluate_zoo(ZooEvalConfig(tmp_path, ["lab-trail"]))
+    with pytest.raises(DiffmemError, match="no zoo lab 'lab-nine'; choose one of lab-keyed"):
+        zoo_lab("lab-nine")
+    parts = ZooLabParts.locate(tmp_path, zoo_lab("lab-micro"))
+    assert parts.model == "builtin:lab-micro" and parts.labels.name == "labels.parquet"
+    assert parts.data == tmp_path / "lab-micro" / "data"
