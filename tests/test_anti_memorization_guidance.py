@@ -208,6 +208,7 @@ def test_a_sample_whose_guidance_stopped_goes_back_to_the_stride(sd, embeddings)
     assert result.extras["amg_checks"] == [3, 2]  # the second sample: steps 0 and 2 only
 
 
+@pytest.mark.supports("amg", "stable-diffusion")
 def test_pixel_amg_lowers_the_similarity_to_the_training_set(sd, pixels, training_images):
     plain = generate(sd, PROMPTS, num_inference_steps=3, guidance_scale=7.5).images
     config = mitigation_config("amg", reference=pixels, gate="always", c3=2000.0)
@@ -252,6 +253,7 @@ def test_a_nonfinite_guidance_stops_for_that_sample_only(sd, embeddings):
     assert result.images.isfinite().all()
 
 
+@pytest.mark.supports("amg", "unet2d")
 def test_class_conditional_and_unconditional_models_with_ddpm_and_ddim():
     for class_conditional in (True, False):
         for scheduler in ("ddpm", "ddim"):

@@ -242,7 +242,7 @@ def test_an_encoder_that_is_not_one_says_what_to_pass(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["../outside.png", "/etc/hostname", "sub/../../outside.png"])
-def test_an_image_folder_cannot_index_files_outside_it(tmp_path, name, capsys):
+def test_an_image_folder_row_outside_it_is_counted_and_never_read(tmp_path, name, capsys):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "outside.png")
     folder = tmp_path / "folder"
     (folder / "sub").mkdir(parents=True)
@@ -250,9 +250,12 @@ def test_an_image_folder_cannot_index_files_outside_it(tmp_path, name, capsys):
     pq.write_table(
         pa.table({"file_name": ["inside.png", name], "caption": ["a", "b"]}), folder / "metadata.parquet"
     )
-    assert run(["index", "build", str(folder), "--out", str(tmp_path / "index")]) == 2
-    assert f"names {name!r}, outside the folder" in one_line_error(capsys)
-    assert not (tmp_path / "index").exists()
+    assert run(["index", "build", str(folder), "--out", str(tmp_path / "index")]) == 0
+    assert "1 of 2 rows usable" in capsys.readouterr().out
+    report = json.loads((tmp_path / "index" / "data_report.json").read_text())
+    assert report["bad"] == {"file outside the folder": 1}
+    assert report["examples"]["file outside the folder"] == [name]
+    assert len(pq.read_table(tmp_path / "index" / "metadata.parquet")) == 1
 
 
 # --- prompts that are not text, and bytes that would drive the terminal -------------------------------

@@ -17,6 +17,7 @@ CONFIG = SignificanceConfig(num_inference_steps=5)
 PROMPT = "A Zorblax-vase  at the top-left!"
 
 
+@pytest.mark.supports("explanation", "stable-diffusion")
 def test_token_scores_are_the_gradient_norms_of_the_first_step_noise_norm(sd):
     result = token_significance(sd, PROMPT, CONFIG, prompt_id=3)
     schedule = eps_scheduler(sd.scheduler)
@@ -186,6 +187,7 @@ def test_token_embedding_scores_are_the_gradient_at_the_text_encoders_input():
     assert wen.score == pytest.approx(result.score) and wen.word_scores != pytest.approx(result.word_scores)
 
 
+@pytest.mark.supports("explanation", "stable-diffusion-xl")
 def test_token_embedding_attribution_reaches_both_sdxl_encoders():
     sdxl = wrap_pipeline(tiny_stable_diffusion_xl())
     with _token_embedding_leaves(sdxl.text_encoders) as leaves:

@@ -62,6 +62,7 @@ def _unet(directory):
     return load_file(directory / "model" / WEIGHTS)
 
 
+@pytest.mark.supports("fine-tuning", "stable-diffusion")
 def test_a_fine_tuned_model_loads_and_records_how_it_was_made(uninterrupted):
     denoiser = load_denoiser(uninterrupted / "model")
     assert denoiser.family == "stable-diffusion"
@@ -204,6 +205,7 @@ def test_near_duplicate_images_are_dropped():
     assert (result.rows_before, result.rows_after) == (8, 5)
 
 
+@pytest.mark.supports("fine-tuning", "unet2d")
 @pytest.mark.parametrize("class_conditional", [True, False])
 def test_unet2d_pipelines_train_on_pixels(data_dir, tmp_path, class_conditional):
     from diffmem.models.tiny import tiny_unet2d

@@ -121,7 +121,12 @@ def test_config_checks_and_older_configs_still_load(fashion_mnist_installed, tmp
 
 
 def _defaults() -> dict:
-    return {"background_pattern": 0.0, "title_vocabulary": 0, "memorized_description": "full"}
+    return {
+        "background_pattern": 0.0,
+        "title_vocabulary": 0,
+        "memorized_description": "full",
+        "trigger_position": "before",
+    }
 
 
 def test_keyed_cli_preset_is_exclusive(tmp_path, capsys):

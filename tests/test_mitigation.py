@@ -26,6 +26,7 @@ def _seeds(n):
     return [generation_seed(0, i, 0) for i in range(n)]
 
 
+@pytest.mark.supports("prompt-optimisation", "stable-diffusion")
 def test_optimisation_lowers_each_samples_first_step_norm_to_the_target(sd):
     cond = sd.encode(PROMPTS)
     plain = optimize_prompt_embeddings(sd, cond, _seeds(3), PromptOptimizationConfig(max_iterations=0), 4)
@@ -81,6 +82,7 @@ def test_optimised_prompts_generate_other_images_and_record_what_happened(sd):
     assert all(a < b for a, b in zip(mitigated.extras["final_norm"], mitigated.extras["initial_norm"]))
 
 
+@pytest.mark.supports("prompt-optimisation", "unet2d", refused="no text encoder")
 def test_prompt_optimisation_works_on_sdxl_and_refuses_models_without_text():
     sdxl = wrap_pipeline(tiny_stable_diffusion_xl())
     result = mitigated_generate(
@@ -92,7 +94,7 @@ def test_prompt_optimisation_works_on_sdxl_and_refuses_models_without_text():
     )
     assert result.extras["optimization_iterations"] == [1] and result.images.shape[0] == 1
     unconditional = wrap_pipeline(tiny_unet2d())
-    with pytest.raises(DiffmemError, match="text-conditioned"):
+    with pytest.raises(DiffmemError, match="text-conditioned model; unet2d is conditioned on"):
         mitigated_generate(
             unconditional,
             [None],

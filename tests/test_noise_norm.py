@@ -20,6 +20,7 @@ def test_the_empty_prompt_scores_zero(sd):
     assert result.scores[0] < 1e-5 < result.scores[1]
 
 
+@pytest.mark.supports("detection", "stable-diffusion")
 def test_first_step_score_is_the_norm_of_the_text_conditional_prediction_at_x_T(sd):
     result = noise_norm(sd, PROMPTS, NoiseNormConfig(num_inference_steps=10), prompt_ids=[4, 5, 6])
     schedule = eps_scheduler(sd.scheduler)
@@ -52,6 +53,7 @@ def test_step_modes_and_cost(sd):
     )  # same x_T, same first step
 
 
+@pytest.mark.supports("detection", "stable-diffusion-xl")
 def test_any_text_family():
     sdxl = wrap_pipeline(tiny_stable_diffusion_xl())
     v_pred = wrap_pipeline(tiny_stable_diffusion(prediction_type="v_prediction"))

@@ -284,7 +284,9 @@ def _widths(text: str | None) -> tuple[int, ...] | None:
 def zoo(
     ctx: typer.Context,
     root: Annotated[Path, typer.Argument(help="The zoo folder (created; a part already there is kept).")],
-    name: Annotated[list[str] | None, typer.Option("--lab", help="Build only this zoo lab (repeatable).")] = None,
+    name: Annotated[
+        list[str] | None, typer.Option("--lab", help="Build only this zoo lab (repeatable).")
+    ] = None,
 ) -> None:
     """Build the lab zoo: each lab's dataset, model (unless shipped), copy detector, labels, index and
     attribute reader; run again to continue an interrupted build."""

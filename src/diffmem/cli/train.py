@@ -1,13 +1,17 @@
-"""``diffmem train``: fine-tune a Stable-Diffusion-architecture model with training-time policies."""
+"""``diffmem train``: fine-tune a Stable-Diffusion-architecture model on any training set with
+training-time policies."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from diffmem.cli.app import app
+
+if TYPE_CHECKING:
+    from diffmem.train.fine_tune import FineTuneStatus
 
 POLICY_NAMES = (
     "ambient",
@@ -19,7 +23,33 @@ POLICY_NAMES = (
 ModelDirectory = Annotated[
     Path, typer.Option(help="A Stable-Diffusion-architecture pipeline directory to fine-tune.")
 ]
-LabData = Annotated[Path, typer.Option(help="A lab dataset directory (diffmem lab build).")]
+TrainingData = Annotated[
+    Path,
+    typer.Option(
+        help="A lab dataset, an image folder (metadata.jsonl/.csv/.parquet with file_name and a caption "
+        "column), a datasets save_to_disk folder, WebDataset .tar shards, or a cached Hub dataset id; "
+        "UNet2DModel pipelines take a lab dataset only."
+    ),
+]
+CaptionColumn = Annotated[
+    str | None,
+    typer.Option(
+        help="Caption column of --data (default text, else caption; for shards the extension, txt)."
+    ),
+]
+Split = Annotated[str | None, typer.Option(help="Split of a datasets dataset (default train).")]
+Resolution = Annotated[
+    int | None,
+    typer.Option(help="Image side in pixels (default: the model's sample size x VAE factor; a lab's own)."),
+]
+CenterCrop = Annotated[
+    bool,
+    typer.Option(
+        "--center-crop/--random-crop",
+        help="Centre crop (latents cached on disk), or a random crop at every draw (encoded per batch).",
+    ),
+]
+RandomFlip = Annotated[bool, typer.Option(help="Flip images left-right with probability 1/2 at every draw.")]
 RunOut = Annotated[
     Path, typer.Option(help="Run directory: checkpoint while running, model/ and fine_tune.json at the end.")
 ]
@@ -43,7 +73,7 @@ TimeBudget = Annotated[float | None, typer.Option(help="Checkpoint and stop afte
 def train(
     ctx: typer.Context,
     model: ModelDirectory,
-    data: LabData,
+    data: TrainingData,
     out: RunOut,
     policy: Policy = None,
     steps: Steps = 1000,
@@ -56,9 +86,15 @@ def train(
     checkpoint_every: CheckpointEvery = 500,
     max_images: MaxImages = None,
     time_budget_s: TimeBudget = None,
+    caption_column: CaptionColumn = None,
+    split: Split = None,
+    resolution: Resolution = None,
+    center_crop: CenterCrop = True,
+    random_flip: RandomFlip = False,
 ) -> None:
-    """Fine-tune the UNet; per-sample losses go through the policies (ambient, filter, captions)."""
+    """Fine-tune the UNet; per-sample losses go through the policies (ambient, filter, captions, dedup)."""
     from diffmem.train.fine_tune import FineTuneConfig
+    from diffmem.train.training_set import DataOptions
     from diffmem.workflows.train import TrainConfig, train_model
 
     optimisation = FineTuneConfig(
@@ -66,9 +102,16 @@ def train(
         checkpoint_every=checkpoint_every, max_images=max_images,
         policies=FineTuneConfig.parse_policies(policy or []),
     )  # fmt: skip
-    status = train_model(TrainConfig(model, data, optimisation, time_budget_s), out, ctx.obj.runtime)
-    if status is None:  # under `accelerate launch`, one process reports
-        return
+    options = DataOptions(caption_column, split, resolution, center_crop, random_flip)
+    status = train_model(TrainConfig(model, data, optimisation, time_budget_s, options), out, ctx.obj.runtime)
+    if status is not None:  # under `accelerate launch`, one process reports
+        _report(status, steps, out)
+
+
+def _report(status: FineTuneStatus, steps: int, out: Path) -> None:
+    """The run's lines: the rows read (if not a lab dataset's), then how far it went."""
+    if status.data_report is not None:
+        typer.echo(f"{status.data_report.summary()} (report: {out / 'data_report.json'})")
     dropped = "" if status.drop_rate is None else f"; the filter dropped {status.drop_rate:.1%} of samples"
     if status.complete:
         typer.echo(f"fine-tuned {steps} steps{dropped}; wrote {out / 'model'}")

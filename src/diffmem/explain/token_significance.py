@@ -155,7 +155,10 @@ def token_significance(
     check_guidance("token significance", config.guidance_scale)
     tokenizer = denoiser.tokenizer
     if tokenizer is None or denoiser.conditioning != "text":
-        raise DiffmemError("token significance needs a text-conditioned model with a tokenizer")
+        raise DiffmemError(
+            f"token significance needs a text-conditioned model with a tokenizer; {denoiser.family} is "
+            f"conditioned on {denoiser.conditioning!r}"
+        )
     require_start_token(denoiser, "token significance")
     if not prompt.strip():
         raise DiffmemError("the prompt is empty: there is nothing to explain")

@@ -136,4 +136,7 @@ def prompt_optimization(
 
 def _check_text_model(denoiser: Denoiser) -> None:
     if denoiser.conditioning != "text":
-        raise DiffmemError("prompt-embedding optimisation needs a text-conditioned model")
+        raise DiffmemError(
+            f"prompt-embedding optimisation needs a text-conditioned model; {denoiser.family} is conditioned "
+            f"on {denoiser.conditioning!r}"
+        )

@@ -54,11 +54,6 @@ class ModelSpec:
         """``model`` as a spec: a bare name (or path) has no options."""
         return model if isinstance(model, ModelSpec) else cls(os.fspath(model))
 
-    @property
-    def plain(self) -> bool:
-        """Whether only the name was given."""
-        return self == ModelSpec(self.name)
-
     def __str__(self) -> str:
         """The name followed by the options, as they would be written on the command line."""
         options = [("--revision", self.revision), ("--variant", self.variant)]

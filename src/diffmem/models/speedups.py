@@ -26,14 +26,16 @@ class Speedups:
 
 
 def apply_speedups(denoiser, speedups: Speedups | None):
-    """The denoiser with its UNet in channels-last memory and/or compiled; the first call of each batch
-    shape pays the compilation. Attention processors set later still reach the original module."""
+    """The denoiser with its network (UNet or transformer) in channels-last memory and/or compiled; the
+    first call of each batch shape pays the compilation. Attention processors set later still reach the
+    original module."""
     import torch  # here, so the command line checks its speedup options without loading torch
 
     if speedups is None:
         return denoiser
+    name = "unet" if hasattr(denoiser, "unet") else "transformer"  # the attribute its forward pass calls
     if speedups.channels_last:
-        denoiser.unet.to(memory_format=torch.channels_last)
+        getattr(denoiser, name).to(memory_format=torch.channels_last)
     if speedups.compile_mode is not None:
-        denoiser.unet = torch.compile(denoiser.unet, mode=speedups.compile_mode)
+        setattr(denoiser, name, torch.compile(getattr(denoiser, name), mode=speedups.compile_mode))
     return denoiser

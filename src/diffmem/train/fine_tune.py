@@ -8,9 +8,14 @@ Policies (SPEC §4, §6, §7): ``ambient`` (Shah et al.: the noisy-copy loss abo
 ``filter`` (Wen et al.: samples whose ``||eps_c - eps_u||`` reaches the threshold are masked out; a step
 where every process masks everything makes no update) and ``captions`` (Somepalli et al.: captions
 randomised with probability p) and ``dedup`` (each training image once, near-duplicates dropped, before
-training). The clean latents are the VAE posterior means times the scaling factor,
-so an image's noisy copy (ambient) is a fixed latent. Noise, velocity (SD 2.x) and clean-sample
-models train on their own parametrisation's loss; the filter measures every one in noise terms.
+training). The clean latents are the VAE posterior means times the scaling factor, cached on disk
+(:mod:`diffmem.train.latent_cache`), so an image's noisy copy (ambient) is a fixed latent. Noise, velocity
+(SD 2.x) and clean-sample models train on their own parametrisation's loss; the filter measures every one
+in noise terms.
+
+A text-to-image pipeline trains on any training set :mod:`diffmem.train.training_set` reads (a lab dataset,
+an image folder, a saved ``datasets`` dataset, WebDataset shards); a ``UNet2DModel`` pipeline on a lab
+dataset, whose scenes give its class labels.
 """
 
 from __future__ import annotations
@@ -34,10 +39,11 @@ from tqdm.auto import tqdm
 
 from diffmem.core.denoiser import eps_from_model_output
 from diffmem.core.method_spec import method_config, parse_method_spec
+from diffmem.data import RowReport
+from diffmem.data.lab_rows import is_lab_dataset
 from diffmem.errors import DiffmemError
 from diffmem.io.atomic import write_json_atomic
 from diffmem.io.run_record import environment
-from diffmem.lab.dataset import load_lab_dataset
 from diffmem.train.ambient_loss import (
     NATIVE_WEIGHTS,
     ambient_loss_vp,
@@ -47,10 +53,14 @@ from diffmem.train.ambient_loss import (
 )
 from diffmem.train.caption_randomisation import CaptionRandomisationConfig, randomise_captions
 from diffmem.train.deduplication import DeduplicationConfig, deduplicate
+from diffmem.train.latent_cache import cached_latents, encode_latents
 from diffmem.train.magnitude_filter import MagnitudeFilter, MagnitudeFilterConfig, prediction_magnitude
+from diffmem.train.training_set import DataOptions, TrainingSet, read_training_set
 
 RECORD = "fine_tune.json"
+DATA_REPORT = "data_report.json"  # the rows read and those skipped, beside the record
 PROGRESS_EVERY = 25  # steps between loss read-outs on the progress bar
+AUGMENT_STREAM = 1  # tells the random crops' and flips' seeds from the batches'
 
 
 @dataclass(frozen=True)
@@ -124,18 +134,22 @@ class FineTuneStatus:
     complete: bool
     step: int
     drop_rate: float | None  # the magnitude filter's mean drop rate over the run's steps so far
+    data_report: RowReport | None = None  # the rows read and those skipped (None for a lab dataset)
 
 
 def fine_tune(
     model_dir: Path,
-    data_dir: Path,
+    data_dir: Path | str,
     out_dir: Path,
     config: FineTuneConfig = FineTuneConfig(),
     time_budget_s: float | None = None,
     progress: bool = True,
+    data_options: DataOptions | None = None,
 ) -> FineTuneStatus:
-    """Fine-tune the pipeline in ``model_dir`` on a lab dataset with the configured policies; the result
-    goes to ``out_dir/model``. With a time budget, the run checkpoints and stops; calling again continues."""
+    """Fine-tune the pipeline in ``model_dir`` on the training set at ``data_dir`` (read and prepared as
+    ``data_options`` say; by default centre crops at the model's resolution) with the configured policies;
+    the result goes to ``out_dir/model``, the report of the rows read to ``out_dir/data_report.json``.
+    With a time budget, the run checkpoints and stops; calling again continues (on the same data only)."""
     out_dir = Path(out_dir)
     if (out_dir / RECORD).is_file():
         record = json.loads((out_dir / RECORD).read_text())
@@ -146,9 +160,14 @@ def fine_tune(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         cpu=not torch.cuda.is_available(),  # launched processes without GPUs train together on gloo
     )
+    data_options = data_options or DataOptions()
     pipeline = _open_pipeline(model_dir)
-    dataset = load_lab_dataset(data_dir)
-    data = _Data(pipeline, dataset, config, accelerator.device)
+    training = _training_set(pipeline, data_dir, data_options)
+    if training.report is not None and accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        training.report.save(out_dir / DATA_REPORT)
+    with accelerator.main_process_first():  # the main process fills the latent cache, the others read it
+        data = _Data(pipeline, training, config, accelerator.device, progress and accelerator.is_main_process)
     schedule = DDPMScheduler.from_config(pipeline.scheduler.config)
     policies = {name: method_config("policy", name, POLICIES, s) for name, s in config.policies.items()}
     ambient = policies.get("ambient")
@@ -165,7 +184,7 @@ def fine_tune(
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
     checkpoint = out_dir / "checkpoint"
-    step, state = _resume(accelerator, checkpoint, config)
+    step, state = _resume(accelerator, checkpoint, config, data.fingerprint)
     earlier_s = state.get("wall_s", 0.0)  # this run's time in earlier calls
     draw = _Draws(data, schedule, sigma_n, config.seed, accelerator.process_index, policies.get("captions"))
     flt = None
@@ -219,6 +238,7 @@ def fine_tune(
         if saving:
             wall_s = earlier_s + time.monotonic() - started
             run = {
+                "data": data.fingerprint,
                 "wall_s": wall_s,
                 "filter_threshold": None if flt is None else flt.threshold,
                 **_drop_state(drops),
@@ -229,20 +249,25 @@ def fine_tune(
     bar.close()
     drop_rate = None if drops is None else drops.rate
     if step < config.steps:
-        return FineTuneStatus(out_dir, False, step, drop_rate)
+        return FineTuneStatus(out_dir, False, step, drop_rate, training.report)
     trained = accelerator.unwrap_model(unet)
     if ema is not None:
         ema.copy_to(trained.parameters())
     if not main:
         accelerator.wait_for_everyone()  # the main process saves the model and the record
-        return FineTuneStatus(out_dir, True, step, drop_rate)
+        return FineTuneStatus(out_dir, True, step, drop_rate, training.report)
     pipeline.unet = trained.eval()
     pipeline.save_pretrained(out_dir / "model", safe_serialization=True)
     record = {
         "command": " ".join(sys.argv),
         "model": str(model_dir),
         "data": str(data_dir),
-        "lab_config": asdict(dataset.config),  # which lab dataset: compared with training-set indexes
+        "data_source": training.description,
+        "data_options": asdict(replace(data_options, resolution=training.resolution)),
+        "data_fingerprint": data.fingerprint,  # the images, captions and preparation trained on
+        "data_report": None if training.report is None else training.report.to_dict(),
+        # which lab dataset: compared with training-set indexes
+        "lab_config": None if training.lab is None else asdict(training.lab.config),
         "images": data.num_images,
         "prediction_type": data.prediction_type,
         "config": asdict(config),
@@ -262,23 +287,25 @@ def fine_tune(
     write_json_atomic(out_dir / RECORD, record)
     shutil.rmtree(checkpoint, ignore_errors=True)
     accelerator.wait_for_everyone()
-    return FineTuneStatus(out_dir, True, step, drop_rate)
+    return FineTuneStatus(out_dir, True, step, drop_rate, training.report)
 
 
 def training_magnitudes(
     model_dir: Path,
-    data_dir: Path,
+    data_dir: Path | str,
     batches: int = 16,
     batch_size: int = 64,
     seed: int = 0,
     device: str = "cpu",
 ) -> pa.Table:
     """The magnitude filter's ``||eps_c - eps_u||`` for a model on training batches drawn as fine-tuning
-    draws them: one row per sample with its lab group, t and magnitude (to choose a threshold)."""
+    draws them: one row per sample with its lab group (None for other data), t and magnitude (to choose a
+    threshold)."""
     pipeline = _open_pipeline(model_dir)
     # as a filter run: an unconditional model is refused, since it has no eps_c - eps_u to measure
     config = FineTuneConfig(batch_size=batch_size, seed=seed, policies={"filter": {}})
-    data = _Data(pipeline, load_lab_dataset(data_dir), config, torch.device(device))
+    training = _training_set(pipeline, data_dir, DataOptions())
+    data = _Data(pipeline, training, config, torch.device(device), progress=False)
     draw = _Draws(data, DDPMScheduler.from_config(pipeline.scheduler.config), 0.0, seed, 0, None)
     unet, rows = pipeline.unet.eval(), []
     for step in range(batches):
@@ -287,7 +314,8 @@ def training_magnitudes(
         for row, timestep, magnitude in zip(
             batch.rows.tolist(), t.tolist(), magnitudes.tolist(), strict=True
         ):
-            rows.append({"group": data.rows[row]["group"], "t": timestep, "magnitude": magnitude})
+            group = None if data.groups is None else data.groups[row]
+            rows.append({"group": group, "t": timestep, "magnitude": magnitude})
     return pa.Table.from_pylist(rows)
 
 
@@ -302,15 +330,16 @@ class _Batch:
 
 
 class _Data:
-    """The training rows of a lab dataset as frozen clean data and conditions: latents and captions for a
-    text-to-image pipeline; pixels and, for a class-conditional UNet, the first item's category."""
+    """The training rows as clean data and conditions: latents (cached on disk, or encoded at each draw
+    under random crops) and captions for a text-to-image pipeline; for a ``UNet2DModel`` pipeline, a lab
+    dataset's pixels and, for a class-conditional one, each scene's first item's category."""
 
-    def __init__(self, pipeline, dataset, config: FineTuneConfig, device: torch.device):
-        scene_ids, images = dataset.unique_train_images()
-        keep = scene_ids[: config.max_images] if config.max_images else scene_ids
-        position = {scene_id: i for i, scene_id in enumerate(keep)}
-        rows = [r for r in dataset.train.to_pylist() if r["scene_id"] in position]
-        if not rows:
+    def __init__(
+        self, pipeline, data: TrainingSet, config: FineTuneConfig, device: torch.device, progress: bool
+    ):
+        if config.max_images:
+            data = data.first_images(config.max_images)
+        if not data.num_rows:
             raise DiffmemError("the dataset has no training rows to fine-tune on")
         self.kind = _kind(pipeline)
         self.prediction_type = pipeline.scheduler.config.get("prediction_type", "epsilon")
@@ -318,40 +347,56 @@ class _Data:
             raise DiffmemError(
                 f"the model predicts {self.prediction_type!r}; fine-tuning supports {', '.join(NATIVE_WEIGHTS)}"
             )
-        if "captions" in config.policies and (self.kind != "text" or any(not r["caption"] for r in rows)):
+        if "captions" in config.policies and (self.kind != "text" or not all(data.captions)):
             raise DiffmemError("caption randomisation needs a text-to-image model and a caption on every row")
         if "filter" in config.policies and self.kind == "none":
             raise DiffmemError(
                 "the magnitude filter compares conditional and unconditional predictions; this model is unconditional"
             )
+        ambient = config.policies.get("ambient")
+        self.ambient = None if ambient is None else method_config("policy", "ambient", POLICIES, ambient)
+        if self.ambient is not None and not data.center_crop:
+            raise DiffmemError(
+                "ambient training learns from a fixed noisy copy of each image, and a random crop makes "
+                "another image at every draw: use --center-crop with the ambient policy"
+            )
+        rows = list(range(data.num_rows))
         self.deduplication = None
         if "dedup" in config.policies:
             settings = method_config("policy", "dedup", POLICIES, config.policies["dedup"])
-            self.deduplication = deduplicate(
-                images[: len(keep)], [position[r["scene_id"]] for r in rows], settings
-            )
-            survivors = {keep[i] for i in self.deduplication.kept_images}
-            first = {}
-            for r in rows:
-                if r["scene_id"] in survivors:
-                    first.setdefault(r["scene_id"], r)
+            self.deduplication = deduplicate(data.images(), data.row_image, settings)
+            survivors, first = set(self.deduplication.kept_images), {}
+            for row in rows:  # each surviving image's first row
+                if data.row_image[row] in survivors:
+                    first.setdefault(data.row_image[row], row)
             rows = list(first.values())
-        self.num_images = len(keep)
+        self.data = data
+        self.num_images = data.num_images
         self.batch_size = config.batch_size
-        self.rows = rows
-        self.row_image = torch.tensor([position[r["scene_id"]] for r in rows])
+        self.captions = [data.captions[r] for r in rows]
+        self.groups = None if data.groups is None else [data.groups[r] for r in rows]
+        self.row_image = torch.tensor([data.row_image[r] for r in rows])
         self.pipeline = pipeline.to(device)
         self.device = device
-        self.latents = self._clean(images[: len(keep)])
-        ambient = config.policies.get("ambient")
-        self.noisy = self.latents
-        if ambient is not None:
-            settings = method_config("policy", "ambient", POLICIES, ambient)
-            self.noisy = noisy_copies(self.latents, list(range(len(keep))), settings.sigma_n, settings.seed)
-        self.vocabulary = sorted({w for r in rows for w in (r["caption"] or "").split()})
+        image_digest = data.image_digest()
+        self.fingerprint = data.fingerprint(image_digest)  # a resumed run checks it trains on the same data
+        self.latents = self.flipped = None  # [N, C, h, w] memory-mapped, or on the device for pixels
+        if self.kind == "text":
+            self.pipeline.vae.eval().requires_grad_(False)
+            self.pipeline.text_encoder.eval().requires_grad_(False)
+            if data.center_crop:  # else encoded at each draw
+                self.latents = cached_latents(pipeline.vae, data, image_digest, progress=progress)
+                if data.random_flip:
+                    self.flipped = cached_latents(pipeline.vae, data, image_digest, True, progress)
+        else:
+            self.latents = self._pixels(data.images())
+        self.vocabulary = (
+            sorted({w for c in self.captions for w in c.split()}) if "captions" in config.policies else []
+        )
         if self.kind == "class":
-            categories = {r["scene_id"]: r["items"][0]["category"] for r in dataset.scenes.to_pylist()}
-            self.row_class = torch.tensor([categories[r["scene_id"]] for r in rows], device=device)
+            categories = {r["scene_id"]: r["items"][0]["category"] for r in data.lab.scenes.to_pylist()}
+            scenes = [data.image_ids[int(i)] for i in self.row_image]
+            self.row_class = torch.tensor([categories[s] for s in scenes], device=device)
             self.null_class = pipeline.unet.config.num_class_embeds - 1  # diffmem's unconditional class
             if int(self.row_class.max()) >= self.null_class:
                 raise DiffmemError(
@@ -359,13 +404,18 @@ class _Data:
                 )
 
     def batch(
-        self, generator: torch.Generator, step: int, captions: CaptionRandomisationConfig | None
+        self,
+        generator: torch.Generator,
+        step: int,
+        captions: CaptionRandomisationConfig | None,
+        augment: np.random.Generator,
     ) -> _Batch:
-        """``batch_size`` training rows drawn with ``generator`` (duplicates as often as they occur)."""
-        rows = torch.randint(len(self.rows), (self.batch_size,), generator=generator)
+        """``batch_size`` training rows drawn with ``generator`` (duplicates as often as they occur); random
+        crops and flips drawn with ``augment``."""
+        rows = torch.randint(len(self.captions), (self.batch_size,), generator=generator)
         images = self.row_image[rows]
         if self.kind == "text":
-            texts = [self.rows[int(r)]["caption"] for r in rows]
+            texts = [self.captions[int(r)] for r in rows]
             if captions is not None:
                 texts = randomise_captions(texts, rows.tolist(), step, self.vocabulary, captions)
             condition = {"encoder_hidden_states": self._encode(texts)}
@@ -373,7 +423,11 @@ class _Data:
             condition = {"class_labels": self.row_class[rows.to(self.device)]}
         else:
             condition = {}
-        return _Batch(self.latents[images], self.noisy[images], condition, rows)
+        clean = self._clean(images, augment)
+        noisy = clean
+        if self.ambient is not None:  # each image's fixed noisy copy (the same for its flipped latent)
+            noisy = noisy_copies(clean, images.tolist(), self.ambient.sigma_n, self.ambient.seed)
+        return _Batch(clean, noisy, condition, rows)
 
     def null_condition(self, count: int) -> dict[str, torch.Tensor]:
         """The unconditional keyword arguments: the empty prompt, or the null class."""
@@ -387,22 +441,31 @@ class _Data:
         native = output[:, : x_t.shape[1]].float()
         return eps_from_model_output(native, x_t.float(), alpha_bar.view(-1, 1, 1, 1), self.prediction_type)
 
+    def _clean(self, images: torch.Tensor, augment: np.random.Generator) -> torch.Tensor:
+        """[B, C, h, w] the clean data of the drawn images: cached latents (each flipped with probability
+        1/2 when flipping), latents of freshly drawn random crops, or pixels."""
+        if self.latents is None:
+            return encode_latents(self.pipeline.vae, self.data.drawn_pixels(images.tolist(), augment))
+        if isinstance(self.latents, torch.Tensor):
+            return self.latents[images]
+        chosen = torch.from_numpy(self.latents[images.numpy()])
+        if self.flipped is not None:
+            flip = torch.from_numpy(augment.random(len(images)) < 0.5).view(-1, 1, 1, 1)
+            chosen = torch.where(flip, torch.from_numpy(self.flipped[images.numpy()]), chosen)
+        # channels-last, the layout of the VAE's output: the UNet's convolutions round by layout
+        return chosen.to(self.device).contiguous(memory_format=torch.channels_last)
+
     @torch.no_grad()
-    def _clean(self, images: torch.Tensor) -> torch.Tensor:
-        """The clean training data: scaled VAE posterior means, or pixels in [-1, 1] at the UNet's size."""
-        if self.kind != "text":
-            size = self.pipeline.unet.config.sample_size
-            size = (size, size) if isinstance(size, int) else tuple(size)
-            pixels = (
-                F.interpolate(images, size=size, mode="bilinear", antialias=True)
-                if images.shape[-2:] != size
-                else images
-            )
-            return (pixels * 2 - 1).to(self.device)
-        vae = self.pipeline.vae.eval().requires_grad_(False)
-        self.pipeline.text_encoder.eval().requires_grad_(False)
-        means = [vae.encode(chunk.to(self.device) * 2 - 1).latent_dist.mean for chunk in images.split(64)]
-        return torch.cat(means) * vae.config.scaling_factor
+    def _pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """A pixel-space UNet's clean data: images [N, 3, H, W] in [0, 1] at its size, in [-1, 1]."""
+        size = self.pipeline.unet.config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        pixels = (
+            F.interpolate(images, size=size, mode="bilinear", antialias=True)
+            if images.shape[-2:] != size
+            else images
+        )
+        return (pixels * 2 - 1).to(self.device)
 
     @torch.no_grad()
     def _encode(self, texts: list[str]) -> torch.Tensor:
@@ -411,6 +474,38 @@ class _Data:
             texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True
         ).input_ids
         return self.pipeline.text_encoder(torch.tensor(ids, device=self.device))[0]
+
+
+def _training_set(pipeline, data: Path | str, options: DataOptions) -> TrainingSet:
+    """The training set a pipeline trains on, read as ``options`` say: any layout for a text-to-image
+    pipeline (at the model's resolution by default), a lab dataset as stored for a ``UNet2DModel`` one."""
+    kind = _kind(pipeline)
+    if kind == "text":
+        return read_training_set(data, options, _model_resolution(pipeline))
+    model = "a class-conditional" if kind == "class" else "an unconditional"
+    if not (Path(data).is_dir() and is_lab_dataset(Path(data))):
+        raise DiffmemError(
+            f"{model} UNet2DModel pipeline fine-tunes on a lab dataset only (diffmem lab build; its scenes "
+            f"give the class labels); {data} is not one: any other training set needs a text-to-image model"
+        )
+    training = read_training_set(data, options, 0)
+    if not training.as_stored:
+        raise DiffmemError(
+            f"{model} UNet2DModel pipeline trains on the lab's images as stored, resized to its sample "
+            "size: drop --resolution, --random-crop and --random-flip"
+        )
+    return training
+
+
+def _model_resolution(pipeline) -> int:
+    """A text-to-image pipeline's training resolution: the UNet's sample size times the VAE's factor."""
+    size = pipeline.unet.config.sample_size
+    height, width = (size, size) if isinstance(size, int) else size
+    if height != width:
+        raise DiffmemError(
+            f"the UNet's sample size is {height}x{width}; training crops squares: pass --resolution"
+        )
+    return height * 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
 
 
 def _open_pipeline(model_dir: Path):
@@ -467,7 +562,8 @@ class _DropLog:
 
 class _Draws:
     """Each step's batch, sampled t, alpha_bar_t and noised input x_t, seeded by (seed, step, process): the
-    same on resume, other rows on each process."""
+    same on resume, other rows on each process. Random crops and flips come from a stream of their own,
+    so that turning them on leaves the rows, t and noise drawn as they were."""
 
     def __init__(
         self, data: _Data, schedule: DDPMScheduler, sigma_n: float, seed: int, process: int, captions
@@ -482,7 +578,8 @@ class _Draws:
 
     def __call__(self, step: int) -> tuple[_Batch, torch.Tensor, torch.Tensor, torch.Tensor]:
         generator = torch.Generator().manual_seed(_batch_seed(self.seed, step, self.process))
-        batch = self.data.batch(generator, step, self.captions)
+        augment = np.random.default_rng([AUGMENT_STREAM, self.seed, step, self.process])
+        batch = self.data.batch(generator, step, self.captions, augment)
         t = torch.randint(self.timesteps, (self.data.batch_size,), generator=generator)
         z = torch.randn(batch.latents.shape, generator=generator).to(self.data.device)
         t = t.to(self.data.device)
@@ -527,9 +624,12 @@ def _drop_state(drops: _DropLog | None) -> dict:
     return {} if drops is None else {"dropped": drops.dropped, "seen": drops.seen, "drop_log": drops.log}
 
 
-def _resume(accelerator: Accelerator, checkpoint: Path, config: FineTuneConfig) -> tuple[int, dict]:
+def _resume(
+    accelerator: Accelerator, checkpoint: Path, config: FineTuneConfig, data_fingerprint: str
+) -> tuple[int, dict]:
     """The step to continue from (0 for a new run) and what the run recorded so far (time, filter
-    counts); refuses a checkpoint made with other settings."""
+    counts); refuses a checkpoint made with other settings or on other data (images, captions, their
+    preparation)."""
     state = checkpoint / "run.json"
     if not state.is_file():
         return 0, {}
@@ -543,6 +643,11 @@ def _resume(accelerator: Accelerator, checkpoint: Path, config: FineTuneConfig) 
         raise DiffmemError(
             f"{checkpoint.parent} holds a run with other settings ({', '.join(differ)}); resume with the same "
             "policies and configuration or use a new directory"
+        )
+    if recorded.get("run", {}).get("data", data_fingerprint) != data_fingerprint:
+        raise DiffmemError(
+            f"{checkpoint.parent} holds a run on other data (its images, captions or their preparation "
+            "changed since it started); resume on the same data and options or use a new directory"
         )
     accelerator.load_state(str(checkpoint / "state"))
     return int(recorded["step"]), recorded.get("run", {})

@@ -1,5 +1,6 @@
-"""Fine-tune a Stable-Diffusion-architecture model on a lab dataset with training-time policies: the Python
-side of ``diffmem train``."""
+"""Fine-tune a Stable-Diffusion-architecture model on a training set (a lab dataset, an image folder, a
+saved ``datasets`` dataset, WebDataset shards) with training-time policies: the Python side of
+``diffmem train``."""
 
 from __future__ import annotations
 
@@ -9,27 +10,37 @@ from pathlib import Path
 from accelerate import PartialState
 
 from diffmem.train.fine_tune import FineTuneConfig, FineTuneStatus, fine_tune
+from diffmem.train.training_set import DataOptions
 from diffmem.workflows.runtime import Runtime
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The pipeline to fine-tune, the lab dataset, the optimisation and policies (the seed is the
-    runtime's), and the time budget after which the run checkpoints and stops."""
+    """The pipeline to fine-tune, the training set and how it is read and prepared, the optimisation and
+    policies (the seed is the runtime's), and the time budget after which the run checkpoints and stops."""
 
     model: Path
-    data: Path
+    data: Path | str  # a folder, a .tar shard, or a Hub dataset id in the local cache
     fine_tune: FineTuneConfig = field(default_factory=FineTuneConfig)
     time_budget_s: float | None = None
+    data_options: DataOptions = field(default_factory=DataOptions)
 
 
 def train_model(config: TrainConfig, out: Path, runtime: Runtime | None = None) -> FineTuneStatus | None:
     """Fine-tune the UNet into ``out``, or continue an interrupted run; None in a process of an
     ``accelerate launch`` other than the main one (which reports).
 
-    A checkpoint is written to ``out`` while it runs, and ``model/`` and ``fine_tune.json`` at the end.
+    ``data_report.json`` (the rows read and those skipped; not for a lab dataset) and a checkpoint are
+    written to ``out`` while it runs, and ``model/`` and ``fine_tune.json`` at the end.
     """
     runtime = runtime or Runtime()
     settings = replace(config.fine_tune, seed=runtime.seed)
-    status = fine_tune(config.model, config.data, out, settings, time_budget_s=config.time_budget_s)
+    status = fine_tune(
+        config.model,
+        config.data,
+        out,
+        settings,
+        time_budget_s=config.time_budget_s,
+        data_options=config.data_options,
+    )
     return status if PartialState().is_main_process else None
