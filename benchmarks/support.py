@@ -12,20 +12,29 @@ from diffmem.adapters import wrap_pipeline
 from diffmem.core.denoiser import Denoiser
 from diffmem.models.names import LAB_MODEL
 from diffmem.models.source import open_model
-from diffmem.models.tiny import tiny_stable_diffusion
-from full_size import stable_diffusion_15
+from diffmem.models.tiny import tiny_stable_diffusion, tiny_stable_diffusion_3
+from full_size import stable_diffusion_3_medium, stable_diffusion_15
 
 SIZES = ("sd15", "lab", "tiny")  # SD 1.5 architecture with random weights, the shipped lab model, tiny
+SD3_SIZES = ("sd3-medium", "tiny-sd3")  # SD3-medium architecture with random weights (no T5), tiny SD3
 
 
-def benchmark_model(size: str, device: torch.device, dtype: torch.dtype) -> Denoiser:
-    """The model a benchmark times, by size."""
+def benchmark_model(
+    size: str, device: torch.device, dtype: torch.dtype, resolution: int | None = None
+) -> Denoiser:
+    """The model a benchmark times, by size; ``resolution`` (pixels, square) replaces the model's default."""
     if size == "lab":
+        if resolution is not None:
+            raise SystemExit("--resolution applies to the random-weight sizes, not to the lab model")
         return open_model(LAB_MODEL, device, dtype)
-    pipeline = (
-        stable_diffusion_15(device, dtype) if size == "sd15" else tiny_stable_diffusion().to(device, dtype)
-    )
-    return wrap_pipeline(pipeline)
+    builders = {
+        "sd15": lambda: stable_diffusion_15(device, dtype),
+        "tiny": lambda: tiny_stable_diffusion().to(device, dtype),
+        "sd3-medium": lambda: stable_diffusion_3_medium(device, dtype),
+        "tiny-sd3": lambda: tiny_stable_diffusion_3(with_t5=False).to(device, dtype),
+    }
+    options = {} if resolution is None else {"resolution": (resolution, resolution)}
+    return wrap_pipeline(builders[size](), **options)
 
 
 def load_benchmark_model(size: str, model: str, device: str, dtype: torch.dtype) -> Denoiser:
@@ -46,12 +55,13 @@ def report(record: dict, out: str | Path) -> dict:
     return record
 
 
-def benchmark_parser(description: str, out: str) -> argparse.ArgumentParser:
-    """The options every benchmark takes: --size, --device, --dtype and --out (the JSON record)."""
+def benchmark_parser(description: str, out: str, sizes: tuple[str, ...] = SIZES) -> argparse.ArgumentParser:
+    """The options every benchmark takes: --size (one of ``sizes``), --device, --dtype and --out (the JSON
+    record)."""
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--size", choices=SIZES, default="sd15")
+    parser.add_argument("--size", choices=sizes, default="sd15")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--out", default=out)

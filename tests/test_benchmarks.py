@@ -55,6 +55,38 @@ def test_detect_throughput_smoke(tmp_path):
     )
 
 
+def test_detect_throughput_on_sd3_times_the_transformer_bound(tmp_path):
+    """The SD3 sizes: first step n = 1 against one batched transformer forward of the CFG pair."""
+    args = ["--size", "tiny-sd3", "--device", "cpu", "--prompts", "4", "--batch-size", "2", "--repeats", "1"]
+    args += ["--resolution", "16", "--skip", "shared_noise", "all_steps", "--out", str(tmp_path / "r.json")]
+    record = _load("detect_throughput").main(args)
+    assert record["first_step_n1_prompts_per_s"] > 0 and record["first_step_n1_vs_bound"] > 0
+    assert record["raw_bound_prompts_per_s"] > 0 and record["latent_shape"] == [4, 8, 8]
+    assert not {"shared_noise_prompts_per_s", "all_steps_n4_batched_vs_loop"} & set(record)
+    with pytest.raises(SystemExit):  # SDPA is switched off through the UNet's attention processors only
+        _load("detect_throughput").main([*args, "--speedups", "eager_attention"])
+
+
+def test_sd3_medium_has_the_parameter_counts_of_stable_diffusion_3_medium():
+    """Built on the meta device (no memory, no weights): the 2B MMDiT, CLIP-L, CLIP-G and the VAE."""
+    import torch
+
+    with torch.device("meta"):
+        pipeline = _load("full_size").stable_diffusion_3_medium("meta", torch.float32)
+    counts = {
+        name: sum(p.numel() for p in getattr(pipeline, name).parameters())
+        for name in ("transformer", "text_encoder", "text_encoder_2", "vae")
+    }
+    assert counts == {
+        "transformer": 2_028_328_000,
+        "text_encoder": 123_650_304,
+        "text_encoder_2": 694_659_840,
+        "vae": 83_819_683,
+    }
+    assert pipeline.text_encoder_3 is None and pipeline.vae_scale_factor == 8
+    assert pipeline.transformer.config.sample_size * pipeline.vae_scale_factor == 1024
+
+
 def test_explain_latency_smoke(tmp_path):
     out = tmp_path / "record.json"
     args = ["--size", "tiny", "--device", "cpu", "--num-inference-steps", "4", "--repeats", "1"]
@@ -157,6 +189,14 @@ def test_index_search_smoke(tmp_path):
     )
     assert json.loads(out.read_text())["ivf_pq_recall_at_1"] == record["ivf_pq_recall_at_1"]
     assert record["exact_recall_at_1"] == 1.0 and record["ivf_pq_ms_per_query"] > 0
+
+
+def test_training_rows_memory_smoke(tmp_path):
+    out = tmp_path / "record.json"
+    record = _load("training_rows_memory").main(["--images", "8", "16", "--out", str(out)])
+    assert record["n16_rows"] == 16 and record["n8_rows"] == 8
+    assert record["n16_latents_mb"] == pytest.approx(2 * record["n8_latents_mb"])
+    assert record["peak_rss_ratio_16_vs_8"] > 0 and json.loads(out.read_text())["n8_read_s"] >= 0
 
 
 def test_scan_scaling_smoke(tmp_path):

@@ -93,5 +93,8 @@ def test_zoo_refuses_an_unbuilt_lab_and_an_unknown_one(tmp_path):
     with pytest.raises(DiffmemError, match="no zoo lab 'lab-nine'; choose one of lab-keyed"):
         zoo_lab("lab-nine")
     parts = ZooLabParts.locate(tmp_path, zoo_lab("lab-micro"))
-    assert parts.model == "builtin:lab-micro" and parts.labels.name == "labels.parquet"
-    assert parts.data == tmp_path / "lab-micro" / "data"
+    assert parts.model == "builtin:lab-micro" and parts.data == tmp_path / "lab-micro" / "data"
+    # the shipped micro labels judge copies by nL2, so the zoo labels that model again its own way
+    assert parts.labels == tmp_path / "lab-micro" / "labels" / "labels.parquet"
+    keyed = ZooLabParts.locate(tmp_path, zoo_lab("lab-keyed"))
+    assert keyed.labels == ModelSource.resolve("builtin:lab-keyed").labels

@@ -43,6 +43,21 @@ def test_optimisation_lowers_each_samples_first_step_norm_to_the_target(sd):
     assert result.unet_evaluations == 3 * (max(result.iterations) + 2)
 
 
+def test_only_samples_scoring_above_the_start_are_optimised(sd):
+    cond = sd.encode(PROMPTS)
+    plain = optimize_prompt_embeddings(sd, cond, _seeds(3), PromptOptimizationConfig(max_iterations=0), 4)
+    start = sorted(plain.initial_norm)[1]  # the middle sample: the two lower ones stay put
+    config = PromptOptimizationConfig(target=min(plain.initial_norm) * 0.5, start=start)
+    result = optimize_prompt_embeddings(sd, cond, _seeds(3), config, 4)
+    moved = [before > start for before in plain.initial_norm]
+    assert sum(moved) == 1 and [n > 0 for n in result.iterations] == moved
+    for i, was_moved in enumerate(moved):
+        same = torch.equal(result.cond["prompt_embeds"][i], cond["prompt_embeds"][i])
+        assert same != was_moved
+    with pytest.raises(DiffmemError, match="start .* must be at least its target"):
+        PromptOptimizationConfig(target=1.0, start=0.5)
+
+
 def test_the_first_step_norm_it_optimises_is_the_detectors_score(sd):
     result = optimize_prompt_embeddings(
         sd, sd.encode(PROMPTS), _seeds(3), PromptOptimizationConfig(max_iterations=0), 4

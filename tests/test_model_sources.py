@@ -185,6 +185,26 @@ def test_a_lora_scores_as_its_fused_weights_and_is_part_of_the_identity(saved, l
     assert len({with_lora.identity, other_scale.identity, ModelSource.resolve(str(saved)).identity}) == 3
 
 
+def test_a_lora_from_the_hub_cache_scores_as_the_same_file(saved, lora, hub_cache):
+    repo = hub_cache / "models--org--tiny-lora"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    (repo / "snapshots" / COMMIT).mkdir(parents=True)
+    shutil.copy(lora, repo / "snapshots" / COMMIT / lora.name)
+    cached = Lora.parse("org/tiny-lora:0.7")
+    assert cached == Lora(repo / "snapshots" / COMMIT, 0.7)
+    from_cache = ModelSource.resolve(ModelSpec(str(saved), loras=(cached,)))
+    from_file = ModelSource.resolve(ModelSpec(str(saved), loras=(Lora(lora, 0.7),)))
+    torch.testing.assert_close(scores(from_cache.open()), scores(from_file.open()), rtol=0, atol=0)
+    with pytest.raises(
+        DiffmemError, match="LoRA org/absent is not a local file and not in the local Hugging"
+    ):
+        Lora.parse("org/absent")
+    (repo / "snapshots" / COMMIT / lora.name).unlink()
+    with pytest.raises(DiffmemError, match="holds no .safetensors file"):
+        Lora.parse("org/tiny-lora")
+
+
 def test_the_command_line_opens_a_model_with_a_lora_and_records_it(saved, lora, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS))

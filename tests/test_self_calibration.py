@@ -93,8 +93,10 @@ def test_a_scan_without_a_calibration_flags_by_the_models_profile(tmp_path):
 
 def test_mitigations_read_their_scale_from_the_profile_unless_given_or_preset_paper():
     made = profile(np.linspace(0.2, 1.2, 101).tolist(), prompt_quantile=0.1)
-    assert calibrated_settings("prompt_optimization", {}, made) == {"target": pytest.approx(0.3)}
+    calibrated = {"target": pytest.approx(0.3), "start": pytest.approx(1.1)}  # ordinary 10% and 90% quantiles
+    assert calibrated_settings("prompt_optimization", {}, made) == calibrated
     assert calibrated_settings("prompt_optimization", {"target": 2.0}, made) == {"target": 2.0}
+    assert calibrated_settings("prompt_optimization", {"start": 0.9}, made)["start"] == 0.9
     assert calibrated_settings("prompt_optimization", {"preset": "paper"}, made) == {}
     assert calibrated_settings("gni", {}, made) == {}
     with pytest.raises(DiffmemError, match="preset must be one of"):

@@ -84,9 +84,10 @@ def load_denoiser(
         raise DiffmemError(
             f"unsupported model family {class_name} in {directory}; diffmem supports {SUPPORTED}"
         )
-    extra = {}
+    # components saved as None (no safety checker, SD3 without T5) load as None, which diffusers asks for
+    extra = {name: None for name, entry in index.items() if entry == [None, None]}
     if "safety_checker" in index:
-        extra = {"safety_checker": None, "requires_safety_checker": False}
+        extra |= {"safety_checker": None, "requires_safety_checker": False}
     try:
         with _without_loading_bars():
             if checkpoint is None:

@@ -5,7 +5,9 @@ defaults they give every method, so that no knob is tuned by hand for a model wi
   choose the threshold on non-memorized prompts at a target false-positive rate, SPEC §1).
 - Prompt optimisation stops once a prompt's score is as low as the ``prompt_quantile`` of ordinary
   prompts: the paper's fixed target (l_target = 3 for n = 4 on SD 1.4, SPEC §3) is a point on SD 1.4's
-  scale, and a model whose ordinary prompts score below it would stop before anything changed.
+  scale, and a model whose ordinary prompts score below it would stop before anything changed. It starts
+  only on a generation scoring above the ``start_quantile`` of ordinary prompts, so ordinary prompts keep
+  their embedding as they do under the paper's target on SD 1.4.
 - AMG's gate is fitted against the training-set index the profile was made with (:mod:`fitted_gate`).
 """
 
@@ -25,6 +27,7 @@ from diffmem.metrics.roc import threshold_at_fpr
 
 FORMAT = "diffmem.model_profile"
 PROMPT_QUANTILE = 0.1  # prompt optimisation's target: this quantile of ordinary prompts' scores
+START_QUANTILE = 0.9  # prompt optimisation acts on a generation above this quantile of them
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class ModelProfile:
     scores: list[float]  # their first-step noise norms, ascending
     target_fpr: float = 0.01
     prompt_quantile: float = PROMPT_QUANTILE
+    start_quantile: float = START_QUANTILE
     gate: str | None = None  # AMG gate fitted against the index below (a FittedGate file)
     index_fingerprint: str | None = None
     format: str = field(default=FORMAT)
@@ -46,7 +50,7 @@ class ModelProfile:
             raise DiffmemError(f"not a model profile (format {self.format!r})")
         if not self.scores or not all(isinstance(s, int | float) and math.isfinite(s) for s in self.scores):
             raise DiffmemError("a model profile needs one finite score per ordinary prompt")
-        for name in ("target_fpr", "prompt_quantile"):
+        for name in ("target_fpr", "prompt_quantile", "start_quantile"):
             if not 0 < getattr(self, name) < 1:
                 raise DiffmemError(
                     f"a model profile's {name} must be between 0 and 1; got {getattr(self, name)}"
@@ -61,6 +65,11 @@ class ModelProfile:
     def prompt_target(self) -> float:
         """Prompt optimisation's per-generation target: the ``prompt_quantile`` of ordinary prompts' scores."""
         return float(np.quantile(self.scores, self.prompt_quantile))
+
+    @property
+    def prompt_start(self) -> float:
+        """The score above which prompt optimisation acts: the ``start_quantile`` of ordinary prompts."""
+        return float(np.quantile(self.scores, self.start_quantile))
 
     def calibration(self) -> Calibration:
         """The detection calibration the profile implies (for whatever takes a calibration file)."""

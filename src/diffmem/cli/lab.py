@@ -44,8 +44,10 @@ SmallModel = Annotated[
     ),
 ]
 VaeSteps = Annotated[int | None, typer.Option(help="VAE steps (default: the recipe's).")]
-UnetSteps = Annotated[int | None, typer.Option(help="UNet steps (default: the recipe's).")]
-UnetBatch = Annotated[int | None, typer.Option(help="UNet batch size (default: the recipe's).")]
+UnetSteps = Annotated[
+    int | None, typer.Option(help="Denoiser (UNet or MMDiT) steps (default: the recipe's).")
+]
+UnetBatch = Annotated[int | None, typer.Option(help="Denoiser batch size (default: the recipe's).")]
 TimeBudget = Annotated[float | None, typer.Option(help="Checkpoint and stop after this many seconds.")]
 UnetChannels = Annotated[
     str | None,
@@ -63,13 +65,29 @@ PredictionType = Annotated[
         "--small with v_prediction)."
     ),
 ]
+Family = Annotated[
+    str | None,
+    typer.Option(
+        help="stable-diffusion (default: a UNet) or stable-diffusion-3 (an MMDiT and two CLIP encoders "
+        "trained on SD3's rectified flow, saved as a StableDiffusion3Pipeline without T5)."
+    ),
+]
+TransformerLayers = Annotated[
+    int | None, typer.Option(help="MMDiT blocks of a stable-diffusion-3 lab model (default 4).")
+]
+TransformerWidth = Annotated[
+    int | None, typer.Option(help="MMDiT hidden size of a stable-diffusion-3 lab model (default 96).")
+]
 VaeFrom = Annotated[
-    Path | None, typer.Option(help="Take this trained lab model's VAE and skip the VAE stage.")
+    Path | None,
+    typer.Option(
+        help="Take this trained lab model's VAE (a directory or builtin:lab-micro) and skip the VAE stage."
+    ),
 ]
 InitFrom = Annotated[
     Path | None,
     typer.Option(
-        help="Start from this trained lab model (VAE, UNet, text encoder, architecture) and train "
+        help="Start from this trained lab model (VAE, denoiser, text encoders, architecture) and train "
         "--unet-steps more."
     ),
 ]
@@ -142,19 +160,19 @@ def train(
     text_layers: TextLayers = None,
     text_width: TextWidth = None,
     prediction_type: PredictionType = None,
+    family: Family = None,
+    transformer_layers: TransformerLayers = None,
+    transformer_width: TransformerWidth = None,
     vae_from: VaeFrom = None,
     init_from: InitFrom = None,
 ) -> None:
-    """Train the lab model (VAE, then UNet and text encoder); run again to continue an interrupted run."""
+    """Train the lab model (VAE, then denoiser and text encoders); run again to continue an interrupted run."""
     from diffmem.workflows.lab import TrainLabConfig, train_lab
 
     recipe = {"vae_steps": vae_steps, "unet_steps": unet_steps, "batch_size": batch_size}
-    sizes = {
-        "unet_channels": _widths(unet_channels),
-        "text_layers": text_layers,
-        "text_width": text_width,
-        "prediction_type": prediction_type,
-    }
+    sizes = {"unet_channels": _widths(unet_channels), "text_layers": text_layers, "text_width": text_width}
+    sizes |= {"prediction_type": prediction_type, "family": family}
+    sizes |= {"transformer_layers": transformer_layers, "transformer_width": transformer_width}
     starts = {"vae_from": vae_from, "init_from": init_from, "time_budget_s": time_budget_s}
     config = TrainLabConfig(data, _preset(micro=micro, small=small), **recipe, **sizes, **starts)
     status = train_lab(config, out, ctx.obj.runtime)

@@ -35,7 +35,7 @@ LoraOption = Annotated[
     list[str] | None,
     typer.Option(
         "--lora",
-        help="A LoRA file or folder, PATH[:SCALE] (default scale 1); repeat to stack.",
+        help="A LoRA file, folder or cached Hub id, PATH[:SCALE] (default scale 1); repeat to stack.",
         rich_help_panel=PANEL,
     ),
 ]

@@ -11,7 +11,7 @@ import typer
 from diffmem.cli.app import app
 
 if TYPE_CHECKING:
-    from diffmem.train.fine_tune import FineTuneStatus
+    from diffmem.train.fine_tune import FineTuneConfig, FineTuneStatus
 
 POLICY_NAMES = (
     "ambient",
@@ -51,7 +51,10 @@ CenterCrop = Annotated[
 ]
 RandomFlip = Annotated[bool, typer.Option(help="Flip images left-right with probability 1/2 at every draw.")]
 RunOut = Annotated[
-    Path, typer.Option(help="Run directory: checkpoint while running, model/ and fine_tune.json at the end.")
+    Path,
+    typer.Option(
+        help="Run directory: checkpoint while running, model/ (a LoRA run: lora/) and fine_tune.json at the end."
+    ),
 ]
 Policy = Annotated[
     list[str] | None,
@@ -66,6 +69,13 @@ MixedPrecision = Annotated[str, typer.Option(help="no, fp16 or bf16.")]
 EmaDecay = Annotated[float | None, typer.Option(help="EMA of the UNet weights (e.g. 0.9999).")]
 CheckpointEvery = Annotated[int, typer.Option(help="Steps between checkpoints.")]
 MaxImages = Annotated[int | None, typer.Option(help="Train on the first N distinct training images.")]
+LoraRank = Annotated[
+    int | None,
+    typer.Option(help="Train a LoRA adapter of this rank on the UNet's attention projections (base frozen)."),
+]
+LoraAlpha = Annotated[
+    float | None, typer.Option(help="The LoRA alpha; the update is scaled by alpha/rank (default: the rank).")
+]
 TimeBudget = Annotated[float | None, typer.Option(help="Checkpoint and stop after this many seconds.")]
 
 
@@ -91,8 +101,11 @@ def train(
     resolution: Resolution = None,
     center_crop: CenterCrop = True,
     random_flip: RandomFlip = False,
+    lora_rank: LoraRank = None,
+    lora_alpha: LoraAlpha = None,
 ) -> None:
-    """Fine-tune the UNet; per-sample losses go through the policies (ambient, filter, captions, dedup)."""
+    """Fine-tune the UNet, or a LoRA adapter on it; per-sample losses go through the policies (ambient,
+    filter, captions, dedup)."""
     from diffmem.train.fine_tune import FineTuneConfig
     from diffmem.train.training_set import DataOptions
     from diffmem.workflows.train import TrainConfig, train_model
@@ -100,20 +113,22 @@ def train(
     optimisation = FineTuneConfig(
         steps, batch_size, lr, warmup_steps, gradient_accumulation_steps, mixed_precision, ema_decay,
         checkpoint_every=checkpoint_every, max_images=max_images,
-        policies=FineTuneConfig.parse_policies(policy or []),
+        policies=FineTuneConfig.parse_policies(policy or []), lora_rank=lora_rank, lora_alpha=lora_alpha,
     )  # fmt: skip
     options = DataOptions(caption_column, split, resolution, center_crop, random_flip)
     status = train_model(TrainConfig(model, data, optimisation, time_budget_s, options), out, ctx.obj.runtime)
     if status is not None:  # under `accelerate launch`, one process reports
-        _report(status, steps, out)
+        _report(status, optimisation, out)
 
 
-def _report(status: FineTuneStatus, steps: int, out: Path) -> None:
+def _report(status: FineTuneStatus, config: FineTuneConfig, out: Path) -> None:
     """The run's lines: the rows read (if not a lab dataset's), then how far it went."""
+    from diffmem.train.fine_tune import trained_directory
+
     if status.data_report is not None:
         typer.echo(f"{status.data_report.summary()} (report: {out / 'data_report.json'})")
     dropped = "" if status.drop_rate is None else f"; the filter dropped {status.drop_rate:.1%} of samples"
     if status.complete:
-        typer.echo(f"fine-tuned {steps} steps{dropped}; wrote {out / 'model'}")
+        typer.echo(f"fine-tuned {config.steps} steps{dropped}; wrote {trained_directory(out, config)}")
     else:
-        typer.echo(f"stopped at step {status.step} of {steps}{dropped}; run again to continue")
+        typer.echo(f"stopped at step {status.step} of {config.steps}{dropped}; run again to continue")

@@ -1,8 +1,10 @@
 """Train a lab model from scratch: first the VAE on the training scenes, then the UNet and the text
 encoder together on latents with the eps-prediction loss (Ho et al. 2020, eq. 14) or SD 2.x's
-velocity loss, and caption dropout for classifier-free guidance. Resumable: each stage checkpoints,
-and a time budget stops the run cleanly so a later call continues it. A run may start from a trained
-lab model: its VAE alone, or its VAE, UNet and text encoder (to train a finished model further)."""
+velocity loss, and caption dropout for classifier-free guidance; in the stable-diffusion-3 family, an
+MMDiT and two CLIP encoders with SD3's rectified-flow loss (:mod:`diffmem.lab.rectified_flow`).
+Resumable: each stage checkpoints, and a time budget stops the run cleanly so a later call continues it.
+A run may start from a trained lab model: its VAE alone, or its VAE, denoiser and text encoders (to train
+a finished model further)."""
 
 from __future__ import annotations
 
@@ -17,17 +19,26 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+)
 from tqdm.auto import tqdm
-from transformers import CLIPTextModel
 
 from diffmem.errors import DiffmemError
 from diffmem.io.run_record import environment
 from diffmem.lab.dataset import LabDataset, load_lab_dataset
-from diffmem.lab.model import LabModelConfig, build_lab_pipeline, build_vae
+from diffmem.lab.model import SD, SD3, LabModelConfig, build_lab_pipeline, build_vae
+from diffmem.lab.rectified_flow import flow_timesteps, rectified_flow
 from diffmem.sampling.schedulers import STABLE_DIFFUSION_SCHEDULE
 
 RECORD = "lab_training.json"
+# the pipeline components the denoiser stage trains, per family (their checkpoint and folder names)
+TRAINED = {SD: ("unet", "text_encoder"), SD3: ("transformer", "text_encoder", "text_encoder_2")}
 
 
 @dataclass(frozen=True)
@@ -155,7 +166,7 @@ class _Run:
         self.previous_elapsed = json.loads(clock.read_text())["elapsed_s"] if clock.is_file() else 0.0
         settings = {"model": model.to_dict(), "train": asdict(train), **self.sources}
         recorded = self.checkpoints / "settings.json"
-        if recorded.is_file() and json.loads(recorded.read_text()) != json.loads(json.dumps(settings)):
+        if recorded.is_file() and _recorded_settings(recorded) != json.loads(json.dumps(settings)):
             raise DiffmemError(
                 f"{out_dir} holds a run with other settings; resume with the same configuration or use a new directory"
             )
@@ -197,6 +208,13 @@ class _Run:
     def load(self, name: str) -> dict | None:
         path = self.checkpoints / f"{name}.pt"
         return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
+
+
+def _recorded_settings(path: Path) -> dict:
+    """A checkpointed run's settings, the fields its architecture predates at their defaults."""
+    settings = json.loads(path.read_text())
+    settings["model"] = _recorded_model_config(settings["model"]).to_dict()
+    return json.loads(json.dumps(settings))
 
 
 def _train_vae(
@@ -242,46 +260,44 @@ def _scaling_factor(vae: AutoencoderKL, images: torch.Tensor) -> float:
 
 def _train_denoiser(
     dataset: LabDataset, vae: AutoencoderKL, run: _Run, device: torch.device, progress: bool
-) -> tuple[StableDiffusionPipeline, int]:
-    """Stage 2: UNet and text encoder on latents of the training rows (duplicates drawn as often as they
-    occur), predicting the noise or, with ``prediction_type="v_prediction"``, the velocity."""
+) -> tuple[DiffusionPipeline, int]:
+    """Stage 2: the denoiser and text encoders on latents of the training rows (duplicates drawn as often as
+    they occur), with the family's objective (:class:`_NoisePrediction` or :class:`_FlowVelocity`)."""
     config = run.train
     pipeline = build_lab_pipeline(run.model, vae=vae, seed=config.seed)
-    unet, text_encoder = pipeline.unet, pipeline.text_encoder
-    parameters = [*unet.parameters(), *text_encoder.parameters()]
+    trained = {name: getattr(pipeline, name) for name in TRAINED[run.model.family]}
+    parameters = [p for module in trained.values() for p in module.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=1e-2)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / config.warmup_steps))
     generator = torch.Generator().manual_seed(config.seed + 1)
-    modules = {"unet": unet, "text_encoder": text_encoder, "optimizer": optimizer, "lr": warmup}
+    modules = {**trained, "optimizer": optimizer, "lr": warmup}
     checkpoint = run.load("denoiser")
     if checkpoint is None and run.sources["init_from"] is not None:  # a resumed run has its own weights
-        _load_denoiser_weights(Path(run.sources["init_from"]), unet, text_encoder)
+        _load_denoiser_weights(Path(run.sources["init_from"]), trained)
     step = _restore(checkpoint, modules, generator)
     pipeline.to(device)
     latent_mean, latent_std, row_scene = _latent_table(dataset, vae, device)
-    token_ids = _token_ids(pipeline, dataset.train.column("caption").to_pylist(), device)
-    empty_ids = _token_ids(pipeline, [""], device)
-    noise_schedule = DDPMScheduler(**STABLE_DIFFUSION_SCHEDULE)
-    scaling = vae.config.scaling_factor
-    bar = tqdm(total=config.unet_steps, initial=step, desc="unet", disable=not progress)
-    unet.train()
-    text_encoder.train()
+    captions = dataset.train.column("caption").to_pylist()
+    if run.model.family == SD3:
+        # SD3 normalises latents as (z - shift_factor) * scaling_factor: centred on the lab latents' mean
+        vae.register_to_config(shift_factor=float(latent_mean.mean()))
+        objective = _FlowVelocity(pipeline, captions)
+    else:
+        objective = _NoisePrediction(pipeline, captions, run.model.prediction_type, device)
+    shift, scaling = vae.config.shift_factor or 0.0, vae.config.scaling_factor
+    bar = tqdm(total=config.unet_steps, initial=step, desc=next(iter(trained)), disable=not progress)
+    for module in trained.values():
+        module.train()
     while step < config.unet_steps:
         rows = torch.randint(len(row_scene), (config.batch_size,), generator=generator)
         scenes = row_scene[rows]
         z0 = latent_mean[scenes] + latent_std[scenes] * _randn(latent_mean[scenes].shape, generator, device)
-        z0 = z0 * scaling
+        z0 = (z0 - shift) * scaling
         noise = _randn(z0.shape, generator, device)
-        t = torch.randint(
-            noise_schedule.config.num_train_timesteps, (config.batch_size,), generator=generator
-        ).to(device)
-        z_t = noise_schedule.add_noise(z0, noise, t)  # z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps
+        z_t, t, target = objective.noised(z0, noise, generator)
         drop = (torch.rand(config.batch_size, generator=generator) < config.caption_dropout).to(device)
-        ids = torch.where(drop[:, None], empty_ids, token_ids[rows.to(device)])
         with _autocast(device):
-            encoder_hidden_states = text_encoder(ids)[0]
-            output = unet(z_t, t, encoder_hidden_states=encoder_hidden_states).sample
-            target = _target(noise_schedule, run.model.prediction_type, z0, noise, t)
+            output = objective.predict(z_t, t, rows, drop)
             loss = F.mse_loss(output.float(), target)  # ||eps - eps_theta(z_t, t, c)||^2, or in v
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -292,9 +308,44 @@ def _train_denoiser(
         if run.after_step("denoiser", step, config.unet_steps, loss, bar, modules, generator):
             break
     bar.close()
-    unet.eval()
-    text_encoder.eval()
+    for module in trained.values():
+        module.eval()
     return pipeline, step
+
+
+class _NoisePrediction:
+    """SD 1.x/2.x: z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps at a uniform timestep of SD's schedule; the
+    UNet, cross-attending to the text encoder's last hidden state, predicts the noise or the velocity."""
+
+    def __init__(
+        self,
+        pipeline: StableDiffusionPipeline,
+        captions: list[str],
+        prediction_type: str,
+        device: torch.device,
+    ):
+        self.pipeline = pipeline
+        self.prediction_type = prediction_type
+        self.schedule = DDPMScheduler(**STABLE_DIFFUSION_SCHEDULE)
+        self.token_ids = _token_ids(pipeline, captions, device)
+        self.empty_ids = _token_ids(pipeline, [""], device)
+
+    def noised(
+        self, z0: torch.Tensor, noise: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """z_t, the timesteps [B] and the target of a batch of latents."""
+        steps = self.schedule.config.num_train_timesteps
+        t = torch.randint(steps, (len(z0),), generator=generator).to(z0.device)
+        z_t = self.schedule.add_noise(z0, noise, t)  # z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps
+        return z_t, t, _target(self.schedule, self.prediction_type, z0, noise, t)
+
+    def predict(
+        self, z_t: torch.Tensor, t: torch.Tensor, rows: torch.Tensor, drop: torch.Tensor
+    ) -> torch.Tensor:
+        """The UNet's output for training rows ``rows``, their captions dropped where ``drop``."""
+        ids = torch.where(drop[:, None], self.empty_ids, self.token_ids[rows.to(z_t.device)])
+        encoder_hidden_states = self.pipeline.text_encoder(ids)[0]
+        return self.pipeline.unet(z_t, t, encoder_hidden_states=encoder_hidden_states).sample
 
 
 def _target(
@@ -307,9 +358,50 @@ def _target(
     return schedule.get_velocity(z0, noise, t)
 
 
+class _FlowVelocity:
+    """SD3: the rectified flow of :mod:`diffmem.lab.rectified_flow`; the MMDiT sees the prompt as the
+    pipeline encodes it (``encode_prompt``: both CLIP encoders, zeros in T5's place)."""
+
+    def __init__(self, pipeline: StableDiffusion3Pipeline, captions: list[str]):
+        self.pipeline = pipeline
+        self.captions = captions
+        self.schedule = FlowMatchEulerDiscreteScheduler.from_config(pipeline.scheduler.config)
+
+    def noised(
+        self, z0: torch.Tensor, noise: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """z_t, the timesteps [B] and the velocity target of a batch of latents."""
+        t, sigma = flow_timesteps(self.schedule, len(z0), generator)
+        z_t, v = rectified_flow(z0, noise, sigma)
+        return z_t, t.to(z0.device), v
+
+    def predict(
+        self, z_t: torch.Tensor, t: torch.Tensor, rows: torch.Tensor, drop: torch.Tensor
+    ) -> torch.Tensor:
+        """The transformer's velocity for training rows ``rows``, their captions dropped where ``drop``."""
+        prompts = [
+            "" if dropped else self.captions[row] for row, dropped in zip(rows.tolist(), drop.tolist())
+        ]
+        prompt_embeds, _, pooled, _ = self.pipeline.encode_prompt(
+            prompts, None, None, device=z_t.device, do_classifier_free_guidance=False
+        )
+        return self.pipeline.transformer(
+            hidden_states=z_t,
+            timestep=t,
+            encoder_hidden_states=prompt_embeds,
+            pooled_projections=pooled,
+            return_dict=False,
+        )[0]
+
+
 def trained_model_config(model_dir: Path) -> LabModelConfig:
     """The architecture a lab model was trained with (from its ``lab_training.json``)."""
-    sizes = {"prediction_type": "epsilon"} | _training_record(model_dir)["model_config"]  # older: epsilon
+    return _recorded_model_config(_training_record(model_dir)["model_config"])
+
+
+def _recorded_model_config(sizes: dict) -> LabModelConfig:
+    """A recorded architecture; a field the record predates has its default (the prediction type: epsilon)."""
+    sizes = {"prediction_type": "epsilon"} | sizes
     return LabModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in sizes.items()})
 
 
@@ -335,12 +427,10 @@ def _trained_vae(model_dir: Path, config: LabModelConfig) -> AutoencoderKL:
     return AutoencoderKL.from_pretrained(model_dir / "vae").float().eval()
 
 
-def _load_denoiser_weights(model_dir: Path, unet: UNet2DConditionModel, text_encoder: CLIPTextModel) -> None:
-    """Copy a trained lab model's UNet and text-encoder weights (stored in float16) into float32 modules."""
-    unet.load_state_dict(UNet2DConditionModel.from_pretrained(model_dir / "unet").float().state_dict())
-    text_encoder.load_state_dict(
-        CLIPTextModel.from_pretrained(model_dir / "text_encoder").float().state_dict()
-    )
+def _load_denoiser_weights(model_dir: Path, trained: dict[str, torch.nn.Module]) -> None:
+    """Copy a trained lab model's denoiser and text-encoder weights (stored in float16) into float32 modules."""
+    for name, module in trained.items():
+        module.load_state_dict(type(module).from_pretrained(model_dir / name).float().state_dict())
 
 
 @torch.no_grad()
@@ -386,10 +476,11 @@ def _restore(state: dict | None, modules: dict, generator: torch.Generator) -> i
     return int(state["step"])
 
 
-def _save_pipeline(pipeline: StableDiffusionPipeline, dataset: LabDataset, run: _Run) -> None:
+def _save_pipeline(pipeline: DiffusionPipeline, dataset: LabDataset, run: _Run) -> None:
     """The trained pipeline in float16 safetensors, with a record of how it was made; checkpoints go."""
-    for component in (pipeline.unet, pipeline.vae, pipeline.text_encoder):
-        component.to("cpu", torch.float16)
+    for component in pipeline.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.to("cpu", torch.float16)
     pipeline.save_pretrained(run.out_dir, safe_serialization=True)
     record = {
         "command": " ".join(sys.argv),

@@ -5,6 +5,8 @@ From x_T, AdamW (lr 0.05) moves every position of the prompt embedding but the s
 ``||eps(x_T, e_prompt) - eps(x_T, e_null)||_2`` until it is at most the target or the iteration budget
 is spent. Each sample is optimised on its own with its own seed (the reference optimises a joint norm
 over n generations against l_target = 3 for n = 4; the per-generation target here is l_target / sqrt(n)).
+A ``start`` above the target leaves a generation whose score is at most ``start`` untouched: one
+threshold cannot both spare ordinary prompts and push memorized ones far enough on every model.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class PromptOptimizationConfig:
     """Wen et al.'s defaults: AdamW, lr 0.05, at most 10 iterations, stop at the per-generation target."""
 
     target: float = REFERENCE_TARGET_PER_GENERATION  # per-generation noise norm to reach at x_T
+    start: float | None = None  # optimise only a generation scoring above this at x_T (None: the target)
     max_iterations: int = 10
     learning_rate: float = 0.05
     weight_decay: float = 0.01  # torch's AdamW default, as the reference uses
@@ -39,6 +42,10 @@ class PromptOptimizationConfig:
             raise DiffmemError(
                 "prompt optimisation needs target >= 0, max_iterations >= 0 and learning_rate > 0; "
                 f"got {self.target}, {self.max_iterations}, {self.learning_rate}"
+            )
+        if self.start is not None and self.start < self.target:
+            raise DiffmemError(
+                f"prompt optimisation's start ({self.start}) must be at least its target ({self.target})"
             )
 
 
@@ -78,7 +85,9 @@ def optimize_prompt_embeddings(
         eps_cond = denoiser.eps(x_t, t, cond.replace(prompt_embeds=current))
         # the memorization score of each generation at x_T: ||eps_cond - eps_uncond||_2 (Wen et al., eq. 4)
         norms = (eps_cond - eps_uncond).flatten(1).float().norm(dim=1)
-        initial = norms.detach() if initial is None else initial
+        if initial is None:
+            initial = norms.detach()
+            done |= initial <= (config.target if config.start is None else config.start)
         done |= norms.detach() <= config.target
         if bool(done.all()) or iteration == config.max_iterations:
             break

@@ -55,6 +55,24 @@ def cached_snapshot(repo_id: str, revision: str | None = None) -> Path:
     )
 
 
+def cached_lora(repo_id: str) -> Path:
+    """The cached snapshot (main) of a LoRA repository ``repo_id``: a folder holding ``.safetensors``."""
+    cache = hub_cache()
+    snapshot = _snapshot_at(
+        cache / repo_folder_name(repo_id=repo_id, repo_type="model"), constants.DEFAULT_REVISION
+    )
+    if snapshot is None or not snapshot.is_dir():
+        raise DiffmemError(
+            f"LoRA {repo_id} is not a local file and not in the local Hugging Face cache ({cache}); diffmem "
+            f"never downloads: run `hf download {repo_id}` on a connected machine and copy its cache here"
+        )
+    if not any(snapshot.glob("*.safetensors")):
+        raise DiffmemError(
+            f"LoRA {repo_id} in the Hugging Face cache holds no .safetensors file ({snapshot})"
+        )
+    return snapshot
+
+
 def _snapshot_at(repo: Path, revision: str) -> Path | None:
     """The snapshot folder a revision names in a cached repository, if the cache records it."""
     if REGEX_COMMIT_HASH.fullmatch(revision):

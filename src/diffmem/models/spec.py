@@ -14,14 +14,16 @@ DEFAULT_LORA_SCALE = 1.0
 
 @dataclass(frozen=True)
 class Lora:
-    """A LoRA adapter (a diffusers/kohya ``.safetensors`` file or a folder holding one) and its scale."""
+    """A LoRA adapter (a diffusers/kohya ``.safetensors`` file, a folder holding one, or a Hub id from the
+    local cache) and its scale."""
 
     path: Path
     scale: float = DEFAULT_LORA_SCALE
 
     @classmethod
     def parse(cls, text: str) -> Lora:
-        """``PATH`` or ``PATH:SCALE``; the path is made absolute so worker processes find it too."""
+        """``PATH``, ``ORG/NAME`` or either with ``:SCALE``; the path is made absolute (a Hub id: its cached
+        snapshot) so worker processes find it too."""
         path, scale = text, DEFAULT_LORA_SCALE
         head, sep, tail = text.rpartition(":")
         if sep and head:
@@ -29,9 +31,15 @@ class Lora:
                 path, scale = head, float(tail)
             except ValueError:
                 pass  # a colon inside the path (C:\...), not a scale
+        from diffmem.models.hub import cached_lora, is_hub_id  # huggingface_hub only when a LoRA is given
+
         resolved = Path(path).expanduser().absolute()
+        if not resolved.exists() and is_hub_id(path):
+            resolved = cached_lora(path)
         if not resolved.exists():
-            raise DiffmemError(f"LoRA not found: {resolved}; give --lora PATH[:SCALE] with a local file")
+            raise DiffmemError(
+                f"LoRA not found: {resolved}; give --lora PATH[:SCALE] with a local file or a cached Hub id"
+            )
         return cls(resolved, scale)
 
     def __str__(self) -> str:

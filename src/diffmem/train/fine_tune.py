@@ -16,6 +16,10 @@ in noise terms.
 A text-to-image pipeline trains on any training set :mod:`diffmem.train.training_set` reads (a lab dataset,
 an image folder, a saved ``datasets`` dataset, WebDataset shards); a ``UNet2DModel`` pipeline on a lab
 dataset, whose scenes give its class labels.
+
+With ``lora_rank`` set, a text-to-image UNet trains a LoRA adapter instead (:mod:`diffmem.train.lora`):
+the base UNet frozen, the optimizer, EMA and checkpoints over the adapter alone, the result the adapter in
+diffusers' LoRA format; the policies act on the data and the per-sample losses, so they apply unchanged.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from diffmem.data.lab_rows import is_lab_dataset
 from diffmem.errors import DiffmemError
 from diffmem.io.atomic import write_json_atomic
 from diffmem.io.run_record import environment
+from diffmem.models.source import model_hash
 from diffmem.train.ambient_loss import (
     NATIVE_WEIGHTS,
     ambient_loss_vp,
@@ -54,11 +59,14 @@ from diffmem.train.ambient_loss import (
 from diffmem.train.caption_randomisation import CaptionRandomisationConfig, randomise_captions
 from diffmem.train.deduplication import DeduplicationConfig, deduplicate
 from diffmem.train.latent_cache import cached_latents, encode_latents
+from diffmem.train.lora import TARGET_MODULES, WEIGHT_NAME, add_lora, checkpoint_adapter_only, save_lora
 from diffmem.train.magnitude_filter import MagnitudeFilter, MagnitudeFilterConfig, prediction_magnitude
 from diffmem.train.training_set import DataOptions, TrainingSet, read_training_set
 
 RECORD = "fine_tune.json"
 DATA_REPORT = "data_report.json"  # the rows read and those skipped, beside the record
+MODEL_DIR = "model"  # a full fine-tune's pipeline
+LORA_DIR = "lora"  # a LoRA fine-tune's adapter
 PROGRESS_EVERY = 25  # steps between loss read-outs on the progress bar
 AUGMENT_STREAM = 1  # tells the random crops' and flips' seeds from the batches'
 
@@ -100,6 +108,8 @@ class FineTuneConfig:
     )
     seed: int = 0
     policies: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> settings
+    lora_rank: int | None = None  # r of a LoRA adapter on the attention projections; None: full fine-tuning
+    lora_alpha: float | None = None  # the adapter's alpha (its update is scaled by alpha / r); None: the rank
 
     def __post_init__(self) -> None:
         if (
@@ -110,6 +120,14 @@ class FineTuneConfig:
         ):
             raise DiffmemError(
                 "steps, batch_size, gradient_accumulation_steps and checkpoint_every must be >= 1"
+            )
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise DiffmemError(
+                f"the LoRA rank must be >= 1 (or unset for full fine-tuning); got {self.lora_rank}"
+            )
+        if self.lora_alpha is not None and (self.lora_rank is None or self.lora_alpha <= 0):
+            raise DiffmemError(
+                f"the LoRA alpha must be > 0 and comes with a LoRA rank; got {self.lora_alpha}"
             )
         for name, settings in self.policies.items():
             method_config("policy", name, POLICIES, settings)  # unknown policies or settings fail here
@@ -124,6 +142,12 @@ class FineTuneConfig:
                 raise DiffmemError(f"policy {name!r} given twice")
             policies[name] = settings
         return policies
+
+    @property
+    def resolved_lora_alpha(self) -> float | None:
+        """The LoRA alpha trained with: ``lora_alpha``, else the rank (a scale alpha / r of 1); None
+        without LoRA."""
+        return self.lora_rank if self.lora_alpha is None else self.lora_alpha
 
 
 @dataclass(frozen=True)
@@ -148,7 +172,8 @@ def fine_tune(
 ) -> FineTuneStatus:
     """Fine-tune the pipeline in ``model_dir`` on the training set at ``data_dir`` (read and prepared as
     ``data_options`` say; by default centre crops at the model's resolution) with the configured policies;
-    the result goes to ``out_dir/model``, the report of the rows read to ``out_dir/data_report.json``.
+    the result goes to ``out_dir/model`` (a LoRA run's adapter to ``out_dir/lora``), the report of the rows
+    read to ``out_dir/data_report.json``.
     With a time budget, the run checkpoints and stops; calling again continues (on the same data only)."""
     out_dir = Path(out_dir)
     if (out_dir / RECORD).is_file():
@@ -162,6 +187,7 @@ def fine_tune(
     )
     data_options = data_options or DataOptions()
     pipeline = _open_pipeline(model_dir)
+    _add_lora(pipeline, config)
     training = _training_set(pipeline, data_dir, data_options)
     if training.report is not None and accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -175,12 +201,15 @@ def fine_tune(
     sigma_n = 0.0 if ambient is None else ambient.sigma_n
     t_n = None if ambient is None else timestep_of_sigma(schedule.alphas_cumprod, sigma_n)  # or an error
     unet = pipeline.unet.train()
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr)
+    trainable = [p for p in unet.parameters() if p.requires_grad]  # the whole UNet, or its LoRA adapter
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr)
     warmup = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps))
     )
     unet, optimizer, warmup = accelerator.prepare(unet, optimizer, warmup)
-    ema = EMAModel(unet.parameters(), decay=config.ema_decay) if config.ema_decay else None
+    if config.lora_rank is not None:
+        checkpoint_adapter_only(accelerator)
+    ema = EMAModel(trainable, decay=config.ema_decay) if config.ema_decay else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
     checkpoint = out_dir / "checkpoint"
@@ -219,12 +248,12 @@ def fine_tune(
             accelerator.backward(loss)
             if update:
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(unet.parameters(), config.max_grad_norm)
+                    accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
                 optimizer.step()
                 warmup.step()
             optimizer.zero_grad(set_to_none=True)
         if ema is not None and accelerator.sync_gradients:
-            ema.step(unet.parameters())
+            ema.step(trainable)
         step += 1
         bar.update()
         out_of_time = time_budget_s is not None and _any_process(
@@ -252,12 +281,11 @@ def fine_tune(
         return FineTuneStatus(out_dir, False, step, drop_rate, training.report)
     trained = accelerator.unwrap_model(unet)
     if ema is not None:
-        ema.copy_to(trained.parameters())
+        ema.copy_to(trainable)
     if not main:
         accelerator.wait_for_everyone()  # the main process saves the model and the record
         return FineTuneStatus(out_dir, True, step, drop_rate, training.report)
-    pipeline.unet = trained.eval()
-    pipeline.save_pretrained(out_dir / "model", safe_serialization=True)
+    _save_trained(pipeline, trained.eval(), out_dir, config)
     record = {
         "command": " ".join(sys.argv),
         "model": str(model_dir),
@@ -271,6 +299,7 @@ def fine_tune(
         "images": data.num_images,
         "prediction_type": data.prediction_type,
         "config": asdict(config),
+        "lora": _lora_record(model_dir, config),
         "processes": accelerator.num_processes,  # each drew config.batch_size rows a step
         "ambient_t_n": t_n,
         "filter_threshold": None if flt is None else flt.threshold,  # the given one, or the quantile's value
@@ -524,6 +553,49 @@ def _open_pipeline(model_dir: Path):
     return pipeline
 
 
+def _add_lora(pipeline, config: FineTuneConfig) -> None:
+    """For a LoRA run, freeze the pipeline's UNet and add the adapter to train; only a text-to-image
+    pipeline takes one, since only its pipelines load LoRA adapters (``load_lora_weights``)."""
+    if config.lora_rank is None:
+        return
+    kind = _kind(pipeline)
+    if kind != "text":
+        model = "a class-conditional" if kind == "class" else "an unconditional"
+        raise DiffmemError(
+            "LoRA fine-tuning needs a text-to-image pipeline (diffusers loads LoRA adapters into those only, "
+            f"with load_lora_weights); this is {model} UNet2DModel pipeline: drop --lora-rank to train it fully"
+        )
+    add_lora(pipeline.unet, config.lora_rank, config.resolved_lora_alpha, config.seed)
+
+
+def trained_directory(out_dir: Path, config: FineTuneConfig) -> Path:
+    """Where a run's result goes: ``out_dir/model`` (the pipeline), or ``out_dir/lora`` (the adapter)."""
+    return Path(out_dir) / (MODEL_DIR if config.lora_rank is None else LORA_DIR)
+
+
+def _save_trained(pipeline, unet: torch.nn.Module, out_dir: Path, config: FineTuneConfig) -> None:
+    """Save the result: the pipeline with its trained UNet, or a LoRA run's adapter alone."""
+    if config.lora_rank is not None:
+        save_lora(unet, trained_directory(out_dir, config))
+        return
+    pipeline.unet = unet
+    pipeline.save_pretrained(trained_directory(out_dir, config), safe_serialization=True)
+
+
+def _lora_record(model_dir: Path, config: FineTuneConfig) -> dict | None:
+    """A LoRA run's adapter: its file, shape, and the base model it applies to (path and hash)."""
+    if config.lora_rank is None:
+        return None
+    return {
+        "weights": f"{LORA_DIR}/{WEIGHT_NAME}",
+        "rank": config.lora_rank,
+        "alpha": config.resolved_lora_alpha,
+        "target_modules": list(TARGET_MODULES),
+        "base_model": str(model_dir),
+        "base_model_sha256": model_hash(Path(model_dir)),
+    }
+
+
 def _kind(pipeline) -> str:
     """ "text" (a text-to-image pipeline), "class" (a class-conditional UNet) or "none"."""
     if getattr(pipeline, "text_encoder", None) is not None:
@@ -634,12 +706,14 @@ def _resume(
     if not state.is_file():
         return 0, {}
     recorded = json.loads(state.read_text())
-    if recorded["config"] != json.loads(json.dumps(asdict(config))):
-        differ = sorted(
-            k
-            for k in recorded["config"]
-            if recorded["config"][k] != json.loads(json.dumps(asdict(config)))[k]
+    there, here = _settings(recorded["config"]), _settings(asdict(config))
+    if _training_kind(there) != _training_kind(here):
+        raise DiffmemError(
+            f"{checkpoint.parent} holds a run of {_training_kind(there)}, not {_training_kind(here)}; resume "
+            "with the same --lora-rank and --lora-alpha or use a new directory"
         )
+    if there != here:
+        differ = sorted(k for k in here if there[k] != here[k])
         raise DiffmemError(
             f"{checkpoint.parent} holds a run with other settings ({', '.join(differ)}); resume with the same "
             "policies and configuration or use a new directory"
@@ -651,6 +725,22 @@ def _resume(
         )
     accelerator.load_state(str(checkpoint / "state"))
     return int(recorded["step"]), recorded.get("run", {})
+
+
+def _settings(config: dict) -> dict:
+    """A config as JSON values for comparison: settings a checkpoint predates at their defaults, an unset
+    LoRA alpha at its rank."""
+    settings = json.loads(json.dumps(asdict(FineTuneConfig()) | config))
+    if settings["lora_alpha"] is None:
+        settings["lora_alpha"] = settings["lora_rank"]
+    return settings
+
+
+def _training_kind(settings: dict) -> str:
+    """What a run trains, in words: "full fine-tuning" or "a LoRA of rank r and alpha a"."""
+    if settings["lora_rank"] is None:
+        return "full fine-tuning"
+    return f"a LoRA of rank {settings['lora_rank']} and alpha {settings['lora_alpha']:g}"
 
 
 def _checkpoint(

@@ -141,8 +141,8 @@ def model_profile(
 
 
 def left_to_profile(name: str, settings: dict[str, Any]) -> set[str]:
-    """The settings of a mitigation that the model's profile would fill: ``target`` of prompt
-    optimisation, ``gate`` of AMG, unless given or ``preset=paper``."""
+    """The settings of a mitigation that the model's profile would fill: ``target`` of prompt optimisation
+    (and its ``start`` with it), ``gate`` of AMG, unless given or ``preset=paper``."""
     if settings.get("preset") == "paper":
         return set()
     calibrated = {"prompt_optimization": {"target"}, "amg": {"gate"}}.get(name, set())
@@ -153,7 +153,7 @@ def calibrated_settings(
     name: str, settings: dict[str, Any], profile: ModelProfile | None, reference: ReferenceSet | None = None
 ) -> dict[str, Any]:
     """A mitigation's settings: the ones given, over the model's calibrated defaults (prompt optimisation's
-    target; AMG's gate for this index and its excess rule for the dissimilarity step); ``preset=paper``
+    target, and the start that comes with it; AMG's gate for this index and its excess rule for the dissimilarity step); ``preset=paper``
     keeps the papers' constants instead."""
     settings = dict(settings)
     preset = settings.pop("preset", "calibrated")
@@ -161,8 +161,9 @@ def calibrated_settings(
         raise DiffmemError(f"mitigation {name!r}: preset must be one of {', '.join(PRESETS)}; got {preset!r}")
     if preset == "paper" or profile is None:
         return settings
-    if name == "prompt_optimization":
-        settings.setdefault("target", profile.prompt_target)
+    if name == "prompt_optimization" and "target" not in settings:
+        settings["target"] = profile.prompt_target
+        settings.setdefault("start", max(profile.prompt_start, profile.prompt_target))
     fitted = reference is not None and profile.index_fingerprint == reference.index.manifest.fingerprint
     if name == "amg" and fitted and profile.gate is not None:
         settings.setdefault("gate", profile.gate)

@@ -30,7 +30,7 @@ from diffmem.lab.alignment import (
 from diffmem.lab.dataset import load_lab_dataset
 from diffmem.lab.export import export_lab_dataset
 from diffmem.lab.label import LabelConfig, label_lab_model
-from diffmem.lab.model import LabModelConfig
+from diffmem.lab.model import SD3, LabModelConfig
 from diffmem.lab.train import LabTrainConfig, TrainingStatus, train_lab_model
 from diffmem.metrics.copy_detection import (
     CopyDetectionConfig,
@@ -40,6 +40,7 @@ from diffmem.metrics.copy_detection import (
     save_encoder,
     train_copy_detector,
 )
+from diffmem.models.source import shipped_directory
 from diffmem.workflows.runtime import Runtime
 
 PRESETS = ("micro", "small")  # the lab model's presets (LabTrainConfig and LabModelConfig classmethods)
@@ -58,6 +59,10 @@ class TrainLabConfig:
     text_layers: int | None = None
     text_width: int | None = None  # the text encoder's hidden size
     prediction_type: str | None = None
+    family: str | None = None  # stable-diffusion-3: an MMDiT trained on SD3's rectified flow; None: the UNet
+    transformer_layers: int | None = None  # the stable-diffusion-3 family's sizes (None: the preset's)
+    transformer_width: int | None = None
+    # the next two: a trained lab model's directory, or a shipped one's name (builtin:lab-micro)
     vae_from: Path | None = None  # take this trained lab model's VAE and skip the VAE stage
     init_from: Path | None = None  # start from this trained lab model, in its architecture
     time_budget_s: float | None = None  # checkpoint and stop after this many seconds
@@ -65,10 +70,19 @@ class TrainLabConfig:
     def __post_init__(self) -> None:
         if self.preset not in (None, *PRESETS):
             raise DiffmemError(f"unknown lab preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
-        if self.init_from is not None and self._sizes():
+        if self.init_from is not None and (self._sizes() or self.family is not None):
             raise DiffmemError(
-                "--init-from continues that model's architecture; "
-                "drop --unet-channels, --text-layers, --text-width and --prediction-type"
+                "--init-from continues that model's architecture; drop --family, --unet-channels, "
+                "--transformer-layers, --transformer-width, --text-layers, --text-width and --prediction-type"
+            )
+        transformer = self.transformer_layers is not None or self.transformer_width is not None
+        if self.family == SD3 and self.unet_channels is not None:
+            raise DiffmemError(
+                f"a {SD3} lab model has no UNet; size it with --transformer-width/--transformer-layers"
+            )
+        if self.family != SD3 and transformer:
+            raise DiffmemError(
+                f"--transformer-width/--transformer-layers size a {SD3} lab model; add --family {SD3}"
             )
 
     def recipe(self, seed: int) -> LabTrainConfig:
@@ -86,11 +100,15 @@ class TrainLabConfig:
         if self.init_from is not None:
             return None
         model = getattr(LabModelConfig, self.preset)() if self.preset else LabModelConfig()
+        if self.family is not None:
+            model = model.in_family(self.family)
         return replace(model, **self._sizes())
 
     def _sizes(self) -> dict[str, Any]:
         sizes = {
             "unet_channels": self.unet_channels,
+            "transformer_layers": self.transformer_layers,
+            "transformer_width": self.transformer_width,
             "text_layers": self.text_layers,
             "text_hidden": self.text_width,
             "prediction_type": self.prediction_type,
@@ -99,7 +117,8 @@ class TrainLabConfig:
 
 
 def train_lab(config: TrainLabConfig, out: Path, runtime: Runtime | None = None) -> TrainingStatus:
-    """Train the lab model (VAE, then UNet and text encoder) into ``out``, or continue an interrupted run.
+    """Train the lab model (VAE, then the denoiser and text encoders) into ``out``, or continue an
+    interrupted run.
 
     Checkpoints are written to ``out`` while it runs and the pipeline at the end; a run stopped by the
     time budget returns ``complete=False`` and continues when called again.
@@ -112,9 +131,15 @@ def train_lab(config: TrainLabConfig, out: Path, runtime: Runtime | None = None)
         config.recipe(runtime.seed),
         device=runtime.device,
         time_budget_s=config.time_budget_s,
-        vae_from=config.vae_from,
-        init_from=config.init_from,
+        vae_from=_lab_model_directory(config.vae_from),
+        init_from=_lab_model_directory(config.init_from),
     )
+
+
+def _lab_model_directory(model: Path | None) -> Path | None:
+    """The directory of a trained lab model given as a path or as a shipped model's name."""
+    shipped = None if model is None else shipped_directory(str(model))
+    return model if shipped is None else shipped / "model"
 
 
 @dataclass(frozen=True)

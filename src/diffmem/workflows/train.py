@@ -27,11 +27,12 @@ class TrainConfig:
 
 
 def train_model(config: TrainConfig, out: Path, runtime: Runtime | None = None) -> FineTuneStatus | None:
-    """Fine-tune the UNet into ``out``, or continue an interrupted run; None in a process of an
-    ``accelerate launch`` other than the main one (which reports).
+    """Fine-tune the UNet (or a LoRA adapter on it) into ``out``, or continue an interrupted run; None in a
+    process of an ``accelerate launch`` other than the main one (which reports).
 
     ``data_report.json`` (the rows read and those skipped; not for a lab dataset) and a checkpoint are
-    written to ``out`` while it runs, and ``model/`` and ``fine_tune.json`` at the end.
+    written to ``out`` while it runs, and ``model/`` (a LoRA run's adapter: ``lora/``) and
+    ``fine_tune.json`` at the end.
     """
     runtime = runtime or Runtime()
     settings = replace(config.fine_tune, seed=runtime.seed)

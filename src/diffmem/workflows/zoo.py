@@ -3,6 +3,7 @@ nothing tuned per lab (``diffmem eval zoo``)."""
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from diffmem.detect.noise_norm import NoiseNormConfig, noise_norm
 from diffmem.errors import DiffmemError
@@ -40,6 +42,9 @@ from diffmem.workflows.runtime import Runtime
 log = logging.getLogger(__name__)
 
 LAB_COPY_THRESHOLD = 0.75  # a near-copy for the lab's copy detector (every lab's labels use it)
+LABELLED_GROUPS = ("memorized", "duplicated_image", "heldout")  # the prompts the zoo judges methods on
+LABELLED_PER_GROUP = 64  # at most this many prompts of each group are labelled
+TRUTH = "memorized_copy"  # most generations are near-copies by the lab's copy detector
 MITIGATIONS = ("amg", "prompt_optimization")  # judged at their calibrated defaults against plain sampling
 
 
@@ -61,16 +66,28 @@ class ZooLabParts:
 
     @classmethod
     def locate(cls, root: Path, lab: ZooLab) -> ZooLabParts:
-        """The parts under ``root``; a shipped lab's model, labels, detector and index are the package's."""
+        """The parts under ``root``; a shipped lab's model, detector and index are the package's, and so
+        are its labels when they were made the zoo's way."""
         paths = zoo_paths(root, lab)
+        labels = paths["labels"] / "labels.parquet"
         if lab.shipped is None:
-            model, labels = str(paths["model"]), paths["labels"] / "labels.parquet"
-            detector, index = paths["copy_detector"], paths["index"]
+            model, detector, index = str(paths["model"]), paths["copy_detector"], paths["index"]
         else:
             source = ModelSource.resolve(lab.shipped)
-            model, labels = lab.shipped, source.labels
-            index, detector = source.reference
+            model, (index, detector) = lab.shipped, source.reference
+            if _labelled_the_zoo_way(source.labels):
+                labels = source.labels
         return cls(lab, model, paths["data"], labels, detector, index, paths["reader"])
+
+
+def _labelled_the_zoo_way(labels: Path | None) -> bool:
+    """Whether shipped labels judge copies with the copy detector at the zoo's threshold."""
+    if labels is None or not labels.with_suffix(".json").is_file():
+        return False
+    record = json.loads(labels.with_suffix(".json").read_text())
+    return (
+        record["config"].get("copy_threshold") == LAB_COPY_THRESHOLD and TRUTH in pq.read_schema(labels).names
+    )
 
 
 def build_zoo(
@@ -88,10 +105,22 @@ def build_zoo(
             build_lab_dataset(parts.data, lab.data)
         if lab.trained_by_zoo:
             _train(lab, parts, runtime)
+        if not parts.labels.exists():
+            _label(parts, runtime)
         if not parts.reader.exists():
             train_lab_reader(ReaderTrainingConfig(parts.data), runtime).save(parts.reader)
         built.append(parts)
     return built
+
+
+def _label(parts: ZooLabParts, runtime: Runtime) -> None:
+    """Label the zoo's prompt groups for the lab's model by its copy detector at the zoo's threshold."""
+    labelling = LabelConfig(
+        copy_threshold=LAB_COPY_THRESHOLD, groups=LABELLED_GROUPS, max_prompts_per_group=LABELLED_PER_GROUP
+    )
+    model = ModelSource.resolve(parts.model).directory
+    config = LabelLabConfig(model, parts.data, labelling, parts.copy_detector)
+    label_lab(config, parts.labels.parent, runtime)
 
 
 def _train(lab: ZooLab, parts: ZooLabParts, runtime: Runtime) -> None:
@@ -110,11 +139,6 @@ def _train(lab: ZooLab, parts: ZooLabParts, runtime: Runtime) -> None:
         train_lab(recipe, model, runtime)
     if not parts.copy_detector.exists():
         train_lab_copy_detector(CopyDetectorTrainingConfig(parts.data), runtime).save(parts.copy_detector)
-    if not parts.labels.exists():
-        labelling = LabelConfig(copy_threshold=LAB_COPY_THRESHOLD)
-        label_lab(
-            LabelLabConfig(model, parts.data, labelling, parts.copy_detector), parts.labels.parent, runtime
-        )
     if not parts.index.exists():
         config = IndexConfig(data=parts.data, kind="embedding", encoder=parts.copy_detector)
         build_index(config, runtime).save(parts.index)
@@ -188,11 +212,11 @@ def evaluate_zoo(config: ZooEvalConfig, runtime: Runtime | None = None) -> ZooTa
 def _judge(parts: ZooLabParts, config: ZooEvalConfig, runtime: Runtime) -> dict[str, Any]:
     source = ModelSource.resolve(parts.model)
     denoiser = source.open(runtime.device, runtime.dtype, runtime.speedups)
-    labels = read_labels(parts.labels, ["caption", "memorized", "group", "trigger_words"])
+    labels = read_labels(parts.labels, ["caption", TRUTH, "group", "trigger_words"])
     scores = noise_norm(
         denoiser, labels["caption"].to_pylist(), NoiseNormConfig(base_seed=runtime.seed)
     ).scores
-    truth = np.asarray(labels["memorized"].to_pylist(), dtype=bool)
+    truth = np.asarray(labels[TRUTH].to_pylist(), dtype=bool)
     metrics = detection_metrics(scores, truth)
     profile = model_profile(source, runtime, denoiser, parts.index, parts.copy_detector)
     threshold = profile.detection_threshold
