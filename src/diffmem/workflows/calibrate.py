@@ -153,8 +153,8 @@ def calibrated_settings(
     name: str, settings: dict[str, Any], profile: ModelProfile | None, reference: ReferenceSet | None = None
 ) -> dict[str, Any]:
     """A mitigation's settings: the ones given, over the model's calibrated defaults (prompt optimisation's
-    target, and the start that comes with it; AMG's gate for this index and its excess rule for the dissimilarity step); ``preset=paper``
-    keeps the papers' constants instead."""
+    target, and the start that comes with it; AMG's gate for this index and its excess rule for the
+    dissimilarity step); ``preset=paper`` keeps the papers' constants instead."""
     settings = dict(settings)
     preset = settings.pop("preset", "calibrated")
     if preset not in PRESETS:

@@ -124,7 +124,7 @@ def _label(parts: ZooLabParts, runtime: Runtime) -> None:
 
 
 def _train(lab: ZooLab, parts: ZooLabParts, runtime: Runtime) -> None:
-    """The model, copy detector, labels and copy index of a lab the package does not ship."""
+    """The model, copy detector and copy index of a lab the package does not ship."""
     model = Path(parts.model)
     if not (model / "model_index.json").exists():
         recipe = TrainLabConfig(
