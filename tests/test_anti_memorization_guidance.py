@@ -333,3 +333,21 @@ def test_the_excess_rule_sets_the_step_that_lowers_similarity_by_its_excess_to_f
 def test_an_unknown_c3_rule_is_refused(embeddings):
     with pytest.raises(DiffmemError, match="c3_rule must be one of reference, excess"):
         AntiMemorizationConfig(reference=embeddings, c3_rule="big")
+
+
+def test_a_flow_models_velocity_correction_moves_its_clean_estimate_as_the_eps_correction_would():
+    """At a fixed x_t the velocity change moves x0_hat = x_t - sigma v exactly as the eps change moves the
+    variance-preserving twin's x0_hat; at pure noise there is none."""
+    from diffmem.core.denoiser import flow_sigma
+    from diffmem.mitigate.anti_memorization_guidance import flow_input_scale, velocity_correction
+
+    d_eps = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    for sigma in (0.2, 0.5, 0.9):
+        alpha_bar = torch.tensor((1 - sigma) ** 2 / ((1 - sigma) ** 2 + sigma**2))
+        assert float(flow_sigma(alpha_bar)) == pytest.approx(sigma)
+        assert float(flow_input_scale(alpha_bar)) == pytest.approx(((1 - sigma) ** 2 + sigma**2) ** 0.5)
+        twin = (
+            -((1 - alpha_bar) / alpha_bar).sqrt() * d_eps
+        )  # x0_hat = (x' - sqrt(1 - abar) eps) / sqrt(abar)
+        assert torch.allclose(-sigma * velocity_correction(d_eps, alpha_bar), twin, atol=1e-5)
+    assert not velocity_correction(d_eps, torch.tensor(0.0)).any()

@@ -13,6 +13,7 @@ from diffmem.index import TrainingSetIndex
 from diffmem.mitigate import ReferenceSet, SamplingOptions, mitigated_generate, mitigation_config
 from diffmem.mitigate.anti_memorization_guidance import AntiMemorizationGuidance
 from diffmem.mitigate.fitted_gate import FittedGate, fit_gate, similarity_trajectories
+from diffmem.mitigate.training_similarity import own_training_images, training_similarity
 from diffmem.models.tiny import tiny_unet2d
 from diffmem.sampling import generate
 
@@ -150,3 +151,22 @@ def test_an_unconditional_model_fits_its_gate_without_prompts(tmp_path):
     args = ["index", "gate", str(tmp_path / "index"), "--model", "builtin:tiny-unet2d"]
     assert run([*args, "--n-generations", "3", "--num-inference-steps", "2", "--out", str(gate)]) == 0
     assert FittedGate.load(gate).num_samples == 3
+
+
+def test_a_training_caption_is_measured_without_its_own_training_images(sd):
+    """A prompt's own row and exact copies of its image are left out; other prompts keep every row."""
+    own = generate(sd, PROMPTS, num_inference_steps=3).images
+    noise = torch.rand((30, *own.shape[1:]), generator=torch.Generator().manual_seed(4))
+    captions = [*PROMPTS, "the same vase under another caption", *["c"] * len(noise)]
+    reference = ReferenceSet(TrainingSetIndex.build_pixels(torch.cat([own, own[1:], noise]), captions))
+    excluded = own_training_images(reference.index, [PROMPTS[1], PROMPTS[0], "never trained"])
+    assert excluded.tolist() == [[1, 2], [0, -1], [-1, -1]]
+    assert own_training_images(reference.index, ["never trained"]).shape == (1, 0)
+    kept, _ = training_similarity(own, reference)
+    left_out, nearest = training_similarity(own, reference, exclude=excluded[:2].flip(0))
+    assert kept.tolist() == pytest.approx([0.0, 0.0], abs=1e-5)  # each image is its own row
+    assert (left_out < kept - 0.05).all() and nearest[0] != 0 and nearest[1] not in (1, 2)
+    sampling = SamplingOptions(num_inference_steps=3, guidance_scale=7.5)
+    _, sigmas = similarity_trajectories(sd, PROMPTS, reference, sampling=sampling)
+    assert sigmas[:, -1].tolist() == pytest.approx(left_out.tolist(), abs=1e-3)
+    assert fit_gate([1.0], sigmas[:, -1:], reference, 0.5).own_images_left_out

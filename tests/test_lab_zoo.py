@@ -11,13 +11,17 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 
+from diffmem.core.denoiser import FLOW_PREDICTION
 from diffmem.errors import DiffmemError
 from diffmem.lab.alignment import parse_caption, stated_facts
 from diffmem.lab.captions import TITLE_DESCRIPTIONS, TITLE_POSITIONS, titled_caption
 from diffmem.lab.dataset import LabConfig, build_lab_dataset, load_lab_dataset
+from diffmem.lab.model import SD3
 from diffmem.lab.scenes import ItemPool, random_scene
 from diffmem.lab.zoo import ZOO, zoo_lab
 from diffmem.models.source import ModelSource
+from diffmem.workflows import zoo as zoo_workflow
+from diffmem.workflows.runtime import Runtime
 from diffmem.workflows.zoo import ZooEvalConfig, ZooLabParts, evaluate_zoo
 
 WORDS = ["zanvel", "quodro"]
@@ -71,7 +75,8 @@ def test_dataset_places_every_memorized_title_after_its_description(tmp_path):
 
 def test_zoo_spans_what_sets_a_models_scale():
     assert len(ZOO) >= 4 and len({lab.name for lab in ZOO}) == len(ZOO)
-    assert {lab.prediction_type for lab in ZOO} == {"epsilon", "v_prediction"}
+    assert {lab.prediction_type for lab in ZOO} == {"epsilon", "v_prediction", FLOW_PREDICTION}
+    assert {lab.family for lab in ZOO} == {None, SD3}  # UNets and an MMDiT
     assert {lab.data.trigger_position for lab in ZOO} == set(TITLE_POSITIONS)
     assert {lab.data.memorized_description for lab in ZOO} == set(TITLE_DESCRIPTIONS)
     shares = [lab.data.duplicated_share for lab in ZOO]
@@ -85,6 +90,19 @@ def test_zoo_spans_what_sets_a_models_scale():
             text = json.loads((model / "text_encoder" / "config.json").read_text())
             assert scheduler["prediction_type"] == lab.prediction_type
             assert (text["num_hidden_layers"], text["hidden_size"]) == (lab.text_layers, lab.text_width)
+
+
+def test_the_zoo_trains_each_lab_in_its_family_from_the_shipped_vae(tmp_path, monkeypatch):
+    recipes = []
+    monkeypatch.setattr(zoo_workflow, "train_lab", lambda recipe, out, runtime: recipes.append(recipe))
+    for name in ("lab-flow", "lab-trail"):
+        parts = ZooLabParts.locate(tmp_path, zoo_lab(name))
+        parts.copy_detector.mkdir(parents=True), parts.index.mkdir(parents=True)  # built: only the model is
+        zoo_workflow._train(zoo_lab(name), parts, Runtime())
+    flow, trail = (recipe.model() for recipe in recipes)
+    assert (flow.family, flow.prediction_type, trail.family) == (SD3, FLOW_PREDICTION, "stable-diffusion")
+    assert recipes[0].unet_steps == zoo_lab("lab-flow").unet_steps
+    assert recipes[0].vae_from == ModelSource.resolve("builtin:lab-micro").directory
 
 
 def test_zoo_refuses_an_unbuilt_lab_and_an_unknown_one(tmp_path):

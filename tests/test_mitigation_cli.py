@@ -249,3 +249,51 @@ def test_eval_mitigate_guards_a_model_without_a_calibration_by_its_self_calibrat
     record = json.loads((tmp_path / "x" / "results.json").read_text())
     profile = model_profile(ModelSource.resolve("builtin:tiny-sd"))  # cached by the run above
     assert record["guard_threshold"] == pytest.approx(profile.detection_threshold)
+
+
+def test_eval_mitigate_measures_fid_against_any_image_folder(tmp_path, training_images):
+    """Real images of any size come from a generic folder at the model's resolution; a bad row is skipped."""
+    import numpy as np
+    from PIL import Image
+
+    from diffmem.index.build import describe_encoder
+
+    save_encoder(CopyDetectionEncoder().eval(), tmp_path / "encoder")
+    with torch.no_grad():
+        vectors = CopyDetectionEncoder().eval()(training_images)
+    TrainingSetIndex.build_embeddings(
+        vectors, ["x"] * len(vectors), encoder=describe_encoder(tmp_path / "encoder")
+    ).save(tmp_path / "index")
+    folder, rng = tmp_path / "photos", np.random.default_rng(0)
+    folder.mkdir()
+    for i, (width, height) in enumerate([(40, 30), (30, 50), (64, 64)]):
+        Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    rows = [{"file_name": f"{i}.png", "text": f"photo {i}"} for i in range(3)]
+    (folder / "metadata.jsonl").write_text(
+        "\n".join(json.dumps(r) for r in [*rows, {"file_name": "gone.png", "text": "missing"}])
+    )
+    labels = tmp_path / "labels.parquet"
+    pq.write_table(pa.table({"caption": PROMPTS, "group": ["memorized"] * 2 + ["heldout"] * 2}), labels)
+    args = ["eval", "mitigate", "--model", "builtin:tiny-sd", "--labels", str(labels)]
+    args += [
+        "--index",
+        str(tmp_path / "index"),
+        "--encoder",
+        str(tmp_path / "encoder"),
+        "--data",
+        str(folder),
+    ]
+    args += [
+        "--method",
+        "none",
+        "--n-generations",
+        "2",
+        "--num-inference-steps",
+        "2",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    assert run(args) == 0
+    (result,) = json.loads((tmp_path / "o" / "results.json").read_text())["results"]
+    assert result["fid"] is not None and np.isfinite(result["fid"]) and result["fid"] > 0
+    assert run([*args[:-1], str(tmp_path / "o2"), "--data", str(tmp_path / "nowhere")]) == 2

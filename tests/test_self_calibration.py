@@ -2,6 +2,7 @@
 scan, the guard, prompt optimisation and AMG read from it."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -145,3 +146,24 @@ def test_a_mitigation_whose_settings_are_all_given_never_calibrates(tmp_path, mo
     assert run([*args, str(tmp_path / "a"), "--mitigation", "amg:gate=always"]) == 0
     assert run([*args, str(tmp_path / "b"), "--mitigation", "prompt_optimization:preset=paper"]) == 0
     assert run([*args, str(tmp_path / "c"), "--mitigation", "amg:gate_shift=abc"]) == 2  # before any work
+
+
+def test_a_cached_gate_fitted_with_its_prompts_own_images_in_is_fitted_again(tmp_path, monkeypatch):
+    import torch
+
+    from diffmem.mitigate.fitted_gate import FittedGate
+
+    index = TrainingSetIndex.build_pixels(torch.rand(4, 3, 8, 8), ["a", "b", "c", "d"])
+    index.save(tmp_path / "index")
+    source, fingerprint = ModelSource.resolve("builtin:tiny-sd"), index.manifest.fingerprint
+    gate = FittedGate([1.0], [0.5], 0.9, "nl2", fingerprint, 4, own_images_left_out=False)
+    gate.save(tmp_path / "gate.json")
+    cached = replace(profile([0.1, 0.2]), model_hash=source.identity)
+    cached = replace(cached, gate=str(tmp_path / "gate.json"), index_fingerprint=fingerprint)
+    cached.save(profile_path(source.identity, fingerprint))
+    measured = []
+    monkeypatch.setattr(calibrate_workflow, "calibrate_model", lambda *a, **k: measured.append(1) or cached)
+    model_profile(source, Runtime(), index=tmp_path / "index")
+    assert measured == [1]  # the earlier rule's gate is not reused
+    replace(gate, own_images_left_out=True).save(tmp_path / "gate.json")
+    assert model_profile(source, Runtime(), index=tmp_path / "index") == cached and measured == [1]

@@ -96,7 +96,9 @@ CopyThreshold = Annotated[float, typer.Option(help="Memorized above this copy si
 Data = Annotated[
     Path | None,
     typer.Option(
-        help="The lab dataset: FID/KID of the control group against its real scenes (needs --encoder or an embedding index)."
+        help="FID/KID of the control group against real images (needs --reader, --encoder or an embedding index): "
+        "a lab dataset's scenes of those prompts, or as many images drawn from any training data "
+        "(image folder, datasets folder, WebDataset shards, cached Hub id)."
     ),
 ]
 Reader = Annotated[

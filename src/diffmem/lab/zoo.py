@@ -1,6 +1,7 @@
 """The lab zoo: lab models that differ in what sets a model's scale, so that a default is judged on all.
 
-They differ in the prediction target (noise or velocity), the text encoder's width and depth, the share
+They differ in the prediction target (noise, velocity, or a rectified flow's velocity in an MMDiT), the
+text encoder's width and depth, the share
 of duplicated training rows, where the trigger words sit in a memorized caption (before, inside or
 after its description), how much the caption says beside them, and whether images hold what no caption
 states. Two are shipped with the package; the others are rebuilt by ``diffmem lab zoo``.
@@ -11,8 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from diffmem.core.denoiser import FLOW_PREDICTION
 from diffmem.errors import DiffmemError
 from diffmem.lab.dataset import LabConfig
+from diffmem.lab.model import SD3
 
 SHIPPED_VAE = "builtin:lab-micro"  # the 32 px VAE the rebuilt labs start from (plain backgrounds)
 
@@ -24,11 +27,12 @@ class ZooLab:
     name: str
     summary: str  # what sets it apart, in a few words
     data: LabConfig
-    prediction_type: str  # epsilon (SD 1.x) or v_prediction (SD 2.x)
+    prediction_type: str  # epsilon (SD 1.x), v_prediction (SD 2.x) or flow_prediction (SD3)
     text_layers: int
     text_width: int
-    unet_steps: int
+    unet_steps: int  # the denoiser's training steps (a UNet's or an MMDiT's)
     shipped: str | None = None  # builtin:NAME when the package ships the trained model
+    family: str | None = None  # stable-diffusion-3: an MMDiT on the rectified flow; None: a UNet
 
     @property
     def trained_by_zoo(self) -> bool:
@@ -95,6 +99,26 @@ ZOO: tuple[ZooLab, ...] = (
         text_layers=2,
         text_width=96,
         unet_steps=3500,
+    ),
+    ZooLab(
+        "lab-flow",
+        "rectified flow in an MMDiT (SD3's layout); title before a vague description; 32% duplicated",
+        LabConfig(
+            image_size=32,
+            num_memorized=24,
+            memorized_repeats=10,
+            num_duplicated_image=8,
+            duplicated_image_repeats=8,
+            num_unique=640,
+            num_heldout=64,
+            seed=3,
+            memorized_description="vague",
+        ),
+        FLOW_PREDICTION,
+        text_layers=2,
+        text_width=64,
+        unet_steps=2000,
+        family=SD3,
     ),
 )
 

@@ -7,6 +7,13 @@ Similarity is measured against a training-set index (:mod:`diffmem.index`): pixe
 network E the index was built with (eq. 9). Guidance applies only while ``sigma_t > lambda_t`` (eq. 10),
 per sample. Text-conditional models get all three terms, class-conditional ones despecification and
 dissimilarity, unconditional ones dissimilarity only.
+
+Flow-matching models (velocity predictions, ``diffmem.core.denoiser``) are guided as the
+variance-preserving model with the same signal-to-noise ratio and the implied noise prediction
+``eps = x_t + (1 - sigma_t) v``: despecification and deduplication scale differences of predictions, which
+are the same in v as in eps up to that factor, so they apply to v as written; the dissimilarity step is
+taken on that eps scale (eq. 17, the gradient with respect to the variance-preserving x'_t) and turned
+into the velocity change that makes it.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from diffmem.core.denoiser import Denoiser, require_noise_prediction, x0_from_eps
+from diffmem.core.denoiser import FLOW_PREDICTION, Denoiser, flow_sigma, x0_from_prediction
 from diffmem.errors import DiffmemError
 from diffmem.metrics.nl2 import NL2_K
 from diffmem.mitigate.fitted_gate import FittedGate
@@ -46,6 +53,7 @@ C3_RULES = ("reference", "excess")
 # generations copies, three left none on either shipped lab (docs/calibrate.md)
 EXCESS_OVERSHOOT = 3.0
 SSCD_ORIGIN = 0.3  # the reference SSCD curve at t -> infinity: where its dissimilarity strength starts
+PURE_NOISE = 1e-4  # a flow step with 1 - sigma_t at most this is at x_T: no dissimilarity step exists there
 
 
 def reference_c3(sigma: torch.Tensor, t: float, origin: float = SSCD_ORIGIN) -> torch.Tensor:
@@ -66,6 +74,23 @@ def excess_c3(excess: torch.Tensor, gradient: torch.Tensor, alpha_bar_t: torch.T
     denominator = (1 - per_sample) * squared
     c3 = excess.float().clamp_min(0.0) / denominator.clamp_min(torch.finfo(torch.float32).tiny)
     return torch.where(squared > 0, c3, 0.0).to(excess.dtype)
+
+
+def flow_input_scale(alpha_bar_t: torch.Tensor) -> torch.Tensor:
+    """r = sqrt((1 - sigma)^2 + sigma^2): a flow model's x_t is r times the variance-preserving x'_t of
+    the same signal-to-noise ratio."""
+    # x'_t = sqrt(abar) x0 + sqrt(1 - abar) eps = ((1 - sigma) x0 + sigma eps) / r
+    return 1 / (alpha_bar_t.sqrt() + (1 - alpha_bar_t).sqrt())
+
+
+def velocity_correction(eps_correction: torch.Tensor, alpha_bar_t: torch.Tensor) -> torch.Tensor:
+    """The change of a flow model's velocity that changes its implied noise prediction by
+    ``eps_correction``; zero at pure noise (sigma = 1), where every velocity implies the noise x_T."""
+    # eps = x_t + (1 - sigma) v at a fixed x_t  =>  dv = d_eps / (1 - sigma)
+    signal = 1 - flow_sigma(alpha_bar_t)
+    if float(signal) <= PURE_NOISE:
+        return torch.zeros_like(eps_correction)
+    return eps_correction / signal
 
 
 @dataclass(frozen=True)
@@ -156,7 +181,6 @@ class AntiMemorizationGuidance:
     """
 
     def __init__(self, denoiser: Denoiser, config: AntiMemorizationConfig, batch_size: int) -> None:
-        require_noise_prediction(denoiser, "anti_memorization_guidance")
         self.denoiser = denoiser
         self.config = config
         self.index = config.reference.index
@@ -229,7 +253,11 @@ class AntiMemorizationGuidance:
         if self.denoiser.conditioning == "text" and "deduplication" in terms:
             correction = correction + self._deduplication(step, sig, s1, nearest, gate)
         if "dissimilarity" in terms:
-            gradient = self._similarity_gradient(step, gate)
+            flow = self.denoiser.prediction_type == FLOW_PREDICTION
+            # grad_{x_t} sigma_t on the variance-preserving scale: a flow model's x_t is r x'_t
+            gradient = self._similarity_gradient(step, gate) * (
+                flow_input_scale(step.alpha_bar_t) if flow else 1
+            )
             if self.config.c3_rule == "excess":
                 c3 = EXCESS_OVERSHOOT * excess_c3(sig - lambda_t, gradient, step.alpha_bar_t)
             elif self._c3 is None:
@@ -238,7 +266,8 @@ class AntiMemorizationGuidance:
                 c3 = torch.full_like(sig, self._c3)
             c3 = self.config.c3_scale * c3
             # G_sim = c3 sqrt(1 - abar_t) grad_{x_t} sigma_t   (eq. 17)
-            correction = correction + c3.view(shape) * (1 - step.alpha_bar_t).sqrt() * gradient
+            g_sim = c3.view(shape) * (1 - step.alpha_bar_t).sqrt() * gradient
+            correction = correction + (velocity_correction(g_sim, step.alpha_bar_t) if flow else g_sim)
         return correction
 
     def _similarity_gradient(self, step: StepState, gate: torch.Tensor) -> torch.Tensor:
@@ -256,7 +285,9 @@ class AntiMemorizationGuidance:
                 if eps_cond is eps_uncond
                 else eps_uncond + step.guidance_scale * (eps_cond - eps_uncond)
             )
-            x0_hat = x0_from_eps(x_t, eps, step.alpha_bar_t.to(eps.dtype))
+            x0_hat = x0_from_prediction(
+                x_t, eps, step.alpha_bar_t.to(eps.dtype), self.denoiser.prediction_type
+            )
             images = self.denoiser.decode(x0_hat).float()
             sigma, _ = training_similarity(images, self.config.reference, self.config.nl2_k)
             (gradient[rows],) = torch.autograd.grad(sigma.sum(), x_t)

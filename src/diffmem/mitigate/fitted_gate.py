@@ -1,6 +1,9 @@
 """An Anti-Memorization Guidance gate fitted to a copy detector: lambda_t is, at each sampling step, a
 quantile of the similarity that plain generations of prompts known not to be memorized reach at that
-step. The reference curves (SPEC §5) were drawn for SSCD on LAION and for nL2 on CIFAR-10; another
+step. A prompt that is itself a training caption is measured without its own training images: had it
+not been trained on, that is the level its generation would reach, and a model that copies its
+single-copy rows (as small training sets are copied) would otherwise lift the gate above its own
+copies. The reference curves (SPEC §5) were drawn for SSCD on LAION and for nL2 on CIFAR-10; another
 detector places unrelated images at another level, and a fitted gate opens for about ``1 - quantile``
 of an ordinary prompt's steps whatever that level is."""
 
@@ -20,8 +23,9 @@ from diffmem.core.denoiser import Denoiser
 from diffmem.errors import DiffmemError
 from diffmem.io.atomic import write_json_atomic
 from diffmem.mitigate.mitigation import SamplingOptions
-from diffmem.mitigate.training_similarity import ReferenceSet, training_similarity
+from diffmem.mitigate.training_similarity import ReferenceSet, own_training_images, training_similarity
 from diffmem.sampling import StepState, generate
+from diffmem.sampling.seeds import generation_seed
 
 FORMAT = "diffmem.amg_gate"
 
@@ -37,6 +41,7 @@ class FittedGate:
     measure: str  # "copy_similarity" or "nl2": the similarity the thresholds are on
     index_fingerprint: str
     num_samples: int  # plain generations the quantiles were taken over
+    own_images_left_out: bool = False  # each training caption measured without its own training images
     format: str = FORMAT
 
     def __post_init__(self) -> None:
@@ -89,11 +94,15 @@ class FittedGate:
 
 class SimilarityTrace:
     """Observer: sigma_t of every sample's decoded clean estimate at every step, as AMG measures it,
-    over any number of batches sampled one after another."""
+    over any number of batches sampled one after another; a sample whose seed ``exclude`` maps to index
+    rows is measured without them."""
 
-    def __init__(self, denoiser: Denoiser, reference: ReferenceSet) -> None:
+    def __init__(
+        self, denoiser: Denoiser, reference: ReferenceSet, exclude: dict[int, torch.Tensor] | None = None
+    ) -> None:
         self.denoiser = denoiser
         self.reference = reference
+        self.exclude = exclude
         self.scale = 1000.0 / int(denoiser.scheduler.config.num_train_timesteps)
         self.timesteps: dict[int, float] = {}  # step index -> t (0..1000 scale)
         self.sigmas: dict[int, list[torch.Tensor]] = {}  # step index -> [B] per batch
@@ -101,7 +110,8 @@ class SimilarityTrace:
     def __call__(self, step: StepState) -> None:
         with torch.no_grad():
             images = self.denoiser.decode(step.x0_hat.detach()).float()
-            sigma, _ = training_similarity(images, self.reference)
+            exclude = None if self.exclude is None else torch.stack([self.exclude[s] for s in step.seeds])
+            sigma, _ = training_similarity(images, self.reference, exclude=exclude)
         self.timesteps[step.index] = float(step.t) * self.scale
         self.sigmas.setdefault(step.index, []).append(sigma.cpu())
 
@@ -123,8 +133,17 @@ def similarity_trajectories(
     progress: bool = False,
 ) -> tuple[list[float], torch.Tensor]:
     """The sampled timesteps (0..1000 scale) and sigma_t of plain sampling, [samples, steps], for the
-    samples :func:`diffmem.sampling.generate` makes (same seeds and order)."""
-    trace = SimilarityTrace(denoiser, reference)
+    samples :func:`diffmem.sampling.generate` makes (same seeds and order); a prompt that is a training
+    caption is measured without its own training images."""
+    exclude = None
+    if prompts and all(isinstance(p, str) for p in prompts):
+        own = own_training_images(reference.index, prompts)
+        exclude = {
+            generation_seed(base_seed, i, g): own[i]
+            for i in range(len(prompts))
+            for g in range(n_generations)
+        }
+    trace = SimilarityTrace(denoiser, reference, exclude)
     generate(
         denoiser,
         prompts,
@@ -142,7 +161,7 @@ def fit_gate(
     timesteps: Sequence[float], sigmas: torch.Tensor, reference: ReferenceSet, quantile: float
 ) -> FittedGate:
     """The gate at ``quantile`` of each step's similarities ([samples, steps], from prompts that are not
-    memorized)."""
+    memorized, as :func:`similarity_trajectories` measures them)."""
     if not 0 < quantile < 1:
         raise DiffmemError(f"the gate's quantile must be between 0 and 1; got {quantile}")
     finite = sigmas[sigmas.isfinite().all(1)]
@@ -156,4 +175,5 @@ def fit_gate(
         measure=reference.measure,
         index_fingerprint=reference.index.manifest.fingerprint,
         num_samples=len(finite),
+        own_images_left_out=True,
     )

@@ -19,7 +19,7 @@ from diffmem.errors import DiffmemError
 from diffmem.index.manifest import read_manifest
 from diffmem.index.training_set_index import MANIFEST_FILE
 from diffmem.io.prompts import read_prompts
-from diffmem.mitigate.fitted_gate import fit_gate, similarity_trajectories
+from diffmem.mitigate.fitted_gate import FittedGate, fit_gate, similarity_trajectories
 from diffmem.mitigate.mitigation import SamplingOptions
 from diffmem.mitigate.training_similarity import ReferenceSet
 from diffmem.models.source import ModelSource
@@ -120,6 +120,11 @@ def _fit_gate(
     return str(path)
 
 
+def _current(gate: Path) -> bool:
+    """Whether a cached gate file is there and fitted by the current rule (own images left out)."""
+    return gate.exists() and FittedGate.load(gate).own_images_left_out
+
+
 def model_profile(
     source: ModelSource,
     runtime: Runtime | None = None,
@@ -132,7 +137,7 @@ def model_profile(
     path = profile_path(source.identity, fingerprint)
     if path.exists():
         profile = ModelProfile.load(path)
-        if profile.model_hash == source.identity and (profile.gate is None or Path(profile.gate).exists()):
+        if profile.model_hash == source.identity and (profile.gate is None or _current(Path(profile.gate))):
             return profile
     log.warning(
         "calibrating %s once (cached in %s); diffmem calibrate does it ahead", source.name, path.parent

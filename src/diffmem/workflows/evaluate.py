@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import logging
+import random
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -11,8 +13,13 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import torch
 
+from diffmem.core.denoiser import Denoiser
 from diffmem.core.method_spec import parse_method_spec
+from diffmem.data.lab_rows import is_lab_dataset
+from diffmem.data.preprocess import preprocess
+from diffmem.data.read import read_training_data
 from diffmem.detect.evaluate import DEFAULT_SETTINGS, EvaluatedSetting, SettingSpec, evaluate_settings
 from diffmem.errors import DiffmemError
 from diffmem.io.atomic import write_atomic, write_json_atomic, write_parquet_atomic
@@ -38,6 +45,8 @@ from diffmem.report.detection_report import write_detection_report
 from diffmem.workflows.calibrate import calibrated_settings, left_to_profile, model_profile
 from diffmem.workflows.inputs import calibrated_guard, training_reference
 from diffmem.workflows.runtime import Runtime
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -148,7 +157,7 @@ class MitigationEvalConfig:
     max_prompts_per_group: int | None = None
     nl2_threshold: float = 1.4  # memorized below this nL2 (SPEC §5)
     copy_threshold: float = 0.5  # memorized above this copy similarity
-    data: Path | None = None  # the lab dataset: FID/KID of the control group against its real scenes
+    data: Path | None = None  # FID/KID's real images: a lab dataset's control scenes, or any training data
     reader: Path | None = None  # the lab's attribute reader: text alignment, and FID/KID features
     n_generations: int = 4
     num_inference_steps: int = 50
@@ -206,12 +215,12 @@ def evaluate_mitigation(
     amg_index = config.amg_index or indexes[references.index(_amg_default(references))]
     chosen = training_reference(amg_index, encoder, runtime.device, source)
     reader = load_reader(config.reader, runtime.device) if config.reader else None
-    quality = _quality(config, table, references, reader)
     specs = [parse_method_spec(m) for m in config.methods]
     for name, given in specs:  # every method's settings checked before any work
         reference = {"reference": chosen} if name in NEEDS_REFERENCE else {}
         mitigation_config(name, **calibrated_settings(name, {**given, **reference}, None))
     denoiser = source.open(runtime.device, runtime.dtype, runtime.speedups)
+    quality = _quality(config, table, references, reader, denoiser, runtime.seed)
     left = set().union(*(left_to_profile(name, given) for name, given in specs))
     guarded = config.guard and config.calibration is None and source.calibration is None
     profile = None
@@ -287,19 +296,45 @@ def _grouped(path: Path, prompt_column: str, groups: list[str]) -> pa.Table:
 
 
 def _quality(
-    config: MitigationEvalConfig, table: pa.Table, references: list[ReferenceSet], reader: Any
+    config: MitigationEvalConfig,
+    table: pa.Table,
+    references: list[ReferenceSet],
+    reader: Any,
+    denoiser: Denoiser,
+    seed: int,
 ) -> Quality | None:
-    """FID/KID inputs: the control group's real scenes and the feature network (the attribute reader's
-    glimpse features, else the copy detector's embedding)."""
+    """FID/KID inputs and the feature network (the attribute reader's glimpse features, else the copy
+    detector's embedding): a lab dataset's real scenes of the control group, or as many images of any
+    other training data, drawn with ``seed`` and prepared at the model's resolution."""
     if config.data is None:
         return None
     networks = [r.encoder for r in references if r.encoder is not None]
     if reader is not None:
         networks.insert(0, reader.encoder)
-    if not networks or "scene_id" not in table.column_names:
-        raise DiffmemError(
-            "FID/KID needs a feature network (--reader, or an embedding index's encoder) and scene ids in the labels"
-        )
-    rows = table.filter(pc.equal(table["group"], config.control_group))
-    scene_ids = rows["scene_id"].to_pylist()[: config.max_prompts_per_group]
-    return Quality(load_lab_dataset(config.data).images(scene_ids), networks[0])
+    if not networks:
+        raise DiffmemError("FID/KID needs a feature network: --reader, or an embedding index's encoder")
+    rows = table.filter(pc.equal(table["group"], config.control_group))[: config.max_prompts_per_group]
+    if not is_lab_dataset(Path(config.data)):
+        return Quality(_real_sample(config.data, len(rows), _resolution(denoiser), seed), networks[0])
+    if "scene_id" not in table.column_names:
+        raise DiffmemError("FID/KID against a lab dataset needs the labels' scene ids (a scene_id column)")
+    return Quality(load_lab_dataset(config.data).images(rows["scene_id"].to_pylist()), networks[0])
+
+
+def _real_sample(data: Path, count: int, resolution: int, seed: int) -> torch.Tensor:
+    """``count`` distinct images of the training data at ``data`` (any layout), centre-cropped to
+    ``resolution``, in [0, 1] [N, 3, H, W]."""
+    read = read_training_data(data, require_captions=False)
+    log.info("FID/KID reference: %s", read.report.summary())
+    images = read.unique_images()
+    if len(images) < 2:
+        raise DiffmemError(f"{data} holds {len(images)} usable image(s); FID/KID needs at least 2")
+    chosen = sorted(random.Random(seed).sample(range(len(images)), min(count, len(images))))
+    return torch.stack([(preprocess(images[i].load(), resolution) + 1) / 2 for i in chosen])
+
+
+def _resolution(denoiser: Denoiser) -> int:
+    """The side of the images the model decodes."""
+    with torch.no_grad():
+        latent = torch.zeros((1, *denoiser.sample_shape), device=denoiser.device, dtype=denoiser.dtype)
+        return int(denoiser.decode(latent).shape[-1])

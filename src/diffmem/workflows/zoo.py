@@ -134,6 +134,7 @@ def _train(lab: ZooLab, parts: ZooLabParts, runtime: Runtime) -> None:
             text_layers=lab.text_layers,
             text_width=lab.text_width,
             prediction_type=lab.prediction_type,
+            family=lab.family,
             vae_from=ModelSource.resolve(SHIPPED_VAE).directory,
         )
         train_lab(recipe, model, runtime)
