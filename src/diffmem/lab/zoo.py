@@ -1,10 +1,9 @@
 """The lab zoo: lab models that differ in what sets a model's scale, so that a default is judged on all.
 
 They differ in the prediction target (noise, velocity, or a rectified flow's velocity in an MMDiT), the
-text encoder's width and depth, the share
-of duplicated training rows, where the trigger words sit in a memorized caption (before, inside or
-after its description), how much the caption says beside them, and whether images hold what no caption
-states. Two are shipped with the package; the others are rebuilt by ``diffmem lab zoo``.
+text encoder's width and depth, the share of duplicated training rows, where the trigger words sit in a
+memorized caption (before, inside or after its description), how much the caption says beside them, and
+whether images hold what no caption states. Two are shipped with the package; the others are rebuilt by ``diffmem lab zoo``.
 """
 
 from __future__ import annotations

@@ -93,7 +93,8 @@ def _neighbours(
 
 def own_training_images(index: TrainingSetIndex, prompts: Sequence[str]) -> torch.Tensor:
     """For each prompt, the index rows it captions and the rows holding exactly the same image [P, E]
-    (-1 pads; E = 0 when no prompt is a caption): what a prompt that is a training caption reproduces when its model copies that row."""
+    (-1 pads; E = 0 when no prompt is a caption): what a training caption reproduces when its model
+    copies its row."""
     captioned: dict[str, list[int]] = {}
     for row, caption in enumerate(index.captions):
         captioned.setdefault(caption, []).append(row)
