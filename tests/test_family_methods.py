@@ -121,16 +121,6 @@ def test_prompt_optimisation_lowers_the_first_step_norm(family):
     assert result.latents.isfinite().all()
 
 
-AMG_FAMILIES = [
-    "stable-diffusion-xl",
-    "pixart-alpha",
-    "pixart-sigma",
-    "stable-diffusion-3",
-    "flux-dev",
-    "flux-schnell",
-]
-
-
 @pytest.mark.supports(
     "amg",
     "stable-diffusion-xl",
@@ -140,7 +130,7 @@ AMG_FAMILIES = [
     "flux-dev",
     "flux-schnell",
 )
-@pytest.mark.parametrize("family", AMG_FAMILIES)
+@pytest.mark.parametrize("family", list(BUILDERS))
 def test_amg_moves_generations_away_from_the_training_set(family):
     """The plain generations are in the 'training set' (nL2 = 0); AMG's are farther from it (flow models:
     guided through their implied noise prediction, with no dissimilarity step at x_T, so three steps)."""
