@@ -258,9 +258,10 @@ def test_eval_mitigate_measures_fid_against_any_image_folder(tmp_path, training_
 
     from diffmem.index.build import describe_encoder
 
-    save_encoder(CopyDetectionEncoder().eval(), tmp_path / "encoder")
+    encoder = CopyDetectionEncoder().eval()
+    save_encoder(encoder, tmp_path / "encoder")
     with torch.no_grad():
-        vectors = CopyDetectionEncoder().eval()(training_images)
+        vectors = encoder(training_images)
     TrainingSetIndex.build_embeddings(
         vectors, ["x"] * len(vectors), encoder=describe_encoder(tmp_path / "encoder")
     ).save(tmp_path / "index")
