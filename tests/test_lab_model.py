@@ -2,6 +2,7 @@
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -100,6 +101,20 @@ def test_init_from_starts_from_the_trained_weights_and_counts_their_steps(data_d
     assert record["init_from"] == str(model_dir) and record["train_config"]["vae_steps"] == 0
     assert record["total_unet_steps"] == 2 * QUICK.unet_steps
     assert record["model_config"] == json.loads((model_dir / "lab_training.json").read_text())["model_config"]
+
+
+def test_a_warm_start_without_a_preset_continues_with_its_models_recipe(model_dir):
+    from diffmem.workflows.lab import TrainLabConfig
+
+    trained = json.loads((model_dir / "lab_training.json").read_text())["train_config"]
+    recipe = TrainLabConfig(Path("data"), init_from=model_dir, unet_steps=7).recipe(seed=5)
+    assert (recipe.batch_size, recipe.lr, recipe.warmup_steps) == (
+        trained["batch_size"],
+        trained["lr"],
+        trained["warmup_steps"],
+    )
+    assert (recipe.unet_steps, recipe.seed) == (7, 5)
+    assert recipe.batch_size != TrainLabConfig(Path("data")).recipe(seed=5).batch_size
 
 
 def test_vae_from_keeps_the_vae_and_trains_a_new_denoiser_of_another_size(data_dir, model_dir, tmp_path):

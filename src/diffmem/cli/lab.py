@@ -88,7 +88,7 @@ InitFrom = Annotated[
     Path | None,
     typer.Option(
         help="Start from this trained lab model (VAE, denoiser, text encoders, architecture) and train "
-        "--unet-steps more."
+        "--unet-steps more, with the recipe it was trained with unless --micro or --small is given."
     ),
 ]
 TrainedModel = Annotated[Path, typer.Option(help="A trained lab model directory.")]

@@ -399,6 +399,11 @@ def trained_model_config(model_dir: Path) -> LabModelConfig:
     return _recorded_model_config(_training_record(model_dir)["model_config"])
 
 
+def trained_train_config(model_dir: Path) -> LabTrainConfig:
+    """The optimisation settings a lab model was trained with (from its ``lab_training.json``)."""
+    return LabTrainConfig(**_training_record(model_dir)["train_config"])
+
+
 def _recorded_model_config(sizes: dict) -> LabModelConfig:
     """A recorded architecture; a field the record predates has its default (the prediction type: epsilon)."""
     sizes = {"prediction_type": "epsilon"} | sizes

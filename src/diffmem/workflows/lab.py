@@ -31,7 +31,7 @@ from diffmem.lab.dataset import load_lab_dataset
 from diffmem.lab.export import export_lab_dataset
 from diffmem.lab.label import LabelConfig, label_lab_model
 from diffmem.lab.model import SD3, LabModelConfig
-from diffmem.lab.train import LabTrainConfig, TrainingStatus, train_lab_model
+from diffmem.lab.train import LabTrainConfig, TrainingStatus, train_lab_model, trained_train_config
 from diffmem.metrics.copy_detection import (
     CopyDetectionConfig,
     CopyDetectionEncoder,
@@ -86,8 +86,14 @@ class TrainLabConfig:
             )
 
     def recipe(self, seed: int) -> LabTrainConfig:
-        """The preset's optimisation settings with the given steps and batch size."""
-        recipe = getattr(LabTrainConfig, self.preset)() if self.preset else LabTrainConfig()
+        """The preset's optimisation settings with the given steps and batch size; without a preset, a
+        warm start continues with the recipe its model was trained with."""
+        if self.preset:
+            recipe = getattr(LabTrainConfig, self.preset)()
+        elif self.init_from is not None:
+            recipe = trained_train_config(_lab_model_directory(self.init_from))
+        else:
+            recipe = LabTrainConfig()
         overrides = {
             "vae_steps": self.vae_steps,
             "unet_steps": self.unet_steps,
