@@ -13,12 +13,13 @@ import io
 import json
 import os
 from collections.abc import Iterator
+from itertools import chain
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from diffmem.data.rows import Listed, RowReport, TrainingData, caption_column, checked, open_rgb
+from diffmem.data.rows import ImageFile, Listed, RowReport, TrainingData, caption_column, checked
 from diffmem.errors import DiffmemError
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
@@ -59,11 +60,11 @@ def read_image_folder(
     column = caption_column(columns, caption_column_name, str(path), require_captions)
     report = RowReport(f"image folder {directory.resolve()}", column)
     named = {_normal(record.get("file_name")) for record in records}
-    listed = [_listed(directory, record, column) for record in records]
-    listed += [Listed(f"line {line}", None, None, NOT_JSON) for line in unparsed]
-    listed += [
-        Listed(name, None, None, NOT_IN_METADATA) for name in image_files(directory) if name not in named
-    ]
+    listed = chain(
+        (_listed(directory, record, column) for record in records),
+        (Listed(f"line {line}", None, None, NOT_JSON) for line in unparsed),
+        (Listed(name, None, None, NOT_IN_METADATA) for name in image_files(directory) if name not in named),
+    )
     return checked(listed, report, require_captions)
 
 
@@ -74,8 +75,8 @@ def _listed(directory: Path, record: dict, column: str | None) -> Listed:
         return Listed(repr(name), caption, None, NO_FILE_NAME)
     if _leaves_folder(name):
         return Listed(name, caption, None, OUTSIDE_FOLDER)
-    path = directory / name
-    return Listed(name, caption, open_rgb(lambda: path) if path.is_file() else None, None)
+    path = os.path.join(directory, name)
+    return Listed(name, caption, ImageFile(path) if os.path.isfile(path) else None, None)
 
 
 def _records(path: Path) -> tuple[list[dict], list[int]]:
@@ -114,9 +115,13 @@ def _records(path: Path) -> tuple[list[dict], list[int]]:
 
 def image_files(directory: Path) -> Iterator[str]:
     """Paths, relative to ``directory`` with ``/``, of the image files below it."""
-    for path in sorted(directory.rglob("*")):
-        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
-            yield path.relative_to(directory).as_posix()
+    found = []
+    for folder, _, files in os.walk(directory):
+        inside = Path(folder).relative_to(directory).as_posix()
+        for name in files:
+            if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
+                found.append(name if inside == "." else f"{inside}/{name}")
+    yield from sorted(found, key=lambda name: name.split("/"))
 
 
 def _normal(name: object) -> object:

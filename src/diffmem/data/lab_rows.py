@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffmem.data.rows import Listed, RowReport, TrainingData, checked, open_rgb
+from diffmem.data.rows import ImageFile, Listed, RowReport, TrainingData, checked
 from diffmem.lab.dataset import load_lab_dataset
 
 
@@ -18,7 +18,7 @@ def read_lab_rows(directory: Path, require_captions: bool = True) -> TrainingDat
     directory = Path(directory)
     train = load_lab_dataset(directory).train
     listed = [
-        Listed(name, text, open_rgb(lambda path=directory / name: path))
+        Listed(name, text, ImageFile(str(directory / name)))
         for name, text in zip(
             train.column("image").to_pylist(), train.column("caption").to_pylist(), strict=True
         )
