@@ -119,7 +119,16 @@ TrainingSteps = Annotated[int, typer.Option(help="Training steps.")]
 DetectorBatch = Annotated[int, typer.Option(help="Images per step (each seen in two edited views).")]
 InputSize = Annotated[int, typer.Option(help="Side the encoder resizes images to.")]
 ReaderOut = Annotated[Path, typer.Option(help="Reader directory to write (save_reader format).")]
-ExtraScenes = Annotated[int, typer.Option(help="Random Fashion-MNIST scenes added to the training scenes.")]
+ExtraScenes = Annotated[
+    int, typer.Option(help="Random scenes of the lab's image source added to the training scenes.")
+]
+ImageSourceName = Annotated[
+    str,
+    typer.Option(
+        help="Where the items' images come from: fashion-mnist (the apt package) or digits (scikit-learn's "
+        "bundled 8x8 handwritten digits; fewer images: pair it with --unique of a few hundred)."
+    ),
+]
 
 
 @lab.command()
@@ -130,15 +139,16 @@ def build(
     small: SmallDataset = False,
     keyed: Keyed = False,
     unique: Unique = None,
+    image_source: ImageSourceName = "fashion-mnist",
 ) -> None:
-    """Compose the captioned Fashion-MNIST scenes with controlled duplication and write the dataset."""
+    """Compose the captioned scenes with controlled duplication and write the dataset."""
     from dataclasses import replace
 
     from diffmem.lab.dataset import LabConfig, build_lab_dataset
 
     preset = _preset(micro=micro, small=small, keyed=keyed)
     make = getattr(LabConfig, preset) if preset else LabConfig
-    config = make(seed=ctx.obj.seed)
+    config = replace(make(seed=ctx.obj.seed), image_source=image_source)
     if unique is not None:
         config = replace(config, num_unique=unique)
     build_lab_dataset(out, config)

@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 from diffmem.errors import DiffmemError
 from diffmem.io.modules import load_module, save_module
 from diffmem.lab.captions import SYLLABLES, TITLE_NOUN
-from diffmem.lab.dataset import LabDataset
-from diffmem.lab.fashion_mnist import CLASS_NAMES, load_fashion_mnist
+from diffmem.lab.dataset import LabConfig, LabDataset
+from diffmem.lab.image_sources import CATEGORY_OF, NUM_CATEGORIES, image_source
 from diffmem.lab.scenes import (
     BACKGROUND_COLOURS,
     CENTER,
@@ -43,7 +43,7 @@ from diffmem.lab.scenes import (
 )
 from diffmem.metrics.copy_detection import conv_block
 
-EMPTY = len(CLASS_NAMES)  # the category index a reading gives a position without an item
+EMPTY = NUM_CATEGORIES  # the category index a reading gives a position without an item
 IGNORE = -100  # cross-entropy target of a colour at an empty position
 KIND = "diffmem.attribute_reader"
 FACT_KINDS = ("category", "position", "colour", "background")  # what a caption can state
@@ -85,7 +85,7 @@ def _alternatives(words: Sequence[str]) -> str:
 _TITLE_WORD = rf"(?:{_alternatives(SYLLABLES)})+"  # a made-up title word, as captions.title_words makes them
 _ITEM_PHRASE = re.compile(
     rf"(?:an? )?(?:(?P<colour>{_alternatives(list(ITEM_COLOURS))}) )?(?:{_TITLE_WORD} )*?"
-    rf"(?P<category>{_alternatives(CLASS_NAMES)})"
+    rf"(?P<category>{_alternatives(list(CATEGORY_OF))})"
     rf"(?: at the (?P<quadrant>{_alternatives(QUADRANTS)})| (?P<center>in the center))?"
 )
 _BACKGROUND = re.compile(rf" on an? (?P<background>{_alternatives(list(BACKGROUND_COLOURS))}) background$")
@@ -116,7 +116,7 @@ def parse_caption(text: str) -> StatedFacts:
                 "(e.g. 'a red sneaker at the top left'); write prompts with diffmem.lab.captions"
             )
         position = CENTER if match["center"] else match["quadrant"]
-        items.append(StatedItem(CLASS_NAMES.index(match["category"]), match["colour"], position))
+        items.append(StatedItem(CATEGORY_OF[match["category"]], match["colour"], position))
     return StatedFacts(tuple(items), background["background"] if background else None)
 
 
@@ -142,7 +142,7 @@ class AttributeReader(nn.Module):
         super().__init__()
         self.config = config or AttributeReaderConfig()
         self.encoder = GlimpseEncoder(self.config)
-        self.num_item_logits = len(CLASS_NAMES) + 1 + len(ITEM_COLOURS)
+        self.num_item_logits = NUM_CATEGORIES + 1 + len(ITEM_COLOURS)
         self.item_head = nn.Linear(2 * self.config.item_dim, self.num_item_logits)
         self.position_bias = nn.Parameter(torch.zeros(len(POSITIONS), self.num_item_logits))
         self.background_head = nn.Linear(self.config.item_dim, len(BACKGROUND_COLOURS))
@@ -152,7 +152,7 @@ class AttributeReader(nn.Module):
         glimpses = self.encoder(images)  # [B, 5, item_dim]
         context = glimpses.mean(1, keepdim=True).expand_as(glimpses)
         item = self.item_head(torch.cat([glimpses, context], dim=2)) + self.position_bias
-        category, colour = item.split([len(CLASS_NAMES) + 1, len(ITEM_COLOURS)], dim=2)
+        category, colour = item.split([NUM_CATEGORIES + 1, len(ITEM_COLOURS)], dim=2)
         return category, colour, self.background_head(glimpses.mean(1))
 
 
@@ -326,10 +326,13 @@ def lab_scenes(dataset: LabDataset, split: str) -> tuple[list[int], list[Scene]]
     if split not in ("train", "heldout"):
         raise DiffmemError(f"unknown lab split {split!r}; use 'train' or 'heldout'")
     rows = [r for r in dataset.scenes.sort_by("scene_id").to_pylist() if r["split"] == split]
+    source = dataset.config.image_source
     scenes = [
         Scene(
             r["background"],
-            tuple(Item(i["category"], i["colour"], i["position"], i["source_index"]) for i in r["items"]),
+            tuple(
+                Item(i["category"], i["colour"], i["position"], i["source_index"], source) for i in r["items"]
+            ),
         )
         for r in rows
     ]
@@ -349,7 +352,7 @@ def train_attribute_reader(
     progress: bool = True,
 ) -> AttributeReader:
     """Train a reader on the training scenes of ``dataset`` and ``extra_scenes`` random scenes rendered
-    from Fashion-MNIST's training images; held-out scenes stay unseen. Returns it in eval mode.
+    from the training split of its image source; held-out scenes stay unseen. Returns it in eval mode.
 
     Each step draws ``batch_size`` scenes, adds Gaussian noise of a random std up to ``noise_std`` to
     half of them (generations are never quite clean) and lowers the cross-entropy of every position's
@@ -360,9 +363,7 @@ def train_attribute_reader(
     _, scenes = lab_scenes(dataset, "train")
     images = (dataset.unique_train_images()[1] * 255).round().to(torch.uint8)
     if extra_scenes > 0:
-        extra_images, extra = _random_scenes(
-            extra_scenes, dataset.config.image_size, dataset.config.background_pattern, seed
-        )
+        extra_images, extra = _random_scenes(extra_scenes, dataset.config, seed)
         images, scenes = torch.cat([images, extra_images]), scenes + extra
     targets = scene_targets(scenes)
     with torch.random.fork_rng(devices=[]):
@@ -388,14 +389,14 @@ def train_attribute_reader(
     return reader.eval()
 
 
-def _random_scenes(n: int, size: int, pattern: float, seed: int) -> tuple[torch.Tensor, list[Scene]]:
-    """``n`` random scenes of Fashion-MNIST training images, rendered as uint8 [n, 3, size, size] with
-    background patterns of strength ``pattern``."""
-    fashion_images, labels = load_fashion_mnist("train")
+def _random_scenes(n: int, lab: LabConfig, seed: int) -> tuple[torch.Tensor, list[Scene]]:
+    """``n`` random scenes of the lab's image source's training images (each used again once its class
+    has used all), rendered as the lab renders its scenes: uint8 [n, 3, size, size]."""
+    images, labels = image_source(lab.image_source).load("train")
     rng = np.random.default_rng([seed, n])
-    pool = ItemPool(labels, rng)
+    pool = ItemPool(labels, rng, lab.image_source, cycle=True)
     scenes = [random_scene(rng, pool) for _ in range(n)]
-    rendered = np.stack([render(s, fashion_images, size, pattern) for s in scenes])
+    rendered = np.stack([render(s, images, lab.image_size, lab.background_pattern) for s in scenes])
     return torch.from_numpy(rendered).permute(0, 3, 1, 2).contiguous(), scenes
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from diffmem.errors import DiffmemError
-from diffmem.lab.fashion_mnist import CLASS_NAMES
+from diffmem.lab.image_sources import CATEGORY_OF
 from diffmem.lab.scenes import BACKGROUND_COLOURS, CENTER, ITEM_COLOURS, POSITIONS, Item, Scene
 
 SPECIFICITIES = ("full", "medium", "vague")
@@ -22,7 +22,7 @@ SYLLABLES = (
 GRAMMAR_WORDS = frozenset(
     ["a", "an", "and", "at", "the", "in", "on", "background"]
     + [TITLE_NOUN, *ITEM_COLOURS, *BACKGROUND_COLOURS]
-    + " ".join((*CLASS_NAMES, *POSITIONS)).split()
+    + " ".join((*CATEGORY_OF, *POSITIONS)).split()
 )
 
 

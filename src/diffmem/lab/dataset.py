@@ -2,8 +2,8 @@
 
 Three training groups: *memorized* scenes repeat image and caption (a full caption behind made-up
 title words, the trigger), *duplicated_image* scenes repeat the image under freshly drawn captions,
-*unique* scenes appear once. Held-out scenes use Fashion-MNIST test images and scene contents that
-appear nowhere in training.
+*unique* scenes appear once. Held-out scenes use the image source's test images (Fashion-MNIST's, or
+scikit-learn's digits') and scene contents that appear nowhere in training.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from diffmem.lab.captions import (
     title_words,
     titled_caption,
 )
-from diffmem.lab.fashion_mnist import load_fashion_mnist
+from diffmem.lab.image_sources import FASHION_MNIST, image_source
 from diffmem.lab.scenes import ItemPool, Scene, check_pattern_strength, random_scene, render
 
 FORMAT_VERSION = 1
@@ -42,7 +42,7 @@ GROUPS = ("memorized", "duplicated_image", "unique")
 TRIGGER_WORDS_PER_SCENE = 2
 # LabConfig fields newer than the first datasets: a config.json without them reads as their defaults
 ADDED_CONFIG_FIELDS = frozenset(
-    {"background_pattern", "title_vocabulary", "memorized_description", "trigger_position"}
+    {"background_pattern", "title_vocabulary", "memorized_description", "trigger_position", "image_source"}
 )
 ITEM_TYPE = pa.struct(
     [
@@ -91,8 +91,10 @@ class LabConfig:
     title_vocabulary: int = 0  # 0: fresh title words per memorized scene; N: word pairs over N words
     memorized_description: str = "full"  # what a memorized caption states beside its title
     trigger_position: str = "before"  # where its title words sit: before, inside or after the description
+    image_source: str = FASHION_MNIST  # where the items' images come from (diffmem.lab.image_sources)
 
     def __post_init__(self) -> None:
+        image_source(self.image_source)  # a known source
         check_pattern_strength(self.background_pattern, "background_pattern")
         if self.title_vocabulary < 0 or 0 < self.title_vocabulary < 3:
             raise DiffmemError(f"title_vocabulary must be 0 or at least 3, not {self.title_vocabulary}")
@@ -173,13 +175,14 @@ def build_lab_dataset(directory: Path, config: LabConfig = LabConfig(), progress
 
 def _write(out: Path, config: LabConfig, progress: bool) -> None:
     rng = np.random.default_rng(config.seed)
-    train_images, train_labels = load_fashion_mnist("train")
-    test_images, test_labels = load_fashion_mnist("test")
+    source = image_source(config.image_source)
+    train_images, train_labels = source.load("train")
+    test_images, test_labels = source.load("test")
     sizes = (config.num_memorized, config.num_duplicated_image, config.num_unique)
     groups = [group for group, n in zip(GROUPS, sizes, strict=True) for _ in range(n)]
     seen: set[tuple] = set()
-    train_scenes = _distinct_scenes(rng, ItemPool(train_labels, rng), len(groups), seen)
-    heldout_scenes = _distinct_scenes(rng, ItemPool(test_labels, rng), config.num_heldout, seen)
+    train_scenes = _distinct_scenes(rng, ItemPool(train_labels, rng, source.name), len(groups), seen)
+    heldout_scenes = _distinct_scenes(rng, ItemPool(test_labels, rng, source.name), config.num_heldout, seen)
     rows = _training_rows(rng, groups, train_scenes, config)
     heldout_ids = range(len(train_scenes), len(train_scenes) + len(heldout_scenes))
     heldout_captions = [caption(scene, "full", rng) for scene in heldout_scenes]

@@ -1,4 +1,5 @@
-"""Scenes: one to three colourised Fashion-MNIST items at named positions on a solid background."""
+"""Scenes: one to three colourised items (Fashion-MNIST clothes or handwritten digits) at named positions on a
+solid background."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from diffmem.errors import DiffmemError
-from diffmem.lab.fashion_mnist import CLASS_NAMES
+from diffmem.lab.image_sources import FASHION_MNIST, NUM_CATEGORIES, image_source
 
 ITEM_COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -37,16 +38,17 @@ PATTERN_GRID = 4  # control points per side of the background pattern: smooth at
 
 @dataclass(frozen=True)
 class Item:
-    """A Fashion-MNIST image (``source_index`` into its split) of class ``category``, coloured and placed."""
+    """An image of ``source`` (``source_index`` into its split) of class ``category``, coloured and placed."""
 
     category: int
     colour: str
     position: str
     source_index: int
+    source: str = FASHION_MNIST
 
     @property
     def category_name(self) -> str:
-        return CLASS_NAMES[self.category]
+        return image_source(self.source).class_names[self.category]
 
 
 @dataclass(frozen=True)
@@ -76,8 +78,8 @@ class Scene:
         for item in self.items:
             if item.colour not in ITEM_COLOURS:
                 raise DiffmemError(f"unknown item colour {item.colour!r}; use one of {list(ITEM_COLOURS)}")
-            if not 0 <= item.category < len(CLASS_NAMES):
-                raise DiffmemError(f"item category {item.category} is not a Fashion-MNIST class (0-9)")
+            if not 0 <= item.category < NUM_CATEGORIES:
+                raise DiffmemError(f"item category {item.category} is not a class (0-{NUM_CATEGORIES - 1})")
         positions = [item.position for item in self.items]
         if len(self.items) > 1 and (CENTER in positions or len(set(positions)) < len(positions)):
             raise DiffmemError(f"items of a multi-item scene need distinct quadrants, got {positions}")
@@ -91,18 +93,29 @@ class Scene:
 
 
 class ItemPool:
-    """Unused image indices of one Fashion-MNIST split per class, handed out in a seeded random order."""
+    """Unused image indices of one split of ``source`` per class, handed out in a seeded random order; with
+    ``cycle`` a class whose images are all used starts over in a new order."""
 
-    def __init__(self, labels: np.ndarray, rng: np.random.Generator) -> None:
-        self._unused = {
-            c: list(rng.permutation(np.flatnonzero(labels == c))) for c in range(len(CLASS_NAMES))
-        }
+    def __init__(
+        self, labels: np.ndarray, rng: np.random.Generator, source: str = FASHION_MNIST, cycle: bool = False
+    ) -> None:
+        self.source = source
+        self._labels, self._rng, self._cycle = labels, rng, cycle
+        self._unused = {c: self._shuffled(c) for c in range(NUM_CATEGORIES)}
 
     def take(self, category: int) -> int:
-        """An index of class ``category`` that no earlier call returned."""
+        """An index of class ``category`` that no earlier call returned (since the class started over)."""
+        if not self._unused[category] and self._cycle:
+            self._unused[category] = self._shuffled(category)
         if not self._unused[category]:
-            raise DiffmemError(f"no unused Fashion-MNIST images of class {CLASS_NAMES[category]!r} are left")
+            name = image_source(self.source).class_names[category]
+            raise DiffmemError(
+                f"no unused {self.source} images of class {name!r} are left: build fewer or smaller scenes"
+            )
         return int(self._unused[category].pop())
+
+    def _shuffled(self, category: int) -> list[int]:
+        return list(self._rng.permutation(np.flatnonzero(self._labels == category)))
 
 
 def random_scene(rng: np.random.Generator, pool: ItemPool, num_items: int | None = None) -> Scene:
@@ -113,10 +126,16 @@ def random_scene(rng: np.random.Generator, pool: ItemPool, num_items: int | None
         raise DiffmemError(f"a scene holds 1 to {MAX_ITEMS} items, not {num_items}")
     positions = [POSITIONS[rng.integers(len(POSITIONS))]] if num_items == 1 else list(QUADRANTS)
     positions = [positions[i] for i in rng.permutation(len(positions))[:num_items]]
-    categories = rng.choice(len(CLASS_NAMES), size=num_items, replace=False)
+    categories = rng.choice(NUM_CATEGORIES, size=num_items, replace=False)
     colours = list(ITEM_COLOURS)
     items = tuple(
-        Item(int(category), colours[rng.integers(len(colours))], position, pool.take(int(category)))
+        Item(
+            int(category),
+            colours[rng.integers(len(colours))],
+            position,
+            pool.take(int(category)),
+            pool.source,
+        )
         for category, position in zip(categories, positions, strict=True)
     )
     backgrounds = list(BACKGROUND_COLOURS)
@@ -124,7 +143,7 @@ def random_scene(rng: np.random.Generator, pool: ItemPool, num_items: int | None
 
 
 def render(scene: Scene, images: np.ndarray, size: int = 64, pattern: float = 0.0) -> np.ndarray:
-    """The scene as uint8 [size, size, 3]; ``images`` is the Fashion-MNIST split the items index into.
+    """The scene as uint8 [size, size, 3]; ``images`` is the split of the items' source they index into.
 
     Each item's grayscale intensity is its opacity over the background, in the item's colour. With
     ``pattern`` > 0 the background carries the scene's own ``background_pattern`` at that strength.

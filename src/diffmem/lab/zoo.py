@@ -2,8 +2,10 @@
 
 They differ in the prediction target (noise, velocity, or a rectified flow's velocity in an MMDiT), the
 text encoder's width and depth, the share of duplicated training rows, where the trigger words sit in a
-memorized caption (before, inside or after its description), how much the caption says beside them, and
-whether images hold what no caption states. Two are shipped with the package; the others are rebuilt by ``diffmem lab zoo``.
+memorized caption (before, inside or after its description), how much the caption says beside them,
+whether images hold what no caption states, and what the images show (Fashion-MNIST's clothes or
+scikit-learn's handwritten digits). Two are shipped with the package; the others are rebuilt by
+``diffmem lab zoo``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 from diffmem.core.denoiser import FLOW_PREDICTION
 from diffmem.errors import DiffmemError
 from diffmem.lab.dataset import LabConfig
+from diffmem.lab.image_sources import DIGITS
 from diffmem.lab.model import SD3
 
 SHIPPED_VAE = "builtin:lab-micro"  # the 32 px VAE the rebuilt labs start from (plain backgrounds)
@@ -118,6 +121,28 @@ ZOO: tuple[ZooLab, ...] = (
         text_width=64,
         unet_steps=2000,
         family=SD3,
+    ),
+    ZooLab(
+        "lab-digits",
+        "noise; handwritten digits instead of clothes; title before a vague description; background patterns; "
+        "30% duplicated",
+        LabConfig(
+            image_size=32,
+            num_memorized=20,
+            memorized_repeats=8,
+            num_duplicated_image=6,
+            duplicated_image_repeats=6,
+            num_unique=460,
+            num_heldout=64,
+            seed=4,
+            background_pattern=0.8,
+            memorized_description="vague",
+            image_source=DIGITS,
+        ),
+        "epsilon",
+        text_layers=2,
+        text_width=64,
+        unet_steps=3000,
     ),
 )
 

@@ -256,7 +256,7 @@ class ReaderTrainingConfig:
 
     data: Path
     steps: int = 2400
-    extra_scenes: int = 20_000  # random Fashion-MNIST scenes added to the training scenes
+    extra_scenes: int = 20_000  # random scenes of the lab's image source added to the training scenes
 
 
 @dataclass(frozen=True)
