@@ -129,6 +129,44 @@ def test_resuming_with_another_rank_alpha_or_full_fine_tuning_is_refused(tiny_mo
     assert fine_tune(tiny_model, photos, tmp_path / "two", spelled_out, progress=False).complete
 
 
+def _text_states(text_encoder) -> torch.Tensor:
+    """[1, 77, 32] the text encoder's last hidden states of a fixed prompt's tokens."""
+    ids = torch.arange(1, 78).view(1, 77) % 99
+    with torch.no_grad():
+        return text_encoder(ids)[0]
+
+
+def test_a_text_encoder_lora_trains_beside_the_unets_and_loads_both_ways(tiny_model, photos, tmp_path):
+    config = FineTuneConfig(**{**LORA.__dict__, "lora_text_encoder": True})
+    out = tmp_path / "text"
+    assert fine_tune(tiny_model, photos, out, config, progress=False).complete
+    adapter = load_file(out / LORA_FILE)
+    text_keys = [k for k in adapter if k.startswith("text_encoder.")]
+    assert text_keys and any(k.startswith("unet.") for k in adapter)
+    assert any("lora" in k and adapter[k].any() for k in text_keys if "up" in k or "lora_B" in k)
+    record = json.loads((out / "fine_tune.json").read_text())["lora"]
+    assert record["text_encoder_target_modules"] == ["q_proj", "k_proj", "v_proj", "out_proj"]
+    base = StableDiffusionPipeline.from_pretrained(tiny_model)
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_model)
+    pipeline.load_lora_weights(out / "lora", local_files_only=True)
+    assert not torch.allclose(_text_states(pipeline.text_encoder), _text_states(base.text_encoder))
+    denoiser = open_model(model_spec(str(tiny_model), loras=[str(out / "lora")]))
+    torch.testing.assert_close(
+        _text_states(denoiser.pipeline.text_encoder), _text_states(pipeline.text_encoder), rtol=0, atol=0
+    )
+    resumed = tmp_path / "resumed"  # checkpoints hold both adapters, and a resumed run ends the same
+    while not fine_tune(tiny_model, photos, resumed, config, time_budget_s=0.0, progress=False).complete:
+        pass
+    again = load_file(resumed / LORA_FILE)
+    assert again.keys() == adapter.keys() and all(torch.equal(again[k], adapter[k]) for k in adapter)
+    with pytest.raises(DiffmemError, match="holds a run with other settings \\(lora_text_encoder\\)"):
+        unfinished = tmp_path / "unfinished"
+        fine_tune(tiny_model, photos, unfinished, config, time_budget_s=0.0, progress=False)
+        fine_tune(tiny_model, photos, unfinished, LORA, progress=False)
+    with pytest.raises(DiffmemError, match="comes with a LoRA rank"):
+        FineTuneConfig(lora_text_encoder=True)
+
+
 def test_every_policy_composes_with_lora(tiny_model, photos, tmp_path):
     policies = {
         "filter": {"threshold": 100.0},
@@ -163,6 +201,7 @@ def test_train_command_takes_the_lora_flags(tiny_model, photos, tmp_path, capsys
         (["--lora-rank", "0"], "the LoRA rank must be >= 1 (or unset for full fine-tuning); got 0"),
         (["--lora-alpha", "4"], "the LoRA alpha must be > 0 and comes with a LoRA rank; got 4.0"),
         (["--lora-rank", "2", "--model", str(unet2d)], "LoRA fine-tuning needs a text-to-image pipeline"),
+        (["--lora-text-encoder"], "a text-encoder LoRA comes with a LoRA rank: add --lora-rank"),
     ):
         assert run([*args, "--out", str(tmp_path / "bad"), *bad]) == 2
         assert message in capsys.readouterr().err
@@ -170,14 +209,15 @@ def test_train_command_takes_the_lora_flags(tiny_model, photos, tmp_path, capsys
 
 @pytest.mark.slow
 def test_two_processes_train_and_resume_a_lora(tiny_model, photos, tmp_path, accelerate_launch):
-    """`accelerate launch` with two CPU processes (gloo): the main process saves the adapter, and a run
-    resumed one step a call ends with the same adapter."""
+    """`accelerate launch` with two CPU processes (gloo): the main process saves the adapters (the UNet's and
+    the text encoder's), and a run resumed one step a call ends with the same adapters."""
     train = ["-m", "diffmem.cli.main", "train", "--model", str(tiny_model), "--data", str(photos)]
     train += ["--steps", "2", "--batch-size", "2", "--lr", "1e-3", "--lora-rank", "2", "--lora-alpha", "4"]
-    train += ["--policy", "filter:threshold=100"]
+    train += ["--policy", "filter:threshold=100", "--lora-text-encoder"]
     assert accelerate_launch(*train, "--out", str(tmp_path / "two")).count("fine-tuned") == 1
     assert json.loads((tmp_path / "two" / "fine_tune.json").read_text())["processes"] == 2
     resume = [*train, "--out", str(tmp_path / "resumed"), "--time-budget-s", "0"]
     assert "stopped at step 1" in accelerate_launch(*resume) and "fine-tuned" in accelerate_launch(*resume)
     two, resumed = load_file(tmp_path / "two" / LORA_FILE), load_file(tmp_path / "resumed" / LORA_FILE)
+    assert two.keys() == resumed.keys() and any(k.startswith("text_encoder.") for k in two)
     assert all(torch.equal(two[k], resumed[k]) for k in two)

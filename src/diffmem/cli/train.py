@@ -76,6 +76,13 @@ LoraRank = Annotated[
 LoraAlpha = Annotated[
     float | None, typer.Option(help="The LoRA alpha; the update is scaled by alpha/rank (default: the rank).")
 ]
+LoraTextEncoder = Annotated[
+    bool,
+    typer.Option(
+        help="Train an adapter of the same rank on the text encoder's attention projections too "
+        "(diffusers' train_dreambooth_lora.py --train_text_encoder)."
+    ),
+]
 TimeBudget = Annotated[float | None, typer.Option(help="Checkpoint and stop after this many seconds.")]
 
 
@@ -103,6 +110,7 @@ def train(
     random_flip: RandomFlip = False,
     lora_rank: LoraRank = None,
     lora_alpha: LoraAlpha = None,
+    lora_text_encoder: LoraTextEncoder = False,
 ) -> None:
     """Fine-tune the UNet, or a LoRA adapter on it; per-sample losses go through the policies (ambient,
     filter, captions, dedup)."""
@@ -114,6 +122,7 @@ def train(
         steps, batch_size, lr, warmup_steps, gradient_accumulation_steps, mixed_precision, ema_decay,
         checkpoint_every=checkpoint_every, max_images=max_images,
         policies=FineTuneConfig.parse_policies(policy or []), lora_rank=lora_rank, lora_alpha=lora_alpha,
+        lora_text_encoder=lora_text_encoder,
     )  # fmt: skip
     options = DataOptions(caption_column, split, resolution, center_crop, random_flip)
     status = train_model(TrainConfig(model, data, optimisation, time_budget_s, options), out, ctx.obj.runtime)

@@ -20,6 +20,8 @@ dataset, whose scenes give its class labels.
 With ``lora_rank`` set, a text-to-image UNet trains a LoRA adapter instead (:mod:`diffmem.train.lora`):
 the base UNet frozen, the optimizer, EMA and checkpoints over the adapter alone, the result the adapter in
 diffusers' LoRA format; the policies act on the data and the per-sample losses, so they apply unchanged.
+With ``lora_text_encoder`` the text encoder trains an adapter of the same rank beside it, its captions
+encoded with gradients at every step.
 """
 
 from __future__ import annotations
@@ -59,7 +61,14 @@ from diffmem.train.ambient_loss import (
 from diffmem.train.caption_randomisation import CaptionRandomisationConfig, randomise_captions
 from diffmem.train.deduplication import DeduplicationConfig, deduplicate
 from diffmem.train.latent_cache import cached_latents, encode_latents
-from diffmem.train.lora import TARGET_MODULES, WEIGHT_NAME, add_lora, checkpoint_adapter_only, save_lora
+from diffmem.train.lora import (
+    TARGET_MODULES,
+    TEXT_ENCODER_TARGET_MODULES,
+    WEIGHT_NAME,
+    add_lora,
+    checkpoint_adapter_only,
+    save_lora,
+)
 from diffmem.train.magnitude_filter import MagnitudeFilter, MagnitudeFilterConfig, prediction_magnitude
 from diffmem.train.training_set import DataOptions, TrainingSet, read_training_set
 
@@ -110,6 +119,7 @@ class FineTuneConfig:
     policies: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> settings
     lora_rank: int | None = None  # r of a LoRA adapter on the attention projections; None: full fine-tuning
     lora_alpha: float | None = None  # the adapter's alpha (its update is scaled by alpha / r); None: the rank
+    lora_text_encoder: bool = False  # the text encoder trains an adapter of the same rank and alpha too
 
     def __post_init__(self) -> None:
         if (
@@ -129,6 +139,8 @@ class FineTuneConfig:
             raise DiffmemError(
                 f"the LoRA alpha must be > 0 and comes with a LoRA rank; got {self.lora_alpha}"
             )
+        if self.lora_text_encoder and self.lora_rank is None:
+            raise DiffmemError("a text-encoder LoRA comes with a LoRA rank: add --lora-rank")
         for name, settings in self.policies.items():
             method_config("policy", name, POLICIES, settings)  # unknown policies or settings fail here
 
@@ -201,12 +213,17 @@ def fine_tune(
     sigma_n = 0.0 if ambient is None else ambient.sigma_n
     t_n = None if ambient is None else timestep_of_sigma(schedule.alphas_cumprod, sigma_n)  # or an error
     unet = pipeline.unet.train()
-    trainable = [p for p in unet.parameters() if p.requires_grad]  # the whole UNet, or its LoRA adapter
+    trained = [unet] + ([pipeline.text_encoder.train()] if config.lora_text_encoder else [])
+    # the whole UNet, or its LoRA adapter (and the text encoder's)
+    trainable = [p for model in trained for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr)
     warmup = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps))
     )
-    unet, optimizer, warmup = accelerator.prepare(unet, optimizer, warmup)
+    *trained, optimizer, warmup = accelerator.prepare(*trained, optimizer, warmup)
+    unet = trained[0]
+    if config.lora_text_encoder:
+        data.text_encoder = trained[1]  # captions are encoded through the prepared (synchronised) model
     if config.lora_rank is not None:
         checkpoint_adapter_only(accelerator)
     ema = EMAModel(trainable, decay=config.ema_decay) if config.ema_decay else None
@@ -229,7 +246,7 @@ def fine_tune(
     bar = tqdm(total=config.steps, initial=step, desc="fine-tuning", disable=not (progress and main))
     while step < config.steps:
         batch, t, alpha_bar, x_t = draw(step)
-        with accelerator.accumulate(unet):
+        with accelerator.accumulate(*trained):
             eps = data.eps(unet(x_t, t, **batch.condition).sample, x_t, alpha_bar)
             losses = ambient_loss_vp(
                 eps, x_t, alpha_bar, batch.latents, batch.noisy, sigma_n, data.prediction_type
@@ -279,13 +296,13 @@ def fine_tune(
     drop_rate = None if drops is None else drops.rate
     if step < config.steps:
         return FineTuneStatus(out_dir, False, step, drop_rate, training.report)
-    trained = accelerator.unwrap_model(unet)
+    unwrapped = [accelerator.unwrap_model(model).eval() for model in trained]
     if ema is not None:
         ema.copy_to(trainable)
     if not main:
         accelerator.wait_for_everyone()  # the main process saves the model and the record
         return FineTuneStatus(out_dir, True, step, drop_rate, training.report)
-    _save_trained(pipeline, trained.eval(), out_dir, config)
+    _save_trained(pipeline, unwrapped, out_dir, config)
     record = {
         "command": " ".join(sys.argv),
         "model": str(model_dir),
@@ -406,13 +423,15 @@ class _Data:
         self.groups = None if data.groups is None else [data.groups[r] for r in rows]
         self.row_image = torch.tensor([data.row_image[r] for r in rows])
         self.pipeline = pipeline.to(device)
+        self.text_encoder = pipeline.text_encoder if self.kind == "text" else None
         self.device = device
         image_digest = data.image_digest()
         self.fingerprint = data.fingerprint(image_digest)  # a resumed run checks it trains on the same data
         self.latents = self.flipped = None  # [N, C, h, w] memory-mapped, or on the device for pixels
         if self.kind == "text":
             self.pipeline.vae.eval().requires_grad_(False)
-            self.pipeline.text_encoder.eval().requires_grad_(False)
+            if not config.lora_text_encoder:  # else only its adapter trains (add_lora froze the rest)
+                self.pipeline.text_encoder.eval().requires_grad_(False)
             if data.center_crop:  # else encoded at each draw
                 self.latents = cached_latents(pipeline.vae, data, image_digest, progress=progress)
                 if data.random_flip:
@@ -496,13 +515,14 @@ class _Data:
         )
         return (pixels * 2 - 1).to(self.device)
 
-    @torch.no_grad()
     def _encode(self, texts: list[str]) -> torch.Tensor:
+        """The text encoder's last hidden states of ``texts``, with gradients when it trains."""
         tokenizer = self.pipeline.tokenizer
         ids = tokenizer(
             texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True
         ).input_ids
-        return self.pipeline.text_encoder(torch.tensor(ids, device=self.device))[0]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.text_encoder.training):
+            return self.text_encoder(torch.tensor(ids, device=self.device))[0]
 
 
 def _training_set(pipeline, data: Path | str, options: DataOptions) -> TrainingSet:
@@ -565,7 +585,8 @@ def _add_lora(pipeline, config: FineTuneConfig) -> None:
             "LoRA fine-tuning needs a text-to-image pipeline (diffusers loads LoRA adapters into those only, "
             f"with load_lora_weights); this is {model} UNet2DModel pipeline: drop --lora-rank to train it fully"
         )
-    add_lora(pipeline.unet, config.lora_rank, config.resolved_lora_alpha, config.seed)
+    text_encoder = pipeline.text_encoder if config.lora_text_encoder else None
+    add_lora(pipeline.unet, config.lora_rank, config.resolved_lora_alpha, config.seed, text_encoder)
 
 
 def trained_directory(out_dir: Path, config: FineTuneConfig) -> Path:
@@ -573,12 +594,13 @@ def trained_directory(out_dir: Path, config: FineTuneConfig) -> Path:
     return Path(out_dir) / (MODEL_DIR if config.lora_rank is None else LORA_DIR)
 
 
-def _save_trained(pipeline, unet: torch.nn.Module, out_dir: Path, config: FineTuneConfig) -> None:
-    """Save the result: the pipeline with its trained UNet, or a LoRA run's adapter alone."""
+def _save_trained(pipeline, trained: list[torch.nn.Module], out_dir: Path, config: FineTuneConfig) -> None:
+    """Save the result: the pipeline with its trained UNet, or a LoRA run's adapters alone (``trained``:
+    the UNet, then the text encoder when it trained an adapter)."""
     if config.lora_rank is not None:
-        save_lora(unet, trained_directory(out_dir, config))
+        save_lora(trained[0], trained_directory(out_dir, config), *trained[1:])
         return
-    pipeline.unet = unet
+    pipeline.unet = trained[0]
     pipeline.save_pretrained(trained_directory(out_dir, config), safe_serialization=True)
 
 
@@ -591,6 +613,9 @@ def _lora_record(model_dir: Path, config: FineTuneConfig) -> dict | None:
         "rank": config.lora_rank,
         "alpha": config.resolved_lora_alpha,
         "target_modules": list(TARGET_MODULES),
+        "text_encoder_target_modules": list(TEXT_ENCODER_TARGET_MODULES)
+        if config.lora_text_encoder
+        else None,
         "base_model": str(model_dir),
         "base_model_sha256": model_hash(Path(model_dir)),
     }
