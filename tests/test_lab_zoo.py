@@ -16,6 +16,7 @@ from diffmem.errors import DiffmemError
 from diffmem.lab.alignment import parse_caption, stated_facts
 from diffmem.lab.captions import TITLE_DESCRIPTIONS, TITLE_POSITIONS, titled_caption
 from diffmem.lab.dataset import LabConfig, build_lab_dataset, load_lab_dataset
+from diffmem.lab.image_sources import DIGITS, FASHION_MNIST
 from diffmem.lab.model import SD3
 from diffmem.lab.scenes import ItemPool, random_scene
 from diffmem.lab.zoo import ZOO, zoo_lab
@@ -83,6 +84,7 @@ def test_zoo_spans_what_sets_a_models_scale():
     assert 0.05 <= min(shares) <= 0.15 and 0.25 <= max(shares) <= 0.35
     assert len({(lab.text_layers, lab.text_width) for lab in ZOO}) >= 3
     assert {lab.data.background_pattern > 0 for lab in ZOO} == {True, False}
+    assert {lab.data.image_source for lab in ZOO} == {FASHION_MNIST, DIGITS}  # clothes and handwriting
     for lab in ZOO:
         if lab.shipped:  # the shipped model is the one the zoo describes
             model = ModelSource.resolve(lab.shipped).directory
