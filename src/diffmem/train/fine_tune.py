@@ -1,6 +1,7 @@
 """Fine-tuning (or training from a fresh pipeline) on ``accelerate``: Stable-Diffusion-architecture
-text-to-image pipelines and unconditional or class-conditional ``UNet2DModel`` pipelines, shaped like
-diffusers' ``train_text_to_image.py`` (UNet trained, VAE and text encoder frozen; mixed precision,
+text-to-image pipelines (SD 1.x/2.x and SDXL) and unconditional or class-conditional ``UNet2DModel``
+pipelines, shaped like diffusers' ``train_text_to_image.py`` and ``train_text_to_image_sdxl.py`` (UNet
+trained, VAE and text encoders frozen; mixed precision,
 gradient accumulation, EMA, checkpoints and resume) with one seam: per-sample losses ([B]) pass through
 the training policies before they are reduced.
 
@@ -432,6 +433,8 @@ class _Data:
             self.pipeline.vae.eval().requires_grad_(False)
             if not config.lora_text_encoder:  # else only its adapter trains (add_lora froze the rest)
                 self.pipeline.text_encoder.eval().requires_grad_(False)
+            if _is_sdxl(pipeline):
+                self.pipeline.text_encoder_2.eval().requires_grad_(False)
             if data.center_crop:  # else encoded at each draw
                 self.latents = cached_latents(pipeline.vae, data, image_digest, progress=progress)
                 if data.random_flip:
@@ -466,7 +469,7 @@ class _Data:
             texts = [self.captions[int(r)] for r in rows]
             if captions is not None:
                 texts = randomise_captions(texts, rows.tolist(), step, self.vocabulary, captions)
-            condition = {"encoder_hidden_states": self._encode(texts)}
+            condition = self._condition(texts)
         elif self.kind == "class":
             condition = {"class_labels": self.row_class[rows.to(self.device)]}
         else:
@@ -480,7 +483,7 @@ class _Data:
     def null_condition(self, count: int) -> dict[str, torch.Tensor]:
         """The unconditional keyword arguments: the empty prompt, or the null class."""
         if self.kind == "text":
-            return {"encoder_hidden_states": self._encode([""] * count)}
+            return self._condition([""] * count)
         return {"class_labels": torch.full((count,), self.null_class, device=self.device)}
 
     def eps(self, output: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
@@ -515,14 +518,32 @@ class _Data:
         )
         return (pixels * 2 - 1).to(self.device)
 
-    def _encode(self, texts: list[str]) -> torch.Tensor:
-        """The text encoder's last hidden states of ``texts``, with gradients when it trains."""
+    def _condition(self, texts: list[str]) -> dict[str, Any]:
+        """The UNet's conditioning keyword arguments for ``texts``: the text encoder's last hidden states
+        (with gradients when it trains); for SDXL, both encoders' penultimate states, the pooled embedding
+        and the size and crop micro-conditioning."""
+        if _is_sdxl(self.pipeline):
+            with torch.no_grad():
+                states, _, pooled, _ = self.pipeline.encode_prompt(
+                    texts, device=self.device, do_classifier_free_guidance=False
+                )
+            return {
+                "encoder_hidden_states": states,
+                "added_cond_kwargs": {"text_embeds": pooled, "time_ids": self._sdxl_time_ids(len(texts))},
+            }
         tokenizer = self.pipeline.tokenizer
         ids = tokenizer(
             texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True
         ).input_ids
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.text_encoder.training):
-            return self.text_encoder(torch.tensor(ids, device=self.device))[0]
+            return {"encoder_hidden_states": self.text_encoder(torch.tensor(ids, device=self.device))[0]}
+
+    def _sdxl_time_ids(self, count: int) -> torch.Tensor:
+        """[count, 6] SDXL's micro-conditioning (Podell et al. 2023, §2.2): original size, crop's top-left
+        corner and target size, as the pipeline sets them when it generates at the training resolution
+        (the image as the crop, uncropped)."""
+        side = self.data.resolution
+        return torch.tensor([[side, side, 0, 0, side, side]], device=self.device).float().repeat(count, 1)
 
 
 def _training_set(pipeline, data: Path | str, options: DataOptions) -> TrainingSet:
@@ -566,11 +587,13 @@ def _open_pipeline(model_dir: Path):
         raise DiffmemError(
             f"{model_dir} holds a {type(pipeline).__name__}; fine-tuning needs a UNet and a scheduler"
         )
-    if hasattr(pipeline, "text_encoder_2"):
-        raise DiffmemError(
-            "fine-tuning supports SD 1.x/2.x-style and UNet2DModel pipelines; SDXL is not supported yet"
-        )
     return pipeline
+
+
+def _is_sdxl(pipeline) -> bool:
+    """Whether ``pipeline`` is SDXL-style: two text encoders, and a UNet conditioned on the pooled text
+    embedding and the image's size and crop."""
+    return getattr(pipeline, "text_encoder_2", None) is not None
 
 
 def _add_lora(pipeline, config: FineTuneConfig) -> None:
@@ -584,6 +607,11 @@ def _add_lora(pipeline, config: FineTuneConfig) -> None:
         raise DiffmemError(
             "LoRA fine-tuning needs a text-to-image pipeline (diffusers loads LoRA adapters into those only, "
             f"with load_lora_weights); this is {model} UNet2DModel pipeline: drop --lora-rank to train it fully"
+        )
+    if config.lora_text_encoder and _is_sdxl(pipeline):
+        raise DiffmemError(
+            "a text-encoder LoRA trains SD 1.x/2.x-style pipelines' one text encoder; for SDXL drop "
+            "--lora-text-encoder (the UNet's adapter trains)"
         )
     text_encoder = pipeline.text_encoder if config.lora_text_encoder else None
     add_lora(pipeline.unet, config.lora_rank, config.resolved_lora_alpha, config.seed, text_encoder)
