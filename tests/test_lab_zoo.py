@@ -97,14 +97,17 @@ def test_zoo_spans_what_sets_a_models_scale():
 def test_the_zoo_trains_each_lab_in_its_family_from_the_shipped_vae(tmp_path, monkeypatch):
     recipes = []
     monkeypatch.setattr(zoo_workflow, "train_lab", lambda recipe, out, runtime: recipes.append(recipe))
-    for name in ("lab-flow", "lab-trail"):
+    for name in ("lab-flow", "lab-trail", "lab-digits"):
         parts = ZooLabParts.locate(tmp_path, zoo_lab(name))
         parts.copy_detector.mkdir(parents=True), parts.index.mkdir(parents=True)  # built: only the model is
         zoo_workflow._train(zoo_lab(name), parts, Runtime())
-    flow, trail = (recipe.model() for recipe in recipes)
+    flow, trail, _ = (recipe.model() for recipe in recipes)
     assert (flow.family, flow.prediction_type, trail.family) == (SD3, FLOW_PREDICTION, "stable-diffusion")
     assert recipes[0].unet_steps == zoo_lab("lab-flow").unet_steps
     assert recipes[0].vae_from == ModelSource.resolve("builtin:lab-micro").directory
+    # a lab with background patterns starts from the VAE that learnt them
+    assert zoo_lab("lab-digits").data.background_pattern > 0
+    assert recipes[2].vae_from == ModelSource.resolve("builtin:lab-keyed").directory
 
 
 def test_zoo_refuses_an_unbuilt_lab_and_an_unknown_one(tmp_path):

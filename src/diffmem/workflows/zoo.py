@@ -21,7 +21,7 @@ from diffmem.explain.token_significance import ATTRIBUTION_TARGETS, Significance
 from diffmem.io.atomic import write_atomic, write_json_atomic, write_parquet_atomic
 from diffmem.lab.dataset import build_lab_dataset
 from diffmem.lab.label import LabelConfig
-from diffmem.lab.zoo import SHIPPED_VAE, ZOO, ZooLab, zoo_lab, zoo_paths
+from diffmem.lab.zoo import ZOO, ZooLab, zoo_lab, zoo_paths
 from diffmem.metrics.roc import detection_metrics
 from diffmem.models.source import ModelSource
 from diffmem.workflows.calibrate import model_profile
@@ -135,7 +135,7 @@ def _train(lab: ZooLab, parts: ZooLabParts, runtime: Runtime) -> None:
             text_width=lab.text_width,
             prediction_type=lab.prediction_type,
             family=lab.family,
-            vae_from=ModelSource.resolve(SHIPPED_VAE).directory,
+            vae_from=ModelSource.resolve(lab.vae).directory,
         )
         train_lab(recipe, model, runtime)
     if not parts.copy_detector.exists():
