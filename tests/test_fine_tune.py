@@ -181,6 +181,14 @@ def test_train_command(data_dir, tmp_path, capsys):
     assert "fine-tuned" in capsys.readouterr().out and (out / "model" / "model_index.json").is_file()
     assert run([*args, "--policy", "ambient", "--policy", "ambient"]) == 2
     assert "given twice" in capsys.readouterr().err
+    quick = ["train", "--data", str(data_dir), "--steps", "1", "--batch-size", "2"]
+    assert run([*quick, "--model", "builtin:lab-micro", "--out", str(tmp_path / "shipped")]) == 0
+    record = json.loads((tmp_path / "shipped" / "fine_tune.json").read_text())
+    assert record["model"] == str(MODEL)  # a shipped model by its name
+    assert run([*quick, "--model", "builtin:tiny-sd", "--out", str(tmp_path / "random")]) == 2
+    assert (
+        "is not a diffusers pipeline: fine-tuning starts from a pipeline directory" in capsys.readouterr().err
+    )
 
 
 def test_deduplication_keeps_each_image_once_and_reports_it(data_dir, tmp_path):

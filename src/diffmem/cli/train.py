@@ -21,7 +21,11 @@ POLICY_NAMES = (
 )  # train.fine_tune.POLICIES, named without importing it
 
 ModelDirectory = Annotated[
-    Path, typer.Option(help="A Stable-Diffusion-architecture pipeline directory to fine-tune.")
+    str,
+    typer.Option(
+        help="The Stable-Diffusion-architecture pipeline to fine-tune (SD 1.x/2.x, SDXL, a UNet2DModel): a "
+        "directory, a shipped lab model (builtin:lab-keyed) or a Hub id in the local cache."
+    ),
 ]
 TrainingData = Annotated[
     Path,

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from accelerate import PartialState
 
+from diffmem.errors import DiffmemError
+from diffmem.models.source import ModelSource
 from diffmem.train.fine_tune import FineTuneConfig, FineTuneStatus, fine_tune
 from diffmem.train.training_set import DataOptions
 from diffmem.workflows.runtime import Runtime
@@ -19,7 +21,7 @@ class TrainConfig:
     """The pipeline to fine-tune, the training set and how it is read and prepared, the optimisation and
     policies (the seed is the runtime's), and the time budget after which the run checkpoints and stops."""
 
-    model: Path
+    model: Path | str  # a pipeline directory, a shipped model (builtin:lab-keyed) or a cached Hub id
     data: Path | str  # a folder, a .tar shard, or a Hub dataset id in the local cache
     fine_tune: FineTuneConfig = field(default_factory=FineTuneConfig)
     time_budget_s: float | None = None
@@ -37,7 +39,7 @@ def train_model(config: TrainConfig, out: Path, runtime: Runtime | None = None) 
     runtime = runtime or Runtime()
     settings = replace(config.fine_tune, seed=runtime.seed)
     status = fine_tune(
-        config.model,
+        _pipeline_directory(config.model),
         config.data,
         out,
         settings,
@@ -45,3 +47,17 @@ def train_model(config: TrainConfig, out: Path, runtime: Runtime | None = None) 
         data_options=config.data_options,
     )
     return status if PartialState().is_main_process else None
+
+
+def _pipeline_directory(model: Path | str) -> Path:
+    """The diffusers directory of ``model``: a local one as given, a shipped model's, or a cached Hub
+    snapshot's."""
+    if Path(model).is_dir():
+        return Path(model)
+    source = ModelSource.resolve(str(model))
+    if source.directory is None or source.checkpoint is not None or source.spec.loras:
+        raise DiffmemError(
+            f"{model} is not a diffusers pipeline: fine-tuning starts from a pipeline directory, a shipped "
+            "lab model (builtin:lab-keyed) or a Hub id in the local cache"
+        )
+    return source.directory
