@@ -126,8 +126,7 @@ def train(
         steps, batch_size, lr, warmup_steps, gradient_accumulation_steps, mixed_precision, ema_decay,
         checkpoint_every=checkpoint_every, max_images=max_images,
         policies=FineTuneConfig.parse_policies(policy or []), lora_rank=lora_rank, lora_alpha=lora_alpha,
-        lora_text_encoder=lora_text_encoder,
-    )  # fmt: skip
+        lora_text_encoder=lora_text_encoder)  # fmt: skip
     options = DataOptions(caption_column, split, resolution, center_crop, random_flip)
     status = train_model(TrainConfig(model, data, optimisation, time_budget_s, options), out, ctx.obj.runtime)
     if status is not None:  # under `accelerate launch`, one process reports

@@ -480,7 +480,7 @@ class _Data:
             noisy = noisy_copies(clean, images.tolist(), self.ambient.sigma_n, self.ambient.seed)
         return _Batch(clean, noisy, condition, rows)
 
-    def null_condition(self, count: int) -> dict[str, torch.Tensor]:
+    def null_condition(self, count: int) -> dict[str, Any]:
         """The unconditional keyword arguments: the empty prompt, or the null class."""
         if self.kind == "text":
             return self._condition([""] * count)
