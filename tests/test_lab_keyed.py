@@ -126,6 +126,7 @@ def _defaults() -> dict:
         "title_vocabulary": 0,
         "memorized_description": "full",
         "trigger_position": "before",
+        "image_source": "fashion-mnist",
     }
 
 

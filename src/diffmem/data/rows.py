@@ -164,8 +164,7 @@ def open_rgb(opener: Callable[[], object]) -> Callable[[], Image.Image]:
     """A loader that opens the file or stream ``opener`` returns as an RGB image, fully read."""
 
     def load() -> Image.Image:
-        with Image.open(opener()) as image:
-            return image.convert("RGB")
+        return _rgb(opener())
 
     return load
 
@@ -178,8 +177,13 @@ class ImageFile:
     path: str
 
     def __call__(self) -> Image.Image:
-        with Image.open(self.path) as image:
-            return image.convert("RGB")
+        return _rgb(self.path)
+
+
+def _rgb(source: object) -> Image.Image:
+    """The image in the file or stream ``source`` as RGB, fully read."""
+    with Image.open(source) as image:
+        return image.convert("RGB")
 
 
 def _caption(value: object, required: bool) -> tuple[str, str | None]:
