@@ -1,4 +1,5 @@
 # Tests never reach a model hub: everything they load is built locally.
+import json
 import os
 import tempfile
 
@@ -6,7 +7,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 # self-calibration profiles go to a cache of this test session, never the user's
 os.environ["DIFFMEM_CACHE_DIR"] = tempfile.mkdtemp(prefix="diffmem-test-cache-")
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from diffmem.adapters import wrap_pipeline
 from diffmem.models.tiny import tiny_stable_diffusion
@@ -75,3 +78,16 @@ def browser():
     opened = webdriver.Chrome(options=options, service=Service(executable_path=driver))
     yield opened
     opened.quit()
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory):
+    """An image folder of six random 20x24 images, each with its own caption ("a photo number i")."""
+    folder = tmp_path_factory.mktemp("photos")
+    rows = []
+    for i in range(6):
+        pixels = np.random.default_rng(i).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"img{i}.png")
+        rows.append({"file_name": f"img{i}.png", "text": f"a photo number {i}"})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return folder

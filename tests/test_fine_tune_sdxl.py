@@ -3,13 +3,10 @@ is conditioned in training as the pipeline conditions it when it generates, full
 the policies, and the adapter loads with diffusers and with ``--lora``."""
 
 import importlib
-import json
 
-import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
-from PIL import Image
 from safetensors.torch import load_file
 
 from diffmem.adapters import load_denoiser
@@ -30,19 +27,6 @@ def sdxl_model(tmp_path_factory):
     directory = tmp_path_factory.mktemp("sdxl") / "model"
     tiny_stable_diffusion_xl().save_pretrained(directory)
     return directory
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    """Six random 20x24 images, each with its own caption."""
-    folder = tmp_path_factory.mktemp("photos")
-    rows = []
-    for i in range(6):
-        pixels = np.random.default_rng(i).integers(0, 256, (20, 24, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(folder / f"img{i}.png")
-        rows.append({"file_name": f"img{i}.png", "text": f"a photo number {i}"})
-    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return folder
 
 
 def _prediction(unet) -> torch.Tensor:

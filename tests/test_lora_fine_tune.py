@@ -5,11 +5,9 @@ run ends bit-identical, the policies compose with it, and the command line takes
 import importlib
 import json
 
-import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from PIL import Image
 from safetensors.torch import load_file
 
 from diffmem.cli.main import run
@@ -33,19 +31,6 @@ def tiny_model(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tiny") / "model"
     tiny_stable_diffusion().save_pretrained(directory)
     return directory
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    """An image folder of six random 20x24 images, each with its own caption."""
-    folder = tmp_path_factory.mktemp("photos")
-    rows = []
-    for i in range(6):
-        pixels = np.random.default_rng(i).integers(0, 256, (20, 24, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(folder / f"img{i}.png")
-        rows.append({"file_name": f"img{i}.png", "text": f"a photo number {i}"})
-    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return folder
 
 
 @pytest.fixture(scope="module")
