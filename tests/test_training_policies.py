@@ -11,11 +11,14 @@ from diffmem.core.denoiser import eps_from_model_output
 from diffmem.errors import DiffmemError
 from diffmem.sampling.schedulers import STABLE_DIFFUSION_SCHEDULE
 from diffmem.train.ambient_loss import (
+    ambient_flow_input,
     ambient_input,
+    ambient_loss_flow,
     ambient_loss_ve,
     ambient_loss_vp,
     ambient_vp_input,
     edm_weight,
+    flow_sigma_n,
     noisy_copies,
     sigma_of_alpha_bar,
     timestep_of_sigma,
@@ -89,6 +92,35 @@ def test_the_vp_form_equals_the_ve_form_for_an_eps_network():
         .mean(1)
     )
     torch.testing.assert_close(vp[~low], closed[~low])
+
+
+def test_the_rectified_flow_form_equals_the_ve_form_and_stays_finite_at_pure_noise():
+    clean, noisy, z, velocity = (_randn(*SHAPE, seed=s) for s in (1, 2, 3, 5))
+    s = torch.tensor([0.05, 0.3, 0.5, 0.6, 0.9, 1.0], dtype=torch.float64)  # s = 1: x_T, SD3's first step
+    sigma_n = 1.0
+    assert flow_sigma_n(sigma_n) == 0.5  # the batch straddles s_n
+    x_t = ambient_flow_input(clean, noisy, s, sigma_n, z)
+    flow = ambient_loss_flow(velocity, x_t, clean, noisy, s, sigma_n)
+    assert torch.isfinite(flow).all()
+    inner = s < 1  # sigma = s / (1 - s) is finite: compare with the VE form
+    sigma = s[inner] / (1 - s[inner])
+    x = x_t[inner] / (1 - s[inner]).view(-1, 1, 1, 1)
+    torch.testing.assert_close(x, ambient_input(clean[inner], noisy[inner], sigma, sigma_n, z[inner]))
+    denoised = x_t[inner] - s[inner].view(-1, 1, 1, 1) * velocity[inner]
+    ve = ambient_loss_ve(
+        denoised, x, clean[inner], noisy[inner], sigma, sigma_n, weight=lambda g: (1 + g) ** 2 / g**2
+    )
+    torch.testing.assert_close(flow[inner], ve)
+    low = s < 0.5  # below s_n: the plain rectified-flow loss ||v - (z - y)||^2
+    torch.testing.assert_close(flow[low], (velocity - (z - clean))[low].square().flatten(1).mean(1))
+    # at s = 1 the input is pure noise and the target the noisy copy: D = x_T - v against y_n
+    torch.testing.assert_close(x_t[-1], z[-1])
+    torch.testing.assert_close(flow[-1], (z[-1] - velocity[-1] - noisy[-1]).square().mean())
+    # sigma_n = 0 (no ambient policy: the noisy copies are the images): plain rectified-flow training
+    plain = ambient_loss_flow(
+        velocity, (1 - s.view(-1, 1, 1, 1)) * clean + s.view(-1, 1, 1, 1) * z, clean, clean, s, 0.0
+    )
+    torch.testing.assert_close(plain, (velocity - (z - clean)).square().flatten(1).mean(1))
 
 
 def test_sigma_n_maps_to_a_timestep_of_the_schedule_and_outside_it_is_refused():

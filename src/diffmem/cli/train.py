@@ -23,7 +23,7 @@ POLICY_NAMES = (
 ModelDirectory = Annotated[
     str,
     typer.Option(
-        help="The Stable-Diffusion-architecture pipeline to fine-tune (SD 1.x/2.x, SDXL, a UNet2DModel): a "
+        help="The Stable-Diffusion-architecture pipeline to fine-tune (SD 1.x/2.x, SDXL, SD3, a UNet2DModel): a "
         "directory, a shipped lab model (builtin:lab-keyed) or a Hub id in the local cache."
     ),
 ]
@@ -70,12 +70,12 @@ LearningRate = Annotated[float, typer.Option(help="AdamW learning rate.")]
 WarmupSteps = Annotated[int, typer.Option(help="Linear warm-up steps.")]
 Accumulation = Annotated[int, typer.Option(help="Micro-batches per update.")]
 MixedPrecision = Annotated[str, typer.Option(help="no, fp16 or bf16.")]
-EmaDecay = Annotated[float | None, typer.Option(help="EMA of the UNet weights (e.g. 0.9999).")]
+EmaDecay = Annotated[float | None, typer.Option(help="EMA of the trained weights (e.g. 0.9999).")]
 CheckpointEvery = Annotated[int, typer.Option(help="Steps between checkpoints.")]
 MaxImages = Annotated[int | None, typer.Option(help="Train on the first N distinct training images.")]
 LoraRank = Annotated[
     int | None,
-    typer.Option(help="Train a LoRA adapter of this rank on the UNet's attention projections (base frozen)."),
+    typer.Option(help="Train a LoRA adapter of this rank on the UNet's or MMDiT's attention projections."),
 ]
 LoraAlpha = Annotated[
     float | None, typer.Option(help="The LoRA alpha; the update is scaled by alpha/rank (default: the rank).")
@@ -116,8 +116,8 @@ def train(
     lora_alpha: LoraAlpha = None,
     lora_text_encoder: LoraTextEncoder = False,
 ) -> None:
-    """Fine-tune the UNet, or a LoRA adapter on it; per-sample losses go through the policies (ambient,
-    filter, captions, dedup)."""
+    """Fine-tune the UNet (SD3: the MMDiT), or a LoRA adapter on it; per-sample losses go through the
+    policies (ambient, filter, captions, dedup)."""
     from diffmem.train.fine_tune import FineTuneConfig
     from diffmem.train.training_set import DataOptions
     from diffmem.workflows.train import TrainConfig, train_model

@@ -14,6 +14,11 @@ network's clean estimate ``D = x_sigma - sigma eps``. With the weight ``lambda(s
 VE loss below sigma_n is the ordinary ``||eps - z||^2``; the VP loss here is that VE loss, computed
 from the eps prediction (tested against the VE form and against a closed form). A velocity (SD 2.x) or
 clean-sample network keeps its own plain loss below sigma_n with the weight of ``NATIVE_WEIGHTS``.
+
+The rectified flow Stable Diffusion 3 trains on, ``x_t = (1 - s) x_0 + s eps``, is the VE form scaled:
+``x_t / (1 - s) = x_0 + sigma eps`` with ``sigma = s / (1 - s)``. A velocity network's clean estimate is
+``D = x_t - s v``, and the weight ``1 / s^2`` makes the loss below sigma_n the plain
+``||v - (eps - x_0)||^2`` (tested against the VE form).
 """
 
 from __future__ import annotations
@@ -129,6 +134,48 @@ def ambient_vp_input(
     """The VP network input ``x_t = sqrt(abar_t) x_sigma`` of :func:`ambient_input`."""
     sigma = sigma_of_alpha_bar(alpha_bar)
     return _per_sample(alpha_bar, clean).sqrt() * ambient_input(clean, noisy, sigma, sigma_n, z)
+
+
+def flow_sigma_n(sigma_n: float) -> float:
+    """The rectified flow's noise level ``s_n`` where the VE noise level reaches sigma_n: ``x_t / (1 - s)``
+    is ``x_0 + (s / (1 - s)) eps``, so sigma = s / (1 - s) and s_n = sigma_n / (1 + sigma_n)."""
+    if sigma_n < 0:
+        raise DiffmemError(f"sigma_n must be non-negative; got {sigma_n}")
+    return sigma_n / (1 + sigma_n)
+
+
+def ambient_flow_input(
+    clean: torch.Tensor, noisy: torch.Tensor, s: torch.Tensor, sigma_n: float, z: torch.Tensor
+) -> torch.Tensor:
+    """The rectified flow's input ``x_t = (1 - s) x_sigma`` of :func:`ambient_input` at sigma = s / (1 - s):
+    ``(1 - s) y_n + sqrt(s^2 - ((1 - s) sigma_n)^2) z`` at s >= s_n, ``(1 - s) y + s z`` below (finite at
+    s = 1, pure noise)."""
+    high = _per_sample(s >= flow_sigma_n(sigma_n), clean)
+    s = _per_sample(s, clean)
+    extra = (s**2 - ((1 - s) * sigma_n) ** 2).clamp_min(0).sqrt()
+    return torch.where(high, (1 - s) * noisy + extra * z, (1 - s) * clean + s * z)
+
+
+def ambient_loss_flow(
+    velocity: torch.Tensor,
+    x_t: torch.Tensor,
+    clean: torch.Tensor,
+    noisy: torch.Tensor,
+    s: torch.Tensor,
+    sigma_n: float,
+) -> torch.Tensor:
+    """[B] the ambient loss of a rectified-flow network's velocity at ``x_t`` (mean over C, H, W): the VE
+    loss at sigma = s / (1 - s) with the clean estimate ``D = x_t - s v`` and the weight 1 / s^2, which makes
+    it the plain ``||v - (z - y)||^2`` below s_n; written in s, so it stays finite at s = 1."""
+    high = _per_sample(s >= flow_sigma_n(sigma_n), clean)
+    s = _per_sample(s, clean).to(velocity.dtype)
+    denoised = x_t - s * velocity  # x_0 = x_t - s v on the straight path
+    # (sigma^2 - sigma_n^2) / sigma^2 D + sigma_n^2 / sigma^2 x_sigma, with x_sigma = x_t / (1 - s)   (SPEC §6)
+    share = sigma_n**2 * (1 - s) ** 2 / s**2  # sigma_n^2 / sigma^2
+    ambient = (1 - share) * denoised + (sigma_n**2 * (1 - s) / s**2) * x_t
+    prediction = torch.where(high, ambient, denoised)
+    target = torch.where(high, noisy, clean)
+    return ((prediction - target) / s).square().flatten(1).mean(1)
 
 
 def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -1,28 +1,30 @@
 """Fine-tuning (or training from a fresh pipeline) on ``accelerate``: Stable-Diffusion-architecture
-text-to-image pipelines (SD 1.x/2.x and SDXL) and unconditional or class-conditional ``UNet2DModel``
-pipelines, shaped like diffusers' ``train_text_to_image.py`` and ``train_text_to_image_sdxl.py`` (UNet
-trained, VAE and text encoders frozen; mixed precision,
+text-to-image pipelines (SD 1.x/2.x, SDXL and SD3) and unconditional or class-conditional ``UNet2DModel``
+pipelines, shaped like diffusers' ``train_text_to_image.py``, ``train_text_to_image_sdxl.py`` and
+``train_dreambooth_sd3.py`` (the UNet or MMDiT trained, VAE and text encoders frozen; mixed precision,
 gradient accumulation, EMA, checkpoints and resume) with one seam: per-sample losses ([B]) pass through
 the training policies before they are reduced.
 
-Policies (SPEC §4, §6, §7): ``ambient`` (Shah et al.: the noisy-copy loss above sigma_n, VP form),
-``filter`` (Wen et al.: samples whose ``||eps_c - eps_u||`` reaches the threshold are masked out; a step
-where every process masks everything makes no update) and ``captions`` (Somepalli et al.: captions
-randomised with probability p) and ``dedup`` (each training image once, near-duplicates dropped, before
-training). The clean latents are the VAE posterior means times the scaling factor, cached on disk
-(:mod:`diffmem.train.latent_cache`), so an image's noisy copy (ambient) is a fixed latent. Noise, velocity
-(SD 2.x) and clean-sample models train on their own parametrisation's loss; the filter measures every one
-in noise terms.
+Policies (SPEC §4, §6, §7): ``ambient`` (Shah et al.: the noisy-copy loss above sigma_n, in VP form, or
+in rectified-flow form for SD3), ``filter`` (Wen et al.: samples whose ``||eps_c - eps_u||`` reaches the
+threshold are masked out; a step where every process masks everything makes no update) and ``captions``
+(Somepalli et al.: captions randomised with probability p) and ``dedup`` (each training image once,
+near-duplicates dropped, before training). The clean latents are the VAE posterior means (shifted and)
+scaled, cached on disk (:mod:`diffmem.train.latent_cache`), so an image's noisy copy (ambient) is a fixed
+latent. Noise, velocity (SD 2.x) and clean-sample models train on their own parametrisation's loss and
+the filter measures every one in noise terms; SD3 trains on the rectified flow's velocity at SD3's
+logit-normal timesteps (:mod:`diffmem.lab.rectified_flow`) and the filter measures ``||v_c - v_u||``, its
+detection score.
 
 A text-to-image pipeline trains on any training set :mod:`diffmem.train.training_set` reads (a lab dataset,
 an image folder, a saved ``datasets`` dataset, WebDataset shards); a ``UNet2DModel`` pipeline on a lab
 dataset, whose scenes give its class labels.
 
-With ``lora_rank`` set, a text-to-image UNet trains a LoRA adapter instead (:mod:`diffmem.train.lora`):
-the base UNet frozen, the optimizer, EMA and checkpoints over the adapter alone, the result the adapter in
-diffusers' LoRA format; the policies act on the data and the per-sample losses, so they apply unchanged.
-With ``lora_text_encoder`` the text encoder trains an adapter of the same rank beside it, its captions
-encoded with gradients at every step.
+With ``lora_rank`` set, a text-to-image UNet or MMDiT trains a LoRA adapter instead
+(:mod:`diffmem.train.lora`): the base network frozen, the optimizer, EMA and checkpoints over the adapter
+alone, the result the adapter in diffusers' LoRA format; the policies act on the data and the per-sample
+losses, so they apply unchanged. With ``lora_text_encoder`` an SD 1.x/2.x text encoder trains an adapter of
+the same rank beside it, its captions encoded with gradients at every step.
 """
 
 from __future__ import annotations
@@ -40,22 +42,31 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from diffusers import DDPMScheduler, DiffusionPipeline
+from diffusers import (
+    DDPMScheduler,
+    DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    StableDiffusion3Pipeline,
+)
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from diffmem.core.denoiser import eps_from_model_output
+from diffmem.core.denoiser import FLOW_PREDICTION, eps_from_model_output
 from diffmem.core.method_spec import method_config, parse_method_spec
 from diffmem.data import RowReport
 from diffmem.data.lab_rows import is_lab_dataset
 from diffmem.errors import DiffmemError
 from diffmem.io.atomic import write_json_atomic
 from diffmem.io.run_record import environment
+from diffmem.lab.rectified_flow import flow_timesteps
 from diffmem.models.source import model_hash
 from diffmem.train.ambient_loss import (
     NATIVE_WEIGHTS,
+    ambient_flow_input,
+    ambient_loss_flow,
     ambient_loss_vp,
     ambient_vp_input,
+    flow_sigma_n,
     noisy_copies,
     timestep_of_sigma,
 )
@@ -63,12 +74,12 @@ from diffmem.train.caption_randomisation import CaptionRandomisationConfig, rand
 from diffmem.train.deduplication import DeduplicationConfig, deduplicate
 from diffmem.train.latent_cache import cached_latents, encode_latents
 from diffmem.train.lora import (
-    TARGET_MODULES,
     TEXT_ENCODER_TARGET_MODULES,
     WEIGHT_NAME,
     add_lora,
     checkpoint_adapter_only,
     save_lora,
+    target_modules,
 )
 from diffmem.train.magnitude_filter import MagnitudeFilter, MagnitudeFilterConfig, prediction_magnitude
 from diffmem.train.training_set import DataOptions, TrainingSet, read_training_set
@@ -207,22 +218,21 @@ def fine_tune(
         training.report.save(out_dir / DATA_REPORT)
     with accelerator.main_process_first():  # the main process fills the latent cache, the others read it
         data = _Data(pipeline, training, config, accelerator.device, progress and accelerator.is_main_process)
-    schedule = DDPMScheduler.from_config(pipeline.scheduler.config)
     policies = {name: method_config("policy", name, POLICIES, s) for name, s in config.policies.items()}
     ambient = policies.get("ambient")
     # without the ambient policy, sigma_n = 0: the ambient input and loss are the ordinary ones (SPEC §6)
     sigma_n = 0.0 if ambient is None else ambient.sigma_n
-    t_n = None if ambient is None else timestep_of_sigma(schedule.alphas_cumprod, sigma_n)  # or an error
-    unet = pipeline.unet.train()
-    trained = [unet] + ([pipeline.text_encoder.train()] if config.lora_text_encoder else [])
-    # the whole UNet, or its LoRA adapter (and the text encoder's)
+    t_n = None if ambient is None else data.ambient_timestep(sigma_n)  # or an error
+    network = _network(pipeline).train()
+    trained = [network] + ([pipeline.text_encoder.train()] if config.lora_text_encoder else [])
+    # the whole UNet or MMDiT, or its LoRA adapter (and the text encoder's)
     trainable = [p for model in trained for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr)
     warmup = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps))
     )
     *trained, optimizer, warmup = accelerator.prepare(*trained, optimizer, warmup)
-    unet = trained[0]
+    network = trained[0]
     if config.lora_text_encoder:
         data.text_encoder = trained[1]  # captions are encoded through the prepared (synchronised) model
     if config.lora_rank is not None:
@@ -233,33 +243,30 @@ def fine_tune(
     checkpoint = out_dir / "checkpoint"
     step, state = _resume(accelerator, checkpoint, config, data.fingerprint)
     earlier_s = state.get("wall_s", 0.0)  # this run's time in earlier calls
-    draw = _Draws(data, schedule, sigma_n, config.seed, accelerator.process_index, policies.get("captions"))
+    draw = _Draws(data, sigma_n, config.seed, accelerator.process_index, policies.get("captions"))
     flt = None
     if "filter" in policies:
         settings = policies["filter"]
         if state.get("filter_threshold") is not None:  # a resumed run keeps the threshold it started with
             settings = replace(settings, threshold=state["filter_threshold"], quantile=None)
         elif settings.quantile is not None:
-            settings = _calibrate_filter(accelerator, unet, data, settings, config.steps, draw)
+            settings = _calibrate_filter(accelerator, network, data, settings, config.steps, draw)
         flt = MagnitudeFilter(settings)
     drops = _DropLog(state) if flt is not None else None
     main = accelerator.is_main_process
     bar = tqdm(total=config.steps, initial=step, desc="fine-tuning", disable=not (progress and main))
     while step < config.steps:
-        batch, t, alpha_bar, x_t = draw(step)
+        batch, t, level, x_t = draw(step)
         with accelerator.accumulate(*trained):
-            eps = data.eps(unet(x_t, t, **batch.condition).sample, x_t, alpha_bar)
-            losses = ambient_loss_vp(
-                eps, x_t, alpha_bar, batch.latents, batch.noisy, sigma_n, data.prediction_type
-            )  # [B]
+            prediction = data.predict(network, x_t, t, level, batch.condition)
+            losses = data.losses(prediction, x_t, level, batch, sigma_n)  # [B]
             update = True
             if flt is None:
                 loss = losses.mean()
             else:
                 with torch.no_grad():
-                    uncond = unet(x_t, t, **data.null_condition(len(t))).sample
-                    eps_uncond = data.eps(uncond, x_t, alpha_bar)
-                filtered = flt(losses, eps, eps_uncond)
+                    unconditional = data.predict(network, x_t, t, level, data.null_condition(len(t)))
+                filtered = flt(losses, prediction, unconditional)
                 loss = filtered.loss
                 drops.add(filtered.kept)
                 update = bool(accelerator.gather(filtered.kept.sum().reshape(1)).sum() > 0)  # all ranks agree
@@ -317,7 +324,7 @@ def fine_tune(
         "images": data.num_images,
         "prediction_type": data.prediction_type,
         "config": asdict(config),
-        "lora": _lora_record(model_dir, config),
+        "lora": _lora_record(model_dir, config, unwrapped[0]),
         "processes": accelerator.num_processes,  # each drew config.batch_size rows a step
         "ambient_t_n": t_n,
         "filter_threshold": None if flt is None else flt.threshold,  # the given one, or the quantile's value
@@ -345,19 +352,19 @@ def training_magnitudes(
     seed: int = 0,
     device: str = "cpu",
 ) -> pa.Table:
-    """The magnitude filter's ``||eps_c - eps_u||`` for a model on training batches drawn as fine-tuning
-    draws them: one row per sample with its lab group (None for other data), t and magnitude (to choose a
+    """The magnitude filter's ``||eps_c - eps_u||`` (``||v_c - v_u||`` for SD3) for a model on training
+    batches drawn as fine-tuning draws them: one row per sample with its lab group (None for other data), t and magnitude (to choose a
     threshold)."""
     pipeline = _open_pipeline(model_dir)
     # as a filter run: an unconditional model is refused, since it has no eps_c - eps_u to measure
     config = FineTuneConfig(batch_size=batch_size, seed=seed, policies={"filter": {}})
     training = _training_set(pipeline, data_dir, DataOptions())
     data = _Data(pipeline, training, config, torch.device(device), progress=False)
-    draw = _Draws(data, DDPMScheduler.from_config(pipeline.scheduler.config), 0.0, seed, 0, None)
-    unet, rows = pipeline.unet.eval(), []
+    draw = _Draws(data, 0.0, seed, 0, None)
+    network, rows = _network(pipeline).eval(), []
     for step in range(batches):
-        batch, t, alpha_bar, x_t = draw(step)
-        magnitudes = _magnitudes(unet, data, batch, t, alpha_bar, x_t)
+        batch, t, level, x_t = draw(step)
+        magnitudes = _magnitudes(network, data, batch, t, level, x_t)
         for row, timestep, magnitude in zip(
             batch.rows.tolist(), t.tolist(), magnitudes.tolist(), strict=True
         ):
@@ -389,8 +396,11 @@ class _Data:
         if not data.num_rows:
             raise DiffmemError("the dataset has no training rows to fine-tune on")
         self.kind = _kind(pipeline)
-        self.prediction_type = pipeline.scheduler.config.get("prediction_type", "epsilon")
-        if self.prediction_type not in NATIVE_WEIGHTS:
+        self.flow = _is_flow(pipeline)
+        self.prediction_type = (
+            FLOW_PREDICTION if self.flow else pipeline.scheduler.config.get("prediction_type", "epsilon")
+        )
+        if not self.flow and self.prediction_type not in NATIVE_WEIGHTS:
             raise DiffmemError(
                 f"the model predicts {self.prediction_type!r}; fine-tuning supports {', '.join(NATIVE_WEIGHTS)}"
             )
@@ -433,8 +443,9 @@ class _Data:
             self.pipeline.vae.eval().requires_grad_(False)
             if not config.lora_text_encoder:  # else only its adapter trains (add_lora froze the rest)
                 self.pipeline.text_encoder.eval().requires_grad_(False)
-            if _is_sdxl(pipeline):
-                self.pipeline.text_encoder_2.eval().requires_grad_(False)
+            for name in ("text_encoder_2", "text_encoder_3"):  # SDXL's second, SD3's second and T5
+                if getattr(pipeline, name, None) is not None:
+                    getattr(pipeline, name).eval().requires_grad_(False)
             if data.center_crop:  # else encoded at each draw
                 self.latents = cached_latents(pipeline.vae, data, image_digest, progress=progress)
                 if data.random_flip:
@@ -486,6 +497,38 @@ class _Data:
             return self._condition([""] * count)
         return {"class_labels": torch.full((count,), self.null_class, device=self.device)}
 
+    def ambient_timestep(self, sigma_n: float) -> float:
+        """The training timestep from which the ambient policy learns from noisy copies: the DDPM timestep
+        t_n, or the rectified flow's s_n on its 0..1000 timestep scale."""
+        if self.flow:
+            return flow_sigma_n(sigma_n) * self.pipeline.scheduler.config.num_train_timesteps
+        alphas_cumprod = DDPMScheduler.from_config(self.pipeline.scheduler.config).alphas_cumprod
+        return timestep_of_sigma(alphas_cumprod, sigma_n)
+
+    def predict(
+        self,
+        network: torch.nn.Module,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        level: torch.Tensor,
+        condition: dict[str, Any],
+    ) -> torch.Tensor:
+        """The network's prediction at ``x_t`` in the terms its loss and the filter use: the noise
+        prediction of a UNet (``level``: alpha_bar_t), the velocity of SD3's MMDiT (``level``: s)."""
+        if self.flow:
+            return network(hidden_states=x_t, timestep=t, **condition, return_dict=False)[0].float()
+        return self.eps(network(x_t, t, **condition).sample, x_t, level)
+
+    def losses(
+        self, prediction: torch.Tensor, x_t: torch.Tensor, level: torch.Tensor, batch: _Batch, sigma_n: float
+    ) -> torch.Tensor:
+        """[B] the per-sample ambient loss, the plain loss where sigma_n = 0 (SPEC §6)."""
+        if self.flow:
+            return ambient_loss_flow(prediction, x_t, batch.latents, batch.noisy, level, sigma_n)
+        return ambient_loss_vp(
+            prediction, x_t, level, batch.latents, batch.noisy, sigma_n, self.prediction_type
+        )
+
     def eps(self, output: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
         """The noise prediction of the UNet's native output (a learned-variance UNet's extra channels are
         not trained here)."""
@@ -519,9 +562,16 @@ class _Data:
         return (pixels * 2 - 1).to(self.device)
 
     def _condition(self, texts: list[str]) -> dict[str, Any]:
-        """The UNet's conditioning keyword arguments for ``texts``: the text encoder's last hidden states
+        """The network's conditioning keyword arguments for ``texts``: the text encoder's last hidden states
         (with gradients when it trains); for SDXL, both encoders' penultimate states, the pooled embedding
-        and the size and crop micro-conditioning."""
+        and the size and crop micro-conditioning; for SD3, the prompt as its pipeline encodes it (both CLIP
+        encoders and T5, or zeros in T5's place) and the pooled embedding."""
+        if self.flow:
+            with torch.no_grad():
+                states, _, pooled, _ = self.pipeline.encode_prompt(
+                    texts, None, None, device=self.device, do_classifier_free_guidance=False
+                )
+            return {"encoder_hidden_states": states, "pooled_projections": pooled}
         if _is_sdxl(self.pipeline):
             with torch.no_grad():
                 states, _, pooled, _ = self.pipeline.encode_prompt(
@@ -568,26 +618,38 @@ def _training_set(pipeline, data: Path | str, options: DataOptions) -> TrainingS
 
 
 def _model_resolution(pipeline) -> int:
-    """A text-to-image pipeline's training resolution: the UNet's sample size times the VAE's factor."""
-    size = pipeline.unet.config.sample_size
+    """A text-to-image pipeline's training resolution: the network's sample size times the VAE's factor."""
+    size = _network(pipeline).config.sample_size
     height, width = (size, size) if isinstance(size, int) else size
     if height != width:
         raise DiffmemError(
-            f"the UNet's sample size is {height}x{width}; training crops squares: pass --resolution"
+            f"the network's sample size is {height}x{width}; training crops squares: pass --resolution"
         )
     return height * 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
 
 
 def _open_pipeline(model_dir: Path):
-    """A Stable-Diffusion-architecture pipeline, or a ``UNet2DModel`` one (DDPM/DDIM), from its directory."""
+    """A Stable-Diffusion-architecture pipeline (SD 1.x/2.x, SDXL, SD3), or a ``UNet2DModel`` one (DDPM/DDIM),
+    from its directory."""
     if not (Path(model_dir) / "model_index.json").is_file():
         raise DiffmemError(f"{model_dir} is not a diffusers pipeline directory (no model_index.json)")
     pipeline = DiffusionPipeline.from_pretrained(model_dir, dtype=torch.float32)
-    if not hasattr(pipeline, "unet") or not hasattr(pipeline, "scheduler"):
+    if not (hasattr(pipeline, "unet") or _is_flow(pipeline)) or not hasattr(pipeline, "scheduler"):
         raise DiffmemError(
-            f"{model_dir} holds a {type(pipeline).__name__}; fine-tuning needs a UNet and a scheduler"
+            f"{model_dir} holds a {type(pipeline).__name__}; fine-tuning trains a UNet or Stable Diffusion 3's "
+            "MMDiT, not this pipeline's transformer"
         )
     return pipeline
+
+
+def _network(pipeline) -> torch.nn.Module:
+    """The denoising network fine-tuning trains: SD3's MMDiT, else the UNet."""
+    return pipeline.transformer if _is_flow(pipeline) else pipeline.unet
+
+
+def _is_flow(pipeline) -> bool:
+    """Whether ``pipeline`` is Stable Diffusion 3: an MMDiT on the rectified flow."""
+    return isinstance(pipeline, StableDiffusion3Pipeline)
 
 
 def _is_sdxl(pipeline) -> bool:
@@ -608,13 +670,14 @@ def _add_lora(pipeline, config: FineTuneConfig) -> None:
             "LoRA fine-tuning needs a text-to-image pipeline (diffusers loads LoRA adapters into those only, "
             f"with load_lora_weights); this is {model} UNet2DModel pipeline: drop --lora-rank to train it fully"
         )
-    if config.lora_text_encoder and _is_sdxl(pipeline):
+    if config.lora_text_encoder and (_is_sdxl(pipeline) or _is_flow(pipeline)):
+        family = "SD3" if _is_flow(pipeline) else "SDXL"
         raise DiffmemError(
-            "a text-encoder LoRA trains SD 1.x/2.x-style pipelines' one text encoder; for SDXL drop "
-            "--lora-text-encoder (the UNet's adapter trains)"
+            f"a text-encoder LoRA trains SD 1.x/2.x-style pipelines' one text encoder; for {family} drop "
+            "--lora-text-encoder (the denoising network's adapter trains)"
         )
     text_encoder = pipeline.text_encoder if config.lora_text_encoder else None
-    add_lora(pipeline.unet, config.lora_rank, config.resolved_lora_alpha, config.seed, text_encoder)
+    add_lora(_network(pipeline), config.lora_rank, config.resolved_lora_alpha, config.seed, text_encoder)
 
 
 def trained_directory(out_dir: Path, config: FineTuneConfig) -> Path:
@@ -623,16 +686,16 @@ def trained_directory(out_dir: Path, config: FineTuneConfig) -> Path:
 
 
 def _save_trained(pipeline, trained: list[torch.nn.Module], out_dir: Path, config: FineTuneConfig) -> None:
-    """Save the result: the pipeline with its trained UNet, or a LoRA run's adapters alone (``trained``:
-    the UNet, then the text encoder when it trained an adapter)."""
+    """Save the result: the pipeline with its trained UNet or MMDiT, or a LoRA run's adapters alone
+    (``trained``: the network, then the text encoder when it trained an adapter)."""
     if config.lora_rank is not None:
         save_lora(trained[0], trained_directory(out_dir, config), *trained[1:])
         return
-    pipeline.unet = trained[0]
+    setattr(pipeline, "transformer" if _is_flow(pipeline) else "unet", trained[0])
     pipeline.save_pretrained(trained_directory(out_dir, config), safe_serialization=True)
 
 
-def _lora_record(model_dir: Path, config: FineTuneConfig) -> dict | None:
+def _lora_record(model_dir: Path, config: FineTuneConfig, network: torch.nn.Module) -> dict | None:
     """A LoRA run's adapter: its file, shape, and the base model it applies to (path and hash)."""
     if config.lora_rank is None:
         return None
@@ -640,7 +703,7 @@ def _lora_record(model_dir: Path, config: FineTuneConfig) -> dict | None:
         "weights": f"{LORA_DIR}/{WEIGHT_NAME}",
         "rank": config.lora_rank,
         "alpha": config.resolved_lora_alpha,
-        "target_modules": list(TARGET_MODULES),
+        "target_modules": list(target_modules(network)),
         "text_encoder_target_modules": list(TEXT_ENCODER_TARGET_MODULES)
         if config.lora_text_encoder
         else None,
@@ -690,46 +753,56 @@ class _Draws:
     same on resume, other rows on each process. Random crops and flips come from a stream of their own,
     so that turning them on leaves the rows, t and noise drawn as they were."""
 
-    def __init__(
-        self, data: _Data, schedule: DDPMScheduler, sigma_n: float, seed: int, process: int, captions
-    ):
+    def __init__(self, data: _Data, sigma_n: float, seed: int, process: int, captions):
         self.data = data
         self.sigma_n = sigma_n
         self.seed = seed
         self.process = process
         self.captions = captions
-        self.timesteps = schedule.config.num_train_timesteps
-        self.alphas_cumprod = schedule.alphas_cumprod.to(data.device)
+        config = data.pipeline.scheduler.config
+        if data.flow:  # an untouched table of the training sigmas
+            self.flow_schedule = FlowMatchEulerDiscreteScheduler.from_config(config)
+        else:
+            schedule = DDPMScheduler.from_config(config)
+            self.timesteps = schedule.config.num_train_timesteps
+            self.alphas_cumprod = schedule.alphas_cumprod.to(data.device)
 
     def __call__(self, step: int) -> tuple[_Batch, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The batch, its timesteps t, their noise levels (alpha_bar_t, or the flow's s) and x_t."""
         generator = torch.Generator().manual_seed(_batch_seed(self.seed, step, self.process))
         augment = np.random.default_rng([AUGMENT_STREAM, self.seed, step, self.process])
         batch = self.data.batch(generator, step, self.captions, augment)
+        device = self.data.device
+        if self.data.flow:  # SD3's logit-normal timesteps on the rectified flow (diffmem.lab.rectified_flow)
+            t, s = flow_timesteps(self.flow_schedule, self.data.batch_size, generator)
+            z = torch.randn(batch.latents.shape, generator=generator).to(device)
+            t, s = t.to(device), s.to(device)
+            return batch, t, s, ambient_flow_input(batch.latents, batch.noisy, s, self.sigma_n, z)
         t = torch.randint(self.timesteps, (self.data.batch_size,), generator=generator)
-        z = torch.randn(batch.latents.shape, generator=generator).to(self.data.device)
-        t = t.to(self.data.device)
+        z = torch.randn(batch.latents.shape, generator=generator).to(device)
+        t = t.to(device)
         alpha_bar = self.alphas_cumprod[t]
         return batch, t, alpha_bar, ambient_vp_input(batch.latents, batch.noisy, alpha_bar, self.sigma_n, z)
 
 
 def _magnitudes(
-    unet: torch.nn.Module,
+    network: torch.nn.Module,
     data: _Data,
     batch: _Batch,
     t: torch.Tensor,
-    alpha_bar: torch.Tensor,
+    level: torch.Tensor,
     x_t: torch.Tensor,
 ) -> torch.Tensor:
-    """[B] ``||eps_c - eps_u||`` of a batch at its sampled t (no gradients)."""
+    """[B] ``||eps_c - eps_u||`` (``||v_c - v_u||`` for SD3) of a batch at its sampled t (no gradients)."""
     with torch.no_grad():
-        eps = data.eps(unet(x_t, t, **batch.condition).sample, x_t, alpha_bar)
-        eps_uncond = data.eps(unet(x_t, t, **data.null_condition(len(t))).sample, x_t, alpha_bar)
-    return prediction_magnitude(eps, eps_uncond)
+        conditional = data.predict(network, x_t, t, level, batch.condition)
+        unconditional = data.predict(network, x_t, t, level, data.null_condition(len(t)))
+    return prediction_magnitude(conditional, unconditional)
 
 
 def _calibrate_filter(
     accelerator: Accelerator,
-    unet: torch.nn.Module,
+    network: torch.nn.Module,
     data: _Data,
     settings: MagnitudeFilterConfig,
     steps: int,
@@ -740,8 +813,8 @@ def _calibrate_filter(
     measures its own and all agree on the gathered quantile."""
     magnitudes = []
     for index in range(settings.calibration_batches):
-        batch, t, alpha_bar, x_t = draw(steps + index)
-        magnitudes.append(_magnitudes(unet, data, batch, t, alpha_bar, x_t))
+        batch, t, level, x_t = draw(steps + index)
+        magnitudes.append(_magnitudes(network, data, batch, t, level, x_t))
     return settings.calibrated(accelerator.gather(torch.cat(magnitudes)).cpu())
 
 

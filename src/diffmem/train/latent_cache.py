@@ -1,5 +1,5 @@
-"""The clean training latents of a text-to-image fine-tune, the VAE posterior means times the scaling
-factor, encoded once into a ``.npy`` file under ``$DIFFMEM_CACHE_DIR/latents/`` and memory-mapped by every
+"""The clean training latents of a text-to-image fine-tune, the VAE posterior means (less the shift
+factor of a VAE that has one, as SD3's) times the scaling factor, encoded once into a ``.npy`` file under ``$DIFFMEM_CACHE_DIR/latents/`` and memory-mapped by every
 later run and policy on the same images.
 
 An entry is keyed by the VAE (its config and weights), the images (their pixels, whatever their files are
@@ -25,7 +25,7 @@ from diffmem.calibration.cache import cache_root
 from diffmem.train.training_set import TrainingSet
 
 ENCODE_BATCH = 64  # images through the VAE at a time
-FORMAT = 1  # bumped when an entry's layout or meaning changes
+FORMAT = 2  # bumped when an entry's layout or meaning changes
 
 
 def latent_cache_dir() -> Path:
@@ -35,11 +35,12 @@ def latent_cache_dir() -> Path:
 
 @torch.no_grad()
 def encode_latents(vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-    """[n, C, h, w] the scaled VAE posterior means of pixels [n, 3, H, W] in [-1, 1] (on the VAE's device),
+    """[n, C, h, w] the shifted and scaled VAE posterior means of pixels [n, 3, H, W] in [-1, 1] (on the VAE's device),
     encoded channels-last, the layout images read from HWC arrays had whenever diffmem encoded them (and
     whose convolutions round differently from the contiguous layout's)."""
     pixels = pixels.to(vae.device).contiguous(memory_format=torch.channels_last)
-    return vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+    shift = vae.config.get("shift_factor") or 0.0  # SD3's latents are centred, (z - shift) x scale
+    return (vae.encode(pixels).latent_dist.mean - shift) * vae.config.scaling_factor
 
 
 def vae_digest(vae: torch.nn.Module) -> str:
