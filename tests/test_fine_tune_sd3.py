@@ -113,3 +113,12 @@ def test_an_interrupted_sd3_lora_run_resumes_to_the_same_adapter(sd3_model, phot
     whole = load_file(tmp_path / "whole" / "lora" / "pytorch_lora_weights.safetensors")
     resumed = load_file(parted / "lora" / "pytorch_lora_weights.safetensors")
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_a_resolution_beyond_the_mmdits_position_embedding_is_refused_before_training(
+    sd3_model, photos, tmp_path
+):
+    options = DataOptions(resolution=64)  # 32 latent patches a side; the tiny MMDiT embeds 8
+    with pytest.raises(DiffmemError, match="covers 8: pass --resolution 16 or less"):
+        fine_tune(sd3_model, photos, tmp_path / "run", FineTuneConfig(steps=1), False, data_options=options)
+    assert not (tmp_path / "run" / "checkpoint").exists()

@@ -601,7 +601,9 @@ def _training_set(pipeline, data: Path | str, options: DataOptions) -> TrainingS
     pipeline (at the model's resolution by default), a lab dataset as stored for a ``UNet2DModel`` one."""
     kind = _kind(pipeline)
     if kind == "text":
-        return read_training_set(data, options, _model_resolution(pipeline))
+        training = read_training_set(data, options, _model_resolution(pipeline))
+        _check_patches(pipeline, training.resolution)
+        return training
     model = "a class-conditional" if kind == "class" else "an unconditional"
     if not (Path(data).is_dir() and is_lab_dataset(Path(data))):
         raise DiffmemError(
@@ -615,6 +617,20 @@ def _training_set(pipeline, data: Path | str, options: DataOptions) -> TrainingS
             "size: drop --resolution, --random-crop and --random-flip"
         )
     return training
+
+
+def _check_patches(pipeline, resolution: int) -> None:
+    """Refuse a training resolution whose latents have more patches a side than an MMDiT's position
+    embedding covers (SD3's ``pos_embed_max_size``)."""
+    most = _network(pipeline).config.get("pos_embed_max_size") if _is_flow(pipeline) else None
+    if most is None:
+        return
+    factor = 2 ** (len(pipeline.vae.config.block_out_channels) - 1) * _network(pipeline).config.patch_size
+    if resolution // factor > most:
+        raise DiffmemError(
+            f"at {resolution} px the latents have {resolution // factor} patches a side and this MMDiT's "
+            f"position embedding covers {most}: pass --resolution {most * factor} or less"
+        )
 
 
 def _model_resolution(pipeline) -> int:
