@@ -77,7 +77,7 @@ def _good_rows(images: int = 6) -> list[dict]:
 
 def test_a_lab_dataset_and_its_exported_image_folder_train_identically(micro_lab_data, tmp_path, monkeypatch):
     folder = export_lab_dataset(micro_lab_data, tmp_path / "folder")
-    policies = {"ambient": {"sigma_n": 0.5}, "captions": {"p": 0.5}}
+    policies = {"ambient": {"sigma_n": 0.5}, "captions": {"p": 0.5}, "filter": {"quantile": 0.5}}
     config = FineTuneConfig(steps=2, batch_size=4, lr=1e-3, max_images=40, policies=policies)
     for name, data in (("lab", micro_lab_data), ("folder", folder)):  # each encodes into its own cache
         monkeypatch.setenv("DIFFMEM_CACHE_DIR", str(tmp_path / f"cache-{name}"))
@@ -97,6 +97,8 @@ def test_a_lab_dataset_and_its_exported_image_folder_train_identically(micro_lab
                for k, v in lab.items())  # fmt: skip
     records = [json.loads((tmp_path / name / "fine_tune.json").read_text()) for name in ("lab", "folder")]
     assert records[0]["data_fingerprint"] == records[1]["data_fingerprint"]
+    assert records[0]["filter_threshold"] == records[1]["filter_threshold"]  # the same samples dropped
+    assert records[0]["drop_log"] == records[1]["drop_log"] and 0 < records[0]["drop_rate"] < 1
     assert records[0]["images"] == records[1]["images"] == 40
     assert records[0]["lab_config"] is not None and records[1]["data_report"]["usable"] == 956
     assert not (tmp_path / "lab" / "data_report.json").exists()
