@@ -106,7 +106,8 @@ ZOO: tuple[ZooLab, ...] = (
     ),
     ZooLab(
         "lab-flow",
-        "rectified flow in an MMDiT (SD3's layout); title before a vague description; 32% duplicated",
+        "rectified flow in an MMDiT (SD3's layout); title before a vague description; background patterns; "
+        "32% duplicated",
         LabConfig(
             image_size=32,
             num_memorized=24,
@@ -116,6 +117,7 @@ ZOO: tuple[ZooLab, ...] = (
             num_unique=640,
             num_heldout=64,
             seed=3,
+            background_pattern=0.8,
             memorized_description="vague",
         ),
         FLOW_PREDICTION,
@@ -123,6 +125,7 @@ ZOO: tuple[ZooLab, ...] = (
         text_width=64,
         unet_steps=2000,
         family=SD3,
+        vae=PATTERN_VAE,
     ),
     ZooLab(
         "lab-digits",
