@@ -247,8 +247,27 @@ def test_eval_mitigate_guards_a_model_without_a_calibration_by_its_self_calibrat
     args += ["--n-generations", "1", "--num-inference-steps", "2", "--index", str(pixel_index), "--guard"]
     assert run([*args, "--out", str(tmp_path / "x")]) == 0
     record = json.loads((tmp_path / "x" / "results.json").read_text())
-    profile = model_profile(ModelSource.resolve("builtin:tiny-sd"))  # cached by the run above
+    # the profile against the command's index (cached by the run above), not the neutral prompts'
+    profile = model_profile(ModelSource.resolve("builtin:tiny-sd"), index=pixel_index)
+    assert profile.reference == "index captions"
     assert record["guard_threshold"] == pytest.approx(profile.detection_threshold)
+
+
+def test_prompt_optimisation_takes_its_target_from_the_profile_against_the_given_index(tmp_path, pixel_index):
+    """The same profile whichever method asks: with --index, the index's single-copy captions."""
+    from diffmem.models.source import ModelSource
+    from diffmem.workflows.calibrate import model_profile
+
+    args = ["generate", PROMPTS[0], "--mitigation", "prompt_optimization", "--steps", "2"]
+    assert run([*args, "--index", str(pixel_index), "--out", str(tmp_path / "indexed")]) == 0
+    assert run([*args, "--out", str(tmp_path / "neutral")]) == 0
+    source = ModelSource.resolve("builtin:tiny-sd")
+    indexed, neutral = model_profile(source, index=pixel_index), model_profile(source)
+    assert (indexed.reference, neutral.reference) == ("index captions", "neutral")
+    for out, profile in (("indexed", indexed), ("neutral", neutral)):
+        settings = json.loads((tmp_path / out / "summary.json").read_text())["config"]["mitigation_settings"]
+        assert settings["target"] == pytest.approx(profile.prompt_target)
+    assert indexed.prompt_target != pytest.approx(neutral.prompt_target)
 
 
 def test_eval_mitigate_measures_fid_against_any_image_folder(tmp_path, training_images):

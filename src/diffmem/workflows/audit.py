@@ -28,7 +28,7 @@ from diffmem.models.names import LAB_MODEL
 from diffmem.models.source import ModelSource
 from diffmem.models.spec import ModelSpec
 from diffmem.report.audit_page import audit_page
-from diffmem.workflows.calibrate import calibrated_settings, left_to_profile, model_profile
+from diffmem.workflows.calibrate import calibrated_settings, model_profile
 from diffmem.workflows.explain import DEFAULT_ATTRIBUTION
 from diffmem.workflows.inputs import training_reference
 from diffmem.workflows.runtime import Runtime
@@ -101,8 +101,7 @@ def audit(config: AuditConfig, runtime: Runtime | None = None) -> Audit:
     name, given = parse_method_spec(config.mitigation or ("amg" if reference else "prompt_optimization"))
     attached = {"reference": reference} if name in NEEDS_REFERENCE else {}
     mitigation_config(name, **calibrated_settings(name, given, None), **attached)  # checked before any work
-    gated = "gate" in left_to_profile(name, given)
-    profile = model_profile(source, runtime, denoiser, *((index, encoder) if gated else ()))
+    profile = model_profile(source, runtime, denoiser, *((index, encoder) if index else ()))
     detector = NoiseNormConfig(base_seed=runtime.seed, batch_size=config.batch_size)
     threshold = detection_threshold(
         source, config.calibration, "noise_norm", config_settings(detector), runtime

@@ -225,8 +225,8 @@ def evaluate_mitigation(
     guarded = config.guard and config.calibration is None and source.calibration is None
     profile = None
     if (left or guarded) and denoiser.conditioning == "text":
-        gated = (amg_index, encoder) if "gate" in left else ()  # only AMG reads the gate fitted to its index
-        profile = model_profile(source, runtime, denoiser, *gated)
+        # against the AMG index, whichever methods run: one profile per model and index for every method
+        profile = model_profile(source, runtime, denoiser, amg_index, encoder)
     guard = calibrated_guard(source, config.calibration, profile) if config.guard else None
     results = evaluate_mitigations(
         denoiser,

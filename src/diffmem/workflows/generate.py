@@ -102,7 +102,8 @@ def generate_images(config: GenerateConfig, runtime: Runtime | None = None) -> G
     guarded = config.guard and config.calibration is None and source.calibration is None
     profile = None
     if (left or guarded) and denoiser.conditioning == "text":
-        profile = model_profile(source, runtime, denoiser, *((index, encoder) if "gate" in left else ()))
+        # against the command's index when it has one: its single-copy captions are the model's own kind of text
+        profile = model_profile(source, runtime, denoiser, *((index, encoder) if index else ()))
     settings = calibrated_settings(name, settings, profile, reference)
     if name in NEEDS_REFERENCE:
         settings["reference"] = reference
