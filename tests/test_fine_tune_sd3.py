@@ -10,16 +10,13 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 from safetensors.torch import load_file
 
-from diffmem.adapters import load_denoiser
 from diffmem.errors import DiffmemError
-from diffmem.models.source import open_model
-from diffmem.models.spec import model_spec
 from diffmem.models.tiny import tiny_stable_diffusion_3
 from diffmem.train.fine_tune import FineTuneConfig, fine_tune
 from diffmem.train.training_set import DataOptions
+from fine_tune_checks import check_full_and_lora_fine_tuning, check_training_predicts_as_the_denoiser
 
 fine_tune_module = importlib.import_module("diffmem.train.fine_tune")  # the package exports the function
-POLICIES = {"filter": {"threshold": 1e6}, "ambient": {"sigma_n": 0.5}, "captions": {"p": 0.5}}
 WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
 
 
@@ -47,24 +44,10 @@ def _prediction(transformer) -> torch.Tensor:
 
 
 def test_training_conditions_the_mmdit_as_the_pipeline_does_when_it_generates(sd3_model, photos):
-    pipeline = fine_tune_module._open_pipeline(sd3_model)
-    training = fine_tune_module._training_set(pipeline, photos, DataOptions())
-    data = fine_tune_module._Data(pipeline, training, FineTuneConfig(), torch.device("cpu"), False)
-    assert data.flow and data.prediction_type == "flow_prediction"
-    denoiser = load_denoiser(sd3_model)
     x_t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     t = torch.tensor([700.0, 300.0])
-    s = t / 1000
-    captions = ["a photo number 1", "a photo number 4"]
-    network = pipeline.transformer
-    with torch.no_grad():
-        trained = data.predict(network, x_t, t, s, data._condition(captions))
-        unconditional = data.predict(network, x_t, t, s, data.null_condition(2))
-        generated = denoiser.eps(x_t, t, denoiser.encode(captions))
-        empty = denoiser.eps(x_t, t, denoiser.encode(["", ""]))
-    torch.testing.assert_close(trained, generated, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(unconditional, empty, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(trained, unconditional)
+    data = check_training_predicts_as_the_denoiser(sd3_model, photos, x_t, t, lambda denoiser, t: t / 1000)
+    assert data.flow and data.prediction_type == "flow_prediction"
 
     # the draws: SD3's timesteps on the 0..1000 scale of s, the input on the straight path from the latents
     draw = fine_tune_module._Draws(data, 0.0, 0, 0, None)
@@ -79,28 +62,18 @@ def test_training_conditions_the_mmdit_as_the_pipeline_does_when_it_generates(sd
 
 @pytest.mark.supports("fine-tuning", "stable-diffusion-3")
 def test_sd3_fine_tunes_fully_and_with_lora_under_the_policies(sd3_model, photos, tmp_path):
-    full = FineTuneConfig(steps=2, batch_size=2, lr=1e-3, policies=POLICIES)
-    status = fine_tune(sd3_model, photos, tmp_path / "full", full, progress=False)
-    assert status.complete and status.drop_rate == 0.0
-    assert load_denoiser(tmp_path / "full" / "model").family == "stable-diffusion-3"
-    before, after = load_file(sd3_model / WEIGHTS), load_file(tmp_path / "full" / "model" / WEIGHTS)
-    assert any(not torch.equal(before[k], after[k]) for k in before)
-
-    lora = FineTuneConfig(steps=2, batch_size=2, lr=1e-3, lora_rank=2, policies=POLICIES)
-    assert fine_tune(sd3_model, photos, tmp_path / "lora", lora, progress=False).complete
+    check_full_and_lora_fine_tuning(
+        sd3_model,
+        photos,
+        tmp_path,
+        "stable-diffusion-3",
+        "SD3",
+        StableDiffusion3Pipeline,
+        WEIGHTS,
+        _prediction,
+    )
     stored = load_file(tmp_path / "lora" / "lora" / "pytorch_lora_weights.safetensors")
     assert any(".attn.add_k_proj.lora_B" in key for key in stored)  # the text stream's projections too
-    base = _prediction(StableDiffusion3Pipeline.from_pretrained(sd3_model).transformer)
-    pipeline = StableDiffusion3Pipeline.from_pretrained(sd3_model)
-    pipeline.load_lora_weights(tmp_path / "lora" / "lora", local_files_only=True)
-    loaded = _prediction(pipeline.transformer)
-    assert not torch.allclose(loaded, base)
-    denoiser = open_model(model_spec(str(sd3_model), loras=[str(tmp_path / "lora" / "lora")]))
-    torch.testing.assert_close(_prediction(denoiser.pipeline.transformer), loaded, rtol=0, atol=0)
-
-    with_text = FineTuneConfig(steps=2, batch_size=2, lora_rank=2, lora_text_encoder=True)
-    with pytest.raises(DiffmemError, match="for SD3 drop --lora-text-encoder"):
-        fine_tune(sd3_model, photos, tmp_path / "text", with_text, progress=False)
 
 
 def test_an_interrupted_sd3_lora_run_resumes_to_the_same_adapter(sd3_model, photos, tmp_path):

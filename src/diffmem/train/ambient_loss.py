@@ -170,7 +170,7 @@ def ambient_loss_flow(
     high = _per_sample(s >= flow_sigma_n(sigma_n), clean)
     s = _per_sample(s, clean).to(velocity.dtype)
     denoised = x_t - s * velocity  # x_0 = x_t - s v on the straight path
-    # (sigma^2 - sigma_n^2) / sigma^2 D + sigma_n^2 / sigma^2 x_sigma, with x_sigma = x_t / (1 - s)   (SPEC §6)
+    # (sigma^2 - sigma_n^2) / sigma^2 D + sigma_n^2 / sigma^2 x_sigma, x_sigma = x_t / (1 - s)   (SPEC §6)
     share = sigma_n**2 * (1 - s) ** 2 / s**2  # sigma_n^2 / sigma^2
     ambient = (1 - share) * denoised + (sigma_n**2 * (1 - s) / s**2) * x_t
     prediction = torch.where(high, ambient, denoised)

@@ -353,8 +353,8 @@ def training_magnitudes(
     device: str = "cpu",
 ) -> pa.Table:
     """The magnitude filter's ``||eps_c - eps_u||`` (``||v_c - v_u||`` for SD3) for a model on training
-    batches drawn as fine-tuning draws them: one row per sample with its lab group (None for other data), t and magnitude (to choose a
-    threshold)."""
+    batches drawn as fine-tuning draws them: one row per sample with its lab group (None for other data),
+    t and magnitude (to choose a threshold)."""
     pipeline = _open_pipeline(model_dir)
     # as a filter run: an unconditional model is refused, since it has no eps_c - eps_u to measure
     config = FineTuneConfig(batch_size=batch_size, seed=seed, policies={"filter": {}})
