@@ -1,6 +1,6 @@
 """The clean training latents of a text-to-image fine-tune, the VAE posterior means (less the shift
-factor of a VAE that has one, as SD3's) times the scaling factor, encoded once into a ``.npy`` file under ``$DIFFMEM_CACHE_DIR/latents/`` and memory-mapped by every
-later run and policy on the same images.
+factor of a VAE that has one, as SD3's) times the scaling factor, encoded once into a ``.npy`` file
+under ``$DIFFMEM_CACHE_DIR/latents/`` and memory-mapped by every later run and policy on the same images.
 
 An entry is keyed by the VAE (its config and weights), the images (their pixels, whatever their files are
 called; never their captions) and how they are prepared (resolution, centre crop, flipped or not). The
@@ -35,9 +35,9 @@ def latent_cache_dir() -> Path:
 
 @torch.no_grad()
 def encode_latents(vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-    """[n, C, h, w] the shifted and scaled VAE posterior means of pixels [n, 3, H, W] in [-1, 1] (on the VAE's device),
-    encoded channels-last, the layout images read from HWC arrays had whenever diffmem encoded them (and
-    whose convolutions round differently from the contiguous layout's)."""
+    """[n, C, h, w] the shifted and scaled VAE posterior means of pixels [n, 3, H, W] in [-1, 1] (on the
+    VAE's device), encoded channels-last, the layout images read from HWC arrays had whenever diffmem
+    encoded them (and whose convolutions round differently from the contiguous layout's)."""
     pixels = pixels.to(vae.device).contiguous(memory_format=torch.channels_last)
     shift = vae.config.get("shift_factor") or 0.0  # SD3's latents are centred, (z - shift) x scale
     return (vae.encode(pixels).latent_dist.mean - shift) * vae.config.scaling_factor

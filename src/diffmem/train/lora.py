@@ -3,8 +3,9 @@
 up (``train_text_to_image_lora.py`` for a UNet, ``train_dreambooth_lora_sd3.py`` for SD3: adapters on the
 attention projections, the image stream's and the text stream's), the base network frozen, and the
 result in diffusers' LoRA format (``pytorch_lora_weights.safetensors``, loadable with
-``load_lora_weights``), its rank and alpha in the file's metadata. Optionally the CLIP text encoder gets adapters on its attention projections too, as
-diffusers' ``train_dreambooth_lora.py --train_text_encoder`` sets them, saved in the same file.
+``load_lora_weights``), its rank and alpha in the file's metadata. Optionally the CLIP text encoder gets
+adapters on its attention projections too, as diffusers' ``train_dreambooth_lora.py --train_text_encoder``
+sets them, saved in the same file.
 
 An adapted projection computes ``W x + (alpha / r) B A x`` (Hu et al., eq. 3 with the scale of their §4.1):
 ``W`` frozen, ``A`` [r, in] and ``B`` [out, r] trained, ``B = 0`` at the start so training starts from
