@@ -86,7 +86,8 @@ ZOO: tuple[ZooLab, ...] = (
     ),
     ZooLab(
         "lab-infix",
-        "velocity; title words inside a full description over shared words; wider text encoder; 30% duplicated",
+        "velocity; title words inside a full description over shared words; wider text encoder; background "
+        "patterns; 30% duplicated",
         LabConfig(
             image_size=32,
             num_memorized=40,
@@ -96,6 +97,7 @@ ZOO: tuple[ZooLab, ...] = (
             num_unique=1100,
             num_heldout=200,
             seed=2,
+            background_pattern=0.8,
             title_vocabulary=40,
             trigger_position="inside",
         ),
@@ -103,6 +105,7 @@ ZOO: tuple[ZooLab, ...] = (
         text_layers=2,
         text_width=96,
         unet_steps=3500,
+        vae=PATTERN_VAE,
     ),
     ZooLab(
         "lab-flow",
