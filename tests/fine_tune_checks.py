@@ -21,6 +21,13 @@ POLICIES = {"filter": {"threshold": 1e6}, "ambient": {"sigma_n": 0.5}, "captions
 CAPTIONS = ["a photo number 1", "a photo number 4"]
 
 
+def saved_pipeline(pipeline, tmp_path_factory, name: str) -> Path:
+    """``pipeline`` saved as a diffusers directory (a module fixture's model), its path."""
+    directory = tmp_path_factory.mktemp(name) / "model"
+    pipeline.save_pretrained(directory)
+    return directory
+
+
 def check_training_predicts_as_the_denoiser(
     model: Path, photos: Path, x_t: torch.Tensor, t: torch.Tensor, level: Callable
 ):

@@ -14,7 +14,11 @@ from diffmem.errors import DiffmemError
 from diffmem.models.tiny import tiny_stable_diffusion_3
 from diffmem.train.fine_tune import FineTuneConfig, fine_tune
 from diffmem.train.training_set import DataOptions
-from fine_tune_checks import check_full_and_lora_fine_tuning, check_training_predicts_as_the_denoiser
+from fine_tune_checks import (
+    check_full_and_lora_fine_tuning,
+    check_training_predicts_as_the_denoiser,
+    saved_pipeline,
+)
 
 fine_tune_module = importlib.import_module("diffmem.train.fine_tune")  # the package exports the function
 WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
@@ -22,9 +26,7 @@ WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
 
 @pytest.fixture(scope="module")
 def sd3_model(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("sd3") / "model"
-    tiny_stable_diffusion_3().save_pretrained(directory)
-    return directory
+    return saved_pipeline(tiny_stable_diffusion_3(), tmp_path_factory, "sd3")
 
 
 def _prediction(transformer) -> torch.Tensor:

@@ -7,14 +7,16 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 
 from diffmem.models.tiny import tiny_stable_diffusion_xl
-from fine_tune_checks import check_full_and_lora_fine_tuning, check_training_predicts_as_the_denoiser
+from fine_tune_checks import (
+    check_full_and_lora_fine_tuning,
+    check_training_predicts_as_the_denoiser,
+    saved_pipeline,
+)
 
 
 @pytest.fixture(scope="module")
 def sdxl_model(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("sdxl") / "model"
-    tiny_stable_diffusion_xl().save_pretrained(directory)
-    return directory
+    return saved_pipeline(tiny_stable_diffusion_xl(), tmp_path_factory, "sdxl")
 
 
 def _prediction(unet) -> torch.Tensor:

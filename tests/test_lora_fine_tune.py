@@ -16,6 +16,7 @@ from diffmem.models.source import open_model
 from diffmem.models.spec import model_spec
 from diffmem.models.tiny import tiny_stable_diffusion, tiny_unet2d
 from diffmem.train.fine_tune import FineTuneConfig, fine_tune
+from fine_tune_checks import saved_pipeline
 
 fine_tune_module = importlib.import_module("diffmem.train.fine_tune")  # the package exports the function
 
@@ -28,9 +29,7 @@ LORA_FILE = "lora/pytorch_lora_weights.safetensors"
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """A tiny Stable Diffusion pipeline directory (16 px images, 8x8 latents)."""
-    directory = tmp_path_factory.mktemp("tiny") / "model"
-    tiny_stable_diffusion().save_pretrained(directory)
-    return directory
+    return saved_pipeline(tiny_stable_diffusion(), tmp_path_factory, "tiny")
 
 
 @pytest.fixture(scope="module")
