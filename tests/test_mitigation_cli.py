@@ -253,10 +253,14 @@ def test_eval_mitigate_guards_a_model_without_a_calibration_by_its_self_calibrat
     assert record["guard_threshold"] == pytest.approx(profile.detection_threshold)
 
 
-def test_prompt_optimisation_takes_its_target_from_the_profile_against_the_given_index(tmp_path, pixel_index):
+def test_prompt_optimisation_takes_its_target_from_the_profile_against_the_given_index(
+    tmp_path, pixel_index, monkeypatch
+):
     """The same profile whichever method asks: with --index, the index's single-copy captions."""
     from diffmem.models.source import ModelSource
     from diffmem.workflows.calibrate import model_profile
+
+    monkeypatch.setenv("DIFFMEM_CACHE_DIR", str(tmp_path / "cache"))  # no profile another test calibrated
 
     args = ["generate", PROMPTS[0], "--mitigation", "prompt_optimization", "--steps", "2"]
     assert run([*args, "--index", str(pixel_index), "--out", str(tmp_path / "indexed")]) == 0

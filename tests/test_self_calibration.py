@@ -30,9 +30,10 @@ def profile(scores, **fields) -> ModelProfile:
 
 def test_the_profile_places_the_threshold_and_the_target_among_ordinary_scores():
     scores = np.linspace(0.0, 1.0, 201).tolist()
-    made = profile(scores, target_fpr=0.05, prompt_quantile=0.2)
+    made = profile(scores, target_fpr=0.05)
     assert np.mean(np.array(scores) > made.detection_threshold) == pytest.approx(0.05, abs=0.006)
-    assert made.prompt_target == pytest.approx(0.2)
+    assert made.prompt_target == pytest.approx(0.025)  # a quarter of the ordinary 10% quantile
+    assert made.prompt_start == pytest.approx(0.95)
     calibration = made.calibration()
     assert calibration.threshold == made.detection_threshold and calibration.num_prompts == 201
     calibration.check("noise_norm", config_settings(NoiseNormConfig()), "model-hash")
@@ -47,6 +48,11 @@ def test_a_profile_file_round_trips_and_junk_is_refused(tmp_path):
     (tmp_path / "other.json").write_text(json.dumps({"format": "diffmem.amg_gate"}))
     with pytest.raises(DiffmemError, match="not a model profile"):
         ModelProfile.load(tmp_path / "other.json")
+    # a profile cached with the policy it was once stored with follows today's policy
+    stored = json.loads((tmp_path / "p.json").read_text()) | {"prompt_quantile": 0.5, "start_quantile": 0.5}
+    (tmp_path / "cached.json").write_text(json.dumps(stored))
+    cached = ModelProfile.load(tmp_path / "cached.json")
+    assert cached == made and cached.prompt_target == made.prompt_target
     record = json.loads((tmp_path / "p.json").read_text()) | {"scores": [0.1, float("nan")]}
     (tmp_path / "nan.json").write_text(json.dumps(record))
     with pytest.raises(DiffmemError, match="finite score"):
@@ -93,8 +99,9 @@ def test_a_scan_without_a_calibration_flags_by_the_models_profile(tmp_path):
 
 
 def test_mitigations_read_their_scale_from_the_profile_unless_given_or_preset_paper():
-    made = profile(np.linspace(0.2, 1.2, 101).tolist(), prompt_quantile=0.1)
-    calibrated = {"target": pytest.approx(0.3), "start": pytest.approx(1.1)}  # ordinary 10% and 90% quantiles
+    made = profile(np.linspace(0.2, 1.2, 101).tolist())
+    # a quarter of the ordinary 10% quantile, from their 95% quantile on, stopping there within 100 iterations
+    calibrated = {"target": pytest.approx(0.075), "start": pytest.approx(1.15), "max_iterations": 100}
     assert calibrated_settings("prompt_optimization", {}, made) == calibrated
     assert calibrated_settings("prompt_optimization", {"target": 2.0}, made) == {"target": 2.0}
     assert calibrated_settings("prompt_optimization", {"start": 0.9}, made)["start"] == 0.9

@@ -3,11 +3,13 @@ defaults they give every method, so that no knob is tuned by hand for a model wi
 
 - Detection flags a prompt above the ``target_fpr`` quantile of the ordinary prompts' scores (Wen et al.
   choose the threshold on non-memorized prompts at a target false-positive rate, SPEC §1).
-- Prompt optimisation stops once a prompt's score is as low as the ``prompt_quantile`` of ordinary
-  prompts: the paper's fixed target (l_target = 3 for n = 4 on SD 1.4, SPEC §3) is a point on SD 1.4's
-  scale, and a model whose ordinary prompts score below it would stop before anything changed. It starts
-  only on a generation scoring above the ``start_quantile`` of ordinary prompts, so ordinary prompts keep
-  their embedding as they do under the paper's target on SD 1.4.
+- Prompt optimisation acts on a generation scoring above the ``START_QUANTILE`` of ordinary prompts and
+  stops once its score is a ``PROMPT_DEPTH`` fraction of their ``PROMPT_QUANTILE``: below every ordinary
+  prompt, by a margin. The paper's fixed target (l_target = 3 for n = 4 on SD 1.4, SPEC §3) is a point
+  on SD 1.4's scale. Where memorization is strong, an embedding optimised only down to ordinary prompts'
+  level still copies (the zoo's digits lab: 65% of generations); a quarter of it holds on every zoo lab.
+  Starting above the 95% quantile, not the 90%, spares the ordinary prompts that score among memorized
+  ones (the keyed lab: FID 1.20x and -5.6 points of alignment from 90%, 1.02x and 0 from 95%).
 - AMG's gate is fitted against the training-set index the profile was made with (:mod:`fitted_gate`).
 """
 
@@ -26,8 +28,10 @@ from diffmem.io.atomic import read_json, write_json_atomic
 from diffmem.metrics.roc import threshold_at_fpr
 
 FORMAT = "diffmem.model_profile"
-PROMPT_QUANTILE = 0.1  # prompt optimisation's target: this quantile of ordinary prompts' scores
-START_QUANTILE = 0.9  # prompt optimisation acts on a generation above this quantile of them
+PROMPT_QUANTILE = 0.1  # prompt optimisation's target is PROMPT_DEPTH times this quantile of ordinary scores
+PROMPT_DEPTH = 0.25
+START_QUANTILE = 0.95  # prompt optimisation acts on a generation above this quantile of them
+LEGACY_FIELDS = ("prompt_quantile", "start_quantile")  # policy once stored in profiles, now constants
 
 
 @dataclass(frozen=True)
@@ -39,8 +43,6 @@ class ModelProfile:
     settings: dict[str, Any]  # the noise-norm settings (NoiseNormConfig) the scores were measured with
     scores: list[float]  # their first-step noise norms, ascending
     target_fpr: float = 0.01
-    prompt_quantile: float = PROMPT_QUANTILE
-    start_quantile: float = START_QUANTILE
     gate: str | None = None  # AMG gate fitted against the index below (a FittedGate file)
     index_fingerprint: str | None = None
     format: str = field(default=FORMAT)
@@ -50,11 +52,8 @@ class ModelProfile:
             raise DiffmemError(f"not a model profile (format {self.format!r})")
         if not self.scores or not all(isinstance(s, int | float) and math.isfinite(s) for s in self.scores):
             raise DiffmemError("a model profile needs one finite score per ordinary prompt")
-        for name in ("target_fpr", "prompt_quantile", "start_quantile"):
-            if not 0 < getattr(self, name) < 1:
-                raise DiffmemError(
-                    f"a model profile's {name} must be between 0 and 1; got {getattr(self, name)}"
-                )
+        if not 0 < self.target_fpr < 1:
+            raise DiffmemError(f"a model profile's target_fpr must be between 0 and 1; got {self.target_fpr}")
 
     @property
     def detection_threshold(self) -> float:
@@ -63,13 +62,14 @@ class ModelProfile:
 
     @property
     def prompt_target(self) -> float:
-        """Prompt optimisation's per-generation target: the ``prompt_quantile`` of ordinary prompts' scores."""
-        return float(np.quantile(self.scores, self.prompt_quantile))
+        """Prompt optimisation's per-generation target: ``PROMPT_DEPTH`` times the ``PROMPT_QUANTILE`` of
+        ordinary prompts' scores."""
+        return PROMPT_DEPTH * float(np.quantile(self.scores, PROMPT_QUANTILE))
 
     @property
     def prompt_start(self) -> float:
-        """The score above which prompt optimisation acts: the ``start_quantile`` of ordinary prompts."""
-        return float(np.quantile(self.scores, self.start_quantile))
+        """The score above which prompt optimisation acts: the ``START_QUANTILE`` of ordinary prompts."""
+        return float(np.quantile(self.scores, START_QUANTILE))
 
     def calibration(self) -> Calibration:
         """The detection calibration the profile implies (for whatever takes a calibration file)."""
@@ -96,6 +96,6 @@ class ModelProfile:
         if not isinstance(record, dict) or record.get("format") != FORMAT:
             raise DiffmemError(f"{path} is not a model profile (diffmem calibrate writes one)")
         try:
-            return cls(**record)
+            return cls(**{k: v for k, v in record.items() if k not in LEGACY_FIELDS})
         except TypeError as error:
             raise DiffmemError(f"{path} is not a model profile: {error}") from error

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from diffmem.calibration.cache import gate_path, profile_path
-from diffmem.calibration.profile import PROMPT_QUANTILE, ModelProfile
+from diffmem.calibration.profile import ModelProfile
 from diffmem.calibration.reference_prompts import neutral_prompts, single_copy_captions
 from diffmem.core.denoiser import Denoiser
 from diffmem.detect.noise_norm import NoiseNormConfig, noise_norm
@@ -30,6 +30,9 @@ from diffmem.workflows.runtime import Runtime
 log = logging.getLogger(__name__)
 
 PRESETS = ("calibrated", "paper")  # a mitigation's `preset`: the model's calibrated defaults, or the papers'
+# prompt optimisation stops at the calibrated target; the paper's 10 iterations stop short of it on models
+# whose embedding must move further (the zoo's infix lab: 62% of memorized generations still copy at 10)
+PROMPT_ITERATIONS = 100
 
 
 @dataclass(frozen=True)
@@ -46,13 +49,12 @@ class ProfileConfig:
     index: Path | None = None
     encoder: Path | None = None  # an embedding index's encoder (default: the one it records)
     target_fpr: float = 0.01
-    prompt_quantile: float = PROMPT_QUANTILE
     reference_prompts: int = 256  # single-copy captions scored
     gate_prompts: int = 64  # of those, generated in full to fit AMG's gate
     gate_quantile: float = 0.9  # lambda_t: this quantile of their similarity at step t
 
     def __post_init__(self) -> None:
-        for name in ("target_fpr", "prompt_quantile", "gate_quantile"):
+        for name in ("target_fpr", "gate_quantile"):
             if not 0 < getattr(self, name) < 1:
                 raise DiffmemError(f"{name} must be between 0 and 1; got {getattr(self, name)}")
         if min(self.reference_prompts, self.gate_prompts) < 1:
@@ -85,7 +87,6 @@ def calibrate_model(
         settings=config_settings(settings),
         scores=sorted(float(s) for s in scores),
         target_fpr=config.target_fpr,
-        prompt_quantile=config.prompt_quantile,
         gate=gate,
         index_fingerprint=fingerprint,
     )
@@ -158,8 +159,8 @@ def calibrated_settings(
     name: str, settings: dict[str, Any], profile: ModelProfile | None, reference: ReferenceSet | None = None
 ) -> dict[str, Any]:
     """A mitigation's settings: the ones given, over the model's calibrated defaults (prompt optimisation's
-    target, and the start that comes with it; AMG's gate for this index and its excess rule for the
-    dissimilarity step); ``preset=paper`` keeps the papers' constants instead."""
+    target, and the start and iteration budget that come with it; AMG's gate for this index and its excess
+    rule for the dissimilarity step); ``preset=paper`` keeps the papers' constants instead."""
     settings = dict(settings)
     preset = settings.pop("preset", "calibrated")
     if preset not in PRESETS:
@@ -169,6 +170,7 @@ def calibrated_settings(
     if name == "prompt_optimization" and "target" not in settings:
         settings["target"] = profile.prompt_target
         settings.setdefault("start", max(profile.prompt_start, profile.prompt_target))
+        settings.setdefault("max_iterations", PROMPT_ITERATIONS)
     fitted = reference is not None and profile.index_fingerprint == reference.index.manifest.fingerprint
     if name == "amg" and fitted and profile.gate is not None:
         settings.setdefault("gate", profile.gate)
