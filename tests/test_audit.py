@@ -44,6 +44,8 @@ def test_the_audit_scores_every_prompt_and_examines_the_flagged_ones(audited):
     flagged = [r for r in rows if r["flagged"]]
     assert len(flagged) == 2 and all(r["examined"] for r in flagged)
     assert all(r["top_word"] in r["prompt"].split() for r in flagged)
+    assert all(set(r["carrying_words"]) <= set(r["prompt"].split()) for r in flagged)
+    assert all(r["carrying_words"] is None for r in rows if not r["flagged"])
     assert all(r["similarity_plain"] is not None and r["similarity_mitigated"] is not None for r in flagged)
     assert all(r["similarity_plain"] is None for r in rows if not r["flagged"])
     summary = json.loads((audited / "summary.json").read_text())
@@ -75,6 +77,8 @@ def test_the_report_shows_each_flagged_prompt_beside_its_nearest_training_image(
     flagged = [r["prompt"] for r in pq.read_table(audited / "audit.parquet").to_pylist() if r["flagged"]]
     heat = browser.find_elements(By.CSS_SELECTOR, "p span[style*='background']")
     assert sorted(s.text for s in heat) == sorted(w for prompt in flagged for w in prompt.split())
+    body = browser.find_element(By.TAG_NAME, "body").text
+    assert body.count("takes it under the threshold") + body.count("leaves it flagged") == 2
 
 
 def test_the_audit_refuses_an_earlier_run_and_a_bad_calibration_before_any_work(audited, tmp_path, capsys):

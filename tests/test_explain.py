@@ -6,6 +6,7 @@ import torch
 from diffmem.adapters import wrap_pipeline
 from diffmem.errors import DiffmemError
 from diffmem.explain import SignificanceConfig, token_significance, word_attention_maps
+from diffmem.explain.carrying_words import MAX_CARRYING_WORDS, carrying_words
 from diffmem.explain.evaluate import trigger_evaluation
 from diffmem.explain.token_significance import _token_embedding_leaves
 from diffmem.models.tiny import tiny_stable_diffusion, tiny_stable_diffusion_xl, tiny_unet2d
@@ -77,6 +78,32 @@ def test_trigger_evaluation_rows(sd):
         assert row["below_without_top"] == (row["score_without_top"] <= 0.0)
 
 
+def test_the_carrying_words_are_the_fewest_top_ranked_words_that_take_the_score_under(sd):
+    explained = token_significance(sd, PROMPT, CONFIG)
+    ranking = explained.ranking()
+    assert explained.replaced(ranking[:2], "object").count("object") == 2
+    assert explained.replaced([1, 3], "object") == "A object-object  at the top-left!"
+    measure = CONFIG.noise_norm_config()
+    none_under = carrying_words(sd, explained, -1.0, measure)
+    assert not none_under.found and len(none_under.scores) == MAX_CARRYING_WORDS
+    fewest = min(range(MAX_CARRYING_WORDS), key=lambda k: (none_under.scores[k], k))
+    threshold = none_under.scores[fewest]
+    first_under = next(k for k, score in enumerate(none_under.scores) if score <= threshold)
+    found = carrying_words(sd, explained, threshold, measure)
+    assert found.found and found.words == ranking[: first_under + 1]
+    assert found.scores == pytest.approx(none_under.scores)  # the same seeds: the same scores
+
+
+def test_trigger_evaluation_names_the_carrying_words_of_flagged_prompts_only(sd):
+    prompts = ["the zorblax poster: a red sneaker at the top left"]
+    explained = token_significance(sd, prompts[0], CONFIG)
+    (row,) = trigger_evaluation(sd, prompts, [["zorblax"]], -1.0, CONFIG).to_pylist()
+    assert row["flagged"] and row["carrying_words"] == [] and row["below_without_carrying"] is False
+    assert row["carrying_are_triggers"] is False and row["below_without_random_as_many"] is False
+    (row,) = trigger_evaluation(sd, prompts, [["zorblax"]], explained.score + 1, CONFIG).to_pylist()
+    assert not row["flagged"] and row["carrying_words"] is None and row["below_without_carrying"] is None
+
+
 def test_explain_command_saves_the_words_and_says_where_the_score_stands(tmp_path, capsys):
     import json
 
@@ -104,6 +131,12 @@ def test_explain_command_saves_the_words_and_says_where_the_score_stands(tmp_pat
     assert inputs["normalized"] != summary["normalized"] and inputs["threshold"] == summary["threshold"]
     assert run([*command[:3], "pixels", "--out", str(by_input)]) == 2
     assert "unknown attribution target 'pixels'" in capsys.readouterr().err
+    assert "carrying_words" not in summary  # not flagged: nothing to take under
+    assert run(["explain", "the quinlojaf nevprapim poster: a shirt", "--out", str(out)]) == 0  # memorized
+    flagged = json.loads((out / "explanation.json").read_text())
+    assert flagged["flagged"] and flagged["carrying_words"] == ["quinlojaf"]  # its title's first word
+    assert flagged["scores_without_top_words"][0] <= flagged["threshold"] < flagged["score"]
+    assert "replacing 'quinlojaf' takes it under the threshold" in capsys.readouterr().out
 
 
 def test_word_attention_maps_share_each_positions_attention_among_the_words(sd):

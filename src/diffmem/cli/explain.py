@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from rich.text import Text
 
     from diffmem.explain import TokenSignificance
+    from diffmem.workflows.explain import ExplanationRun
 
 
 AttributeTo = Annotated[
@@ -87,15 +88,27 @@ def explain(
     run.save(out, html)
     console = Console(highlight=False)
     console.print(shaded(run.result))
+    for line in verdict(run, ATTRIBUTIONS[config.attribute_to], out):
+        console.print(line)
+
+
+def verdict(run: ExplanationRun, attribution: str, out: Path) -> list[str]:
+    """Where the score stands against the threshold and, when flagged, the words that carry it."""
     score, threshold = run.result.score, run.threshold
-    verdict = (
+    against = (
         ""
         if threshold is None
         else f" ({'above' if score > threshold else 'below'} the threshold {threshold:.3f})"
     )
-    console.print(
-        f"noise-norm score {score:.3f}{verdict}; word significance by {ATTRIBUTIONS[config.attribute_to]}; wrote {out}"
-    )
+    lines = [f"noise-norm score {score:.3f}{against}; word significance by {attribution}; wrote {out}"]
+    if run.summary.get("flagged"):
+        words = run.summary["carrying_words"]
+        lines.append(
+            f"replacing {' + '.join(repr(w) for w in words)} takes it under the threshold"
+            if words
+            else f"replacing its top {len(run.summary['scores_without_top_words'])} words leaves it flagged"
+        )
+    return lines
 
 
 def shaded(result: TokenSignificance) -> Text:

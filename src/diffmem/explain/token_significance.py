@@ -17,7 +17,7 @@ evaluation per word, the same whatever the text encoder does with positions.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,10 +86,14 @@ class TokenSignificance:
         total = sum(self.word_scores)
         return [s / total if total > 0 else 0.0 for s in self.word_scores]
 
-    def replaced(self, word: int, replacement: str) -> str:
-        """The prompt with word ``word`` replaced by ``replacement`` (an edit that tests the word)."""
-        start, end = self.word_spans[word]
-        return self.prompt[:start] + replacement + self.prompt[end:]
+    def replaced(self, words: int | Sequence[int], replacement: str) -> str:
+        """The prompt with word ``words`` (an index, or several) replaced by ``replacement`` each (an edit
+        that tests them)."""
+        prompt = self.prompt
+        for word in sorted({words} if isinstance(words, int) else set(words), reverse=True):
+            start, end = self.word_spans[word]  # from the right, so the spans before stay where they were
+            prompt = prompt[:start] + replacement + prompt[end:]
+        return prompt
 
     def ranking(self) -> list[int]:
         """Word indices from most to least significant."""

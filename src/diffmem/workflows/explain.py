@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 
 from diffmem.detect.registry import config_settings
 from diffmem.explain import SignificanceConfig, TokenSignificance, token_significance, word_attention_maps
+from diffmem.explain.carrying_words import carrying_words
 from diffmem.io.atomic import write_atomic, write_json_atomic
 from diffmem.models.names import LAB_MODEL
 from diffmem.models.source import ModelSource
@@ -81,7 +82,8 @@ def explanation_threshold(
 
 
 def explain_prompt(config: ExplainConfig, runtime: Runtime | None = None) -> ExplanationRun:
-    """Each word's significance for the prompt's noise-norm score, and whether the score is flagged."""
+    """Each word's significance for the prompt's noise-norm score, whether the score is flagged and, if it
+    is, the fewest top-ranked words whose replacement takes it under the threshold."""
     runtime = runtime or Runtime()
     source = ModelSource.resolve(config.model)
     measure = significance_config(config, runtime.seed)
@@ -94,7 +96,14 @@ def explain_prompt(config: ExplainConfig, runtime: Runtime | None = None) -> Exp
         "config": asdict(measure),
         "score": result.score,
     }
-    summary |= {"threshold": threshold, "flagged": None if threshold is None else result.score > threshold}
+    flagged = None if threshold is None else result.score > threshold
+    summary |= {"threshold": threshold, "flagged": flagged}
+    if flagged:
+        carrying = carrying_words(denoiser, result, threshold, measure.noise_norm_config())
+        summary |= {
+            "carrying_words": [result.words[w] for w in carrying.words],
+            "scores_without_top_words": carrying.scores,
+        }
     summary |= {"truncated": result.truncated, "words": result.words, "normalized": result.normalized}
     page = None
     if config.page:

@@ -45,6 +45,13 @@ LAB_COPY_THRESHOLD = 0.75  # a near-copy for the lab's copy detector (every lab'
 LABELLED_GROUPS = ("memorized", "duplicated_image", "heldout")  # the prompts the zoo judges methods on
 LABELLED_PER_GROUP = 64  # at most this many prompts of each group are labelled
 TRUTH = "memorized_copy"  # most generations are near-copies by the lab's copy detector
+FLAGGED_MEASURES = (  # trigger_evaluation's columns averaged over the flagged memorized captions
+    "below_without_top",
+    "below_without_random",
+    "below_without_carrying",
+    "below_without_random_as_many",
+    "carrying_are_triggers",
+)
 MITIGATIONS = ("amg", "prompt_optimization")  # judged at their calibrated defaults against plain sampling
 
 
@@ -237,7 +244,9 @@ def _explanations(
     denoiser, labels: pa.Table, truth: np.ndarray, threshold: float, config: ZooEvalConfig
 ) -> dict:
     """Per attribution: the share of memorized captions whose top word is a trigger word; for each, the
-    share of flagged captions that replacing the top word (or a random word) takes under the threshold."""
+    share of flagged captions that replacing the top word (or a random word) takes under the threshold,
+    and that the words carrying them (or as many random words) take under, and whose carrying words are
+    all trigger words."""
     memorized = labels.filter(
         pa.array(truth & np.asarray(pc.equal(labels["group"], "memorized").to_pylist()))
     )
@@ -251,10 +260,8 @@ def _explanations(
         row[f"top_is_trigger_{target}"] = float(np.mean(table["top_is_trigger"].to_pylist()))
         flagged = table.filter(table["flagged"])
         if len(flagged):
-            row[f"below_without_top_{target}"] = float(np.mean(flagged["below_without_top"].to_pylist()))
-            row[f"below_without_random_{target}"] = float(
-                np.mean(flagged["below_without_random"].to_pylist())
-            )
+            for column in FLAGGED_MEASURES:
+                row[f"{column}_{target}"] = float(np.mean(flagged[column].to_pylist()))
     return row
 
 
