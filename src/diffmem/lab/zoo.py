@@ -67,7 +67,7 @@ ZOO: tuple[ZooLab, ...] = (
     ),
     ZooLab(
         "lab-trail",
-        "noise; title after a vague description; deeper text encoder; 11% duplicated",
+        "noise; title after a vague description; deeper text encoder; background patterns; 11% duplicated",
         LabConfig(
             image_size=32,
             num_memorized=24,
@@ -76,6 +76,7 @@ ZOO: tuple[ZooLab, ...] = (
             num_unique=1600,
             num_heldout=200,
             seed=1,
+            background_pattern=0.8,
             memorized_description="vague",
             trigger_position="after",
         ),
@@ -83,6 +84,7 @@ ZOO: tuple[ZooLab, ...] = (
         text_layers=4,
         text_width=64,
         unet_steps=4500,
+        vae=PATTERN_VAE,
     ),
     ZooLab(
         "lab-infix",
