@@ -131,7 +131,9 @@ def test_the_calibrate_command_writes_a_calibration_the_other_commands_take(tmp_
     prompts.write_text("\n".join(f"an everyday scene {i}" for i in range(20)))
     out = tmp_path / "calibration.json"
     assert run(["calibrate", "--model", "builtin:tiny-sd", "--prompts", str(prompts), "--out", str(out)]) == 0
-    assert "prompt optimisation's target" in capsys.readouterr().out
+    made = model_profile(ModelSource.resolve("builtin:tiny-sd"))  # the one just cached
+    said = f"prompt optimisation's target {made.prompt_target:.4g} from {made.prompt_start:.4g}"
+    assert said in capsys.readouterr().out
     Calibration.load(out).check("noise_norm", config_settings(NoiseNormConfig()), "builtin:tiny-sd")
     assert run(["calibrate", "--model", "builtin:tiny-sd", "--n-generations", "2"]) != 0
     assert "needs --prompts and --out" in capsys.readouterr().err

@@ -93,7 +93,7 @@ def _report(profile: ModelProfile, index: Path | None, out: Path | None) -> None
     typer.echo(
         f"threshold {calibration.threshold:.6g} flags {calibration.observed_fpr:.1%} of {calibration.num_prompts} "
         f"ordinary prompts ({profile.reference}; target {profile.target_fpr:.1%}); prompt optimisation's "
-        f"target {profile.prompt_target:.4g}{gate}"
+        f"target {profile.prompt_target:.4g} from {profile.prompt_start:.4g}{gate}"
     )
     if out is not None:
         calibration.save(out)
