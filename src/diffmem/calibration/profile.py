@@ -4,10 +4,11 @@ defaults they give every method, so that no knob is tuned by hand for a model wi
 - Detection flags a prompt above the ``target_fpr`` quantile of the ordinary prompts' scores (Wen et al.
   choose the threshold on non-memorized prompts at a target false-positive rate, SPEC §1).
 - Prompt optimisation acts on a generation scoring above the ``START_QUANTILE`` of ordinary prompts and
-  stops once its score is a ``PROMPT_DEPTH`` fraction of their ``PROMPT_QUANTILE``: below every ordinary
-  prompt, by a margin. The paper's fixed target (l_target = 3 for n = 4 on SD 1.4, SPEC §3) is a point
-  on SD 1.4's scale. Where memorization is strong, an embedding optimised only down to ordinary prompts'
-  level still copies (the zoo's digits lab: 65% of generations); a quarter of it holds on every zoo lab.
+  stops once its score is a ``PROMPT_DEPTH`` fraction of their ``PROMPT_QUANTILE``: below nearly every
+  ordinary prompt. The paper's fixed target (l_target = 3 for n = 4 on SD 1.4, SPEC §3) is a point on
+  SD 1.4's scale. Where memorization is strong, an embedding optimised only down to ordinary prompts'
+  level still copies (the zoo's digits lab: 65% of generations); a quarter of it cut copies by 80% or
+  more on every zoo lab whose memorization the first-step score sees (docs/results.md).
   Starting above the 95% quantile, not the 90%, spares the ordinary prompts that score among memorized
   ones (the keyed lab: FID 1.20x and -5.6 points of alignment from 90%, 1.02x and 0 from 95%).
 - AMG's gate is fitted against the training-set index the profile was made with (:mod:`fitted_gate`).
