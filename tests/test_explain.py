@@ -78,20 +78,23 @@ def test_trigger_evaluation_rows(sd):
         assert row["below_without_top"] == (row["score_without_top"] <= 0.0)
 
 
-def test_the_carrying_words_are_the_fewest_top_ranked_words_that_take_the_score_under(sd):
+def test_the_carrying_words_are_found_one_greedy_replacement_at_a_time(sd):
+    from diffmem.detect.noise_norm import noise_norm
+
     explained = token_significance(sd, PROMPT, CONFIG)
-    ranking = explained.ranking()
-    assert explained.replaced(ranking[:2], "object").count("object") == 2
     assert explained.replaced([1, 3], "object") == "A object-object  at the top-left!"
     measure = CONFIG.noise_norm_config()
-    none_under = carrying_words(sd, explained, -1.0, measure)
-    assert not none_under.found and len(none_under.scores) == MAX_CARRYING_WORDS
-    fewest = min(range(MAX_CARRYING_WORDS), key=lambda k: (none_under.scores[k], k))
-    threshold = none_under.scores[fewest]
-    first_under = next(k for k, score in enumerate(none_under.scores) if score <= threshold)
+    searched = carrying_words(sd, explained, -1.0, measure)  # nothing takes it under -1
+    assert not searched.found and len(searched.scores) == MAX_CARRYING_WORDS
+    words = [i for i, w in enumerate(explained.words) if w.isalnum()]  # punctuation is never replaced
+    edits = [explained.replaced(i, "object") for i in words]
+    alone = noise_norm(sd, edits, measure, prompt_ids=[0] * len(edits)).scores.tolist()  # the same seed
+    assert searched.scores[0] == pytest.approx(min(alone))  # first: the word whose replacement lowers it most
+    threshold = searched.scores[1]  # under once the first two chosen words are replaced
     found = carrying_words(sd, explained, threshold, measure)
-    assert found.found and found.words == ranking[: first_under + 1]
-    assert found.scores == pytest.approx(none_under.scores)  # the same seeds: the same scores
+    assert found.found and found.scores == pytest.approx(searched.scores[: len(found.words)])
+    assert len(found.words) == (1 if searched.scores[0] <= threshold else 2)
+    assert all(explained.words[i].isalnum() for i in found.words)
 
 
 def test_trigger_evaluation_names_the_carrying_words_of_flagged_prompts_only(sd):

@@ -1,6 +1,8 @@
-"""The words that carry a flagged prompt: the fewest of its top-ranked words whose replacement takes its
-score under the threshold. A memorization trigger of several words (a two-word title) keeps a prompt
-flagged when any one of them is replaced; the explanation names them together."""
+"""The words that carry a flagged prompt: the fewest words whose replacement takes its score under the
+threshold, found greedily. A memorization trigger of several words (a two-word title) keeps a prompt
+flagged when any one of them is replaced, so a word's own significance can rank another word above the
+trigger's second half; each step therefore replaces the word whose replacement, on top of those already
+replaced, lowers the score most."""
 
 from __future__ import annotations
 
@@ -15,14 +17,14 @@ MAX_CARRYING_WORDS = 3  # a trigger longer than this is reported as not found
 
 @dataclass(frozen=True)
 class CarryingWords:
-    """The top-ranked words whose replacement takes the prompt under the threshold, if any few do."""
+    """The words whose replacement takes the prompt under the threshold, if at most a few do."""
 
-    words: list[int]  # word indices, most significant first; empty when no prefix of the ranking does
-    scores: list[float]  # the score with the top 1, 2, ... words replaced (as far as was measured)
+    words: list[int]  # word indices in the order they were chosen; empty when no few words do
+    scores: list[float]  # the score after each step's replacement (as far as the search went)
 
     @property
     def found(self) -> bool:
-        """Whether replacing at most ``MAX_CARRYING_WORDS`` top-ranked words took the score under."""
+        """Whether replacing at most ``MAX_CARRYING_WORDS`` words took the score under."""
         return bool(self.words)
 
 
@@ -34,12 +36,18 @@ def carrying_words(
     prompt_id: int = 0,
     max_words: int = MAX_CARRYING_WORDS,
 ) -> CarryingWords:
-    """The fewest top-ranked words of ``explained`` whose replacement by a plain word brings the noise-norm
-    score (measured as ``measure`` says) to at most ``threshold``."""
-    ranking = explained.ranking()[:max_words]
-    edits = [explained.replaced(ranking[: k + 1], REPLACEMENT) for k in range(len(ranking))]
-    if not edits:
-        return CarryingWords([], [])
-    scores = noise_norm(denoiser, edits, measure, prompt_ids=[prompt_id] * len(edits)).scores.tolist()
-    below = [k for k, score in enumerate(scores) if score <= threshold]
-    return CarryingWords(ranking[: below[0] + 1] if below else [], scores)
+    """The fewest words of ``explained``'s prompt whose replacement by a plain word brings the noise-norm
+    score (measured as ``measure`` says) to at most ``threshold``, chosen one at a time."""
+    candidates = [i for i, word in enumerate(explained.words) if any(c.isalnum() for c in word)]
+    chosen: list[int] = []
+    scores: list[float] = []
+    while len(chosen) < max_words and len(chosen) < len(candidates):
+        rest = [i for i in candidates if i not in chosen]
+        edits = [explained.replaced([*chosen, i], REPLACEMENT) for i in rest]
+        after = noise_norm(denoiser, edits, measure, prompt_ids=[prompt_id] * len(edits)).scores.tolist()
+        best = min(range(len(rest)), key=after.__getitem__)
+        chosen.append(rest[best])
+        scores.append(after[best])
+        if after[best] <= threshold:
+            return CarryingWords(chosen, scores)
+    return CarryingWords([], scores)

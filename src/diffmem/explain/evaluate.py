@@ -27,12 +27,13 @@ def trigger_evaluation(
     threshold: float,
     config: SignificanceConfig | None = None,
     seed: int = 0,
+    carrying: bool = True,
 ) -> pa.Table:
     """Per prompt: the top-ranked word, whether it is a trigger word, and the noise-norm score before
     (``flagged`` above ``threshold``) and after replacing the top-ranked word or a random non-trigger
     word with a plain word (same steps, seeds and generations); for a flagged prompt, the words that carry
     it (:mod:`carrying_words`), whether they are all trigger words, and whether replacing as many random
-    non-trigger words takes it under as well."""
+    non-trigger words takes it under as well (``carrying``; the search does not depend on the attribution)."""
     config = config or SignificanceConfig()
     choose = random.Random(seed)
     score_config = config.noise_norm_config()
@@ -57,12 +58,10 @@ def trigger_evaluation(
             "below_without_top": after[0] <= threshold,
             "below_without_random": after[1] <= threshold,
         }
-        carrying = dict.fromkeys(CARRYING_COLUMNS)
-        if flagged:
-            carrying = _carrying(
-                denoiser, explained, triggers, others, threshold, score_config, choose, index
-            )
-        rows.append(row | carrying)
+        carried = dict.fromkeys(CARRYING_COLUMNS)
+        if flagged and carrying:
+            carried = _carrying(denoiser, explained, triggers, others, threshold, score_config, choose, index)
+        rows.append(row | carried)
     return pa.Table.from_pylist(rows)
 
 

@@ -26,6 +26,7 @@ from diffmem.metrics.roc import detection_metrics
 from diffmem.models.source import ModelSource
 from diffmem.workflows.calibrate import model_profile
 from diffmem.workflows.evaluate import MitigationEvalConfig, evaluate_mitigation, read_labels
+from diffmem.workflows.explain import DEFAULT_ATTRIBUTION
 from diffmem.workflows.index import IndexConfig, build_index
 from diffmem.workflows.lab import (
     CopyDetectorTrainingConfig,
@@ -45,13 +46,10 @@ LAB_COPY_THRESHOLD = 0.75  # a near-copy for the lab's copy detector (every lab'
 LABELLED_GROUPS = ("memorized", "duplicated_image", "heldout")  # the prompts the zoo judges methods on
 LABELLED_PER_GROUP = 64  # at most this many prompts of each group are labelled
 TRUTH = "memorized_copy"  # most generations are near-copies by the lab's copy detector
-FLAGGED_MEASURES = (  # trigger_evaluation's columns averaged over the flagged memorized captions
-    "below_without_top",
-    "below_without_random",
-    "below_without_carrying",
-    "below_without_random_as_many",
-    "carrying_are_triggers",
-)
+# trigger_evaluation's columns averaged over the flagged memorized captions: for each attribution, and
+# once (the carrying words' search does not depend on the attribution)
+FLAGGED_MEASURES = ("below_without_top", "below_without_random")
+CARRYING_MEASURES = ("below_without_carrying", "below_without_random_as_many", "carrying_are_triggers")
 MITIGATIONS = ("amg", "prompt_optimization")  # judged at their calibrated defaults against plain sampling
 
 
@@ -244,9 +242,9 @@ def _explanations(
     denoiser, labels: pa.Table, truth: np.ndarray, threshold: float, config: ZooEvalConfig
 ) -> dict:
     """Per attribution: the share of memorized captions whose top word is a trigger word; for each, the
-    share of flagged captions that replacing the top word (or a random word) takes under the threshold,
-    and that the words carrying them (or as many random words) take under, and whose carrying words are
-    all trigger words."""
+    share of flagged captions that replacing the top word (or a random word) takes under the threshold;
+    once, the share that the words carrying them (or as many random words) take under, and whose carrying
+    words are all trigger words."""
     memorized = labels.filter(
         pa.array(truth & np.asarray(pc.equal(labels["group"], "memorized").to_pylist()))
     )
@@ -254,14 +252,16 @@ def _explanations(
     prompts, triggers = memorized["caption"].to_pylist(), memorized["trigger_words"].to_pylist()
     row = {}
     for target in ATTRIBUTION_TARGETS:
-        table = trigger_evaluation(
-            denoiser, prompts, triggers, threshold, SignificanceConfig(attribute_to=target)
-        )
+        default = target == DEFAULT_ATTRIBUTION
+        config = SignificanceConfig(attribute_to=target)
+        table = trigger_evaluation(denoiser, prompts, triggers, threshold, config, carrying=default)
         row[f"top_is_trigger_{target}"] = float(np.mean(table["top_is_trigger"].to_pylist()))
         flagged = table.filter(table["flagged"])
         if len(flagged):
             for column in FLAGGED_MEASURES:
                 row[f"{column}_{target}"] = float(np.mean(flagged[column].to_pylist()))
+            for column in CARRYING_MEASURES if default else ():
+                row[column] = float(np.mean(flagged[column].to_pylist()))
     return row
 
 
