@@ -138,7 +138,7 @@ def test_explain_command_saves_the_words_and_says_where_the_score_stands(tmp_pat
     assert run(["explain", "the quinlojaf nevprapim poster: a shirt", "--out", str(out)]) == 0  # memorized
     flagged = json.loads((out / "explanation.json").read_text())
     assert flagged["flagged"] and flagged["carrying_words"] == ["quinlojaf"]  # its title's first word
-    assert flagged["scores_without_top_words"][0] <= flagged["threshold"] < flagged["score"]
+    assert flagged["scores_after_replacing"][0] <= flagged["threshold"] < flagged["score"]
     assert "replacing 'quinlojaf' takes it under the threshold" in capsys.readouterr().out
 
 

@@ -106,7 +106,7 @@ def verdict(run: ExplanationRun, attribution: str, out: Path) -> list[str]:
         lines.append(
             f"replacing {' + '.join(repr(w) for w in words)} takes it under the threshold"
             if words
-            else f"replacing its top {len(run.summary['scores_without_top_words'])} words leaves it flagged"
+            else f"replacing up to {len(run.summary['scores_after_replacing'])} of its words leaves it flagged"
         )
     return lines
 

@@ -1,5 +1,5 @@
 """Check explanations against the lab's ground truth: do trigger words rank first, and does replacing the
-top-ranked word (or the few top-ranked words that carry the prompt) stop the memorization signal more
+top-ranked word (or the few words that carry the prompt) stop the memorization signal more
 often than replacing as many random other words?"""
 
 from __future__ import annotations

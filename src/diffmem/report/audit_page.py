@@ -60,7 +60,7 @@ def _examined(result: Audit, k: int) -> str:
         lines.append(
             f"replacing {' + '.join(f'“{w}”' for w in words)} takes it under the threshold"
             if words
-            else f"replacing its {MAX_CARRYING_WORDS} top-ranked words leaves it flagged"
+            else f"replacing up to {MAX_CARRYING_WORDS} of its words leaves it flagged"
         )
     if copies.measure is not None:
         for key in ("plain", "mitigated"):

@@ -202,7 +202,7 @@ def _table(
     carrying: list[list[str]],
 ) -> pa.Table:
     """One row per prompt: score and flag; for the examined ones the top word, the words carrying the
-    prompt (none: no three top-ranked words take it under the threshold) and both similarities."""
+    prompt (none: no three words take it under the threshold) and both similarities."""
     position = {i: k for k, i in enumerate(examined)}
     rows = []
     for i, (prompt, score) in enumerate(zip(prompts, scores)):

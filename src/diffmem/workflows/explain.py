@@ -83,7 +83,7 @@ def explanation_threshold(
 
 def explain_prompt(config: ExplainConfig, runtime: Runtime | None = None) -> ExplanationRun:
     """Each word's significance for the prompt's noise-norm score, whether the score is flagged and, if it
-    is, the fewest top-ranked words whose replacement takes it under the threshold."""
+    is, the fewest words whose replacement takes it under the threshold."""
     runtime = runtime or Runtime()
     source = ModelSource.resolve(config.model)
     measure = significance_config(config, runtime.seed)
@@ -102,7 +102,7 @@ def explain_prompt(config: ExplainConfig, runtime: Runtime | None = None) -> Exp
         carrying = carrying_words(denoiser, result, threshold, measure.noise_norm_config())
         summary |= {
             "carrying_words": [result.words[w] for w in carrying.words],
-            "scores_without_top_words": carrying.scores,
+            "scores_after_replacing": carrying.scores,
         }
     summary |= {"truncated": result.truncated, "words": result.words, "normalized": result.normalized}
     page = None
