@@ -1,5 +1,7 @@
 """Token significance (SPEC §2): gradients of the noise norm w.r.t. token embeddings, mapped to words."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -29,7 +31,8 @@ def test_token_scores_are_the_gradient_norms_of_the_first_step_noise_norm(sd):
     )
     cond = sd.encode([PROMPT])
     embeds = cond["prompt_embeds"].clone().requires_grad_(True)
-    norm = (sd.eps(x_T, t, cond.replace(prompt_embeds=embeds)) - sd.eps(x_T, t, sd.null_condition(1))).norm()
+    d = sd.eps(x_T, t, cond.replace(prompt_embeds=embeds)) - sd.eps(x_T, t, sd.null_condition(1))
+    norm = (d - d.mean(dim=(2, 3), keepdim=True)).norm()  # the noise norm's centred difference
     (gradient,) = torch.autograd.grad(norm, embeds)
     per_position = gradient[0].norm(dim=-1)
     count = len(result.tokens)
@@ -48,7 +51,18 @@ def test_bpe_pieces_merge_into_words_with_character_spans(sd):
     assert len(pieces) == 3 and result.word_scores[1] == pytest.approx(sum(v * v for v in pieces) ** 0.5)
     assert sum(result.normalized) == pytest.approx(1.0)
     assert result.to_table().column("word").to_pylist() == result.words
-    assert result.ranking()[0] == max(range(10), key=lambda i: result.word_scores[i])
+    words = [i for i, w in enumerate(result.words) if w.isalnum()]
+    assert result.ranking()[0] == max(words, key=lambda i: result.word_scores[i])
+
+
+def test_punctuation_marks_rank_after_every_word_and_are_not_replaced(sd):
+    result = token_significance(sd, PROMPT, CONFIG)
+    marks = [i for i, w in enumerate(result.words) if not w.isalnum()]
+    loud = dataclasses.replace(result, word_scores=[9.0 if i in marks else 1.0 + i for i in range(10)])
+    assert loud.ranking() == [8, 6, 5, 4, 3, 1, 0, *marks]  # words by score, then the marks by theirs
+    replaced = token_significance(sd, PROMPT, dataclasses.replace(CONFIG, attribute_to="word_replacement"))
+    assert [replaced.word_scores[i] for i in marks] == [0.0] * len(marks)
+    assert replaced.words == result.words
 
 
 def test_long_prompts_are_explained_as_the_model_reads_them(sd, tmp_path):
@@ -212,7 +226,8 @@ def test_token_embedding_scores_are_the_gradient_at_the_text_encoders_input():
             cond = sd64.encode([PROMPT])
         finally:
             handle.remove()
-        return float((sd64.eps(x_T, t, cond) - null).norm().detach())
+        d = sd64.eps(x_T, t, cond) - null
+        return float((d - d.mean(dim=(2, 3), keepdim=True)).norm().detach())
 
     width, h = embedding.embedding_dim, 1e-5
     basis = torch.eye(width, dtype=torch.float64)

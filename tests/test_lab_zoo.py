@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 
+from diffmem.adapters import wrap_pipeline
 from diffmem.core.denoiser import FLOW_PREDICTION
 from diffmem.errors import DiffmemError
 from diffmem.lab.alignment import parse_caption, stated_facts
@@ -21,6 +22,7 @@ from diffmem.lab.model import SD3
 from diffmem.lab.scenes import ItemPool, random_scene
 from diffmem.lab.zoo import ZOO, zoo_lab
 from diffmem.models.source import ModelSource
+from diffmem.models.tiny import tiny_stable_diffusion_3
 from diffmem.workflows import zoo as zoo_workflow
 from diffmem.workflows.runtime import Runtime
 from diffmem.workflows.zoo import ZooEvalConfig, ZooLabParts, evaluate_zoo
@@ -122,3 +124,15 @@ def test_zoo_refuses_an_unbuilt_lab_and_an_unknown_one(tmp_path):
     assert parts.labels == tmp_path / "lab-micro" / "labels" / "labels.parquet"
     keyed = ZooLabParts.locate(tmp_path, zoo_lab("lab-keyed"))
     assert keyed.labels == ModelSource.resolve("builtin:lab-keyed").labels
+
+
+def test_the_zoo_scores_each_other_first_step_detector_or_says_it_does_not_apply(sd):
+    prompts = ["a red sneaker", "a blue bag", "a coat on gray", "the zorblax poster"]
+    truth = np.array([False, False, True, True])
+    row = zoo_workflow._other_detectors(sd, prompts, truth, seed=0)
+    assert set(row) == {f"auc_{name}" for name in zoo_workflow.FIRST_STEP_DETECTORS}
+    assert all(0.0 <= auc <= 1.0 for auc in row.values())
+    sd3 = wrap_pipeline(tiny_stable_diffusion_3(with_t5=False))
+    joint = zoo_workflow._other_detectors(sd3, prompts, truth, seed=0)
+    assert joint["auc_attention_entropy"] is None and joint["auc_one_step"] is None
+    assert 0.0 <= joint["auc_sharpness"] <= 1.0

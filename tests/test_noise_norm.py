@@ -23,6 +23,9 @@ def test_the_empty_prompt_scores_zero(sd):
 @pytest.mark.supports("detection", "stable-diffusion")
 def test_first_step_score_is_the_norm_of_the_text_conditional_prediction_at_x_T(sd):
     result = noise_norm(sd, PROMPTS, NoiseNormConfig(num_inference_steps=10), prompt_ids=[4, 5, 6])
+    paper = noise_norm(
+        sd, PROMPTS, NoiseNormConfig(num_inference_steps=10, centered=False), prompt_ids=[4, 5, 6]
+    )
     schedule = eps_scheduler(sd.scheduler)
     schedule.set_timesteps(10)
     t = schedule.timesteps[0]
@@ -32,7 +35,10 @@ def test_first_step_score_is_the_norm_of_the_text_conditional_prediction_at_x_T(
         with torch.no_grad():
             d = sd.eps(x_T, t, sd.encode([prompt])) - sd.eps(x_T, t, sd.null_condition(1))
         assert result.seeds[i, 0] == seed
-        torch.testing.assert_close(result.scores[i], d.flatten().norm(), rtol=1e-4, atol=1e-5)
+        centred = d - d.mean(dim=(2, 3), keepdim=True)  # each channel's mean over positions taken out
+        torch.testing.assert_close(result.scores[i], centred.flatten().norm(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(paper.scores[i], d.flatten().norm(), rtol=1e-4, atol=1e-5)
+        assert paper.scores[i] > result.scores[i]
 
 
 def test_scores_do_not_depend_on_batching(sd):

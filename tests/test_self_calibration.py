@@ -105,7 +105,8 @@ def test_mitigations_read_their_scale_from_the_profile_unless_given_or_preset_pa
     assert calibrated_settings("prompt_optimization", {}, made) == calibrated
     assert calibrated_settings("prompt_optimization", {"target": 2.0}, made) == {"target": 2.0}
     assert calibrated_settings("prompt_optimization", {"start": 0.9}, made)["start"] == 0.9
-    assert calibrated_settings("prompt_optimization", {"preset": "paper"}, made) == {}
+    # the paper's target is a point on the uncentred norm's scale
+    assert calibrated_settings("prompt_optimization", {"preset": "paper"}, made) == {"centered": False}
     assert calibrated_settings("gni", {}, made) == {}
     with pytest.raises(DiffmemError, match="preset must be one of"):
         calibrated_settings("amg", {"preset": "tuned"}, made)
@@ -176,3 +177,18 @@ def test_a_cached_gate_fitted_with_its_prompts_own_images_in_is_fitted_again(tmp
     assert measured == [1]  # the earlier rule's gate is not reused
     replace(gate, own_images_left_out=True).save(tmp_path / "gate.json")
     assert model_profile(source, Runtime(), index=tmp_path / "index") == cached and measured == [1]
+
+
+def test_a_cached_profile_measured_another_way_is_measured_again(tmp_path, monkeypatch):
+    source = ModelSource.resolve("builtin:tiny-sd")
+    earlier = dict(config_settings(NoiseNormConfig()), base_seed=7)
+    del earlier["centered"]  # a profile cached before the noise norm was centred
+    replace(profile([0.1, 0.2]), model_hash=source.identity, settings=earlier).save(
+        profile_path(source.identity)
+    )
+    measured = []
+    fresh = replace(profile([0.3, 0.4]), model_hash=source.identity)
+    monkeypatch.setattr(calibrate_workflow, "calibrate_model", lambda *a, **k: measured.append(1) or fresh)
+    assert model_profile(source, Runtime()) == fresh and measured == [1]
+    replace(fresh, settings=dict(fresh.settings, base_seed=7)).save(profile_path(source.identity))
+    assert model_profile(source, Runtime()).scores == [0.3, 0.4] and measured == [1]  # any seed will do

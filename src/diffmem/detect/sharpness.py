@@ -47,7 +47,8 @@ def sharpness(
 ) -> DetectionResult:
     """Jeon et al.'s first-step sharpness of each prompt (higher: more likely memorized).
 
-    ``extras["d_norm"]`` holds the noise norm ``||d(x_T)||_2`` at the same x_T, averaged over generations.
+    ``extras["d_norm"]`` holds the noise norm at the same x_T (as ``noise_norm`` measures it), averaged over
+    generations.
     """
     if denoiser.conditioning == "none":
         raise DiffmemError(

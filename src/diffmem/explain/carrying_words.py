@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from diffmem.core.denoiser import Denoiser
 from diffmem.detect.noise_norm import NoiseNormConfig, noise_norm
-from diffmem.explain.token_significance import REPLACEMENT, TokenSignificance
+from diffmem.explain.token_significance import REPLACEMENT, TokenSignificance, is_word
 
 MAX_CARRYING_WORDS = 3  # a trigger longer than this is reported as not found
 
@@ -38,7 +38,7 @@ def carrying_words(
 ) -> CarryingWords:
     """The fewest words of ``explained``'s prompt whose replacement by a plain word brings the noise-norm
     score (measured as ``measure`` says) to at most ``threshold``, chosen one at a time."""
-    candidates = [i for i, word in enumerate(explained.words) if any(c.isalnum() for c in word)]
+    candidates = [i for i, word in enumerate(explained.words) if is_word(word)]
     chosen: list[int] = []
     scores: list[float] = []
     while len(chosen) < max_words and len(chosen) < len(candidates):

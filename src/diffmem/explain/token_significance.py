@@ -13,6 +13,10 @@ at the text encoder's input instead, where each position holds its own token onl
 ``attribute_to="word_replacement"`` measures instead of differentiating: a word's significance is how
 much the score falls when the word is replaced by a plain word (same seeds and steps), one noise-norm
 evaluation per word, the same whatever the text encoder does with positions.
+
+Punctuation marks are shown with their significance but ranked after every word: an explanation names
+words, and putting a word where a mark stood tests a new sentence, not the mark (word replacement gives
+marks 0).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import torch
 
 from diffmem.core.denoiser import Denoiser, require_start_token
 from diffmem.detect.detector import check_guidance, check_trajectory, detection_seeds
-from diffmem.detect.noise_norm import NoiseNormConfig, noise_norm
+from diffmem.detect.noise_norm import NoiseNormConfig, difference_magnitude, noise_norm
 from diffmem.errors import DiffmemError
 from diffmem.sampling import StepState, sample
 
@@ -43,6 +47,7 @@ class SignificanceConfig:
     base_seed: int = 0
     # or "token_embeddings" (the text encoder's input), or "word_replacement" (measured; see module doc)
     attribute_to: str = "prompt_embeds"
+    centered: bool = True  # the score explained: the noise norm's (see diffmem.detect.noise_norm)
 
     def __post_init__(self) -> None:
         check_trajectory(self.num_inference_steps, self.steps, self.n_generations, self.guidance_scale)
@@ -59,11 +64,17 @@ class SignificanceConfig:
             n_generations=self.n_generations,
             guidance_scale=self.guidance_scale,
             base_seed=self.base_seed,
+            centered=self.centered,
         )
 
 
 ATTRIBUTION_TARGETS = ("prompt_embeds", "token_embeddings", "word_replacement")
 REPLACEMENT = "object"  # a plain in-grammar-looking word put where a word is taken out
+
+
+def is_word(text: str) -> bool:
+    """Whether a piece of a prompt is a word (holds a letter or digit) rather than punctuation."""
+    return any(c.isalnum() for c in text)
 
 
 @dataclass(frozen=True)
@@ -96,8 +107,10 @@ class TokenSignificance:
         return prompt
 
     def ranking(self) -> list[int]:
-        """Word indices from most to least significant."""
-        return sorted(range(len(self.words)), key=lambda i: -self.word_scores[i])
+        """Word indices from most to least significant, punctuation marks after the words."""
+        return sorted(
+            range(len(self.words)), key=lambda i: (not is_word(self.words[i]), -self.word_scores[i])
+        )
 
     def to_table(self) -> pa.Table:
         """One row per word: word, character span, significance, normalized significance."""
@@ -133,17 +146,18 @@ class _GradientTrace:
 
     needs_grad = True
 
-    def __init__(self, embeds: list[torch.Tensor], shared_graph: bool) -> None:
+    def __init__(self, embeds: list[torch.Tensor], shared_graph: bool, centered: bool) -> None:
         self.embeds = embeds
         self.shared_graph = (
             shared_graph  # the embeds come out of a graph every step reuses (the text encoder)
         )
+        self.centered = centered
         self.gradients: list[torch.Tensor] = []  # [B, L] per step: norm over the embedding width
         self.norms: list[torch.Tensor] = []  # [B] per step
 
     def __call__(self, step: StepState) -> None:
         # L = ||eps(x_t, e_p) - eps(x_t, e_null)||_2 per generation (Wen et al., eq. 4), summed over the batch
-        norms = (step.eps_cond - step.eps_uncond).flatten(1).float().norm(dim=1)
+        norms = difference_magnitude(step.eps_cond - step.eps_uncond, self.centered)
         gradients = torch.autograd.grad(norms.sum(), self.embeds, retain_graph=self.shared_graph)
         # significance of token i: ||dL/de_i||_2 over the embedding width (Wen et al., Sec. 4), and
         # over every text encoder's e_i together (SDXL has two)
@@ -176,7 +190,7 @@ def token_significance(
         cond = denoiser.encode([prompt]).repeat_interleave(n)
         embeds = [cond["prompt_embeds"].detach().clone().requires_grad_(True)]
         cond = cond.replace(prompt_embeds=embeds[0])
-    trace = _GradientTrace(embeds, shared_graph=config.attribute_to == "token_embeddings")
+    trace = _GradientTrace(embeds, config.attribute_to == "token_embeddings", config.centered)
     sample(
         denoiser,
         cond,
@@ -194,17 +208,21 @@ def token_significance(
 def _replacement_significance(
     denoiser: Denoiser, prompt: str, config: SignificanceConfig, prompt_id: int
 ) -> TokenSignificance:
-    """Each word's significance: the fall of the score when it is replaced by a plain word (none: 0)."""
+    """Each word's significance: the fall of the score when it is replaced by a plain word (none, and a
+    punctuation mark: 0)."""
     measure = config.noise_norm_config()
     score = float(noise_norm(denoiser, [prompt], measure, prompt_ids=[prompt_id]).scores[0])  # checks it too
     parsed = prompt_words(prompt, denoiser.tokenizer, denoiser.tokenizer.model_max_length)
-    edits = [prompt[:start] + REPLACEMENT + prompt[end:] for start, end in parsed.spans]
+    words = [i for i, word in enumerate(parsed.words) if is_word(word)]
+    edits = [prompt[: parsed.spans[i][0]] + REPLACEMENT + prompt[parsed.spans[i][1] :] for i in words]
     after = (
         noise_norm(denoiser, edits, measure, prompt_ids=[prompt_id] * len(edits)).scores.tolist()
         if edits
         else []
     )
-    falls = [max(score - edited, 0.0) for edited in after]
+    falls = [0.0] * len(parsed.words)
+    for i, edited in zip(words, after):
+        falls[i] = max(score - edited, 0.0)
     return TokenSignificance(
         prompt=prompt,
         score=score,

@@ -6,7 +6,10 @@ From x_T, AdamW (lr 0.05) moves every position of the prompt embedding but the s
 is spent. Each sample is optimised on its own with its own seed (the reference optimises a joint norm
 over n generations against l_target = 3 for n = 4; the per-generation target here is l_target / sqrt(n)).
 A ``start`` above the target leaves a generation whose score is at most ``start`` untouched: one
-threshold cannot both spare ordinary prompts and push memorized ones far enough on every model.
+threshold cannot both spare ordinary prompts and push memorized ones far enough on every model. The norm
+is the noise-norm detector's (centred by default, :mod:`diffmem.detect.noise_norm`), so that a target
+read from a model's profile is on the scale of the score it lowers; the paper's preset measures it
+uncentred.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 from diffmem.core.condition import Condition
 from diffmem.core.denoiser import Denoiser
 from diffmem.detect.detector import check_guidance
+from diffmem.detect.noise_norm import difference_magnitude
 from diffmem.errors import DiffmemError
 from diffmem.mitigate.mitigation import Mitigated, SamplingOptions, sampled
 from diffmem.sampling import sample
@@ -36,6 +40,7 @@ class PromptOptimizationConfig:
     max_iterations: int = 10
     learning_rate: float = 0.05
     weight_decay: float = 0.01  # torch's AdamW default, as the reference uses
+    centered: bool = True  # the noise norm's measure (diffmem.detect.noise_norm); False: the paper's
 
     def __post_init__(self) -> None:
         if self.target < 0 or self.max_iterations < 0 or self.learning_rate <= 0:
@@ -83,8 +88,8 @@ def optimize_prompt_embeddings(
     for iteration in range(config.max_iterations + 1):
         current = torch.cat([start_token, learned.to(embeds.dtype)], dim=1)
         eps_cond = denoiser.eps(x_t, t, cond.replace(prompt_embeds=current))
-        # the memorization score of each generation at x_T: ||eps_cond - eps_uncond||_2 (Wen et al., eq. 4)
-        norms = (eps_cond - eps_uncond).flatten(1).float().norm(dim=1)
+        # the memorization score of each generation at x_T, as the noise norm measures it
+        norms = difference_magnitude(eps_cond - eps_uncond, config.centered)
         if initial is None:
             initial = norms.detach()
             done |= initial <= (config.target if config.start is None else config.start)

@@ -126,6 +126,12 @@ def _current(gate: Path) -> bool:
     return gate.exists() and FittedGate.load(gate).own_images_left_out
 
 
+def _measured_as_now(profile: ModelProfile) -> bool:
+    """Whether a cached profile's scores were measured as the noise norm measures them now (any seed)."""
+    now = config_settings(NoiseNormConfig())
+    return {**profile.settings, "base_seed": 0} == {**now, "base_seed": 0}
+
+
 def model_profile(
     source: ModelSource,
     runtime: Runtime | None = None,
@@ -138,7 +144,11 @@ def model_profile(
     path = profile_path(source.identity, fingerprint)
     if path.exists():
         profile = ModelProfile.load(path)
-        if profile.model_hash == source.identity and (profile.gate is None or _current(Path(profile.gate))):
+        if (
+            profile.model_hash == source.identity
+            and _measured_as_now(profile)
+            and (profile.gate is None or _current(Path(profile.gate)))
+        ):
             return profile
     log.warning(
         "calibrating %s once (cached in %s); diffmem calibrate does it ahead", source.name, path.parent
@@ -165,6 +175,8 @@ def calibrated_settings(
     preset = settings.pop("preset", "calibrated")
     if preset not in PRESETS:
         raise DiffmemError(f"mitigation {name!r}: preset must be one of {', '.join(PRESETS)}; got {preset!r}")
+    if preset == "paper" and name == "prompt_optimization":
+        settings.setdefault("centered", False)  # the paper's target is on its uncentred norm
     if preset == "paper" or profile is None:
         return settings
     if name == "prompt_optimization" and "target" not in settings:

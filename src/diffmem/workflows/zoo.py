@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from diffmem.detect.noise_norm import NoiseNormConfig, noise_norm
+from diffmem.detect.registry import detector
 from diffmem.errors import DiffmemError
 from diffmem.explain.evaluate import trigger_evaluation
 from diffmem.explain.token_significance import ATTRIBUTION_TARGETS, SignificanceConfig
@@ -50,6 +51,9 @@ TRUTH = "memorized_copy"  # most generations are near-copies by the lab's copy d
 # once (the carrying words' search does not depend on the attribution)
 FLAGGED_MEASURES = ("below_without_top", "below_without_random")
 CARRYING_MEASURES = ("below_without_carrying", "below_without_random_as_many", "carrying_are_triggers")
+# the other first-step detectors, each at its defaults beside the noise norm (generation agreement needs
+# whole generations, several per prompt)
+FIRST_STEP_DETECTORS = ("sharpness", "attention_entropy", "one_step")
 MITIGATIONS = ("amg", "prompt_optimization")  # judged at their calibrated defaults against plain sampling
 
 
@@ -233,8 +237,25 @@ def _judge(parts: ZooLabParts, config: ZooEvalConfig, runtime: Runtime) -> dict[
         "heldout_fpr": float((np.asarray(scores)[heldout] > threshold).mean()),
         "memorized_tpr": float((np.asarray(scores)[truth] > threshold).mean()),
     }
+    row |= _other_detectors(denoiser, labels["caption"].to_pylist(), truth, runtime.seed)
     row |= _explanations(denoiser, labels, truth, threshold, config)
     row |= _mitigations(parts, config, runtime)
+    return row
+
+
+def _other_detectors(denoiser, prompts: list[str], truth: np.ndarray, seed: int) -> dict:
+    """The AUC of each other first-step detector at its defaults (none where it does not support the
+    model)."""
+    row = {}
+    for name in FIRST_STEP_DETECTORS:
+        settings, detect = detector(name)
+        try:
+            scores = detect(denoiser, prompts, settings(base_seed=seed)).scores
+        except DiffmemError as error:
+            log.info("%s: %s", name, error)
+            row[f"auc_{name}"] = None
+            continue
+        row[f"auc_{name}"] = detection_metrics(scores, truth)["auc"]
     return row
 
 
