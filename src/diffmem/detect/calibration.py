@@ -18,6 +18,15 @@ from diffmem.metrics.roc import threshold_at_fpr
 IGNORED_SETTINGS = ("batch_size",)  # settings that do not change a score
 
 
+def differing_settings(
+    settings: dict[str, Any], other: dict[str, Any], also_ignored: tuple = ()
+) -> list[str]:
+    """The detector settings, sorted, whose values differ between ``settings`` and ``other`` (a missing one
+    is None), leaving out those that do not change a score and ``also_ignored``."""
+    ignored = {*IGNORED_SETTINGS, *also_ignored}
+    return sorted(k for k in {*settings, *other} - ignored if settings.get(k) != other.get(k))
+
+
 @dataclass(frozen=True)
 class Calibration:
     """A threshold on one detector's scores: prompts scoring above it are flagged as memorized."""
@@ -38,11 +47,7 @@ class Calibration:
             raise DiffmemError(
                 f"the calibration was made for model {self.model_hash[:12]}, not {model_hash[:12]}; calibrate again"
             )
-        differ = sorted(
-            key
-            for key in set(settings) | set(self.settings)
-            if key not in IGNORED_SETTINGS and settings.get(key) != self.settings.get(key)
-        )
+        differ = differing_settings(settings, self.settings)
         if differ:
             details = ", ".join(
                 f"{k}={settings.get(k)!r} (calibrated {self.settings.get(k)!r})" for k in differ

@@ -72,6 +72,13 @@ ATTRIBUTION_TARGETS = ("prompt_embeds", "token_embeddings", "word_replacement")
 REPLACEMENT = "object"  # a plain in-grammar-looking word put where a word is taken out
 
 
+def replace_spans(prompt: str, spans: Sequence[tuple[int, int]], replacement: str) -> str:
+    """``prompt`` with each of its (non-overlapping) character spans replaced by ``replacement``."""
+    for start, end in sorted(spans, reverse=True):  # from the right, so the spans before stay where they were
+        prompt = prompt[:start] + replacement + prompt[end:]
+    return prompt
+
+
 def is_word(text: str) -> bool:
     """Whether a piece of a prompt is a word (holds a letter or digit) rather than punctuation."""
     return any(c.isalnum() for c in text)
@@ -100,11 +107,8 @@ class TokenSignificance:
     def replaced(self, words: int | Sequence[int], replacement: str) -> str:
         """The prompt with word ``words`` (an index, or several) replaced by ``replacement`` each (an edit
         that tests them)."""
-        prompt = self.prompt
-        for word in sorted({words} if isinstance(words, int) else set(words), reverse=True):
-            start, end = self.word_spans[word]  # from the right, so the spans before stay where they were
-            prompt = prompt[:start] + replacement + prompt[end:]
-        return prompt
+        chosen = {words} if isinstance(words, int) else set(words)
+        return replace_spans(self.prompt, [self.word_spans[w] for w in chosen], replacement)
 
     def ranking(self) -> list[int]:
         """Word indices from most to least significant, punctuation marks after the words."""
@@ -156,7 +160,7 @@ class _GradientTrace:
         self.norms: list[torch.Tensor] = []  # [B] per step
 
     def __call__(self, step: StepState) -> None:
-        # L = ||eps(x_t, e_p) - eps(x_t, e_null)||_2 per generation (Wen et al., eq. 4), summed over the batch
+        # L: the noise norm of each generation (Wen et al., eq. 4; centred unless told), summed over the batch
         norms = difference_magnitude(step.eps_cond - step.eps_uncond, self.centered)
         gradients = torch.autograd.grad(norms.sum(), self.embeds, retain_graph=self.shared_graph)
         # significance of token i: ||dL/de_i||_2 over the embedding width (Wen et al., Sec. 4), and
@@ -214,7 +218,7 @@ def _replacement_significance(
     score = float(noise_norm(denoiser, [prompt], measure, prompt_ids=[prompt_id]).scores[0])  # checks it too
     parsed = prompt_words(prompt, denoiser.tokenizer, denoiser.tokenizer.model_max_length)
     words = [i for i, word in enumerate(parsed.words) if is_word(word)]
-    edits = [prompt[: parsed.spans[i][0]] + REPLACEMENT + prompt[parsed.spans[i][1] :] for i in words]
+    edits = [replace_spans(prompt, [parsed.spans[i]], REPLACEMENT) for i in words]
     after = (
         noise_norm(denoiser, edits, measure, prompt_ids=[prompt_id] * len(edits)).scores.tolist()
         if edits

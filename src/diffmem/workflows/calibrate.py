@@ -13,6 +13,7 @@ from diffmem.calibration.cache import gate_path, profile_path
 from diffmem.calibration.profile import ModelProfile
 from diffmem.calibration.reference_prompts import neutral_prompts, single_copy_captions
 from diffmem.core.denoiser import Denoiser
+from diffmem.detect.calibration import differing_settings
 from diffmem.detect.noise_norm import NoiseNormConfig, noise_norm
 from diffmem.detect.registry import config_settings
 from diffmem.errors import DiffmemError
@@ -128,8 +129,7 @@ def _current(gate: Path) -> bool:
 
 def _measured_as_now(profile: ModelProfile) -> bool:
     """Whether a cached profile's scores were measured as the noise norm measures them now (any seed)."""
-    now = config_settings(NoiseNormConfig())
-    return {**profile.settings, "base_seed": 0} == {**now, "base_seed": 0}
+    return not differing_settings(profile.settings, config_settings(NoiseNormConfig()), ("base_seed",))
 
 
 def model_profile(

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from diffmem.detect.calibration import IGNORED_SETTINGS, Calibration
+from diffmem.detect.calibration import Calibration, differing_settings
 from diffmem.detect.noise_norm import NoiseNormConfig
 from diffmem.detect.registry import config_settings
 from diffmem.errors import DiffmemError
@@ -41,7 +41,7 @@ def detection_threshold(
             Calibration.load(source.calibration), "the lab model's calibration", detector, settings, source
         )
     profiled = config_settings(NoiseNormConfig(base_seed=runtime.seed)) if runtime is not None else None
-    if detector != "noise_norm" or profiled is None or _differing(settings, profiled):
+    if detector != "noise_norm" or profiled is None or differing_settings(settings, profiled):
         return None  # a profile measures the default settings only
     try:
         profile = model_profile(source, runtime)
@@ -49,10 +49,6 @@ def detection_threshold(
         log.warning("not flagging: no self-calibration (%s)", problem)
         return None
     return _applying(profile.calibration(), "the model's self-calibration", detector, settings, source)
-
-
-def _differing(settings: dict[str, Any], other: dict[str, Any]) -> bool:
-    return any(settings.get(k) != other.get(k) for k in {*settings, *other} - set(IGNORED_SETTINGS))
 
 
 def _applying(
