@@ -1,7 +1,9 @@
 """Where a model's scale comes from without labels: first-step noise norms (n = 1) of the shipped labs'
-held-out prompts that are not memorized and memorized prompts beside three label-free reference sets (the bundled neutral prompts, the
-index's single-copy training captions, the held-out captions themselves), the detection threshold each
-reference gives at 1% FPR, and what that threshold does on the labelled prompts.
+held-out prompts that are not memorized and memorized prompts beside three reference sets (the bundled
+neutral prompts and the index's single-copy training captions, drawn as a profile draws them: at least
+``--reference-size`` single-generation scores, each prompt at several seeds when they are fewer; and the
+held-out captions themselves), the detection threshold each reference gives at 1% FPR, and what that
+threshold does on the labelled prompts.
 
     python benchmarks/self_calibration.py
 """
@@ -10,14 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
+import math
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from diffmem.detect.noise_norm import NoiseNormConfig, noise_norm
+from diffmem.calibration.profile import REFERENCE_SCORES
+from diffmem.calibration.reference_prompts import single_copy_captions
+from diffmem.detect.noise_norm import NoiseNormConfig, noise_norm, single_generation_scores
+from diffmem.index import TrainingSetIndex
 from diffmem.metrics.roc import detection_metrics, threshold_at_fpr
 from diffmem.models.source import ASSETS, ModelSource
 from support import report
@@ -27,11 +32,18 @@ def scores(denoiser, prompts: list[str]) -> np.ndarray:
     return noise_norm(denoiser, prompts, NoiseNormConfig(batch_size=64)).scores.numpy()
 
 
+def drawn(denoiser, prompts: list[str], draws: int) -> np.ndarray:
+    """At least ``draws`` single-generation scores of the prompts, as a profile draws them."""
+    generations = math.ceil(draws / len(prompts))
+    config = NoiseNormConfig(batch_size=64)
+    return single_generation_scores(denoiser, prompts, config, generations).flatten().numpy()
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Score each lab's prompts and references; returns (and writes) the record."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--labs", nargs="+", default=["lab-micro", "lab-keyed"])
-    parser.add_argument("--reference-size", type=int, default=256)
+    parser.add_argument("--reference-size", type=int, default=REFERENCE_SCORES)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/self_calibration.json"))
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -43,14 +55,12 @@ def main(argv: list[str] | None = None) -> dict:
         labels = pq.read_table(source.labels).to_pylist()
         heldout = [r["caption"] for r in labels if r["group"] == "heldout" and not r["memorized"]]
         memorized = [r["caption"] for r in labels if r["group"] == "memorized" and r["memorized"]]
-        index = pq.read_table(ASSETS / lab / "copy_index" / "metadata.parquet").to_pylist()
-        single = sorted({r["caption"] for r in index if r["caption_count"] == 1 and r["caption"]})
-        single = random.Random(0).sample(single, min(args.reference_size, len(single)))
+        single = single_copy_captions(TrainingSetIndex.load(ASSETS / lab / "copy_index"), args.reference_size)
         measured = {
             "heldout": scores(denoiser, heldout),
             "memorized": scores(denoiser, memorized),
-            "neutral": scores(denoiser, neutral[: args.reference_size]),
-            "single_copy_captions": scores(denoiser, single),
+            "neutral": drawn(denoiser, neutral[: args.reference_size], args.reference_size),
+            "single_copy_captions": drawn(denoiser, single, args.reference_size),
         }
         both = np.concatenate([measured["memorized"], measured["heldout"]])
         truth = [1] * len(measured["memorized"]) + [0] * len(measured["heldout"])

@@ -1,7 +1,8 @@
 """What a lab model's memory is keyed on (explanation issue): the memorized captions' mean first-step
-noise-norm score with parts of the caption removed or replaced, against the held-out captions'; which
-words token significance ranks first; and how often occlusion (each word replaced in turn, ranked by
-the score drop) ranks a trigger word first.
+noise-norm score with parts of the caption removed or replaced, against the held-out captions' (with
+``--threshold``, also the share of memorized captions each variant leaves at or under it); which words
+token significance ranks first; and how often occlusion (each word replaced in turn, ranked by the score
+drop) ranks a trigger word first.
 
     python benchmarks/trigger_ablation.py --model data/lab-small150 --labels data/lab-small150/labels/labels.parquet
 """
@@ -30,24 +31,29 @@ def main(argv: list[str] | None = None) -> dict:
     config = NoiseNormConfig(n_generations=args.n_generations)
     ids = list(range(len(memorized)))
 
-    def mean_score(prompts: list[str], prompt_ids: list[int] | None = ids) -> float:
-        return float(noise_norm(denoiser, prompts, config, prompt_ids=prompt_ids).scores.mean())
-
     captions = [r["caption"] for r in memorized]
     triggers = [r["trigger_words"] for r in memorized]
-    title, _, description = zip(*(c.partition(": ") for c in captions), strict=True)
+    first, _, second = zip(*(c.partition(": ") for c in captions), strict=True)  # title and description
+    variants = {
+        "memorized": captions,
+        "description_only": list(second),
+        "title_only": list(first),
+        "first_trigger_replaced": [_replace(c, t[:1]) for c, t in zip(captions, triggers)],
+        "all_triggers_replaced": [_replace(c, t) for c, t in zip(captions, triggers)],
+    }
     record = {
         "model": args.model,
         "n_generations": args.n_generations,
         "memorized": len(memorized),
         "heldout": len(heldout),
-        "score_memorized": mean_score(captions),
-        "score_description_only": mean_score(list(description)),
-        "score_title_only": mean_score(list(title)),
-        "score_first_trigger_replaced": mean_score([_replace(c, t[:1]) for c, t in zip(captions, triggers)]),
-        "score_all_triggers_replaced": mean_score([_replace(c, t) for c, t in zip(captions, triggers)]),
-        "score_heldout": mean_score(heldout, None),
+        "threshold": args.threshold,
     }
+    for name, prompts in variants.items():
+        scores = noise_norm(denoiser, prompts, config, prompt_ids=ids).scores
+        record[f"score_{name}"] = float(scores.mean())
+        if args.threshold is not None:
+            record[f"below_{name}"] = float((scores <= args.threshold).float().mean())
+    record["score_heldout"] = float(noise_norm(denoiser, heldout, config).scores.mean())
     gradient_top, gradient_hits, occlusion_hits = Counter(), 0, 0
     for index, (caption, words) in enumerate(zip(captions, triggers)):
         explained = token_significance(denoiser, caption, prompt_id=index)
@@ -79,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="a lab model directory or builtin:lab-micro")
     parser.add_argument("--labels", required=True, help="labels.parquet of `diffmem lab label`")
     parser.add_argument("--n-generations", type=int, default=4, help="generations per caption for the scores")
+    parser.add_argument("--threshold", type=float, help="a detection threshold (n = 1: --n-generations 1)")
     parser.add_argument("--out", default="benchmarks/results/trigger_ablation.json")
     return parser
 

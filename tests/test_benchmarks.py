@@ -112,8 +112,11 @@ def test_explain_triggers_smoke(tmp_path):
 def test_trigger_ablation_smoke(tmp_path):
     labels = shipped_directory("builtin:lab-micro") / "labels.parquet"
     args = ["--model", "builtin:lab-micro", "--labels", str(labels), "--n-generations", "1"]
+    args += ["--threshold", "0.7"]
     record = _load("trigger_ablation").main([*args, "--out", str(tmp_path / "record.json")])
     assert record["memorized"] == 24 and record["heldout"] == 64
+    # the shares at or under the threshold follow the scores: taking the title out leaves more under
+    assert 0 <= record["below_memorized"] < record["below_description_only"] <= 1
     assert (
         record["score_memorized"] > record["score_heldout"]
     )  # the shipped model's memorized captions stand out
@@ -356,3 +359,21 @@ def test_amg_trace_samples_an_evaluated_image_again(tmp_path):
     assert traced["guided_steps"] == 2 and len(traced["steps"]) == 2
     assert all(step["sigma"] > step["lambda"] for step in traced["steps"])  # the gate is always open
     assert traced["final"] == pytest.approx(traced["evaluated"], abs=1e-4)  # the same image again
+
+
+def test_threshold_stability_smoke(tmp_path):
+    shipped = shipped_directory("builtin:lab-micro")
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text("a red bag at the top left\na blue coat on a black background\n")
+    args = ["--model", "builtin:lab-micro", "--index", str(shipped / "copy_index"), "--heldout", str(heldout)]
+    record = _load("threshold_stability").main(
+        [*args, "--draws", "8", "40", "--seeds", "2", "--out", str(tmp_path / "r.json")]
+    )
+    assert set(record["draws"]) == {8, 40} and record["heldout_prompts"] == 2
+    for measured in record["draws"].values():
+        low, high = measured["threshold_range"]
+        assert len(measured["per_seed"]) == 2 and 0 < low <= high
+        assert all(
+            r["heldout_fpr"] in (0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1)
+            for r in measured["per_seed"]
+        )

@@ -65,6 +65,21 @@ def test_punctuation_marks_rank_after_every_word_and_are_not_replaced(sd):
     assert replaced.words == result.words
 
 
+def test_word_replacement_adds_what_a_word_takes_away_to_what_it_scores_alone(sd):
+    from diffmem.detect.noise_norm import noise_norm
+    from diffmem.explain.token_significance import REPLACEMENT
+
+    config = dataclasses.replace(CONFIG, attribute_to="word_replacement")
+    result = token_significance(sd, "a zorblax vase, red", config, prompt_id=3)
+    words = [i for i, w in enumerate(result.words) if w.isalnum()]
+    edits = [result.replaced(i, REPLACEMENT) for i in words] + [result.words[i] for i in words]
+    measured = noise_norm(sd, edits, config.noise_norm_config(), prompt_ids=[3] * len(edits)).scores
+    for k, i in enumerate(words):  # the same seeds as the prompt's own score
+        expected = max(result.score - float(measured[k]) + float(measured[len(words) + k]), 0.0)
+        assert result.word_scores[i] == pytest.approx(expected, rel=1e-5)
+    assert result.word_scores[result.words.index(",")] == 0.0
+
+
 def test_long_prompts_are_explained_as_the_model_reads_them(sd, tmp_path):
     result = token_significance(sd, "red sneaker " * 50, CONFIG)
     assert result.truncated and len(result.tokens) == 75 and len(result.words) == 75

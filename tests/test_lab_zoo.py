@@ -136,3 +136,30 @@ def test_the_zoo_scores_each_other_first_step_detector_or_says_it_does_not_apply
     joint = zoo_workflow._other_detectors(sd3, prompts, truth, seed=0)
     assert joint["auc_attention_entropy"] is None and joint["auc_one_step"] is None
     assert 0.0 <= joint["auc_sharpness"] <= 1.0
+
+
+def test_the_zoo_measures_false_positives_on_every_held_out_caption_at_several_seeds(sd, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from diffmem.detect.noise_norm import NoiseNormConfig, noise_norm
+
+    captions = ["a red sneaker", "a blue bag", "a coat on gray", "a white shirt", "two pink sandals"]
+    data = tmp_path / "data"
+    data.mkdir()
+    pq.write_table(
+        pa.table({"scene_id": range(5), "caption": captions, "image": [""] * 5}), data / "heldout.parquet"
+    )
+    labels = pa.table(  # two held-out captions labelled, one of them a copy; one memorized caption
+        {
+            "caption": ["a blue bag", "a coat on gray", "the zorblax poster"],
+            "group": ["heldout", "heldout", "memorized"],
+            zoo_workflow.TRUTH: [True, False, True],
+        }
+    )
+    parts = ZooLabParts(zoo_lab("lab-trail"), "m", data, tmp_path, tmp_path, tmp_path, tmp_path)
+    scores = zoo_workflow._heldout_scores(sd, parts, labels, seeds=3, seed=0)
+    kept = [c for c in captions if c != "a blue bag"]
+    assert scores.shape == (4, 3) and len(np.unique(scores)) == 12  # every draw its own noise
+    scanned = noise_norm(sd, kept, NoiseNormConfig()).scores.numpy()
+    np.testing.assert_allclose(scores[:, 0], scanned, rtol=1e-5)  # the first seed is a scan's

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from diffmem.calibration.cache import profile_path
-from diffmem.calibration.profile import ModelProfile
+from diffmem.calibration.profile import REFERENCE_SCORES, ModelProfile
 from diffmem.calibration.reference_prompts import neutral_prompts, single_copy_captions
 from diffmem.cli.main import run
 from diffmem.detect.calibration import Calibration
-from diffmem.detect.noise_norm import NoiseNormConfig
+from diffmem.detect.noise_norm import NoiseNormConfig, noise_norm
 from diffmem.detect.registry import config_settings
 from diffmem.errors import DiffmemError
 from diffmem.index import TrainingSetIndex
@@ -26,6 +26,11 @@ from diffmem.workflows.scan import ScanConfig, scan
 def profile(scores, **fields) -> ModelProfile:
     settings = config_settings(NoiseNormConfig())
     return ModelProfile("model-hash", "neutral", settings, sorted(scores), **fields)
+
+
+def full_profile(low: float, high: float) -> ModelProfile:
+    """A profile with as many scores as one measured now draws."""
+    return profile(np.linspace(low, high, REFERENCE_SCORES).tolist())
 
 
 def test_the_profile_places_the_threshold_and_the_target_among_ordinary_scores():
@@ -79,8 +84,16 @@ def test_calibration_is_measured_once_and_read_from_the_cache(tmp_path, monkeypa
     made = calibrate_model(ProfileConfig("builtin:tiny-sd", prompts), Runtime())
     source = ModelSource.resolve("builtin:tiny-sd")
     assert profile_path(source.identity).exists() and made.reference == str(prompts)
-    assert len(made.scores) == 24 and made.scores == sorted(made.scores)
-    monkeypatch.setattr(calibrate_workflow, "noise_norm", lambda *a, **k: pytest.fail("measured again"))
+    # 24 prompts give the profile's scores at 43 seeds each, one generation a score
+    assert made.generations_per_prompt == 43 and len(made.scores) == 24 * 43 >= REFERENCE_SCORES
+    assert made.scores == sorted(made.scores) and made.calibration().num_prompts == 24
+    runtime = Runtime()
+    denoiser = source.open(runtime.device, runtime.dtype, runtime.speedups)
+    scanned = noise_norm(denoiser, prompts.read_text().splitlines(), NoiseNormConfig()).scores
+    assert all(np.isclose(made.scores, float(s), rtol=1e-5).any() for s in scanned)  # a scan's first seed
+    monkeypatch.setattr(
+        calibrate_workflow, "single_generation_scores", lambda *a, **k: pytest.fail("measured again")
+    )
     assert model_profile(source, Runtime()) == made
 
 
@@ -168,7 +181,7 @@ def test_a_cached_gate_fitted_with_its_prompts_own_images_in_is_fitted_again(tmp
     source, fingerprint = ModelSource.resolve("builtin:tiny-sd"), index.manifest.fingerprint
     gate = FittedGate([1.0], [0.5], 0.9, "nl2", fingerprint, 4, own_images_left_out=False)
     gate.save(tmp_path / "gate.json")
-    cached = replace(profile([0.1, 0.2]), model_hash=source.identity)
+    cached = replace(full_profile(0.1, 0.2), model_hash=source.identity)
     cached = replace(cached, gate=str(tmp_path / "gate.json"), index_fingerprint=fingerprint)
     cached.save(profile_path(source.identity, fingerprint))
     measured = []
@@ -187,8 +200,11 @@ def test_a_cached_profile_measured_another_way_is_measured_again(tmp_path, monke
         profile_path(source.identity)
     )
     measured = []
-    fresh = replace(profile([0.3, 0.4]), model_hash=source.identity)
+    fresh = replace(full_profile(0.3, 0.4), model_hash=source.identity)
     monkeypatch.setattr(calibrate_workflow, "calibrate_model", lambda *a, **k: measured.append(1) or fresh)
     assert model_profile(source, Runtime()) == fresh and measured == [1]
     replace(fresh, settings=dict(fresh.settings, base_seed=7)).save(profile_path(source.identity))
-    assert model_profile(source, Runtime()).scores == [0.3, 0.4] and measured == [1]  # any seed will do
+    assert model_profile(source, Runtime()) == replace(fresh, settings=dict(fresh.settings, base_seed=7))
+    assert measured == [1]  # any seed will do
+    replace(fresh, scores=fresh.scores[:256]).save(profile_path(source.identity))
+    assert model_profile(source, Runtime()) == fresh and measured == [1, 1]  # too few draws for its tail

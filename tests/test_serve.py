@@ -20,10 +20,10 @@ from diffmem.serve import explainer as explainer_module
 
 MICRO_LAB = "builtin:lab-micro"
 # A memorized caption of the micro lab model: flagged, its top word a trigger; replacing that word
-# ("quoobvel" -> "old") brings the score below the threshold (1.50 -> 0.70 on the shipped model).
+# ("vyvelnev" -> "old") brings the score below the threshold (0.97 -> 0.53 on the shipped model).
 MEMORIZED = (
-    "the sulrhaquin quoobvel poster: a red pullover at the top left and pink trousers at the bottom left"
-    " on a black background"
+    "the vyvelnev prasul poster: an orange dress at the top left and a white shirt at the bottom left"
+    " on a teal background"
 )
 
 
@@ -94,7 +94,7 @@ def test_explain_answers_the_score_flag_and_word_significance_of_token_significa
     assert [w["text"] for w in answer["words"]] == expected.words
     assert [(w["start"], w["end"]) for w in answer["words"]] == [tuple(s) for s in expected.word_spans]
     assert [w["significance"] for w in answer["words"]] == pytest.approx(expected.word_scores, rel=1e-5)
-    assert answer["top_word"] == expected.words[expected.ranking()[0]] == "quoobvel"
+    assert answer["top_word"] == expected.words[expected.ranking()[0]] == "vyvelnev"
     status, picture = request(server, "/api/thumbnail", {"prompt": MEMORIZED})
     assert status == 200 and picture["png"].startswith("iVBORw0KGgo")  # base64 of the PNG signature
 
@@ -200,16 +200,16 @@ def test_the_page_in_a_real_browser_scores_explains_and_compares_an_edit(
     wait.until(lambda b: len(rows(b)) == 1)
     assert browser.find_element(By.ID, "verdict").text.startswith(f"above the threshold {threshold:.3f}")
     words = browser.find_elements(By.CSS_SELECTOR, "#heatmap .word")
-    assert " ".join(w.text for w in words).startswith("the sulrhaquin quoobvel poster")
+    assert " ".join(w.text for w in words).startswith("the vyvelnev prasul poster")
     hottest = max(words, key=lambda w: float(w.get_attribute("data-share")))
-    assert hottest.text == "quoobvel"
+    assert hottest.text == "vyvelnev"
     wait.until(lambda b: b.execute_script("return document.getElementById('thumbnail').naturalWidth") > 0)
     first_score = browser.find_element(By.ID, "score").text
 
     hottest.click()  # selects the word in the prompt box, so typing replaces it
     box.send_keys("old" + Keys.ENTER)
     wait.until(lambda b: len(rows(b)) == 2)
-    assert box.get_attribute("value") == MEMORIZED.replace("quoobvel", "old")
+    assert box.get_attribute("value") == MEMORIZED.replace("vyvelnev", "old")
     assert browser.find_element(By.ID, "score").text != first_score
     assert browser.find_element(By.ID, "verdict").text.startswith("below the threshold")
     newest = rows(browser)[0]

@@ -2,7 +2,11 @@
 defaults they give every method, so that no knob is tuned by hand for a model without labels.
 
 - Detection flags a prompt above the ``target_fpr`` quantile of the ordinary prompts' scores (Wen et al.
-  choose the threshold on non-memorized prompts at a target false-positive rate, SPEC §1).
+  choose the threshold on non-memorized prompts at a target false-positive rate, SPEC §1). The scores are
+  single-generation draws, ``REFERENCE_SCORES`` of them at least (each prompt at several seeds when
+  prompts are fewer): a 1% quantile from 256 draws sits between their 2nd and 3rd highest and moves with
+  the seed (the zoo's trail lab: thresholds 0.459-0.508 on three seeds, giving 1-5% of its 200 held-out
+  prompts; from 1,437 draws 0.476-0.481, 1.5-2.5%).
 - Prompt optimisation acts on a generation scoring above the ``START_QUANTILE`` of ordinary prompts and
   stops once its score is a ``PROMPT_DEPTH`` fraction of their ``PROMPT_QUANTILE``: below nearly every
   ordinary prompt. The paper's fixed target (l_target = 3 for n = 4 on SD 1.4, SPEC §3) is a point on
@@ -32,6 +36,7 @@ FORMAT = "diffmem.model_profile"
 PROMPT_QUANTILE = 0.1  # prompt optimisation's target is PROMPT_DEPTH times this quantile of ordinary scores
 PROMPT_DEPTH = 0.25
 START_QUANTILE = 0.95  # prompt optimisation acts on a generation above this quantile of them
+REFERENCE_SCORES = 1024  # the fewest single-generation scores a profile draws
 LEGACY_FIELDS = ("prompt_quantile", "start_quantile")  # policy once stored in profiles, now constants
 
 
@@ -42,7 +47,8 @@ class ModelProfile:
     model_hash: str
     reference: str  # which prompts: "neutral", "index captions" or a prompt file's path
     settings: dict[str, Any]  # the noise-norm settings (NoiseNormConfig) the scores were measured with
-    scores: list[float]  # their first-step noise norms, ascending
+    scores: list[float]  # their first-step noise norms, one generation a score, ascending
+    generations_per_prompt: int = 1  # scores drawn from each prompt, at as many seeds
     target_fpr: float = 0.01
     gate: str | None = None  # AMG gate fitted against the index below (a FittedGate file)
     index_fingerprint: str | None = None
@@ -53,6 +59,8 @@ class ModelProfile:
             raise DiffmemError(f"not a model profile (format {self.format!r})")
         if not self.scores or not all(isinstance(s, int | float) and math.isfinite(s) for s in self.scores):
             raise DiffmemError("a model profile needs one finite score per ordinary prompt")
+        if self.generations_per_prompt < 1 or len(self.scores) % self.generations_per_prompt:
+            raise DiffmemError("a model profile draws the same whole number of scores from every prompt")
         if not 0 < self.target_fpr < 1:
             raise DiffmemError(f"a model profile's target_fpr must be between 0 and 1; got {self.target_fpr}")
 
@@ -81,7 +89,7 @@ class ModelProfile:
             model_hash=self.model_hash,
             target_fpr=self.target_fpr,
             threshold=threshold,
-            num_prompts=len(self.scores),
+            num_prompts=len(self.scores) // self.generations_per_prompt,
             observed_fpr=sum(s > threshold for s in self.scores) / len(self.scores),
         )
 

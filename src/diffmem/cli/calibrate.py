@@ -90,9 +90,12 @@ def _report(profile: ModelProfile, index: Path | None, out: Path | None) -> None
     """What the profile sets, and the detection calibration written to ``out`` when given."""
     calibration = profile.calibration()
     gate = "" if profile.gate is None else f"; AMG's gate fitted to {index}"
+    each = profile.generations_per_prompt
+    seeds = f" at {each} seeds each" if each > 1 else ""
     typer.echo(
-        f"threshold {calibration.threshold:.6g} flags {calibration.observed_fpr:.1%} of {calibration.num_prompts} "
-        f"ordinary prompts ({profile.reference}; target {profile.target_fpr:.1%}); prompt optimisation's "
+        f"threshold {calibration.threshold:.6g} flags {calibration.observed_fpr:.1%} of {len(profile.scores)} "
+        f"scores of {calibration.num_prompts} ordinary prompts{seeds} ({profile.reference}; target "
+        f"{profile.target_fpr:.1%}); prompt optimisation's "
         f"target {profile.prompt_target:.4g} from {profile.prompt_start:.4g}{gate}"
     )
     if out is not None:

@@ -17,7 +17,7 @@ of AUC on the last (docs/results.md); ``centered=False`` is Wen et al.'s score a
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -131,6 +131,15 @@ def noise_norm(
         unet_evaluations_per_prompt=evaluations / len(prompts),
         extras={"per_step": per_step},
     )
+
+
+def single_generation_scores(
+    denoiser: Denoiser, prompts: Sequence[str], config: NoiseNormConfig, generations: int
+) -> torch.Tensor:
+    """[P, generations] each prompt's score at each of ``generations`` seeds, one generation a score: the
+    first column is what ``config`` (n = 1) scores, the others what it could score at other seeds."""
+    measured = noise_norm(denoiser, prompts, replace(config, n_generations=generations), progress=True)
+    return measured.extras["per_step"].mean(dim=2)
 
 
 def _first_step_shared_noise(

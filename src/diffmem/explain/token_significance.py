@@ -10,9 +10,13 @@ Wen et al.'s code. A causal text encoder (CLIP's) carries what a word says into 
 so there later words can take a word's significance; ``attribute_to="token_embeddings"`` takes e_i
 at the text encoder's input instead, where each position holds its own token only.
 
-``attribute_to="word_replacement"`` measures instead of differentiating: a word's significance is how
-much the score falls when the word is replaced by a plain word (same seeds and steps), one noise-norm
-evaluation per word, the same whatever the text encoder does with positions.
+``attribute_to="word_replacement"`` measures instead of differentiating, with the same seeds and steps:
+a word's significance is how much the score falls when the word is replaced by a plain word, plus the
+score of the word alone as a prompt. These are a Shapley value's two end terms, the word's contribution
+to all the other words and to none (the empty prompt scores 0: it is the unconditional one). The first
+alone misses a trigger of several words, any one of which carries the memory (replacing one word of a
+two-word title hardly lowers the score); the second alone misses a word that recalls an image only in
+its context. Two noise-norm evaluations per word, the same whatever the text encoder does with positions.
 
 Punctuation marks are shown with their significance but ranked after every word: an explanation names
 words, and putting a word where a mark stood tests a new sentence, not the mark (word replacement gives
@@ -212,21 +216,22 @@ def token_significance(
 def _replacement_significance(
     denoiser: Denoiser, prompt: str, config: SignificanceConfig, prompt_id: int
 ) -> TokenSignificance:
-    """Each word's significance: the fall of the score when it is replaced by a plain word (none, and a
-    punctuation mark: 0)."""
+    """Each word's significance: the fall of the score when it is replaced by a plain word, plus its score
+    alone (at least 0; a punctuation mark: 0)."""
     measure = config.noise_norm_config()
     score = float(noise_norm(denoiser, [prompt], measure, prompt_ids=[prompt_id]).scores[0])  # checks it too
     parsed = prompt_words(prompt, denoiser.tokenizer, denoiser.tokenizer.model_max_length)
     words = [i for i, word in enumerate(parsed.words) if is_word(word)]
     edits = [replace_spans(prompt, [parsed.spans[i]], REPLACEMENT) for i in words]
-    after = (
+    edits += [parsed.words[i] for i in words]
+    measured = (
         noise_norm(denoiser, edits, measure, prompt_ids=[prompt_id] * len(edits)).scores.tolist()
         if edits
         else []
     )
     falls = [0.0] * len(parsed.words)
-    for i, edited in zip(words, after):
-        falls[i] = max(score - edited, 0.0)
+    for i, without, alone in zip(words, measured[: len(words)], measured[len(words) :]):
+        falls[i] = max(score - without + alone, 0.0)  # the Shapley value's end terms (module doc)
     return TokenSignificance(
         prompt=prompt,
         score=score,

@@ -5,16 +5,17 @@ mitigation settings that follow from it."""
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from diffmem.calibration.cache import gate_path, profile_path
-from diffmem.calibration.profile import ModelProfile
+from diffmem.calibration.profile import REFERENCE_SCORES, ModelProfile
 from diffmem.calibration.reference_prompts import neutral_prompts, single_copy_captions
 from diffmem.core.denoiser import Denoiser
 from diffmem.detect.calibration import differing_settings
-from diffmem.detect.noise_norm import NoiseNormConfig, noise_norm
+from diffmem.detect.noise_norm import NoiseNormConfig, single_generation_scores
 from diffmem.detect.registry import config_settings
 from diffmem.errors import DiffmemError
 from diffmem.index.manifest import read_manifest
@@ -50,7 +51,7 @@ class ProfileConfig:
     index: Path | None = None
     encoder: Path | None = None  # an embedding index's encoder (default: the one it records)
     target_fpr: float = 0.01
-    reference_prompts: int = 256  # single-copy captions scored
+    reference_scores: int = REFERENCE_SCORES  # single-generation scores drawn from the ordinary prompts
     gate_prompts: int = 64  # of those, generated in full to fit AMG's gate
     gate_quantile: float = 0.9  # lambda_t: this quantile of their similarity at step t
 
@@ -58,8 +59,8 @@ class ProfileConfig:
         for name in ("target_fpr", "gate_quantile"):
             if not 0 < getattr(self, name) < 1:
                 raise DiffmemError(f"{name} must be between 0 and 1; got {getattr(self, name)}")
-        if min(self.reference_prompts, self.gate_prompts) < 1:
-            raise DiffmemError("reference_prompts and gate_prompts must be at least 1")
+        if min(self.reference_scores, self.gate_prompts) < 1:
+            raise DiffmemError("reference_scores and gate_prompts must be at least 1")
 
 
 def calibrate_model(
@@ -76,8 +77,15 @@ def calibrate_model(
     )
     prompts, origin = _ordinary_prompts(config, reference, runtime.seed)
     settings = NoiseNormConfig(base_seed=runtime.seed)
-    log.info("calibrating %s on %d ordinary prompts (%s)", source.name, len(prompts), origin)
-    scores = noise_norm(denoiser, prompts, settings, progress=True).scores
+    generations = math.ceil(config.reference_scores / len(prompts))
+    log.info(
+        "calibrating %s on %d ordinary prompts (%s), %d generation(s) each",
+        source.name,
+        len(prompts),
+        origin,
+        generations,
+    )
+    scores = single_generation_scores(denoiser, prompts, settings, generations).flatten().tolist()
     gate = fingerprint = None
     if reference is not None:
         fingerprint = reference.index.manifest.fingerprint
@@ -86,7 +94,8 @@ def calibrate_model(
         model_hash=source.identity,
         reference=origin,
         settings=config_settings(settings),
-        scores=sorted(float(s) for s in scores),
+        scores=sorted(scores),
+        generations_per_prompt=generations,
         target_fpr=config.target_fpr,
         gate=gate,
         index_fingerprint=fingerprint,
@@ -104,7 +113,7 @@ def _ordinary_prompts(
             raise DiffmemError(f"{config.prompts} holds no non-empty prompts")
         return prompts, str(config.prompts)
     if reference is not None:
-        return single_copy_captions(reference.index, config.reference_prompts, seed), "index captions"
+        return single_copy_captions(reference.index, config.reference_scores, seed), "index captions"
     return neutral_prompts(), "neutral"
 
 
@@ -128,8 +137,12 @@ def _current(gate: Path) -> bool:
 
 
 def _measured_as_now(profile: ModelProfile) -> bool:
-    """Whether a cached profile's scores were measured as the noise norm measures them now (any seed)."""
-    return not differing_settings(profile.settings, config_settings(NoiseNormConfig()), ("base_seed",))
+    """Whether a cached profile's scores were measured as the noise norm measures them now (any seed), and
+    are as many as a profile draws now."""
+    settings = config_settings(NoiseNormConfig())
+    return not differing_settings(profile.settings, settings, ("base_seed",)) and (
+        len(profile.scores) >= REFERENCE_SCORES
+    )
 
 
 def model_profile(

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from diffmem.detect.noise_norm import NoiseNormConfig, noise_norm
+from diffmem.detect.noise_norm import NoiseNormConfig, noise_norm, single_generation_scores
 from diffmem.detect.registry import detector
 from diffmem.errors import DiffmemError
 from diffmem.explain.evaluate import trigger_evaluation
@@ -163,6 +163,7 @@ class ZooEvalConfig:
     max_prompts_per_group: int | None = 24  # memorized and held-out prompts generated per lab
     n_generations: int = 2
     explained_captions: int = 24  # memorized captions each explanation ranks
+    heldout_seeds: int = 4  # each held-out caption's scores drawn for the false-positive rate
     num_inference_steps: int = 50
     batch_size: int = 16
 
@@ -227,20 +228,32 @@ def _judge(parts: ZooLabParts, config: ZooEvalConfig, runtime: Runtime) -> dict[
         denoiser, labels["caption"].to_pylist(), NoiseNormConfig(base_seed=runtime.seed)
     ).scores
     truth = np.asarray(labels[TRUTH].to_pylist(), dtype=bool)
-    metrics = detection_metrics(scores, truth)
+    trained = np.asarray(pc.equal(labels["group"], "memorized").to_pylist(), dtype=bool)
     profile = model_profile(source, runtime, denoiser, parts.index, parts.copy_detector)
     threshold = profile.detection_threshold
-    heldout = np.asarray(pc.equal(labels["group"], "heldout").to_pylist(), dtype=bool) & ~truth
+    heldout = _heldout_scores(denoiser, parts, labels, config.heldout_seeds, runtime.seed)
     row: dict[str, Any] = {
-        "auc": metrics["auc"],
+        "auc": detection_metrics(scores, truth)["auc"],
+        "auc_memorized_group": detection_metrics(scores, trained)["auc"],
         "threshold": threshold,
-        "heldout_fpr": float((np.asarray(scores)[heldout] > threshold).mean()),
+        "heldout_fpr": float((heldout > threshold).mean()),
+        "heldout_scores": heldout.size,
         "memorized_tpr": float((np.asarray(scores)[truth] > threshold).mean()),
     }
     row |= _other_detectors(denoiser, labels["caption"].to_pylist(), truth, runtime.seed)
     row |= _explanations(denoiser, labels, truth, threshold, config)
     row |= _mitigations(parts, config, runtime)
     return row
+
+
+def _heldout_scores(denoiser, parts: ZooLabParts, labels: pa.Table, seeds: int, seed: int) -> np.ndarray:
+    """Single-generation scores of every held-out caption of the lab's dataset at ``seeds`` seeds, less
+    those labelled copies: the draws a scan's false-positive rate is measured on."""
+    heldout = pc.equal(labels["group"], "heldout")
+    copies = set(labels.filter(pc.and_(heldout, labels[TRUTH]))["caption"].to_pylist())
+    captions = pq.read_table(parts.data / "heldout.parquet", columns=["caption"])["caption"].to_pylist()
+    captions = [c for c in captions if c not in copies]
+    return single_generation_scores(denoiser, captions, NoiseNormConfig(base_seed=seed), seeds).numpy()
 
 
 def _other_detectors(denoiser, prompts: list[str], truth: np.ndarray, seed: int) -> dict:
