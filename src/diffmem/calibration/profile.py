@@ -5,8 +5,8 @@ defaults they give every method, so that no knob is tuned by hand for a model wi
   choose the threshold on non-memorized prompts at a target false-positive rate, SPEC §1). The scores are
   single-generation draws, ``REFERENCE_SCORES`` of them at least (each prompt at several seeds when
   prompts are fewer): a 1% quantile from 256 draws sits between their 2nd and 3rd highest and moves with
-  the seed (the zoo's trail lab: thresholds 0.459-0.508 on three seeds, giving 1-5% of its 200 held-out
-  prompts; from 1,437 draws 0.476-0.481, 1.5-2.5%).
+  the seed (the zoo's trail lab, benchmarks/threshold_stability.py: 0.455-0.506 over three seeds, 1.2-3.0%
+  of its held-out prompts flagged; from 1,024 draws 0.480-0.489, 1.2-2.1%).
 - Prompt optimisation acts on a generation scoring above the ``START_QUANTILE`` of ordinary prompts and
   stops once its score is a ``PROMPT_DEPTH`` fraction of their ``PROMPT_QUANTILE``: below nearly every
   ordinary prompt. The paper's fixed target (l_target = 3 for n = 4 on SD 1.4, SPEC §3) is a point on
