@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from diffmem.calibration.profile import REFERENCE_SCORES
+from diffmem.calibration.profile import REFERENCE_SCORES, generations_for
 from diffmem.calibration.reference_prompts import single_copy_captions
 from diffmem.detect.noise_norm import NoiseNormConfig, noise_norm, single_generation_scores
 from diffmem.index import TrainingSetIndex
@@ -34,9 +33,12 @@ def scores(denoiser, prompts: list[str]) -> np.ndarray:
 
 def drawn(denoiser, prompts: list[str], draws: int) -> np.ndarray:
     """At least ``draws`` single-generation scores of the prompts, as a profile draws them."""
-    generations = math.ceil(draws / len(prompts))
     config = NoiseNormConfig(batch_size=64)
-    return single_generation_scores(denoiser, prompts, config, generations).flatten().numpy()
+    return (
+        single_generation_scores(denoiser, prompts, config, generations_for(len(prompts), draws))
+        .flatten()
+        .numpy()
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:

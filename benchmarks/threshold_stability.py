@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import torch
 
+from diffmem.calibration.profile import generations_for
 from diffmem.calibration.reference_prompts import single_copy_captions
 from diffmem.detect.noise_norm import NoiseNormConfig, single_generation_scores
 from diffmem.index import TrainingSetIndex
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows = []
         for seed in range(args.seeds):
             captions = single_copy_captions(index, draws, seed)
-            generations = math.ceil(draws / len(captions))
+            generations = generations_for(len(captions), draws)
             ordinary = single_generation_scores(
                 denoiser, captions, NoiseNormConfig(base_seed=seed), generations
             )

@@ -40,6 +40,11 @@ REFERENCE_SCORES = 1024  # the fewest single-generation scores a profile draws
 LEGACY_FIELDS = ("prompt_quantile", "start_quantile")  # policy once stored in profiles, now constants
 
 
+def generations_for(prompts: int, draws: int = REFERENCE_SCORES) -> int:
+    """The seeds each of ``prompts`` ordinary prompts is scored at, so that they give ``draws`` scores."""
+    return math.ceil(draws / prompts)
+
+
 @dataclass(frozen=True)
 class ModelProfile:
     """Ordinary prompts' scores on one model, and where they came from."""

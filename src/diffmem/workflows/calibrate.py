@@ -5,13 +5,12 @@ mitigation settings that follow from it."""
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from diffmem.calibration.cache import gate_path, profile_path
-from diffmem.calibration.profile import REFERENCE_SCORES, ModelProfile
+from diffmem.calibration.profile import REFERENCE_SCORES, ModelProfile, generations_for
 from diffmem.calibration.reference_prompts import neutral_prompts, single_copy_captions
 from diffmem.core.denoiser import Denoiser
 from diffmem.detect.calibration import differing_settings
@@ -77,7 +76,7 @@ def calibrate_model(
     )
     prompts, origin = _ordinary_prompts(config, reference, runtime.seed)
     settings = NoiseNormConfig(base_seed=runtime.seed)
-    generations = math.ceil(config.reference_scores / len(prompts))
+    generations = generations_for(len(prompts), config.reference_scores)
     log.info(
         "calibrating %s on %d ordinary prompts (%s), %d generation(s) each",
         source.name,
