@@ -30,7 +30,8 @@ AttributeTo = Annotated[
     typer.Option(
         help="prompt_embeds: the gradient at the text encoder's output, as Wen et al.; token_embeddings: at "
         "its input, where a causal encoder has not yet spread a word over the later positions; "
-        "word_replacement: the fall of the score when the word is replaced (measured, one pass a word)."
+        "word_replacement: the fall of the score when the word is replaced, plus the word's own score "
+        "(measured, two passes a word)."
     ),
 ]
 
