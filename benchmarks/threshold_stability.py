@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
     denoiser = ModelSource.resolve(args.model).open("cpu", torch.float32)
     heldout = read_prompts(args.heldout, args.column)
     index = TrainingSetIndex.load(args.index)
-    results: dict = {"model": args.model, "heldout_prompts": len(heldout), "draws": {}}
+    results: dict = {"model": args.model, "heldout_prompts": len(heldout), "heldout_scores": 0, "draws": {}}
     for draws in args.draws:
         rows = []
         for seed in range(args.seeds):
@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
             )
             threshold = float(threshold_at_fpr(ordinary.flatten().tolist(), args.target_fpr))
             held = single_generation_scores(denoiser, heldout, NoiseNormConfig(base_seed=100 + seed), 4)
+            results["heldout_scores"] = held.numel()
             rows.append(
                 {
                     "seed": seed,

@@ -370,10 +370,8 @@ def test_threshold_stability_smoke(tmp_path):
         [*args, "--draws", "8", "40", "--seeds", "2", "--out", str(tmp_path / "r.json")]
     )
     assert set(record["draws"]) == {8, 40} and record["heldout_prompts"] == 2
+    assert record["heldout_scores"] == 8  # each held-out prompt at four seeds
     for measured in record["draws"].values():
         low, high = measured["threshold_range"]
         assert len(measured["per_seed"]) == 2 and 0 < low <= high
-        assert all(
-            r["heldout_fpr"] in (0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1)
-            for r in measured["per_seed"]
-        )
+        assert all(8 * r["heldout_fpr"] == round(8 * r["heldout_fpr"]) for r in measured["per_seed"])

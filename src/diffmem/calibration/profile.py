@@ -40,7 +40,7 @@ REFERENCE_SCORES = 1024  # the fewest single-generation scores a profile draws
 LEGACY_FIELDS = ("prompt_quantile", "start_quantile")  # policy once stored in profiles, now constants
 
 
-def generations_for(prompts: int, draws: int = REFERENCE_SCORES) -> int:
+def generations_for(prompts: int, draws: int) -> int:
     """The seeds each of ``prompts`` ordinary prompts is scored at, so that they give ``draws`` scores."""
     return math.ceil(draws / prompts)
 
@@ -63,7 +63,7 @@ class ModelProfile:
         if self.format != FORMAT:
             raise DiffmemError(f"not a model profile (format {self.format!r})")
         if not self.scores or not all(isinstance(s, int | float) and math.isfinite(s) for s in self.scores):
-            raise DiffmemError("a model profile needs one finite score per ordinary prompt")
+            raise DiffmemError("a model profile needs a finite score for every draw")
         if self.generations_per_prompt < 1 or len(self.scores) % self.generations_per_prompt:
             raise DiffmemError("a model profile draws the same whole number of scores from every prompt")
         if not 0 < self.target_fpr < 1:

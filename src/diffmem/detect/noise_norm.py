@@ -134,11 +134,15 @@ def noise_norm(
 
 
 def single_generation_scores(
-    denoiser: Denoiser, prompts: Sequence[str], config: NoiseNormConfig, generations: int
+    denoiser: Denoiser,
+    prompts: Sequence[str],
+    config: NoiseNormConfig,
+    generations: int,
+    progress: bool = False,
 ) -> torch.Tensor:
     """[P, generations] each prompt's score at each of ``generations`` seeds, one generation a score: the
     first column is what ``config`` (n = 1) scores, the others what it could score at other seeds."""
-    measured = noise_norm(denoiser, prompts, replace(config, n_generations=generations), progress=True)
+    measured = noise_norm(denoiser, prompts, replace(config, n_generations=generations), progress=progress)
     return measured.extras["per_step"].mean(dim=2)
 
 

@@ -84,7 +84,8 @@ def calibrate_model(
         origin,
         generations,
     )
-    scores = single_generation_scores(denoiser, prompts, settings, generations).flatten().tolist()
+    scores = single_generation_scores(denoiser, prompts, settings, generations, progress=True)
+    scores = scores.flatten().tolist()
     gate = fingerprint = None
     if reference is not None:
         fingerprint = reference.index.manifest.fingerprint
