@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
         [r["trigger_words"] for r in rows],
         threshold,
         config,
+        carrying=False,
     ).to_pylist()
     flagged = [r for r in t if r["flagged"]]
     record = {

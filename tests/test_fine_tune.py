@@ -256,8 +256,8 @@ def test_two_processes_draw_their_own_rows_and_resume_to_the_same_weights(
     weights differ from one process's run), checkpoints together and resumes exactly; the filter's drop
     rate is summed over both."""
     train = ["-m", "diffmem.cli.main", "train", "--model", str(MODEL), "--data", str(data_dir)]
-    train += ["--steps", "3", "--batch-size", "2", "--lr", "1e-3", "--ema-decay", "0.9"]
-    train += ["--checkpoint-every", "2", "--policy", "filter:threshold=100"]
+    train += ["--steps", "2", "--batch-size", "2", "--lr", "1e-3", "--ema-decay", "0.9"]
+    train += ["--checkpoint-every", "1", "--policy", "filter:threshold=100"]
     assert accelerate_launch(*train, "--out", str(tmp_path / "two")).count("fine-tuned") == 1
     record = json.loads((tmp_path / "two" / "fine_tune.json").read_text())
     assert record["processes"] == 2 and record["drop_rate"] == 0.0
@@ -265,7 +265,7 @@ def test_two_processes_draw_their_own_rows_and_resume_to_the_same_weights(
     resume = [*train, "--out", str(tmp_path / "resumed"), "--time-budget-s", "0"]
     while "fine-tuned" not in accelerate_launch(*resume):
         calls += 1
-    assert calls == 2  # one step a call, the third completes
+    assert calls == 1  # one step a call, the second completes
     two, resumed = _unet(tmp_path / "two"), _unet(tmp_path / "resumed")
     for key in two:
         torch.testing.assert_close(resumed[key], two[key], rtol=1e-5, atol=1e-6)

@@ -190,7 +190,9 @@ def test_the_default_scan_is_the_shipped_lab_model_with_its_prompts_and_calibrat
     flagged = sum(r["flagged"] for r in rows)
     assert f"{flagged} flagged as memorized" in capsys.readouterr().out
     # other settings than the calibration's: scored, not flagged, and said so
-    assert run(["scan", "--out", str(tmp_path / "t"), "--n-generations", "2"]) == 0
+    (tmp_path / "few.txt").write_text("\n".join(r["caption"] for r in labels[:4]))
+    other = ["--prompts", str(tmp_path / "few.txt"), "--n-generations", "2"]
+    assert run(["scan", "--out", str(tmp_path / "t"), *other]) == 0
     assert "not flagging: the lab model's calibration does not apply" in capsys.readouterr().err
     assert all(r["flagged"] is None for r in pq.read_table(tmp_path / "t" / "scan.parquet").to_pylist())
     assert run(["scan", "--model", "builtin:tiny-sd", "--out", str(tmp_path / "u")]) == 2
