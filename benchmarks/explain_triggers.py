@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"{args.model} is not a shipped model: give --labels and --calibration")
     labels = Path(args.labels) if args.labels else shipped / "labels.parquet"
     calibration = Path(args.calibration) if args.calibration else shipped / "calibration.json"
-    rows = [r for r in pq.read_table(labels).to_pylist() if r["group"] == "memorized"]
+    rows = [r for r in pq.read_table(labels).to_pylist() if r["group"] == "memorized"][: args.captions]
     threshold = json.loads(calibration.read_text())["threshold"]
     config = SignificanceConfig(
         steps=args.steps, n_generations=args.n_generations, attribute_to=args.attribute_to
@@ -81,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--calibration", help="calibration.json of `diffmem calibrate` (default: the shipped one)"
     )
+    parser.add_argument("--captions", type=int, help="the first this many memorized captions (default: all)")
     parser.add_argument("--steps", type=int, default=1, help="first sampling steps to measure")
     parser.add_argument("--n-generations", type=int, default=1)
     parser.add_argument(

@@ -67,7 +67,11 @@ def test_resuming_a_scan_that_does_not_exist_is_refused(tmp_path, prompt_file, c
     assert "nothing to resume" in one_line_error(capsys) and not (tmp_path / "none").exists()
 
 
-def test_a_scan_of_undecodable_lines_says_why_no_row_has_a_score(tmp_path, capsys):
+def test_a_scan_of_undecodable_lines_says_why_no_row_has_a_score(tmp_path, capsys, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("a scan with nothing to score measured a threshold")
+
+    monkeypatch.setattr("diffmem.workflows.scan.detection_threshold", never)
     prompts = tmp_path / "bad.txt"
     prompts.write_bytes(b"\xff\xfe a red \xc3\n\x80\x81 sneaker\n")
     assert run(["scan", *TINY, "--prompts", str(prompts), "--out", str(tmp_path / "s")]) == 0

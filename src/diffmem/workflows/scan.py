@@ -94,7 +94,9 @@ def scan(
         raise DiffmemError(f"{prompts} holds no prompts")
     detector = detector_config(config.detector, base_seed=runtime.seed, **config.settings)
     settings = config_settings(detector)
-    threshold = detection_threshold(source, config.calibration, config.detector, settings, runtime)
+    threshold = None  # nothing to flag: no calibration is measured for prompts that cannot be scored
+    if any(r.status == "ok" for r in records):
+        threshold = detection_threshold(source, config.calibration, config.detector, settings, runtime)
     job = ScanJob(
         source.spec,
         str(runtime.device),
