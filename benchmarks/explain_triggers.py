@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> dict:
     """Rank the words of every memorized caption and edit the top one; returns (and writes) the record."""
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.captions is not None and args.captions < 1:
+        parser.error(f"--captions must be at least 1; got {args.captions}")
     shipped = shipped_directory(args.model)
     if shipped is None and not (args.labels and args.calibration):
         parser.error(f"{args.model} is not a shipped model: give --labels and --calibration")

@@ -107,6 +107,8 @@ def test_explain_triggers_smoke(tmp_path):
     assert record["mean_score_without_top"] < record["mean_score"]  # the top word carries part of the score
     with pytest.raises(SystemExit):  # a model of one's own needs its labels and calibration named
         _load("explain_triggers").main(["--model", str(tmp_path)])
+    with pytest.raises(SystemExit):  # no caption is no record
+        _load("explain_triggers").main(["--model", "builtin:lab-micro", "--captions", "0"])
 
 
 def test_trigger_ablation_smoke(tmp_path):
