@@ -9,6 +9,7 @@
 #   the device call: command "bash benchmarks/device_checks.sh", carry [".whl"], timeout_s 600
 #   a smoke run of the same steps on this CPU (tiny model, small sizes):
 #                    OUT=/tmp/device-smoke bash benchmarks/device_checks.sh --smoke
+#                    (or: python -m pytest -m slow -k device_checks, before a device call)
 # Tracked files and these wheels come to about 63.6 MiB of the 64 MiB a call may carry: should the tree
 # grow past it, fetch without faiss-cpu (then only the mitigation step fails).
 set -u

@@ -204,6 +204,7 @@ def test_training_rows_memory_smoke(tmp_path):
     assert record["peak_rss_ratio_16_vs_8"] > 0 and json.loads(out.read_text())["n8_read_s"] >= 0
 
 
+@pytest.mark.slow  # the Ray engine's own tests run by default (test_ray_scan.py)
 def test_scan_scaling_smoke(tmp_path):
     args = ["--size", "tiny", "--device", "cpu", "--workers", "1", "--prompts", "6", "--chunk-size", "2"]
     record = _load("scan_scaling").main([*args, "--cpus", "2", "--out", str(tmp_path / "record.json")])
@@ -273,6 +274,7 @@ def test_lab_alignment_smoke(tmp_path, micro_lab_data):
     assert record["position_probe_hit"] == pytest.approx(sum(probe[p][p] for p in positions) / 5)
 
 
+@pytest.mark.slow  # its steps' own smoke tests run by default
 def test_device_checks_script_runs_every_step_in_smoke_mode(tmp_path):
     """The script a lent device runs in one call: on this CPU, with the tiny model, each of its benchmark
     steps exits 0 and leaves its JSON record where the device returns files from."""
