@@ -1,6 +1,7 @@
 """Token significance (SPEC §2): gradients of the noise norm w.r.t. token embeddings, mapped to words."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,6 +170,29 @@ def test_explain_command_saves_the_words_and_says_where_the_score_stands(tmp_pat
     assert flagged["flagged"] and flagged["carrying_words"] == ["quinlojaf"]  # its title's first word
     assert flagged["scores_after_replacing"][0] <= flagged["threshold"] < flagged["score"]
     assert "replacing 'quinlojaf' takes it under the threshold" in capsys.readouterr().out
+
+
+def test_the_verdict_names_the_carrying_words_or_how_low_replacing_words_got(sd):
+    from diffmem.cli.explain import verdict
+    from diffmem.workflows.explain import ExplanationRun
+
+    explained = token_significance(sd, PROMPT, CONFIG)
+    flagged = {"flagged": True, "carrying_words": ["Zorblax"], "scores_after_replacing": [0.5]}
+    lines = verdict(
+        ExplanationRun(explained, flagged, explained.score - 1, None), "word_replacement", Path("o")
+    )
+    assert (
+        lines[0].endswith("word significance by word_replacement; wrote o")
+        and "above the threshold" in lines[0]
+    )
+    assert lines[1] == "replacing 'Zorblax' takes it under the threshold"
+    held = {"flagged": True, "carrying_words": [], "scores_after_replacing": [3.0, 2.5, 2.75]}
+    lines = verdict(ExplanationRun(explained, held, 1.0, None), "word_replacement", Path("o"))
+    assert lines[1].startswith("replacing up to 3 of its words leaves it flagged (at best 2.500)")
+    unflagged = verdict(
+        ExplanationRun(explained, {"flagged": False}, None, None), "token_embeddings", Path("o")
+    )
+    assert len(unflagged) == 1 and "threshold" not in unflagged[0]
 
 
 def test_word_attention_maps_share_each_positions_attention_among_the_words(sd):
