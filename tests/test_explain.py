@@ -189,6 +189,9 @@ def test_the_verdict_names_the_carrying_words_or_how_low_replacing_words_got(sd)
     held = {"flagged": True, "carrying_words": [], "scores_after_replacing": [3.0, 2.5, 2.75]}
     lines = verdict(ExplanationRun(explained, held, 1.0, None), "word_replacement", Path("o"))
     assert lines[1].startswith("replacing up to 3 of its words leaves it flagged (at best 2.500)")
+    wordless = {"flagged": True, "carrying_words": [], "scores_after_replacing": []}  # e.g. "!!!"
+    lines = verdict(ExplanationRun(explained, wordless, 1.0, None), "word_replacement", Path("o"))
+    assert lines[1] == "it has no words to replace"
     unflagged = verdict(
         ExplanationRun(explained, {"flagged": False}, None, None), "token_embeddings", Path("o")
     )

@@ -103,13 +103,9 @@ def verdict(run: ExplanationRun, attribution: str, out: Path) -> list[str]:
     )
     lines = [f"noise-norm score {score:.3f}{against}; word significance by {attribution}; wrote {out}"]
     if run.summary.get("flagged"):
-        words, after = run.summary["carrying_words"], run.summary["scores_after_replacing"]
-        lines.append(
-            f"replacing {' + '.join(repr(w) for w in words)} takes it under the threshold"
-            if words
-            else f"replacing up to {len(after)} of its words leaves it flagged (at best {min(after):.3f}): "
-            "a longer phrase, or the prompt's wording as a whole, carries it"
-        )
+        from diffmem.explain.carrying_words import carrying_verdict
+
+        lines.append(carrying_verdict(run.summary["carrying_words"], run.summary["scores_after_replacing"]))
     return lines
 
 

@@ -6,6 +6,7 @@ replaced, lowers the score most."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from diffmem.core.denoiser import Denoiser
@@ -26,6 +27,19 @@ class CarryingWords:
     def found(self) -> bool:
         """Whether replacing at most ``MAX_CARRYING_WORDS`` words took the score under."""
         return bool(self.words)
+
+
+def carrying_verdict(words: list[str], scores: list[float], quote: Callable[[str], str] = repr) -> str:
+    """One line for a flagged prompt: the words (named, each quoted by ``quote``) whose replacement takes
+    it under the threshold, or how low replacing as many as were tried got it."""
+    if words:
+        return f"replacing {' + '.join(quote(w) for w in words)} takes it under the threshold"
+    if not scores:
+        return "it has no words to replace"
+    return (
+        f"replacing up to {len(scores)} of its words leaves it flagged (at best {min(scores):.3f}): "
+        "a longer phrase, or the prompt's wording as a whole, carries it"
+    )
 
 
 def carrying_words(

@@ -8,7 +8,7 @@ import html
 import json
 from typing import TYPE_CHECKING
 
-from diffmem.explain.carrying_words import MAX_CARRYING_WORDS
+from diffmem.explain.carrying_words import carrying_verdict
 from diffmem.report.detection_report import png_bytes
 from diffmem.report.explanation_page import heat_mapped
 from diffmem.report.html import image, page, png, table
@@ -56,12 +56,9 @@ def _examined(result: Audit, k: int) -> str:
     pictures.append(_figure(result.images["mitigated"][k], result.summary["mitigation"]))
     lines = [f"noise-norm score {explanation.score:.4f}"]
     if result.carrying:
-        words = result.carrying[k]
-        lines.append(
-            f"replacing {' + '.join(f'“{w}”' for w in words)} takes it under the threshold"
-            if words
-            else f"replacing up to {MAX_CARRYING_WORDS} of its words leaves it flagged"
-        )
+        carried = result.carrying[k]
+        words = [explanation.words[w] for w in carried.words]
+        lines.append(carrying_verdict(words, carried.scores, quote=lambda w: f"“{w}”"))
     if copies.measure is not None:
         for key in ("plain", "mitigated"):
             value = copies.values[key][k]

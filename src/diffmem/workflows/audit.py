@@ -16,7 +16,7 @@ from diffmem.detect.calibration import Calibration
 from diffmem.detect.noise_norm import NoiseNormConfig, noise_norm
 from diffmem.detect.registry import config_settings
 from diffmem.errors import DiffmemError
-from diffmem.explain.carrying_words import carrying_words
+from diffmem.explain.carrying_words import CarryingWords, carrying_words
 from diffmem.explain.token_significance import SignificanceConfig, TokenSignificance, token_significance
 from diffmem.io.atomic import write_atomic, write_json_atomic, write_parquet_atomic
 from diffmem.io.output_dirs import check_output_dir
@@ -74,7 +74,7 @@ class Audit:
     copies: Copies
     summary: dict[str, Any]
     record: dict[str, Any] = field(default_factory=dict)
-    carrying: list[list[str]] = field(default_factory=list)  # the examined prompts' carrying words
+    carrying: list[CarryingWords] = field(default_factory=list)  # the examined prompts' carrying words
 
     def save(self, out: Path, overwrite: bool = False) -> list[Path]:
         """Write ``report.html`` (self-contained), ``audit.parquet`` and ``summary.json`` into ``out``."""
@@ -118,10 +118,7 @@ def audit(config: AuditConfig, runtime: Runtime | None = None) -> Audit:
     significance = SignificanceConfig(base_seed=runtime.seed, attribute_to=config.attribute_to)
     explanations = [token_significance(denoiser, prompts[i], significance, prompt_id=i) for i in examined]
     carrying = [
-        [
-            e.words[w]
-            for w in carrying_words(denoiser, e, threshold, significance.noise_norm_config(), i).words
-        ]
+        carrying_words(denoiser, e, threshold, significance.noise_norm_config(), i)
         for i, e in zip(examined, explanations)
     ]
     settings = calibrated_settings(name, given, profile, reference)
@@ -199,7 +196,7 @@ def _table(
     examined: list[int],
     explanations: list[TokenSignificance],
     copies: Copies,
-    carrying: list[list[str]],
+    carrying: list[CarryingWords],
 ) -> pa.Table:
     """One row per prompt: score and flag; for the examined ones the top word, the words carrying the
     prompt (none: no three words take it under the threshold) and both similarities."""
@@ -221,7 +218,7 @@ def _table(
             if explanations[k].words
             else None
         )
-        row["carrying_words"] = None if k is None else carrying[k]
+        row["carrying_words"] = None if k is None else [explanations[k].words[w] for w in carrying[k].words]
         for key in ("plain", "mitigated"):
             row[f"similarity_{key}"] = None if k is None or not copies.values else copies.values[key][k]
         rows.append(row)
