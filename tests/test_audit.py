@@ -11,6 +11,7 @@ from diffmem.cli.main import run
 from diffmem.detect.calibration import Calibration
 from diffmem.detect.noise_norm import NoiseNormConfig, noise_norm
 from diffmem.detect.registry import config_settings
+from diffmem.explain.carrying_words import MAX_CARRYING_WORDS
 from diffmem.index import TrainingSetIndex
 from diffmem.sampling import generate
 
@@ -46,6 +47,13 @@ def test_the_audit_scores_every_prompt_and_examines_the_flagged_ones(audited):
     assert all(r["top_word"] in r["prompt"].split() for r in flagged)
     assert all(set(r["carrying_words"]) <= set(r["prompt"].split()) for r in flagged)
     assert all(r["carrying_words"] is None for r in rows if not r["flagged"])
+    threshold = json.loads((audited / "summary.json").read_text())["threshold"]
+    for (
+        row
+    ) in flagged:  # the search's scores: under the threshold at its last step exactly when it found words
+        after = row["scores_after_replacing"]
+        assert after and (after[-1] <= threshold) == bool(row["carrying_words"])
+        assert len(after) == (len(row["carrying_words"]) or MAX_CARRYING_WORDS)
     assert all(r["similarity_plain"] is not None and r["similarity_mitigated"] is not None for r in flagged)
     assert all(r["similarity_plain"] is None for r in rows if not r["flagged"])
     summary = json.loads((audited / "summary.json").read_text())

@@ -199,7 +199,8 @@ def _table(
     carrying: list[CarryingWords],
 ) -> pa.Table:
     """One row per prompt: score and flag; for the examined ones the top word, the words carrying the
-    prompt (none: no three words take it under the threshold) and both similarities."""
+    prompt (none: no three words take it under the threshold), the score after each step of their search,
+    and both similarities."""
     position = {i: k for k, i in enumerate(examined)}
     rows = []
     for i, (prompt, score) in enumerate(zip(prompts, scores)):
@@ -219,6 +220,7 @@ def _table(
             else None
         )
         row["carrying_words"] = None if k is None else [explanations[k].words[w] for w in carrying[k].words]
+        row["scores_after_replacing"] = None if k is None else carrying[k].scores
         for key in ("plain", "mitigated"):
             row[f"similarity_{key}"] = None if k is None or not copies.values else copies.values[key][k]
         rows.append(row)
