@@ -14,6 +14,7 @@ import torch
 from diffmem.detect.calibration import Calibration
 from diffmem.errors import DiffmemError
 from diffmem.explain import SignificanceConfig, token_significance
+from diffmem.explain.carrying_words import carrying_verdict, carrying_words
 from diffmem.models.source import open_model, shipped_directory
 from diffmem.serve import ExplanationServer, PromptExplainer
 from diffmem.serve import explainer as explainer_module
@@ -95,6 +96,13 @@ def test_explain_answers_the_score_flag_and_word_significance_of_token_significa
     assert [(w["start"], w["end"]) for w in answer["words"]] == [tuple(s) for s in expected.word_spans]
     assert [w["significance"] for w in answer["words"]] == pytest.approx(expected.word_scores, rel=1e-5)
     assert answer["top_word"] == expected.words[expected.ranking()[0]] == "vyvelnev"
+    found = carrying_words(lab, expected, threshold, SignificanceConfig().noise_norm_config())
+    named = [expected.words[w] for w in found.words]
+    assert answer["carrying"]["words"] == named and answer["carrying"]["scores"] == pytest.approx(
+        found.scores
+    )
+    assert answer["carrying"]["text"] == carrying_verdict(named, found.scores)
+    assert found.found and answer["carrying"]["text"].endswith("takes it under the threshold")
     status, picture = request(server, "/api/thumbnail", {"prompt": MEMORIZED})
     assert status == 200 and picture["png"].startswith("iVBORw0KGgo")  # base64 of the PNG signature
 
@@ -199,6 +207,7 @@ def test_the_page_in_a_real_browser_scores_explains_and_compares_an_edit(
     browser.find_element(By.ID, "explain").click()
     wait.until(lambda b: len(rows(b)) == 1)
     assert browser.find_element(By.ID, "verdict").text.startswith(f"above the threshold {threshold:.3f}")
+    assert browser.find_element(By.ID, "carrying").text.endswith("takes it under the threshold")
     words = browser.find_elements(By.CSS_SELECTOR, "#heatmap .word")
     assert " ".join(w.text for w in words).startswith("the vyvelnev prasul poster")
     hottest = max(words, key=lambda w: float(w.get_attribute("data-share")))
@@ -212,6 +221,7 @@ def test_the_page_in_a_real_browser_scores_explains_and_compares_an_edit(
     assert box.get_attribute("value") == MEMORIZED.replace("vyvelnev", "old")
     assert browser.find_element(By.ID, "score").text != first_score
     assert browser.find_element(By.ID, "verdict").text.startswith("below the threshold")
+    assert browser.find_element(By.ID, "carrying").text == ""  # nothing to take under
     newest = rows(browser)[0]
     assert [m.text for m in newest.find_elements(By.TAG_NAME, "mark")] == ["old"]
     assert newest.find_element(By.CSS_SELECTOR, ".down").text.startswith("-")

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 from diffmem.core.denoiser import Denoiser
 from diffmem.errors import DiffmemError
 from diffmem.explain import SignificanceConfig, token_significance
+from diffmem.explain.carrying_words import carrying_verdict, carrying_words
 from diffmem.io.prompts import encoding_problem
 from diffmem.report.html import png
 from diffmem.sampling import generate
@@ -71,10 +72,18 @@ class PromptExplainer:
         }
 
     def explain(self, prompt: str) -> dict[str, Any]:
-        """The prompt's noise-norm score, its flag against the threshold, and every word's significance."""
+        """The prompt's noise-norm score, its flag against the threshold, every word's significance and,
+        when flagged, the words that carry it (:mod:`carrying_words`)."""
         _check_prompt(prompt)
         started = time.perf_counter()
         result = self.run(token_significance, self.denoiser, prompt, self.config)
+        flagged = None if self.threshold is None else result.score > self.threshold
+        carrying = None
+        if flagged:
+            measure = self.config.noise_norm_config()
+            found = self.run(carrying_words, self.denoiser, result, self.threshold, measure)
+            named = [result.words[w] for w in found.words]
+            carrying = {"words": named, "scores": found.scores, "text": carrying_verdict(named, found.scores)}
         words = [
             {"text": word, "start": start, "end": end, "significance": score, "share": share}
             for word, (start, end), score, share in zip(
@@ -86,10 +95,11 @@ class PromptExplainer:
             "prompt": prompt,
             "score": result.score,
             "threshold": self.threshold,
-            "flagged": None if self.threshold is None else result.score > self.threshold,
+            "flagged": flagged,
             "truncated": result.truncated,
             "words": words,
             "top_word": result.words[ranking[0]] if ranking else None,
+            "carrying": carrying,
             "elapsed_s": time.perf_counter() - started,
         }
 
