@@ -48,9 +48,8 @@ def test_the_audit_scores_every_prompt_and_examines_the_flagged_ones(audited):
     assert all(set(r["carrying_words"]) <= set(r["prompt"].split()) for r in flagged)
     assert all(r["carrying_words"] is None for r in rows if not r["flagged"])
     threshold = json.loads((audited / "summary.json").read_text())["threshold"]
-    for (
-        row
-    ) in flagged:  # the search's scores: under the threshold at its last step exactly when it found words
+    # the search's scores: under the threshold at its last step exactly when it found words
+    for row in flagged:
         after = row["scores_after_replacing"]
         assert after and (after[-1] <= threshold) == bool(row["carrying_words"])
         assert len(after) == (len(row["carrying_words"]) or MAX_CARRYING_WORDS)
