@@ -28,6 +28,10 @@ class CarryingWords:
         """Whether replacing at most ``MAX_CARRYING_WORDS`` words took the score under."""
         return bool(self.words)
 
+    def named(self, explained: TokenSignificance) -> list[str]:
+        """The carrying words as written in ``explained``'s prompt."""
+        return [explained.words[w] for w in self.words]
+
 
 def carrying_verdict(words: list[str], scores: list[float], quote: Callable[[str], str] = repr) -> str:
     """One line for a flagged prompt: the words (named, each quoted by ``quote``) whose replacement takes

@@ -86,7 +86,7 @@ def _carrying(
     """A flagged prompt's carrying words, whether all are trigger words, and whether replacing as many
     random non-trigger words (the most tried, when none carry it) takes it under the threshold too."""
     carrying = carrying_words(denoiser, explained, threshold, measure, index)
-    words = [explained.words[w] for w in carrying.words]
+    words = carrying.named(explained)
     as_many = choose.sample(others, min(len(words) or MAX_CARRYING_WORDS, len(others)))
     edit = explained.replaced(as_many, REPLACEMENT)
     random_score = float(noise_norm(denoiser, [edit], measure, prompt_ids=[index]).scores[0])

@@ -57,8 +57,7 @@ def _examined(result: Audit, k: int) -> str:
     lines = [f"noise-norm score {explanation.score:.4f}"]
     if result.carrying:
         carried = result.carrying[k]
-        words = [explanation.words[w] for w in carried.words]
-        lines.append(carrying_verdict(words, carried.scores, quote=lambda w: f"“{w}”"))
+        lines.append(carrying_verdict(carried.named(explanation), carried.scores, quote=lambda w: f"“{w}”"))
     if copies.measure is not None:
         for key in ("plain", "mitigated"):
             value = copies.values[key][k]

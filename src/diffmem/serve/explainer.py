@@ -82,7 +82,7 @@ class PromptExplainer:
         if flagged:
             measure = self.config.noise_norm_config()
             found = self.run(carrying_words, self.denoiser, result, self.threshold, measure)
-            named = [result.words[w] for w in found.words]
+            named = found.named(result)
             carrying = {"words": named, "scores": found.scores, "text": carrying_verdict(named, found.scores)}
         words = [
             {"text": word, "start": start, "end": end, "significance": score, "share": share}

@@ -219,7 +219,7 @@ def _table(
             if explanations[k].words
             else None
         )
-        row["carrying_words"] = None if k is None else [explanations[k].words[w] for w in carrying[k].words]
+        row["carrying_words"] = None if k is None else carrying[k].named(explanations[k])
         row["scores_after_replacing"] = None if k is None else carrying[k].scores
         for key in ("plain", "mitigated"):
             row[f"similarity_{key}"] = None if k is None or not copies.values else copies.values[key][k]

@@ -101,7 +101,7 @@ def explain_prompt(config: ExplainConfig, runtime: Runtime | None = None) -> Exp
     if flagged:
         carrying = carrying_words(denoiser, result, threshold, measure.noise_norm_config())
         summary |= {
-            "carrying_words": [result.words[w] for w in carrying.words],
+            "carrying_words": carrying.named(result),
             "scores_after_replacing": carrying.scores,
         }
     summary |= {"truncated": result.truncated, "words": result.words, "normalized": result.normalized}
