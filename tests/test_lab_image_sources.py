@@ -9,10 +9,10 @@ import pytest
 from diffmem.cli.main import run
 from diffmem.errors import DiffmemError
 from diffmem.lab.alignment import _random_scenes, lab_scenes, parse_caption, stated_facts
-from diffmem.lab.captions import GRAMMAR_WORDS
+from diffmem.lab.captions import GRAMMAR_WORDS, caption
 from diffmem.lab.dataset import LabConfig, build_lab_dataset, load_lab_dataset
 from diffmem.lab.image_sources import DIGIT_NAMES, DIGITS, NUM_CATEGORIES, image_source
-from diffmem.lab.scenes import ItemPool, render
+from diffmem.lab.scenes import Item, ItemPool, Scene, render
 
 DIGITS_LAB = replace(LabConfig.micro(), image_source=DIGITS, num_unique=120, num_heldout=40)
 
@@ -60,6 +60,12 @@ def test_digit_captions_parse_back_to_their_scenes(digits_lab):
         parsed, stated = parse_caption(captions[scene_id]), stated_facts(scene)  # items in any order
         assert set(parsed.items) == set(stated.items) and parsed.background == stated.background
     assert set(DIGIT_NAMES) <= GRAMMAR_WORDS  # title words never spell a digit
+
+
+def test_digit_names_take_the_article_they_are_spoken_with():
+    rng = np.random.default_rng(0)
+    one, eight = (Scene("gray", (Item(k, "red", "center", 0, DIGITS),)) for k in (1, 8))
+    assert (caption(one, "vague", rng), caption(eight, "vague", rng)) == ("a one", "an eight")
 
 
 def test_the_readers_extra_scenes_reuse_digits_once_a_class_is_used_up():

@@ -10,7 +10,7 @@ import pytest
 from diffmem.cli.main import run
 from diffmem.errors import DiffmemError
 from diffmem.lab.alignment import parse_caption
-from diffmem.lab.captions import GRAMMAR_WORDS, title_pairs, titled_caption
+from diffmem.lab.captions import GRAMMAR_WORDS, title_pairs, title_words, titled_caption
 from diffmem.lab.dataset import ADDED_CONFIG_FIELDS, LabConfig, build_lab_dataset, load_lab_dataset
 from diffmem.lab.fashion_mnist import fashion_mnist_root
 from diffmem.lab.scenes import BACKGROUND_COLOURS, Item, Scene, background_pattern, render
@@ -56,13 +56,13 @@ def test_pattern_is_the_scenes_own_and_leaves_items_and_plain_renders_alone():
 
 def test_title_pairs_key_a_scene_only_by_both_words():
     rng = np.random.default_rng(0)
-    titles = title_pairs(rng, 150, 60)
+    titles = title_pairs(rng, 150, title_words(rng, 60))
     assert len({frozenset(t) for t in titles}) == 150 and all(len(set(t)) == 2 for t in titles)
     uses = Counter(w for t in titles for w in t)
     assert len(uses) == 60 and max(uses.values()) <= 6 and not GRAMMAR_WORDS & set(uses)
     assert sum(n > 1 for n in uses.values()) / len(uses) >= 0.95  # one word alone names several scenes
     with pytest.raises(DiffmemError, match="fewer than 50 distinct pairs"):
-        title_pairs(rng, 50, 10)
+        title_pairs(rng, 50, title_words(rng, 10))
 
 
 def test_vague_title_caption_names_only_the_items():
@@ -95,6 +95,33 @@ def test_keyed_dataset_rows_and_images(fashion_mnist_installed, tmp_path):
     assert len(np.unique(image, axis=0)) > 100  # a patterned background, not a flat colour
 
 
+@pytest.mark.parametrize("vocabulary", [12, 0])
+def test_titled_unique_captions_share_the_frame_but_no_memorized_title(
+    fashion_mnist_installed, tmp_path, vocabulary
+):
+    config = replace(
+        KEYED_MICRO, num_unique=40, num_heldout=2, title_vocabulary=vocabulary, titled_unique=0.25
+    )
+    lab = load_lab_dataset(build_lab_dataset(tmp_path / "titled", config, progress=False))
+    rows = lab.train.to_pylist()
+    unique = [r for r in rows if r["group"] == "unique"]
+    titled = [r for r in unique if r["caption"].startswith("the ")]
+    assert len(titled) == 10 and all(not r["trigger_words"] for r in unique)
+    memorized = {frozenset(p.trigger_words) for p in lab.memorized_prompts()}
+    memorized_words = set().union(*memorized)
+    for row in titled:
+        title, body = row["caption"].split(": ")
+        words = title.split()[1:-1]
+        assert title == f"the {' '.join(words)} poster" and len(set(words)) == 2
+        assert frozenset(words) not in memorized  # an ordinary title never names a memorized scene
+        # over the memorized titles' words when the lab has a vocabulary, else words of its own
+        assert set(words) <= memorized_words if vocabulary else not set(words) & memorized_words
+        assert not set(body.replace(",", " ").split()) & set(BACKGROUND_COLOURS)  # as vague as memorized
+    untitled = replace(config, titled_unique=0.0)
+    plain = load_lab_dataset(build_lab_dataset(tmp_path / "plain", untitled, progress=False))
+    assert not any(r["caption"].startswith("the ") for r in plain.train.to_pylist() if r["group"] == "unique")
+
+
 def _scene_items(lab, scene_id: int) -> list[Item]:
     row = next(r for r in lab.scenes.to_pylist() if r["scene_id"] == scene_id)
     return [Item(i["category"], i["colour"], i["position"], i["source_index"]) for i in row["items"]]
@@ -107,6 +134,8 @@ def test_config_checks_and_older_configs_still_load(fashion_mnist_installed, tmp
         LabConfig(title_vocabulary=2)
     with pytest.raises(DiffmemError, match="memorized_description"):
         LabConfig(memorized_description="medium")
+    with pytest.raises(DiffmemError, match="titled_unique is a share"):
+        LabConfig(titled_unique=1.5)
     assert LabConfig.keyed() == replace(
         LabConfig.small(), background_pattern=0.8, title_vocabulary=60, memorized_description="vague"
     )
@@ -127,6 +156,7 @@ def _defaults() -> dict:
         "memorized_description": "full",
         "trigger_position": "before",
         "image_source": "fashion-mnist",
+        "titled_unique": 0.0,
     }
 
 

@@ -58,13 +58,13 @@ def title_words(rng: np.random.Generator, n: int = 2) -> list[str]:
     return words
 
 
-def title_pairs(rng: np.random.Generator, n: int, vocabulary: int) -> list[list[str]]:
-    """``n`` distinct two-word titles over ``vocabulary`` made-up words, each word in about
-    ``2 n / vocabulary`` titles: only the pair names one scene, as "Ann Graham Lotz" does, so the
-    memory has to be keyed on both words."""
+def title_pairs(rng: np.random.Generator, n: int, words: list[str]) -> list[list[str]]:
+    """``n`` distinct two-word titles over ``words``, each word in about ``2 n / len(words)`` titles:
+    only the pair names one scene, as "Ann Graham Lotz" does, so the memory has to be keyed on both
+    words."""
+    vocabulary = len(words)
     if vocabulary * (vocabulary - 1) // 2 < n:
         raise DiffmemError(f"{vocabulary} title words make fewer than {n} distinct pairs; use more words")
-    words = title_words(rng, vocabulary)
     pairs = [(a, b) for a in range(vocabulary) for b in range(a + 1, vocabulary)]
     uses, chosen, cap = [0] * vocabulary, [], -(-2 * n // vocabulary) + 1
     for k in rng.permutation(len(pairs)):
@@ -132,7 +132,8 @@ def _noun_phrase(noun: str, colour: str | None = None) -> str:
     phrase = f"{colour} {noun}" if colour else noun
     if noun.split()[-1] in PLURAL_NOUNS:
         return phrase
-    return f"{'an' if phrase[0] in 'aeiou' else 'a'} {phrase}"
+    vowel_sound = phrase[0] in "aeiou" and not phrase.startswith("one")  # "an ankle boot", "a one"
+    return f"{'an' if vowel_sound else 'a'} {phrase}"
 
 
 def _join(phrases: list[str]) -> str:

@@ -2,7 +2,8 @@
 
 Three training groups: *memorized* scenes repeat image and caption (a full caption behind made-up
 title words, the trigger), *duplicated_image* scenes repeat the image under freshly drawn captions,
-*unique* scenes appear once. Held-out scenes use the image source's test images (Fashion-MNIST's, or
+*unique* scenes appear once, a share of them (``titled_unique``) under a title of their own, so that a
+title's frame does not by itself mark a memorized caption. Held-out scenes use the image source's test images (Fashion-MNIST's, or
 scikit-learn's digits') and scene contents that appear nowhere in training.
 """
 
@@ -42,7 +43,14 @@ GROUPS = ("memorized", "duplicated_image", "unique")
 TRIGGER_WORDS_PER_SCENE = 2
 # LabConfig fields newer than the first datasets: a config.json without them reads as their defaults
 ADDED_CONFIG_FIELDS = frozenset(
-    {"background_pattern", "title_vocabulary", "memorized_description", "trigger_position", "image_source"}
+    {
+        "background_pattern",
+        "title_vocabulary",
+        "memorized_description",
+        "trigger_position",
+        "image_source",
+        "titled_unique",
+    }
 )
 ITEM_TYPE = pa.struct(
     [
@@ -92,6 +100,7 @@ class LabConfig:
     memorized_description: str = "full"  # what a memorized caption states beside its title
     trigger_position: str = "before"  # where its title words sit: before, inside or after the description
     image_source: str = FASHION_MNIST  # where the items' images come from (diffmem.lab.image_sources)
+    titled_unique: float = 0.0  # share of unique scenes captioned under a title, as memorized ones are
 
     def __post_init__(self) -> None:
         image_source(self.image_source)  # a known source
@@ -106,6 +115,8 @@ class LabConfig:
             raise DiffmemError(
                 f"trigger_position must be one of {TITLE_POSITIONS}, not {self.trigger_position!r}"
             )
+        if not 0.0 <= self.titled_unique <= 1.0:
+            raise DiffmemError(f"titled_unique is a share between 0 and 1, not {self.titled_unique}")
         if self.image_size < 8 or self.image_size % 4:
             raise DiffmemError(f"image_size must be a multiple of 4 and at least 8, not {self.image_size}")
         if min(self.memorized_repeats, self.duplicated_image_repeats) < 1:
@@ -228,22 +239,47 @@ def _training_rows(
     """(scene id, caption, group, trigger words) per training row, in shuffled order."""
     rows: list[tuple[int, str, str, list[str]]] = []
     used_words: set[str] = set()
-    pairs = (
-        iter(title_pairs(rng, config.num_memorized, config.title_vocabulary))
-        if config.title_vocabulary
-        else None
-    )
+    vocabulary = title_words(rng, config.title_vocabulary) if config.title_vocabulary else []
+    memorized_titles = title_pairs(rng, config.num_memorized, vocabulary) if vocabulary else []
+    pairs = iter(memorized_titles)
+    titled = _titled_unique_scenes(rng, groups, config.titled_unique)
     for scene_id, (group, scene) in enumerate(zip(groups, scenes, strict=True)):
         if group == "memorized":
-            words = next(pairs) if pairs is not None else _fresh_title_words(rng, used_words)
+            words = next(pairs) if vocabulary else _fresh_title_words(rng, used_words)
             text = titled_caption(scene, words, config.memorized_description, config.trigger_position)
             rows += [(scene_id, text, group, words)] * config.memorized_repeats
         elif group == "duplicated_image":
             repeats = config.duplicated_image_repeats
             rows += [(scene_id, random_caption(scene, rng), group, []) for _ in range(repeats)]
+        elif scene_id in titled:
+            words = (
+                _ordinary_pair(rng, vocabulary, memorized_titles)
+                if vocabulary
+                else _fresh_title_words(rng, used_words)
+            )
+            text = titled_caption(scene, words, config.memorized_description, config.trigger_position)
+            rows.append((scene_id, text, group, []))
         else:
             rows.append((scene_id, random_caption(scene, rng), group, []))
     return [rows[i] for i in rng.permutation(len(rows))]
+
+
+def _titled_unique_scenes(rng: np.random.Generator, groups: list[str], share: float) -> set[int]:
+    """The indices of ``share`` of the unique scenes, drawn at random (none drawn when the share is 0)."""
+    unique = [i for i, group in enumerate(groups) if group == "unique"]
+    if not share or not unique:
+        return set()
+    return {unique[k] for k in rng.choice(len(unique), size=round(share * len(unique)), replace=False)}
+
+
+def _ordinary_pair(rng: np.random.Generator, vocabulary: list[str], memorized: list[list[str]]) -> list[str]:
+    """Two distinct words of ``vocabulary`` at random that are no memorized title: an ordinary title
+    over the memorized titles' words."""
+    taken = {frozenset(title) for title in memorized}
+    while True:
+        words = [vocabulary[k] for k in rng.choice(len(vocabulary), size=2, replace=False)]
+        if frozenset(words) not in taken:
+            return words
 
 
 def _distinct_scenes(rng: np.random.Generator, pool: ItemPool, n: int, seen: set[tuple]) -> list[Scene]:
