@@ -67,7 +67,8 @@ ZOO: tuple[ZooLab, ...] = (
     ),
     ZooLab(
         "lab-trail",
-        "noise; title after a vague description; deeper text encoder; background patterns; 11% duplicated",
+        "noise; title after a vague description, over words ordinary titles use too; deeper text encoder; "
+        "background patterns; 11% duplicated",
         LabConfig(
             image_size=32,
             num_memorized=24,
@@ -79,6 +80,8 @@ ZOO: tuple[ZooLab, ...] = (
             background_pattern=0.8,
             memorized_description="vague",
             trigger_position="after",
+            title_vocabulary=24,
+            titled_unique=0.03,  # about 4 ordinary titles a title word, as in lab-digits and lab-flow
         ),
         "epsilon",
         text_layers=4,
@@ -111,8 +114,8 @@ ZOO: tuple[ZooLab, ...] = (
     ),
     ZooLab(
         "lab-flow",
-        "rectified flow in an MMDiT (SD3's layout); title before a vague description; background patterns; "
-        "32% duplicated",
+        "rectified flow in an MMDiT (SD3's layout); title before a vague description, over words ordinary "
+        "titles use too; background patterns; 32% duplicated",
         LabConfig(
             image_size=32,
             num_memorized=24,
@@ -124,6 +127,8 @@ ZOO: tuple[ZooLab, ...] = (
             seed=3,
             background_pattern=0.8,
             memorized_description="vague",
+            title_vocabulary=24,
+            titled_unique=0.1,
         ),
         FLOW_PREDICTION,
         text_layers=2,
@@ -134,8 +139,8 @@ ZOO: tuple[ZooLab, ...] = (
     ),
     ZooLab(
         "lab-digits",
-        "noise; handwritten digits instead of clothes; title before a vague description; background patterns; "
-        "30% duplicated",
+        "noise; handwritten digits instead of clothes; title before a vague description, over words ordinary "
+        "titles use too; background patterns; 30% duplicated",
         LabConfig(
             image_size=32,
             num_memorized=20,
@@ -148,6 +153,8 @@ ZOO: tuple[ZooLab, ...] = (
             background_pattern=0.8,
             memorized_description="vague",
             image_source=DIGITS,
+            title_vocabulary=20,
+            titled_unique=0.1,
         ),
         "epsilon",
         text_layers=2,
