@@ -3,8 +3,8 @@
 Three training groups: *memorized* scenes repeat image and caption (a full caption behind made-up
 title words, the trigger), *duplicated_image* scenes repeat the image under freshly drawn captions,
 *unique* scenes appear once, a share of them (``titled_unique``) under a title of their own, so that a
-title's frame does not by itself mark a memorized caption. Held-out scenes use the image source's test images (Fashion-MNIST's, or
-scikit-learn's digits') and scene contents that appear nowhere in training.
+title's frame does not by itself mark a memorized caption. Held-out scenes use the image source's test
+images (Fashion-MNIST's, or scikit-learn's digits') and scene contents that appear nowhere in training.
 """
 
 from __future__ import annotations
@@ -241,7 +241,7 @@ def _training_rows(
     used_words: set[str] = set()
     vocabulary = title_words(rng, config.title_vocabulary) if config.title_vocabulary else []
     memorized_titles = title_pairs(rng, config.num_memorized, vocabulary) if vocabulary else []
-    pairs = iter(memorized_titles)
+    pairs, taken = iter(memorized_titles), {frozenset(title) for title in memorized_titles}
     titled = _titled_unique_scenes(rng, groups, config.titled_unique)
     for scene_id, (group, scene) in enumerate(zip(groups, scenes, strict=True)):
         if group == "memorized":
@@ -253,9 +253,7 @@ def _training_rows(
             rows += [(scene_id, random_caption(scene, rng), group, []) for _ in range(repeats)]
         elif scene_id in titled:
             words = (
-                _ordinary_pair(rng, vocabulary, memorized_titles)
-                if vocabulary
-                else _fresh_title_words(rng, used_words)
+                _ordinary_pair(rng, vocabulary, taken) if vocabulary else _fresh_title_words(rng, used_words)
             )
             text = titled_caption(scene, words, config.memorized_description, config.trigger_position)
             rows.append((scene_id, text, group, []))
@@ -272,10 +270,9 @@ def _titled_unique_scenes(rng: np.random.Generator, groups: list[str], share: fl
     return {unique[k] for k in rng.choice(len(unique), size=round(share * len(unique)), replace=False)}
 
 
-def _ordinary_pair(rng: np.random.Generator, vocabulary: list[str], memorized: list[list[str]]) -> list[str]:
-    """Two distinct words of ``vocabulary`` at random that are no memorized title: an ordinary title
-    over the memorized titles' words."""
-    taken = {frozenset(title) for title in memorized}
+def _ordinary_pair(rng: np.random.Generator, vocabulary: list[str], taken: set[frozenset]) -> list[str]:
+    """Two distinct words of ``vocabulary`` at random that are no ``taken`` (memorized) title: an
+    ordinary title over the memorized titles' words."""
     while True:
         words = [vocabulary[k] for k in rng.choice(len(vocabulary), size=2, replace=False)]
         if frozenset(words) not in taken:
