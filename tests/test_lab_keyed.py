@@ -136,6 +136,8 @@ def test_config_checks_and_older_configs_still_load(fashion_mnist_installed, tmp
         LabConfig(memorized_description="medium")
     with pytest.raises(DiffmemError, match="titled_unique is a share"):
         LabConfig(titled_unique=1.5)
+    with pytest.raises(DiffmemError, match="leave no pair for ordinary titles"):
+        LabConfig(num_memorized=3, title_vocabulary=3, titled_unique=0.1)  # every pair is memorized
     assert LabConfig.keyed() == replace(
         LabConfig.small(), background_pattern=0.8, title_vocabulary=60, memorized_description="vague"
     )

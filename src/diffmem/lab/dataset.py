@@ -117,6 +117,12 @@ class LabConfig:
             )
         if not 0.0 <= self.titled_unique <= 1.0:
             raise DiffmemError(f"titled_unique is a share between 0 and 1, not {self.titled_unique}")
+        pairs = self.title_vocabulary * (self.title_vocabulary - 1) // 2
+        if self.titled_unique and self.title_vocabulary and pairs <= self.num_memorized:
+            raise DiffmemError(
+                f"{self.title_vocabulary} title words leave no pair for ordinary titles beside "
+                f"{self.num_memorized} memorized ones; use more words or titled_unique=0"
+            )
         if self.image_size < 8 or self.image_size % 4:
             raise DiffmemError(f"image_size must be a multiple of 4 and at least 8, not {self.image_size}")
         if min(self.memorized_repeats, self.duplicated_image_repeats) < 1:

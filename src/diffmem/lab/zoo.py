@@ -81,7 +81,7 @@ ZOO: tuple[ZooLab, ...] = (
             memorized_description="vague",
             trigger_position="after",
             title_vocabulary=24,
-            titled_unique=0.03,  # about 4 ordinary titles a title word, as in lab-digits and lab-flow
+            titled_unique=0.03,  # four ordinary titles a title word, lab-digits' and lab-flow's four or five
         ),
         "epsilon",
         text_layers=4,
