@@ -163,3 +163,55 @@ def test_the_zoo_measures_false_positives_on_every_held_out_caption_at_several_s
     assert scores.shape == (4, 3) and len(np.unique(scores)) == 12  # every draw its own noise
     scanned = noise_norm(sd, kept, NoiseNormConfig()).scores.numpy()
     np.testing.assert_allclose(scores[:, 0], scanned, rtol=1e-5)  # the first seed is a scan's
+
+
+def test_a_prompts_copied_scene_is_the_one_most_of_its_near_copies_match():
+    import pyarrow as pa
+
+    from diffmem.lab.label import copied_scenes
+
+    generations = pa.table(
+        {
+            "prompt_id": [0, 0, 0, 1, 1, 2, 2],
+            "copy_similarity": [0.9, 0.8, 0.95, 0.9, 0.9, 0.2, 0.7],
+            "copy_nearest_scene_id": [7, 5, 5, 9, 3, 4, 4],
+        }
+    )
+    # prompt 0: two of its three copies are of scene 5; prompt 1: a tie goes to the lower id; prompt 2
+    # has no generation above the threshold
+    assert copied_scenes(generations, 0.75) == {0: 5, 1: 3}
+
+
+def test_the_zoo_tells_copies_of_a_captions_own_image_from_copies_of_another(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    labels = pa.table(
+        {
+            "prompt_id": [0, 1, 2, 3, 4, 5],
+            "scene_id": [10, 11, 12, 13, 14, 15],
+            "group": ["memorized", "memorized", "duplicated_image", "heldout", "heldout", "heldout"],
+            zoo_workflow.TRUTH: [True, True, True, True, False, False],
+        }
+    )
+    # prompt 0 copies its own scene, 1 and 2 another one; 3 is held out, so whatever it copies is not its
+    # own image (its scene is in no training set)
+    generations = pa.table(
+        {
+            "prompt_id": [0, 0, 1, 1, 2, 2, 3, 3],
+            "copy_similarity": [0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9],
+            "copy_nearest_scene_id": [10, 10, 99, 99, 98, 98, 13, 13],
+        }
+    )
+    path = tmp_path / "labels.parquet"
+    pq.write_table(labels, path)
+    pq.write_table(generations, tmp_path / "generations.parquet")
+    truth = np.asarray(labels[zoo_workflow.TRUTH].to_pylist())
+    scores = np.array([0.45, 0.1, 0.2, 0.3, 0.5, 0.4])
+    measured = zoo_workflow._copy_sources(path, labels, scores, truth)
+    # the own-image copy outranks one of the two non-copies; the other copies are left out, not negatives
+    assert measured == {"other_image_copies": 3, "auc_own_image_copies": 0.5}
+    assert zoo_workflow._copy_sources(tmp_path / "elsewhere" / "labels.parquet", labels, scores, truth) == {
+        "other_image_copies": None,
+        "auc_own_image_copies": None,
+    }

@@ -170,6 +170,21 @@ def _share_own_scene(prompts: pa.Table, generations: pa.Table) -> list[float]:
     return [sum(hits[p]) / len(hits[p]) for p in prompts["prompt_id"].to_pylist()]
 
 
+def copied_scenes(generations: pa.Table, threshold: float) -> dict[int, int]:
+    """Per prompt with near-copies among its generations (copy similarity above ``threshold``): the
+    training scene most of them copy (the lowest scene id on a tie)."""
+    counts: dict[int, dict[int, int]] = {}
+    for prompt_id, similarity, scene in zip(
+        generations["prompt_id"].to_pylist(),
+        generations["copy_similarity"].to_pylist(),
+        generations["copy_nearest_scene_id"].to_pylist(),
+    ):
+        if similarity > threshold:
+            scenes = counts.setdefault(prompt_id, {})
+            scenes[scene] = scenes.get(scene, 0) + 1
+    return {p: min(s, key=lambda scene: (-s[scene], scene)) for p, s in counts.items()}
+
+
 def _attach(prompts: pa.Table, per_prompt_table: pa.Table, names: dict[str, str]) -> pa.Table:
     """Columns of a per-prompt table appended to ``prompts``, matched on ``prompt_id``."""
     order = pc.index_in(prompts["prompt_id"], value_set=per_prompt_table["prompt_id"])

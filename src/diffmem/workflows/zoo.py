@@ -21,7 +21,7 @@ from diffmem.explain.evaluate import trigger_evaluation
 from diffmem.explain.token_significance import ATTRIBUTION_TARGETS, SignificanceConfig
 from diffmem.io.atomic import write_atomic, write_json_atomic, write_parquet_atomic
 from diffmem.lab.dataset import build_lab_dataset
-from diffmem.lab.label import LabelConfig
+from diffmem.lab.label import LabelConfig, copied_scenes
 from diffmem.lab.zoo import ZOO, ZooLab, zoo_lab, zoo_paths
 from diffmem.metrics.roc import detection_metrics
 from diffmem.models.source import ModelSource
@@ -240,6 +240,7 @@ def _judge(parts: ZooLabParts, config: ZooEvalConfig, runtime: Runtime) -> dict[
         "heldout_scores": heldout.size,
         "memorized_tpr": float((np.asarray(scores)[truth] > threshold).mean()),
     }
+    row |= _copy_sources(parts.labels, labels, np.asarray(scores), truth)
     row |= _other_detectors(denoiser, labels["caption"].to_pylist(), truth, runtime.seed)
     row |= _explanations(denoiser, labels, truth, threshold, config)
     row |= _mitigations(parts, config, runtime)
@@ -254,6 +255,29 @@ def _heldout_scores(denoiser, parts: ZooLabParts, labels: pa.Table, seeds: int, 
     captions = pq.read_table(parts.data / "heldout.parquet", columns=["caption"])["caption"].to_pylist()
     captions = [c for c in captions if c not in copies]
     return single_generation_scores(denoiser, captions, NoiseNormConfig(base_seed=seed), seeds).numpy()
+
+
+def _copy_sources(path: Path, labels: pa.Table, scores: np.ndarray, truth: np.ndarray) -> dict:
+    """How many copies are of another image than the caption's own (a held-out caption has none) and the
+    AUC on the copies of their own image against every non-copy, those others left out; none when the
+    labels' generations are not beside them."""
+    generations = path.with_name("generations.parquet")
+    if not generations.is_file() or not {"prompt_id", "scene_id"} <= set(labels.column_names):
+        return {"other_image_copies": None, "auc_own_image_copies": None}
+    copied = copied_scenes(pq.read_table(generations), LAB_COPY_THRESHOLD)
+    own = truth & np.array(
+        [
+            group != "heldout" and copied.get(prompt) == scene
+            for prompt, scene, group in zip(
+                labels["prompt_id"].to_pylist(), labels["scene_id"].to_pylist(), labels["group"].to_pylist()
+            )
+        ]
+    )
+    kept = own | ~truth
+    return {
+        "other_image_copies": int((truth & ~own).sum()),
+        "auc_own_image_copies": detection_metrics(scores[kept], own[kept])["auc"],
+    }
 
 
 def _other_detectors(denoiser, prompts: list[str], truth: np.ndarray, seed: int) -> dict:
