@@ -20,12 +20,12 @@ PROMPTS = ["a red sneaker at the top left", "the zorblax vase poster", "a blue b
 
 @pytest.fixture(scope="module")
 def audited(sd, tmp_path_factory):
-    """An audit of the tiny pipeline against a pixel index holding two of its own generations, with a
-    calibration that flags the two highest-scoring prompts, mitigated by prompt optimisation."""
+    """An audit of the tiny pipeline against a pixel index holding its own generation of every prompt, with
+    a calibration that flags the two highest-scoring prompts, mitigated by prompt optimisation."""
     folder = tmp_path_factory.mktemp("audit")
-    own = generate(sd, PROMPTS[:2], num_inference_steps=50).images
+    own = generate(sd, PROMPTS, num_inference_steps=50).images
     noise = torch.rand((30, *own.shape[1:]), generator=torch.Generator().manual_seed(3))
-    captions = PROMPTS[:2] + [f"filler {i}" for i in range(30)]
+    captions = PROMPTS + [f"filler {i}" for i in range(30)]
     TrainingSetIndex.build_pixels(torch.cat([own, noise]), captions).save(folder / "index")
     (folder / "prompts.txt").write_text("\n".join(PROMPTS))
     scores = sorted(noise_norm(sd, PROMPTS).scores.tolist())
@@ -54,8 +54,14 @@ def test_the_audit_scores_every_prompt_and_examines_the_flagged_ones(audited):
         assert after and (after[-1] <= threshold) == bool(row["carrying_words"])
         assert len(after) == (len(row["carrying_words"]) or MAX_CARRYING_WORDS)
     assert all(r["similarity_plain"] is not None and r["similarity_mitigated"] is not None for r in flagged)
-    assert all(r["similarity_plain"] is None for r in rows if not r["flagged"])
     summary = json.loads((audited / "summary.json").read_text())
+    # both unflagged prompts are drawn and generated at the seed they were scored with: each image is the
+    # index's copy of it, which the score does not flag
+    unflagged = [r for r in rows if not r["flagged"]]
+    assert all(r["unflagged_checked"] and r["similarity_mitigated"] is None for r in unflagged)
+    assert all(r["similarity_plain"] < summary["copy_threshold"] for r in unflagged)
+    assert not any(r["unflagged_checked"] for r in flagged)
+    assert summary["unflagged_checked"] == 2 and summary["copies_unflagged"] == 2
     assert (
         summary["flagged"] == 2
         and summary["measure"] == "nl2"
@@ -76,9 +82,10 @@ def test_the_report_shows_each_flagged_prompt_beside_its_nearest_training_image(
     browser.get((audited / "report.html").as_uri())
     assert browser.find_element(By.TAG_NAME, "h1").text == "Memorization audit of builtin:tiny-sd"
     captions = [c.text for c in browser.find_elements(By.TAG_NAME, "figcaption")]
-    assert captions == ["plain", "nearest training image", "prompt_optimization"] * 2
+    examined = ["plain", "nearest training image", "prompt_optimization"] * 2
+    assert captions == examined + ["plain", "nearest training image"] * 2  # then the unflagged copies
     images = browser.find_elements(By.TAG_NAME, "img")
-    assert len(images) == 1 + 6 and all(
+    assert len(images) == 1 + 6 + 4 and all(
         browser.execute_script("return arguments[0].naturalWidth", i) > 0 for i in images
     )
     flagged = [r["prompt"] for r in pq.read_table(audited / "audit.parquet").to_pylist() if r["flagged"]]
@@ -86,6 +93,8 @@ def test_the_report_shows_each_flagged_prompt_beside_its_nearest_training_image(
     assert sorted(s.text for s in heat) == sorted(w for prompt in flagged for w in prompt.split())
     body = browser.find_element(By.TAG_NAME, "body").text
     assert body.count("takes it under the threshold") + body.count("leaves it flagged") == 2
+    assert "Unflagged prompts that copy (2 of 2 drawn at random)" in body
+    assert "2 generate a copy the score does not flag" in body
 
 
 def test_the_audit_refuses_an_earlier_run_and_a_bad_calibration_before_any_work(audited, tmp_path, capsys):
@@ -95,6 +104,8 @@ def test_the_audit_refuses_an_earlier_run_and_a_bad_calibration_before_any_work(
     (tmp_path / "bad.json").write_text("{}")
     assert run([*args, "--calibration", str(tmp_path / "bad.json"), "--out", str(tmp_path / "o")]) == 2
     assert "bad.json" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    assert run([*args, "--unflagged-checked", "-1", "--out", str(tmp_path / "o")]) == 2
+    assert "unflagged_checked" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
 def test_each_examined_image_is_the_generation_whose_first_step_was_scored(audited, sd, tmp_path):

@@ -37,6 +37,13 @@ Mitigation = Annotated[
     typer.Option(help="NAME[:key=value,...] (default: amg with an index, else prompt_optimization)."),
 ]
 MaxFlagged = Annotated[int, typer.Option(help="Explain and generate at most this many flagged prompts.")]
+UnflaggedChecked = Annotated[
+    int,
+    typer.Option(
+        help="Generate this many unflagged prompts (a random draw) plainly and count the copies the "
+        "score misses (needs an index; 0: none)."
+    ),
+]
 CopyThreshold = Annotated[
     float | None, typer.Option(help="A copy: copy similarity above (default 0.5) or nL2 below (default 1.4).")
 ]
@@ -56,6 +63,7 @@ def audit(
     calibration: Calibration = None,
     mitigation: Mitigation = None,
     max_flagged: MaxFlagged = 32,
+    unflagged_checked: UnflaggedChecked = 16,
     copy_threshold: CopyThreshold = None,
     out: Out = Path("out/audit"),
     overwrite: Overwrite = False,
@@ -67,15 +75,18 @@ def audit(
 
     check_output_dir(out, OUTPUTS, overwrite)  # before any work
     config = AuditConfig(
-        model, prompts, column, index, encoder, calibration, mitigation, max_flagged, copy_threshold
-    )
+        model, prompts, column, index, encoder, calibration, mitigation, max_flagged,
+        unflagged_checked=unflagged_checked, copy_threshold=copy_threshold,
+    )  # fmt: skip
     result = run_audit(config, ctx.obj.runtime)
     result.save(out, overwrite)
     summary = result.summary
     copies = (
         ""
         if summary.get("measure") is None
-        else f"; copies among them {summary['copies_plain']} plain, {summary['copies_mitigated']} with {summary['mitigation']}"
+        else f"; copies among them {summary['copies_plain']} plain, {summary['copies_mitigated']} with "
+        f"{summary['mitigation']}; {summary['copies_unflagged']} of {summary['unflagged_checked']} unflagged "
+        "prompts generated copy"
     )
     typer.echo(
         f"{summary['flagged']} of {summary['prompts']} prompts flagged (threshold {summary['threshold']:.4g}); "

@@ -1,6 +1,6 @@
-"""An audit as one self-contained page: what was checked, the scores against the threshold, and each
+"""An audit as one self-contained page: what was checked, the scores against the threshold, each
 examined prompt with its words heat-mapped, its plain and mitigated image and their nearest training
-image."""
+image, and the unflagged prompts whose plain image is a copy."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ def audit_page(result: Audit) -> str:
         "" if histogram is None else image(png_bytes(histogram), "score histogram"),
         f"<h2>Flagged prompts ({summary['examined']} of {summary['flagged']} examined, highest scores first)</h2>",
         *(_examined(result, k) for k in range(summary["examined"])),
+        *_unflagged_copies(result),
         "<h2>Provenance</h2>",
         table(("Key", "Value"), [(k, _text(v)) for k, v in result.record.items()]),
     ]
@@ -45,6 +46,11 @@ def _verdict(summary: dict) -> str:
             f" Of the {summary['examined']} examined, {summary['copies_plain']} generate a copy plainly "
             f"and {summary['copies_mitigated']} with {summary['mitigation']}."
         )
+        if summary["unflagged_checked"]:
+            line += (
+                f" Of {summary['unflagged_checked']} unflagged prompts drawn at random and generated "
+                f"plainly, {summary['copies_unflagged']} generate a copy the score does not flag."
+            )
     return html.escape(line)
 
 
@@ -69,6 +75,33 @@ def _examined(result: Audit, k: int) -> str:
         f"<div>{''.join(pictures)}</div>"
         f"<p>{'<br>'.join(html.escape(line) for line in lines)}</p></div>"
     )
+
+
+def _unflagged_copies(result: Audit) -> list[str]:
+    """A section on the unflagged prompts whose plain image is a copy, each beside its nearest training
+    image; nothing when none was generated."""
+    copies = result.copies
+    if not result.unflagged:
+        return []
+    prompts, scores = result.table["prompt"].to_pylist(), result.table["score"].to_pylist()
+    found = [k for k, value in enumerate(copies.values["unflagged"]) if copies.is_copy(value)]
+    parts = [
+        f"<h2>Unflagged prompts that copy ({len(found)} of {len(result.unflagged)} drawn at random)</h2>"
+    ]
+    for k in found:
+        i, value = result.unflagged[k], copies.values["unflagged"][k]
+        pictures = [_figure(result.images["unflagged"][k], "plain")]
+        if copies.nearest["unflagged"] is not None:
+            pictures.append(_figure(copies.nearest["unflagged"][k], "nearest training image"))
+        lines = [
+            prompts[i],
+            f"noise-norm score {scores[i]:.4f}; {copies.measure} {value:.3f} to “{copies.captions['unflagged'][k]}”",
+        ]
+        parts.append(
+            "<div style='border-top:1px solid #ccc;padding:0.5em 0'>"
+            f"<div>{''.join(pictures)}</div><p>{'<br>'.join(html.escape(line) for line in lines)}</p></div>"
+        )
+    return parts
 
 
 def _figure(picture, caption: str) -> str:

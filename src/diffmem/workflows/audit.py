@@ -1,9 +1,11 @@
 """The release check a model publisher runs (the Python side of ``diffmem audit``): calibrate the model,
 score every prompt, explain the flagged ones, generate them plainly and with the calibrated mitigation,
-and measure both against the training set."""
+and measure both against the training set; generate a random draw of the unflagged prompts too, to count
+the copies the score does not flag."""
 
 from __future__ import annotations
 
+import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,13 +53,17 @@ class AuditConfig:
     calibration: Path | None = None  # default: the model's self-calibration (a shipped model's own)
     mitigation: str | None = None  # default: amg with an index, else prompt_optimization
     max_flagged: int = 32  # explain and generate at most this many flagged prompts, highest scores first
+    # generate this many unflagged prompts (a seeded random draw) plainly and count their copies: a prompt
+    # that copies without its words pulling (one that falls into a memorized image's basin) scores as
+    # ordinary; needs an index
+    unflagged_checked: int = 16
     copy_threshold: float | None = None  # default: 0.5 copy similarity, or nL2 1.4
     attribute_to: str = DEFAULT_ATTRIBUTION
     batch_size: int = 16
 
     def __post_init__(self) -> None:
-        if self.max_flagged < 1 or self.batch_size < 1:
-            raise DiffmemError("max_flagged and batch_size must be at least 1")
+        if self.max_flagged < 1 or self.batch_size < 1 or self.unflagged_checked < 0:
+            raise DiffmemError("max_flagged and batch_size must be at least 1, unflagged_checked at least 0")
         SignificanceConfig(attribute_to=self.attribute_to)  # a bad attribution fails before any work
 
 
@@ -70,9 +76,10 @@ class Audit:
     explanations: list[TokenSignificance]  # the examined prompts', highest score first
     images: dict[
         str, torch.Tensor
-    ]  # "plain"/"mitigated" -> [E, 3, H, W] in [0, 1]; empty when none was examined
+    ]  # "plain"/"mitigated" -> [E, 3, H, W] in [0, 1], "unflagged" -> [U, ...]; none when no prompt
     copies: Copies
     summary: dict[str, Any]
+    unflagged: list[int] = field(default_factory=list)  # the ids of the unflagged prompts generated
     record: dict[str, Any] = field(default_factory=dict)
     carrying: list[CarryingWords] = field(default_factory=list)  # the examined prompts' carrying words
 
@@ -123,14 +130,20 @@ def audit(config: AuditConfig, runtime: Runtime | None = None) -> Audit:
     ]
     settings = calibrated_settings(name, given, profile, reference)
     method = mitigation_config(name, **settings, **attached)
+    unflagged = [i for i in range(len(prompts)) if scores[i] <= threshold]
+    drawn = min(config.unflagged_checked, len(unflagged)) if reference else 0
+    checked = sorted(random.Random(runtime.seed).sample(unflagged, drawn))
+    plain = ("none", mitigation_config("none"))
     images = {  # each prompt's generation is the one whose first step was scored (same seed)
         key: mitigated_generate(
-            denoiser, [prompts[i] for i in examined], key_method, key_config, n_generations=1,
-            base_seed=runtime.seed, prompt_ids=examined, batch_size=config.batch_size,
+            denoiser, [prompts[i] for i in ids], key_method, key_config, n_generations=1,
+            base_seed=runtime.seed, prompt_ids=ids, batch_size=config.batch_size,
             sampling=SamplingOptions(), progress=True,
         ).images
-        for key, key_method, key_config in (("plain", "none", mitigation_config("none")), ("mitigated", name, method))
-        if examined
+        for key, ids, (key_method, key_config) in (
+            ("plain", examined, plain), ("mitigated", examined, (name, method)), ("unflagged", checked, plain)
+        )
+        if ids
     }  # fmt: skip
     copies = Copies.between(images, reference, config.copy_threshold)
     summary = {
@@ -143,11 +156,12 @@ def audit(config: AuditConfig, runtime: Runtime | None = None) -> Audit:
         "explanation": config.attribute_to,
         "mitigation": name,
         "mitigation_settings": settings,
+        "unflagged_checked": len(checked),
         **copies.summary(),
     }
-    table = _table(prompts, scores, threshold, examined, explanations, copies, carrying)
+    table = _table(prompts, scores, threshold, examined, explanations, copies, carrying, checked)
     record = {**_plain(asdict(config)), **runtime.describe()}
-    return Audit(table, explanations, images, copies, summary, record, carrying)
+    return Audit(table, explanations, images, copies, summary, checked, record, carrying)
 
 
 @dataclass(frozen=True)
@@ -156,7 +170,7 @@ class Copies:
 
     measure: str | None  # "copy_similarity", "nl2", or None without an index
     threshold: float | None  # a copy: above it (copy similarity) or below it (nL2)
-    values: dict[str, list[float]]  # "plain"/"mitigated" -> one value an image
+    values: dict[str, list[float]]  # "plain"/"mitigated"/"unflagged" -> one value an image
     captions: dict[str, list[str]]  # the nearest training image's caption
     nearest: dict[str, torch.Tensor | None]  # the nearest training images [E, 3, H, W] of a pixel index
 
@@ -179,12 +193,13 @@ class Copies:
         return value < self.threshold if self.measure == "nl2" else value > self.threshold
 
     def summary(self) -> dict[str, Any]:
-        """The measure, its copy threshold, and the copies among the examined images, plain and mitigated."""
+        """The measure, its copy threshold, and the copies among the examined images, plain and mitigated,
+        and among the unflagged prompts' images."""
         if self.measure is None:
             return {"measure": None}
         counts = {
             f"copies_{key}": sum(map(self.is_copy, self.values.get(key, [])))
-            for key in ("plain", "mitigated")
+            for key in ("plain", "mitigated", "unflagged")
         }
         return {"measure": self.measure, "copy_threshold": self.threshold, **counts}
 
@@ -197,11 +212,13 @@ def _table(
     explanations: list[TokenSignificance],
     copies: Copies,
     carrying: list[CarryingWords],
+    checked: list[int],
 ) -> pa.Table:
     """One row per prompt: score and flag; for the examined ones the top word, the words carrying the
     prompt (none: no three words take it under the threshold), the score after each step of their search,
-    and both similarities."""
+    and both similarities; for the unflagged ones generated, the plain image's similarity."""
     position = {i: k for k, i in enumerate(examined)}
+    drawn = {i: k for k, i in enumerate(checked)}
     rows = []
     for i, (prompt, score) in enumerate(zip(prompts, scores)):
         k = position.get(i)
@@ -211,6 +228,7 @@ def _table(
             "score": score,
             "flagged": score > threshold,
             "examined": k is not None,
+            "unflagged_checked": i in drawn,
         }
         row["top_word"] = (
             None
@@ -223,6 +241,8 @@ def _table(
         row["scores_after_replacing"] = None if k is None else carrying[k].scores
         for key in ("plain", "mitigated"):
             row[f"similarity_{key}"] = None if k is None or not copies.values else copies.values[key][k]
+        if i in drawn:
+            row["similarity_plain"] = copies.values["unflagged"][drawn[i]]
         rows.append(row)
     return pa.Table.from_pylist(rows)
 
