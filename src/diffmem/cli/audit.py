@@ -68,7 +68,8 @@ def audit(
     out: Out = Path("out/audit"),
     overwrite: Overwrite = False,
 ) -> None:
-    """Calibrate, scan, explain every flagged prompt, generate it plainly and mitigated: one HTML report."""
+    """Calibrate, scan, explain every flagged prompt, generate it plainly and mitigated, and count the
+    copies among a random draw of unflagged prompts: one HTML report."""
     from diffmem.io.output_dirs import check_output_dir
     from diffmem.workflows.audit import OUTPUTS, AuditConfig
     from diffmem.workflows.audit import audit as run_audit
