@@ -80,23 +80,20 @@ def _examined(result: Audit, k: int) -> str:
 def _unflagged_copies(result: Audit) -> list[str]:
     """A section on the unflagged prompts whose plain image is a copy, each beside its nearest training
     image; nothing when none was generated."""
-    copies = result.copies
-    if not result.unflagged:
+    copies, rows = result.copies, result.table.to_pylist()
+    drawn = [row for row in rows if row["unflagged_checked"]]  # in the order they were generated
+    if not drawn:
         return []
-    prompts, scores = result.table["prompt"].to_pylist(), result.table["score"].to_pylist()
-    found = [k for k, value in enumerate(copies.values["unflagged"]) if copies.is_copy(value)]
-    parts = [
-        f"<h2>Unflagged prompts that copy ({len(found)} of {len(result.unflagged)} drawn at random)</h2>"
-    ]
+    found = [k for k, row in enumerate(drawn) if copies.is_copy(row["similarity_plain"])]
+    parts = [f"<h2>Unflagged prompts that copy ({len(found)} of {len(drawn)} drawn at random)</h2>"]
     for k in found:
-        i, value = result.unflagged[k], copies.values["unflagged"][k]
+        row = drawn[k]
         pictures = [_figure(result.images["unflagged"][k], "plain")]
         if copies.nearest["unflagged"] is not None:
             pictures.append(_figure(copies.nearest["unflagged"][k], "nearest training image"))
-        lines = [
-            prompts[i],
-            f"noise-norm score {scores[i]:.4f}; {copies.measure} {value:.3f} to “{copies.captions['unflagged'][k]}”",
-        ]
+        nearest = copies.captions["unflagged"][k]
+        measured = f"noise-norm score {row['score']:.4f}; {copies.measure} {row['similarity_plain']:.3f}"
+        lines = [row["prompt"], f"{measured} to “{nearest}”"]
         parts.append(
             "<div style='border-top:1px solid #ccc;padding:0.5em 0'>"
             f"<div>{''.join(pictures)}</div><p>{'<br>'.join(html.escape(line) for line in lines)}</p></div>"

@@ -79,7 +79,6 @@ class Audit:
     ]  # "plain"/"mitigated" -> [E, 3, H, W] in [0, 1], "unflagged" -> [U, ...]; none when no prompt
     copies: Copies
     summary: dict[str, Any]
-    unflagged: list[int] = field(default_factory=list)  # the ids of the unflagged prompts generated
     record: dict[str, Any] = field(default_factory=dict)
     carrying: list[CarryingWords] = field(default_factory=list)  # the examined prompts' carrying words
 
@@ -161,7 +160,7 @@ def audit(config: AuditConfig, runtime: Runtime | None = None) -> Audit:
     }
     table = _table(prompts, scores, threshold, examined, explanations, copies, carrying, checked)
     record = {**_plain(asdict(config)), **runtime.describe()}
-    return Audit(table, explanations, images, copies, summary, checked, record, carrying)
+    return Audit(table, explanations, images, copies, summary, record, carrying)
 
 
 @dataclass(frozen=True)
