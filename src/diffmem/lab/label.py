@@ -4,6 +4,7 @@ nearest training image, and call a prompt memorized when most of its generations
 from __future__ import annotations
 
 import json
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -173,16 +174,15 @@ def _share_own_scene(prompts: pa.Table, generations: pa.Table) -> list[float]:
 def copied_scenes(generations: pa.Table, threshold: float) -> dict[int, int]:
     """Per prompt with near-copies among its generations (copy similarity above ``threshold``): the
     training scene most of them copy (the lowest scene id on a tie)."""
-    counts: dict[int, dict[int, int]] = {}
+    counts: dict[int, Counter] = defaultdict(Counter)
     for prompt_id, similarity, scene in zip(
         generations["prompt_id"].to_pylist(),
         generations["copy_similarity"].to_pylist(),
         generations["copy_nearest_scene_id"].to_pylist(),
     ):
         if similarity > threshold:
-            scenes = counts.setdefault(prompt_id, {})
-            scenes[scene] = scenes.get(scene, 0) + 1
-    return {p: min(s, key=lambda scene: (-s[scene], scene)) for p, s in counts.items()}
+            counts[prompt_id][scene] += 1
+    return {p: min(c, key=lambda scene: (-c[scene], scene)) for p, c in counts.items()}
 
 
 def _attach(prompts: pa.Table, per_prompt_table: pa.Table, names: dict[str, str]) -> pa.Table:
