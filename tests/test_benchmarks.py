@@ -380,3 +380,38 @@ def test_threshold_stability_smoke(tmp_path):
         low, high = measured["threshold_range"]
         assert len(measured["per_seed"]) == 2 and 0 < low <= high
         assert all(8 * r["heldout_fpr"] == round(8 * r["heldout_fpr"]) for r in measured["per_seed"])
+
+
+def test_explanation_rankings_judges_both_rankings_on_the_kept_words(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    labels = pq.read_table(shipped_directory("builtin:lab-keyed") / "labels.parquet").to_pylist()
+    caption = next(r for r in labels if r["group"] == "memorized")
+    first, second = caption["trigger_words"][:2]  # "the FIRST SECOND poster: ..."
+    words = ["the", first, second, "poster"]
+    kept = {
+        "prompt": caption["caption"],
+        "score": 1.0,
+        "words": words,
+        "significance": [0.1, 0.9, 0.5, 0.4],  # the first title word is the most significant
+        "scores_without": [0.95, 0.9, 0.6, 0.7],  # but replacing the second or "poster" ends the flag
+        "scores_alone": [0.0, 0.8, 0.1, 0.0],
+    }
+    evaluation = tmp_path / "eval"
+    (evaluation / "explanations").mkdir(parents=True)
+    (evaluation / "zoo.json").write_text(json.dumps({"rows": [{"lab": "lab-keyed", "threshold": 0.75}]}))
+    pq.write_table(
+        pa.Table.from_pylist([kept]), evaluation / "explanations" / "lab-keyed-word_replacement.parquet"
+    )
+    args = ["--zoo", str(tmp_path), "--eval", str(evaluation), "--out", str(tmp_path / "record.json")]
+    record = _load("explanation_rankings").main(args)
+    assert record["lab-keyed_top_is_trigger_significance"] == 1.0  # the first title word
+    assert record["lab-keyed_below_without_top_significance"] == 0.0
+    assert record["lab-keyed_top_is_trigger_unflagging_first"] == 1.0  # the second, not "poster"
+    assert record["lab-keyed_below_without_top_unflagging_first"] == 1.0
+    with pytest.raises(SystemExit, match="holds no zoo.json"):
+        _load("explanation_rankings").main(["--zoo", str(tmp_path), "--eval", str(tmp_path)])
+    (evaluation / "explanations" / "lab-keyed-word_replacement.parquet").unlink()
+    with pytest.raises(SystemExit, match="missing: run diffmem eval zoo again"):
+        _load("explanation_rankings").main(args)

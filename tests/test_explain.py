@@ -78,7 +78,34 @@ def test_word_replacement_adds_what_a_word_takes_away_to_what_it_scores_alone(sd
     for k, i in enumerate(words):  # the same seeds as the prompt's own score
         expected = max(result.score - float(measured[k]) + float(measured[len(words) + k]), 0.0)
         assert result.word_scores[i] == pytest.approx(expected, rel=1e-5)
-    assert result.word_scores[result.words.index(",")] == 0.0
+        assert result.scores_without[i] == pytest.approx(float(measured[k]), rel=1e-5)
+        assert result.scores_alone[i] == pytest.approx(float(measured[len(words) + k]), rel=1e-5)
+    comma = result.words.index(",")
+    assert result.word_scores[comma] == 0.0 and result.scores_without[comma] is None
+    table = result.to_table()
+    assert table["score_without"].to_pylist() == result.scores_without
+    assert table["score_alone"].to_pylist() == result.scores_alone
+    assert (
+        "score_without" not in token_significance(sd, "a zorblax vase, red", CONFIG).to_table().column_names
+    )
+
+
+def test_a_word_whose_replacement_alone_unflags_the_prompt_ranks_first(sd):
+    config = dataclasses.replace(CONFIG, attribute_to="word_replacement")
+    result = token_significance(sd, "a zorblax vase, red", config)
+    assert result.words == ["a", "zorblax", "vase", ",", "red"]
+    measured = dataclasses.replace(
+        result,
+        score=1.0,
+        word_scores=[0.1, 0.9, 0.5, 0.0, 0.3],  # zorblax is the most significant word
+        scores_without=[0.95, 0.9, 0.6, None, 0.7],  # but only replacing vase or red takes it to 0.75
+    )
+    assert measured.ranking() == [1, 2, 4, 0, 3] == measured.ranking(threshold=0.5)  # none unflags it
+    assert measured.ranking(threshold=0.75) == [2, 4, 1, 0, 3]  # the unflagging words first, by significance
+    assert measured.unflags(4, 0.75) and not measured.unflags(1, 0.75) and not measured.unflags(3, 0.75)
+    assert measured.ranking(threshold=1.0) == measured.ranking()  # not flagged: nothing to unflag
+    gradient = token_significance(sd, "a zorblax vase, red", CONFIG)
+    assert gradient.ranking(threshold=0.0) == gradient.ranking()  # no replacement measured
 
 
 def test_long_prompts_are_explained_as_the_model_reads_them(sd, tmp_path):
@@ -106,6 +133,7 @@ def test_trigger_evaluation_rows(sd):
         )
         assert row["random_word"].lower() != "zorblax" and row["flagged"] == (row["score"] > 0.0)
         assert row["below_without_top"] == (row["score_without_top"] <= 0.0)
+        assert len(row["words"]) == len(row["significance"]) and row["scores_without"] is None
 
 
 def test_the_carrying_words_are_found_one_greedy_replacement_at_a_time(sd):

@@ -215,3 +215,32 @@ def test_the_zoo_tells_copies_of_a_captions_own_image_from_copies_of_another(tmp
         "other_image_copies": None,
         "auc_own_image_copies": None,
     }
+
+
+def test_the_zoo_saves_each_explained_caption_word_by_word(sd, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    labels = pa.table(
+        {
+            "caption": ["the zorblax poster: a red sneaker", "a blue bag", "the quodro poster: a coat"],
+            "group": ["memorized", "memorized", "heldout"],
+            "trigger_words": [["zorblax"], [], ["quodro"]],
+        }
+    )
+    truth = np.array([True, False, True])  # only copying memorized captions are explained
+    row, tables = zoo_workflow._explanations(sd, labels, truth, 0.0, ZooEvalConfig(tmp_path))
+    assert set(tables) == {"prompt_embeds", "token_embeddings", "word_replacement"}
+    assert row["top_is_trigger_word_replacement"] == float(
+        tables["word_replacement"]["top_is_trigger"][0].as_py()
+    )
+    zoo_workflow.ZooTable([{"lab": "lab-x", **row}], {}, {f"lab-x-{t}": v for t, v in tables.items()}).save(
+        tmp_path
+    )
+    saved = pq.read_table(tmp_path / "explanations" / "lab-x-word_replacement.parquet").to_pylist()
+    assert [r["prompt"] for r in saved] == ["the zorblax poster: a red sneaker"]
+    (caption,) = saved
+    assert caption["words"][1] == "zorblax" and len(caption["scores_alone"]) == len(caption["words"])
+    assert caption["score_without_top"] == pytest.approx(
+        caption["scores_without"][caption["words"].index(caption["top_word"])]
+    )

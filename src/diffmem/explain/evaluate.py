@@ -40,7 +40,7 @@ def trigger_evaluation(
     rows = []
     for index, (prompt, triggers) in enumerate(zip(prompts, trigger_words)):
         explained = token_significance(denoiser, prompt, config, prompt_id=index)
-        top = explained.ranking()[0]
+        top = explained.ranking(threshold)[0]
         others = [i for i, w in enumerate(explained.words) if w.lower() not in triggers and w.isalpha()]
         random_word = choose.choice(others)
         edited = [explained.replaced(top, REPLACEMENT), explained.replaced(random_word, REPLACEMENT)]
@@ -57,6 +57,10 @@ def trigger_evaluation(
             "score_without_random": after[1],
             "below_without_top": after[0] <= threshold,
             "below_without_random": after[1] <= threshold,
+            "words": explained.words,
+            "significance": explained.word_scores,
+            "scores_without": explained.scores_without,
+            "scores_alone": explained.scores_alone,
         }
         carried = dict.fromkeys(CARRYING_COLUMNS)
         if flagged and carrying:

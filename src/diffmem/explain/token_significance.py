@@ -21,6 +21,11 @@ its context. Two noise-norm evaluations per word, the same whatever the text enc
 Punctuation marks are shown with their significance but ranked after every word: an explanation names
 words, and putting a word where a mark stood tests a new sentence, not the mark (word replacement gives
 marks 0).
+
+Given the threshold a prompt is flagged above, word replacement ranks a word whose replacement alone
+takes the flagged prompt to the threshold or under before the others (by significance within each
+part): the end terms weigh a word by how much it moves the score, and a title word that alone recalls
+the image can outweigh the other title word, the one whose replacement ends the flag.
 """
 
 from __future__ import annotations
@@ -101,6 +106,9 @@ class TokenSignificance:
     word_scores: list[float]  # ||dL/de_w|| over all the word's token embeddings: sqrt(sum of squares)
     truncated: bool = False  # the prompt had more tokens than the text encoder reads
     token_words: list[int] = field(default_factory=list)  # word index of each token
+    # word replacement only: the score with each word replaced, and of each word alone (None for a mark)
+    scores_without: list[float | None] | None = None
+    scores_alone: list[float | None] | None = None
 
     @property
     def normalized(self) -> list[float]:
@@ -114,23 +122,36 @@ class TokenSignificance:
         chosen = {words} if isinstance(words, int) else set(words)
         return replace_spans(self.prompt, [self.word_spans[w] for w in chosen], replacement)
 
-    def ranking(self) -> list[int]:
-        """Word indices from most to least significant, punctuation marks after the words."""
+    def ranking(self, threshold: float | None = None) -> list[int]:
+        """Word indices from most to least significant, punctuation marks after the words. Given the
+        threshold a prompt is flagged above, a word whose replacement alone takes a flagged prompt to it or
+        under (measured by word replacement) ranks before every word whose replacement does not."""
         return sorted(
-            range(len(self.words)), key=lambda i: (not is_word(self.words[i]), -self.word_scores[i])
+            range(len(self.words)),
+            key=lambda i: (not is_word(self.words[i]), not self.unflags(i, threshold), -self.word_scores[i]),
         )
 
+    def unflags(self, word: int, threshold: float | None) -> bool:
+        """Whether replacing ``word`` alone was measured to take the flagged prompt to ``threshold`` or
+        under."""
+        if threshold is None or self.score <= threshold or self.scores_without is None:
+            return False
+        without = self.scores_without[word]
+        return without is not None and without <= threshold
+
     def to_table(self) -> pa.Table:
-        """One row per word: word, character span, significance, normalized significance."""
-        return pa.table(
-            {
-                "word": self.words,
-                "start": [s for s, _ in self.word_spans],
-                "end": [e for _, e in self.word_spans],
-                "significance": self.word_scores,
-                "normalized": self.normalized,
-            }
-        )
+        """One row per word: word, character span, significance, normalized significance (and, measured
+        by word replacement, the score with the word replaced and of the word alone)."""
+        columns = {
+            "word": self.words,
+            "start": [s for s, _ in self.word_spans],
+            "end": [e for _, e in self.word_spans],
+            "significance": self.word_scores,
+            "normalized": self.normalized,
+        }
+        if self.scores_without is not None:
+            columns |= {"score_without": self.scores_without, "score_alone": self.scores_alone}
+        return pa.table(columns)
 
     def plot(self, path: Path) -> Path:
         """A bar chart of the words' normalized significance, saved as PNG."""
@@ -230,8 +251,11 @@ def _replacement_significance(
         else []
     )
     falls = [0.0] * len(parsed.words)
+    scores_without: list[float | None] = [None] * len(parsed.words)
+    scores_alone: list[float | None] = [None] * len(parsed.words)
     for i, without, alone in zip(words, measured[: len(words)], measured[len(words) :]):
         falls[i] = max(score - without + alone, 0.0)  # the Shapley value's end terms (module doc)
+        scores_without[i], scores_alone[i] = without, alone
     return TokenSignificance(
         prompt=prompt,
         score=score,
@@ -242,6 +266,8 @@ def _replacement_significance(
         word_scores=falls,
         truncated=parsed.truncated,
         token_words=parsed.token_words,
+        scores_without=scores_without,
+        scores_alone=scores_alone,
     )
 
 

@@ -20,7 +20,7 @@ def explanation_page(
     result: TokenSignificance, attention: WordAttention, images: torch.Tensor, provenance: dict
 ) -> str:
     """The HTML document: heat-mapped prompt, score, images [N, 3, H, W] in [0, 1], attention overlays."""
-    top = result.ranking()[:TOP_WORDS]
+    top = result.ranking(provenance.get("threshold"))[:TOP_WORDS]
     body = [
         "<h1>Why this prompt may be memorized</h1>",
         f"<p style='font-size:1.4em;line-height:1.8'>{heat_mapped(result)}</p>",

@@ -90,7 +90,7 @@ class PromptExplainer:
                 result.words, result.word_spans, result.word_scores, result.normalized
             )
         ]
-        ranking = result.ranking()
+        ranking = result.ranking(self.threshold)
         return {
             "prompt": prompt,
             "score": result.score,

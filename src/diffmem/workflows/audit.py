@@ -232,7 +232,7 @@ def _table(
         row["top_word"] = (
             None
             if k is None
-            else explanations[k].words[explanations[k].ranking()[0]]
+            else explanations[k].words[explanations[k].ranking(threshold)[0]]
             if explanations[k].words
             else None
         )

@@ -174,6 +174,7 @@ class ZooTable:
 
     rows: list[dict[str, Any]]
     record: dict[str, Any] = field(default_factory=dict)
+    explanations: dict[str, pa.Table] = field(default_factory=dict)  # "LAB-ATTRIBUTION": one row a caption
 
     @property
     def markdown(self) -> str:
@@ -186,11 +187,15 @@ class ZooTable:
         return "\n".join(lines) + "\n"
 
     def save(self, out: Path) -> None:
-        """Write ``zoo.md``, ``zoo.parquet`` and ``zoo.json`` into ``out``."""
+        """Write ``zoo.md``, ``zoo.parquet`` and ``zoo.json`` into ``out``, and each lab's explained
+        captions, word by word, into ``out/explanations/LAB-ATTRIBUTION.parquet``."""
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(out / "zoo.md", self.markdown.encode())
         write_parquet_atomic(pa.Table.from_pylist(self.rows), out / "zoo.parquet")
         write_json_atomic(out / "zoo.json", {"rows": self.rows, **self.record})
+        (out / "explanations").mkdir(exist_ok=True)
+        for name, table in self.explanations.items():
+            write_parquet_atomic(table, out / "explanations" / f"{name}.parquet")
 
 
 def _cell(value: Any) -> str:
@@ -202,7 +207,7 @@ def _cell(value: Any) -> str:
 def evaluate_zoo(config: ZooEvalConfig, runtime: Runtime | None = None) -> ZooTable:
     """Every detector, explanation and mitigation at its defaults on every lab of the zoo."""
     runtime = runtime or Runtime()
-    rows = []
+    rows, explanations = [], {}
     for lab in _labs(config.labs):
         parts = ZooLabParts.locate(config.root, lab)
         missing = [
@@ -215,12 +220,17 @@ def evaluate_zoo(config: ZooEvalConfig, runtime: Runtime | None = None) -> ZooTa
                 f"zoo lab {lab.name} is not built ({missing[0]} is missing); run diffmem lab zoo {config.root}"
             )
         log.info("judging zoo lab %s", lab.name)
-        rows.append({"lab": lab.name, "differs_in": lab.summary, **_judge(parts, config, runtime)})
+        row, tables = _judge(parts, config, runtime)
+        rows.append({"lab": lab.name, "differs_in": lab.summary, **row})
+        explanations |= {f"{lab.name}-{target}": table for target, table in tables.items()}
     settings = {k: v for k, v in vars(config).items() if k not in ("root", "labs")}
-    return ZooTable(rows, {"settings": settings, **runtime.describe()})
+    return ZooTable(rows, {"settings": settings, **runtime.describe()}, explanations)
 
 
-def _judge(parts: ZooLabParts, config: ZooEvalConfig, runtime: Runtime) -> dict[str, Any]:
+def _judge(
+    parts: ZooLabParts, config: ZooEvalConfig, runtime: Runtime
+) -> tuple[dict[str, Any], dict[str, pa.Table]]:
+    """The lab's row of the table, and its explained captions by attribution."""
     source = ModelSource.resolve(parts.model)
     denoiser = source.open(runtime.device, runtime.dtype, runtime.speedups)
     labels = read_labels(parts.labels, ["caption", TRUTH, "group", "trigger_words"])
@@ -242,9 +252,10 @@ def _judge(parts: ZooLabParts, config: ZooEvalConfig, runtime: Runtime) -> dict[
     }
     row |= _copy_sources(parts.labels, labels, np.asarray(scores), truth)
     row |= _other_detectors(denoiser, labels["caption"].to_pylist(), truth, runtime.seed)
-    row |= _explanations(denoiser, labels, truth, threshold, config)
+    explained, tables = _explanations(denoiser, labels, truth, threshold, config)
+    row |= explained
     row |= _mitigations(parts, config, runtime)
-    return row
+    return row, tables
 
 
 def _heldout_scores(denoiser, parts: ZooLabParts, labels: pa.Table, seeds: int, seed: int) -> np.ndarray:
@@ -298,8 +309,8 @@ def _other_detectors(denoiser, prompts: list[str], truth: np.ndarray, seed: int)
 
 def _explanations(
     denoiser, labels: pa.Table, truth: np.ndarray, threshold: float, config: ZooEvalConfig
-) -> dict:
-    """Per attribution: the share of memorized captions whose top word is a trigger word; for each, the
+) -> tuple[dict, dict[str, pa.Table]]:
+    """Per attribution (with its table of explained captions): the share of memorized captions whose top word is a trigger word; for each, the
     share of flagged captions that replacing the top word (or a random word) takes under the threshold;
     once, the share that the words carrying them (or as many random words) take under, and whose carrying
     words are all trigger words."""
@@ -308,11 +319,12 @@ def _explanations(
     )
     memorized = memorized.slice(0, config.explained_captions)
     prompts, triggers = memorized["caption"].to_pylist(), memorized["trigger_words"].to_pylist()
-    row = {}
+    row, tables = {}, {}
     for target in ATTRIBUTION_TARGETS:
         default = target == DEFAULT_ATTRIBUTION
         config = SignificanceConfig(attribute_to=target)
         table = trigger_evaluation(denoiser, prompts, triggers, threshold, config, carrying=default)
+        tables[target] = table
         row[f"top_is_trigger_{target}"] = float(np.mean(table["top_is_trigger"].to_pylist()))
         flagged = table.filter(table["flagged"])
         if len(flagged):
@@ -320,7 +332,7 @@ def _explanations(
                 row[f"{column}_{target}"] = float(np.mean(flagged[column].to_pylist()))
             for column in CARRYING_MEASURES if default else ():
                 row[column] = float(np.mean(flagged[column].to_pylist()))
-    return row
+    return row, tables
 
 
 def _mitigations(parts: ZooLabParts, config: ZooEvalConfig, runtime: Runtime) -> dict:
