@@ -310,10 +310,10 @@ def _other_detectors(denoiser, prompts: list[str], truth: np.ndarray, seed: int)
 def _explanations(
     denoiser, labels: pa.Table, truth: np.ndarray, threshold: float, config: ZooEvalConfig
 ) -> tuple[dict, dict[str, pa.Table]]:
-    """Per attribution (with its table of explained captions): the share of memorized captions whose top word is a trigger word; for each, the
+    """Per attribution: the share of memorized captions whose top word is a trigger word; for each, the
     share of flagged captions that replacing the top word (or a random word) takes under the threshold;
     once, the share that the words carrying them (or as many random words) take under, and whose carrying
-    words are all trigger words."""
+    words are all trigger words. Also each attribution's table of explained captions."""
     memorized = labels.filter(
         pa.array(truth & np.asarray(pc.equal(labels["group"], "memorized").to_pylist()))
     )
