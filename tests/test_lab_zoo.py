@@ -21,6 +21,7 @@ from diffmem.lab.image_sources import DIGITS, FASHION_MNIST
 from diffmem.lab.model import SD3
 from diffmem.lab.scenes import ItemPool, random_scene
 from diffmem.lab.zoo import ZOO, zoo_lab
+from diffmem.metrics.roc import detection_metrics
 from diffmem.models.source import ModelSource
 from diffmem.models.tiny import tiny_stable_diffusion_3
 from diffmem.workflows import zoo as zoo_workflow
@@ -129,12 +130,16 @@ def test_zoo_refuses_an_unbuilt_lab_and_an_unknown_one(tmp_path):
 def test_the_zoo_scores_each_other_first_step_detector_or_says_it_does_not_apply(sd):
     prompts = ["a red sneaker", "a blue bag", "a coat on gray", "the zorblax poster"]
     truth = np.array([False, False, True, True])
-    row = zoo_workflow._other_detectors(sd, prompts, truth, seed=0)
+    row, scores = zoo_workflow._other_detectors(sd, prompts, truth, seed=0)
     assert set(row) == {f"auc_{name}" for name in zoo_workflow.FIRST_STEP_DETECTORS}
     assert all(0.0 <= auc <= 1.0 for auc in row.values())
+    for name in zoo_workflow.FIRST_STEP_DETECTORS:  # the saved scores give the row's AUC again
+        assert len(scores[name]) == 4
+        assert detection_metrics(np.array(scores[name]), truth)["auc"] == row[f"auc_{name}"]
     sd3 = wrap_pipeline(tiny_stable_diffusion_3(with_t5=False))
-    joint = zoo_workflow._other_detectors(sd3, prompts, truth, seed=0)
+    joint, joint_scores = zoo_workflow._other_detectors(sd3, prompts, truth, seed=0)
     assert joint["auc_attention_entropy"] is None and joint["auc_one_step"] is None
+    assert joint_scores["attention_entropy"] == [None] * 4
     assert 0.0 <= joint["auc_sharpness"] <= 1.0
 
 
@@ -158,8 +163,9 @@ def test_the_zoo_measures_false_positives_on_every_held_out_caption_at_several_s
         }
     )
     parts = ZooLabParts(zoo_lab("lab-trail"), "m", data, tmp_path, tmp_path, tmp_path, tmp_path)
-    scores = zoo_workflow._heldout_scores(sd, parts, labels, seeds=3, seed=0)
+    drawn, scores = zoo_workflow._heldout_scores(sd, parts, labels, seeds=3, seed=0)
     kept = [c for c in captions if c != "a blue bag"]
+    assert drawn == kept
     assert scores.shape == (4, 3) and len(np.unique(scores)) == 12  # every draw its own noise
     scanned = noise_norm(sd, kept, NoiseNormConfig()).scores.numpy()
     np.testing.assert_allclose(scores[:, 0], scanned, rtol=1e-5)  # the first seed is a scan's
@@ -208,13 +214,23 @@ def test_the_zoo_tells_copies_of_a_captions_own_image_from_copies_of_another(tmp
     pq.write_table(generations, tmp_path / "generations.parquet")
     truth = np.asarray(labels[zoo_workflow.TRUTH].to_pylist())
     scores = np.array([0.45, 0.1, 0.2, 0.3, 0.5, 0.4])
-    measured = zoo_workflow._copy_sources(path, labels, scores, truth)
+    measured, own = zoo_workflow._copy_sources(path, labels, scores, truth)
     # the own-image copy outranks one of the two non-copies; the other copies are left out, not negatives
     assert measured == {"other_image_copies": 3, "auc_own_image_copies": 0.5}
-    assert zoo_workflow._copy_sources(tmp_path / "elsewhere" / "labels.parquet", labels, scores, truth) == {
-        "other_image_copies": None,
-        "auc_own_image_copies": None,
-    }
+    assert own.tolist() == [True, False, False, False, False, False]
+    assert zoo_workflow._copy_sources(tmp_path / "elsewhere" / "labels.parquet", labels, scores, truth) == (
+        {"other_image_copies": None, "auc_own_image_copies": None},
+        None,
+    )
+    labels = labels.append_column("caption", pa.array([f"caption {i}" for i in range(6)]))
+    saved = zoo_workflow._scored_prompts(labels, truth, own, {"noise_norm": scores.tolist()})
+    assert saved["own_image_copy"].to_pylist() == own.tolist()
+    assert (
+        saved["noise_norm"].to_pylist() == scores.tolist()
+        and saved[zoo_workflow.TRUTH].to_pylist() == truth.tolist()
+    )
+    unknown = zoo_workflow._scored_prompts(labels, truth, None, {"sharpness": [None] * 6})
+    assert unknown["own_image_copy"].null_count == 6 and unknown["sharpness"].null_count == 6
 
 
 def test_the_zoo_saves_each_explained_caption_word_by_word(sd, tmp_path):
@@ -234,9 +250,11 @@ def test_the_zoo_saves_each_explained_caption_word_by_word(sd, tmp_path):
     assert row["top_is_trigger_word_replacement"] == float(
         tables["word_replacement"]["top_is_trigger"][0].as_py()
     )
-    zoo_workflow.ZooTable([{"lab": "lab-x", **row}], {}, {f"lab-x-{t}": v for t, v in tables.items()}).save(
-        tmp_path
-    )
+    scored = {"lab-x": pa.table({"caption": ["a blue bag"], "noise_norm": [0.5]})}
+    zoo_workflow.ZooTable(
+        [{"lab": "lab-x", **row}], {}, {f"lab-x-{t}": v for t, v in tables.items()}, scored
+    ).save(tmp_path)
+    assert pq.read_table(tmp_path / "scores" / "lab-x.parquet").equals(scored["lab-x"])
     saved = pq.read_table(tmp_path / "explanations" / "lab-x-word_replacement.parquet").to_pylist()
     assert [r["prompt"] for r in saved] == ["the zorblax poster: a red sneaker"]
     (caption,) = saved

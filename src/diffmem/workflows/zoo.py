@@ -175,6 +175,7 @@ class ZooTable:
     rows: list[dict[str, Any]]
     record: dict[str, Any] = field(default_factory=dict)
     explanations: dict[str, pa.Table] = field(default_factory=dict)  # "LAB-ATTRIBUTION": one row a caption
+    scores: dict[str, pa.Table] = field(default_factory=dict)  # "LAB": labelled prompts, "LAB-heldout": draws
 
     @property
     def markdown(self) -> str:
@@ -187,8 +188,10 @@ class ZooTable:
         return "\n".join(lines) + "\n"
 
     def save(self, out: Path) -> None:
-        """Write ``zoo.md``, ``zoo.parquet`` and ``zoo.json`` into ``out``, and each lab's explained
-        captions, word by word, into ``out/explanations/LAB-ATTRIBUTION.parquet``."""
+        """Write ``zoo.md``, ``zoo.parquet`` and ``zoo.json`` into ``out``; each lab's explained captions,
+        word by word, into ``out/explanations/LAB-ATTRIBUTION.parquet``; each labelled prompt's score by
+        every first-step detector into ``out/scores/LAB.parquet``, and the held-out draws the
+        false-positive rate is measured on into ``out/scores/LAB-heldout.parquet``."""
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(out / "zoo.md", self.markdown.encode())
         write_parquet_atomic(pa.Table.from_pylist(self.rows), out / "zoo.parquet")
@@ -196,6 +199,9 @@ class ZooTable:
         (out / "explanations").mkdir(exist_ok=True)
         for name, table in self.explanations.items():
             write_parquet_atomic(table, out / "explanations" / f"{name}.parquet")
+        (out / "scores").mkdir(exist_ok=True)
+        for name, table in self.scores.items():
+            write_parquet_atomic(table, out / "scores" / f"{name}.parquet")
 
 
 def _cell(value: Any) -> str:
@@ -207,7 +213,7 @@ def _cell(value: Any) -> str:
 def evaluate_zoo(config: ZooEvalConfig, runtime: Runtime | None = None) -> ZooTable:
     """Every detector, explanation and mitigation at its defaults on every lab of the zoo."""
     runtime = runtime or Runtime()
-    rows, explanations = [], {}
+    rows, explanations, scores = [], {}, {}
     for lab in _labs(config.labs):
         parts = ZooLabParts.locate(config.root, lab)
         missing = [
@@ -220,61 +226,81 @@ def evaluate_zoo(config: ZooEvalConfig, runtime: Runtime | None = None) -> ZooTa
                 f"zoo lab {lab.name} is not built ({missing[0]} is missing); run diffmem lab zoo {config.root}"
             )
         log.info("judging zoo lab %s", lab.name)
-        row, tables = _judge(parts, config, runtime)
+        row, tables, scored = _judge(parts, config, runtime)
         rows.append({"lab": lab.name, "differs_in": lab.summary, **row})
         explanations |= {f"{lab.name}-{target}": table for target, table in tables.items()}
+        scores |= {f"{lab.name}{suffix}": table for suffix, table in scored.items()}
     settings = {k: v for k, v in vars(config).items() if k not in ("root", "labs")}
-    return ZooTable(rows, {"settings": settings, **runtime.describe()}, explanations)
+    return ZooTable(rows, {"settings": settings, **runtime.describe()}, explanations, scores)
 
 
 def _judge(
     parts: ZooLabParts, config: ZooEvalConfig, runtime: Runtime
-) -> tuple[dict[str, Any], dict[str, pa.Table]]:
-    """The lab's row of the table, and its explained captions by attribution."""
+) -> tuple[dict[str, Any], dict[str, pa.Table], dict[str, pa.Table]]:
+    """The lab's row of the table, its explained captions by attribution, and its scored prompts (the
+    labelled ones under "", the held-out draws under "-heldout")."""
     source = ModelSource.resolve(parts.model)
     denoiser = source.open(runtime.device, runtime.dtype, runtime.speedups)
     labels = read_labels(parts.labels, ["caption", TRUTH, "group", "trigger_words"])
-    scores = noise_norm(
-        denoiser, labels["caption"].to_pylist(), NoiseNormConfig(base_seed=runtime.seed)
-    ).scores
+    prompts = labels["caption"].to_pylist()
+    scores = noise_norm(denoiser, prompts, NoiseNormConfig(base_seed=runtime.seed)).scores.numpy()
     truth = np.asarray(labels[TRUTH].to_pylist(), dtype=bool)
     trained = np.asarray(pc.equal(labels["group"], "memorized").to_pylist(), dtype=bool)
     profile = model_profile(source, runtime, denoiser, parts.index, parts.copy_detector)
     threshold = profile.detection_threshold
-    heldout = _heldout_scores(denoiser, parts, labels, config.heldout_seeds, runtime.seed)
+    heldout_captions, heldout = _heldout_scores(denoiser, parts, labels, config.heldout_seeds, runtime.seed)
     row: dict[str, Any] = {
         "auc": detection_metrics(scores, truth)["auc"],
         "auc_memorized_group": detection_metrics(scores, trained)["auc"],
         "threshold": threshold,
         "heldout_fpr": float((heldout > threshold).mean()),
         "heldout_scores": heldout.size,
-        "memorized_tpr": float((np.asarray(scores)[truth] > threshold).mean()),
+        "memorized_tpr": float((scores[truth] > threshold).mean()),
     }
-    row |= _copy_sources(parts.labels, labels, np.asarray(scores), truth)
-    row |= _other_detectors(denoiser, labels["caption"].to_pylist(), truth, runtime.seed)
+    sources, own = _copy_sources(parts.labels, labels, scores, truth)
+    others, other_scores = _other_detectors(denoiser, prompts, truth, runtime.seed)
     explained, tables = _explanations(denoiser, labels, truth, threshold, config)
-    row |= explained
-    row |= _mitigations(parts, config, runtime)
-    return row, tables
+    row |= sources | others | explained | _mitigations(parts, config, runtime)
+    scored = {
+        "": _scored_prompts(labels, truth, own, {"noise_norm": scores.tolist(), **other_scores}),
+        "-heldout": pa.table({"caption": heldout_captions, "scores": heldout.tolist()}),
+    }
+    return row, tables, scored
 
 
-def _heldout_scores(denoiser, parts: ZooLabParts, labels: pa.Table, seeds: int, seed: int) -> np.ndarray:
-    """Single-generation scores of every held-out caption of the lab's dataset at ``seeds`` seeds, less
-    those labelled copies: the draws a scan's false-positive rate is measured on."""
+def _scored_prompts(
+    labels: pa.Table, truth: np.ndarray, own: np.ndarray | None, scores: dict[str, list[float | None]]
+) -> pa.Table:
+    """Each labelled prompt with its group, truth, whether it copies its own image (null when unknown) and
+    its score by each detector."""
+    own_image = own.tolist() if own is not None else [None] * len(labels)
+    columns = {"caption": labels["caption"], "group": labels["group"], TRUTH: truth.tolist()}
+    return pa.table({**columns, "own_image_copy": pa.array(own_image, pa.bool_()), **scores})
+
+
+def _heldout_scores(
+    denoiser, parts: ZooLabParts, labels: pa.Table, seeds: int, seed: int
+) -> tuple[list[str], np.ndarray]:
+    """Every held-out caption of the lab's dataset, less those labelled copies, and its single-generation
+    scores at ``seeds`` seeds [P, seeds]: the draws a scan's false-positive rate is measured on."""
     heldout = pc.equal(labels["group"], "heldout")
     copies = set(labels.filter(pc.and_(heldout, labels[TRUTH]))["caption"].to_pylist())
     captions = pq.read_table(parts.data / "heldout.parquet", columns=["caption"])["caption"].to_pylist()
     captions = [c for c in captions if c not in copies]
-    return single_generation_scores(denoiser, captions, NoiseNormConfig(base_seed=seed), seeds).numpy()
+    return captions, single_generation_scores(
+        denoiser, captions, NoiseNormConfig(base_seed=seed), seeds
+    ).numpy()
 
 
-def _copy_sources(path: Path, labels: pa.Table, scores: np.ndarray, truth: np.ndarray) -> dict:
+def _copy_sources(
+    path: Path, labels: pa.Table, scores: np.ndarray, truth: np.ndarray
+) -> tuple[dict, np.ndarray | None]:
     """How many copies are of another image than the caption's own (a held-out caption has none) and the
-    AUC on the copies of their own image against every non-copy, those others left out; none when the
-    labels' generations are not beside them."""
+    AUC on the copies of their own image against every non-copy, those others left out; with which
+    prompts copy their own image. None when the labels' generations are not beside them."""
     generations = path.with_name("generations.parquet")
     if not generations.is_file() or not {"prompt_id", "scene_id"} <= set(labels.column_names):
-        return {"other_image_copies": None, "auc_own_image_copies": None}
+        return {"other_image_copies": None, "auc_own_image_copies": None}, None
     copied = copied_scenes(pq.read_table(generations), LAB_COPY_THRESHOLD)
     own = truth & np.array(
         [
@@ -288,23 +314,26 @@ def _copy_sources(path: Path, labels: pa.Table, scores: np.ndarray, truth: np.nd
     return {
         "other_image_copies": int((truth & ~own).sum()),
         "auc_own_image_copies": detection_metrics(scores[kept], own[kept])["auc"],
-    }
+    }, own
 
 
-def _other_detectors(denoiser, prompts: list[str], truth: np.ndarray, seed: int) -> dict:
-    """The AUC of each other first-step detector at its defaults (none where it does not support the
-    model)."""
-    row = {}
+def _other_detectors(
+    denoiser, prompts: list[str], truth: np.ndarray, seed: int
+) -> tuple[dict, dict[str, list[float | None]]]:
+    """The AUC of each other first-step detector at its defaults, and its score of each prompt (none
+    where it does not support the model)."""
+    row, scored = {}, {}
     for name in FIRST_STEP_DETECTORS:
         settings, detect = detector(name)
         try:
             scores = detect(denoiser, prompts, settings(base_seed=seed)).scores
         except DiffmemError as error:
             log.info("%s: %s", name, error)
-            row[f"auc_{name}"] = None
+            row[f"auc_{name}"], scored[name] = None, [None] * len(prompts)
             continue
         row[f"auc_{name}"] = detection_metrics(scores, truth)["auc"]
-    return row
+        scored[name] = np.asarray(scores, dtype=float).tolist()
+    return row, scored
 
 
 def _explanations(
