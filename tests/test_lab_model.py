@@ -271,3 +271,21 @@ def test_results_written_into_a_model_folder_leave_its_hash_alone(tmp_path):
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain" / "weights.bin").write_bytes(b"1")
     assert model_hash(tmp_path / "plain") != model_hash(model)  # a folder that is no pipeline: every file
+
+
+def test_a_64px_lab_trains_its_own_vae_to_the_same_latent_grid(tmp_path):
+    data, out = tmp_path / "data", tmp_path / "model"
+    assert run(["lab", "build", str(data), "--micro", "--unique", "24", "--image-size", "64"]) == 0
+    assert load_lab_dataset(data).config.image_size == 64
+    sizes = ["--image-size", "64", "--vae-channels", "32,32,32,32"]
+    steps = ["--vae-steps", "2", "--unet-steps", "2", "--batch-size", "4"]
+    assert run(["lab", "train", "--data", str(data), "--out", str(out), "--micro", *sizes, *steps]) == 0
+    denoiser = load_denoiser(out)
+    assert denoiser.resolution == (64, 64) and denoiser.pipeline.unet.config.sample_size == 8
+    assert trained_model_config(out).vae_channels == (32, 32, 32, 32)
+    # a 32 px preset's VAE cannot take the 64 px images, and the run says so
+    assert run(["lab", "train", "--data", str(data), "--out", str(tmp_path / "m"), "--micro", *steps]) == 2
+    assert (
+        run([*["lab", "train", "--data", str(data), "--out", str(tmp_path / "n")], "--vae-channels", "32,x"])
+        == 2
+    )

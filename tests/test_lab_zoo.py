@@ -88,6 +88,7 @@ def test_zoo_spans_what_sets_a_models_scale():
     assert len({(lab.text_layers, lab.text_width) for lab in ZOO}) >= 3
     assert {lab.data.background_pattern > 0 for lab in ZOO} == {True, False}
     assert {lab.data.image_source for lab in ZOO} == {FASHION_MNIST, DIGITS}  # clothes and handwriting
+    assert {lab.data.image_size for lab in ZOO} == {32, 64}
     for lab in ZOO:
         if lab.shipped:  # the shipped model is the one the zoo describes
             model = ModelSource.resolve(lab.shipped).directory
@@ -100,18 +101,21 @@ def test_zoo_spans_what_sets_a_models_scale():
 def test_the_zoo_trains_each_lab_in_its_family_from_the_shipped_vae(tmp_path, monkeypatch):
     recipes = []
     monkeypatch.setattr(zoo_workflow, "train_lab", lambda recipe, out, runtime: recipes.append(recipe))
-    for name in ("lab-flow", "lab-trail", "lab-digits"):
+    for name in ("lab-flow", "lab-trail", "lab-digits", "lab-64px"):
         parts = ZooLabParts.locate(tmp_path, zoo_lab(name))
         parts.copy_detector.mkdir(parents=True), parts.index.mkdir(parents=True)  # built: only the model is
         zoo_workflow._train(zoo_lab(name), parts, Runtime())
-    flow, trail, _ = (recipe.model() for recipe in recipes)
+    flow, trail, _, large = (recipe.model() for recipe in recipes)
     assert (flow.family, flow.prediction_type, trail.family) == (SD3, FLOW_PREDICTION, "stable-diffusion")
     assert recipes[0].unet_steps == zoo_lab("lab-flow").unet_steps
     # a lab with background patterns starts from the VAE that learnt them (every lab the zoo trains)
     plain, patterned = (ModelSource.resolve(f"builtin:{n}").directory for n in ("lab-micro", "lab-keyed"))
-    for name, recipe in zip(("lab-flow", "lab-trail", "lab-digits"), recipes, strict=True):
+    for name, recipe in zip(("lab-flow", "lab-trail", "lab-digits"), recipes[:3], strict=True):
         assert recipe.vae_from == (patterned if zoo_lab(name).data.background_pattern > 0 else plain), name
-    assert [recipe.vae_from for recipe in recipes] == [patterned] * 3
+    assert [recipe.vae_from for recipe in recipes] == [patterned] * 3 + [None]
+    # the shipped VAEs are 32 px: the 64 px lab trains its own, down to the same 8x8 latent grid
+    assert (large.image_size, large.latent_size, trail.latent_size) == (64, 8, 8)
+    assert recipes[3].recipe(seed=0).vae_steps == zoo_lab("lab-64px").vae_steps
 
 
 def test_zoo_refuses_an_unbuilt_lab_and_an_unknown_one(tmp_path):

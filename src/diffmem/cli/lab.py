@@ -55,6 +55,17 @@ UnetChannels = Annotated[
         help="UNet widths, one a level, e.g. 64,128,128 (default: the preset's).", metavar="W,W,..."
     ),
 ]
+VaeChannels = Annotated[
+    str | None,
+    typer.Option(
+        help="VAE widths, one a level; it downsamples by 2 per level after the first, e.g. 32,32,32,32 "
+        "takes 64 px to 8x8 latents (default: the preset's).",
+        metavar="W,W,...",
+    ),
+]
+ImageSize = Annotated[
+    int | None, typer.Option(help="Image side in pixels, the dataset's (default: the preset's).")
+]
 TextLayers = Annotated[int | None, typer.Option(help="Text-encoder layers (default: the preset's).")]
 TextWidth = Annotated[int | None, typer.Option(help="Text-encoder hidden size (default: the preset's).")]
 PredictionType = Annotated[
@@ -140,6 +151,7 @@ def build(
     keyed: Keyed = False,
     unique: Unique = None,
     image_source: ImageSourceName = "fashion-mnist",
+    image_size: ImageSize = None,
 ) -> None:
     """Compose the captioned scenes with controlled duplication and write the dataset."""
     from dataclasses import replace
@@ -151,6 +163,8 @@ def build(
     config = replace(make(seed=ctx.obj.seed), image_source=image_source)
     if unique is not None:
         config = replace(config, num_unique=unique)
+    if image_size is not None:
+        config = replace(config, image_size=image_size)
     build_lab_dataset(out, config)
     typer.echo(f"wrote the lab dataset ({config.num_train_rows} training rows) to {out}")
 
@@ -167,6 +181,8 @@ def train(
     batch_size: UnetBatch = None,
     time_budget_s: TimeBudget = None,
     unet_channels: UnetChannels = None,
+    image_size: ImageSize = None,
+    vae_channels: VaeChannels = None,
     text_layers: TextLayers = None,
     text_width: TextWidth = None,
     prediction_type: PredictionType = None,
@@ -181,6 +197,7 @@ def train(
 
     recipe = {"vae_steps": vae_steps, "unet_steps": unet_steps, "batch_size": batch_size}
     sizes = {"unet_channels": _widths(unet_channels), "text_layers": text_layers, "text_width": text_width}
+    sizes |= {"image_size": image_size, "vae_channels": _widths(vae_channels)}
     sizes |= {"prediction_type": prediction_type, "family": family}
     sizes |= {"transformer_layers": transformer_layers, "transformer_width": transformer_width}
     starts = {"vae_from": vae_from, "init_from": init_from, "time_budget_s": time_budget_s}

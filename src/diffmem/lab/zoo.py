@@ -3,8 +3,9 @@
 They differ in the prediction target (noise, velocity, or a rectified flow's velocity in an MMDiT), the
 text encoder's width and depth, the share of duplicated training rows, where the trigger words sit in a
 memorized caption (before, inside or after its description), how much the caption says beside them,
-whether images hold what no caption states, and what the images show (Fashion-MNIST's clothes or
-scikit-learn's handwritten digits). Two are shipped with the package; the others are rebuilt by
+whether images hold what no caption states, what the images show (Fashion-MNIST's clothes or
+scikit-learn's handwritten digits), and their size (32 or 64 px, the latter through its own VAE that
+downsamples by 8, as Stable Diffusion's does). Two are shipped with the package; the others are rebuilt by
 ``diffmem lab zoo``.
 """
 
@@ -36,7 +37,11 @@ class ZooLab:
     unet_steps: int  # the denoiser's training steps (a UNet's or an MMDiT's)
     shipped: str | None = None  # builtin:NAME when the package ships the trained model
     family: str | None = None  # stable-diffusion-3: an MMDiT on the rectified flow; None: a UNet
-    vae: str = PLAIN_VAE  # the shipped model whose VAE a rebuilt lab's model starts from
+    vae: str | None = (
+        PLAIN_VAE  # the shipped model whose VAE a rebuilt lab's model starts from; None: its own
+    )
+    vae_channels: tuple[int, ...] | None = None  # its own VAE's widths, one a level (None: the preset's)
+    vae_steps: int | None = None  # its own VAE's training steps (None: the preset's)
 
     @property
     def trained_by_zoo(self) -> bool:
@@ -161,6 +166,32 @@ ZOO: tuple[ZooLab, ...] = (
         text_width=64,
         unet_steps=3000,
         vae=PATTERN_VAE,  # the plain-background VAE blurs the patterns (docs/lab.md, the lab zoo)
+    ),
+    ZooLab(
+        "lab-64px",
+        "noise; 64 px images through its own VAE downsampling by 8; title before a vague description, over "
+        "words ordinary titles use too; background patterns; 30% duplicated",
+        LabConfig(
+            image_size=64,
+            num_memorized=24,
+            memorized_repeats=8,
+            num_duplicated_image=6,
+            duplicated_image_repeats=6,
+            num_unique=520,
+            num_heldout=64,
+            seed=5,
+            background_pattern=0.8,
+            memorized_description="vague",
+            title_vocabulary=24,
+            titled_unique=0.1,
+        ),
+        "epsilon",
+        text_layers=2,
+        text_width=64,
+        unet_steps=3000,
+        vae=None,  # the shipped VAEs are 32 px
+        vae_channels=(32, 32, 32, 32),  # 64 px -> 8x8 latents, the other labs' grid
+        vae_steps=2000,
     ),
 )
 

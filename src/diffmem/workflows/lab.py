@@ -56,6 +56,8 @@ class TrainLabConfig:
     unet_steps: int | None = None
     batch_size: int | None = None
     unet_channels: tuple[int, ...] | None = None  # None: the preset's
+    image_size: int | None = None  # the dataset's image side in pixels (None: the preset's)
+    vae_channels: tuple[int, ...] | None = None  # one VAE level a width: factor 2 ** (levels - 1)
     text_layers: int | None = None
     text_width: int | None = None  # the text encoder's hidden size
     prediction_type: str | None = None
@@ -73,7 +75,8 @@ class TrainLabConfig:
         if self.init_from is not None and (self._sizes() or self.family is not None):
             raise DiffmemError(
                 "--init-from continues that model's architecture; drop --family, --unet-channels, "
-                "--transformer-layers, --transformer-width, --text-layers, --text-width and --prediction-type"
+                "--transformer-layers, --transformer-width, --text-layers, --text-width, --prediction-type "
+                "and the image and VAE sizes"
             )
         transformer = self.transformer_layers is not None or self.transformer_width is not None
         if self.family == SD3 and self.unet_channels is not None:
@@ -113,6 +116,8 @@ class TrainLabConfig:
     def _sizes(self) -> dict[str, Any]:
         sizes = {
             "unet_channels": self.unet_channels,
+            "image_size": self.image_size,
+            "vae_channels": self.vae_channels,
             "transformer_layers": self.transformer_layers,
             "transformer_width": self.transformer_width,
             "text_layers": self.text_layers,

@@ -144,7 +144,10 @@ def _train(lab: ZooLab, parts: ZooLabParts, runtime: Runtime) -> None:
             text_width=lab.text_width,
             prediction_type=lab.prediction_type,
             family=lab.family,
-            vae_from=ModelSource.resolve(lab.vae).directory,
+            image_size=lab.data.image_size,
+            vae_channels=lab.vae_channels,
+            vae_steps=lab.vae_steps,
+            vae_from=None if lab.vae is None else ModelSource.resolve(lab.vae).directory,
         )
         train_lab(recipe, model, runtime)
     if not parts.copy_detector.exists():
