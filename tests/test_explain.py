@@ -1,6 +1,7 @@
 """Token significance (SPEC §2): gradients of the noise norm w.r.t. token embeddings, mapped to words."""
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -9,10 +10,12 @@ import torch
 from diffmem.adapters import wrap_pipeline
 from diffmem.errors import DiffmemError
 from diffmem.explain import SignificanceConfig, token_significance, word_attention_maps
+from diffmem.explain.attention_maps import WordAttention
 from diffmem.explain.carrying_words import MAX_CARRYING_WORDS, carrying_words
 from diffmem.explain.evaluate import trigger_evaluation
 from diffmem.explain.token_significance import _token_embedding_leaves
 from diffmem.models.tiny import tiny_stable_diffusion, tiny_stable_diffusion_xl, tiny_unet2d
+from diffmem.report.explanation_page import explanation_page
 from diffmem.sampling import generation_seed
 from diffmem.sampling.guided_sampler import eps_scheduler
 from diffmem.sampling.seeds import initial_noise, seeded_generators
@@ -106,6 +109,13 @@ def test_a_word_whose_replacement_alone_unflags_the_prompt_ranks_first(sd):
     assert measured.ranking(threshold=1.0) == measured.ranking()  # not flagged: nothing to unflag
     gradient = token_significance(sd, "a zorblax vase, red", CONFIG)
     assert gradient.ranking(threshold=0.0) == gradient.ranking()  # no replacement measured
+    # the page's words table follows the threshold it is given: vase first, not zorblax
+    attention = WordAttention(result.words, torch.rand(5, 4, 4), step=0)
+    images = torch.rand(1, 3, 8, 8)
+    first_row = re.compile(r"<th>Share</th></tr>\s*<tr><td>([^<]+)</td>")
+    ranked = explanation_page(measured, attention, images, {}, threshold=0.75)
+    assert first_row.search(ranked).group(1) == "vase"
+    assert first_row.search(explanation_page(measured, attention, images, {})).group(1) == "zorblax"
 
 
 def test_long_prompts_are_explained_as_the_model_reads_them(sd, tmp_path):

@@ -17,10 +17,15 @@ TOP_WORDS = 6
 
 
 def explanation_page(
-    result: TokenSignificance, attention: WordAttention, images: torch.Tensor, provenance: dict
+    result: TokenSignificance,
+    attention: WordAttention,
+    images: torch.Tensor,
+    provenance: dict,
+    threshold: float | None = None,
 ) -> str:
-    """The HTML document: heat-mapped prompt, score, images [N, 3, H, W] in [0, 1], attention overlays."""
-    top = result.ranking(provenance.get("threshold"))[:TOP_WORDS]
+    """The HTML document: heat-mapped prompt, score, images [N, 3, H, W] in [0, 1], attention overlays;
+    its words in the order the detection ``threshold`` ranks them (``TokenSignificance.ranking``)."""
+    top = result.ranking(threshold)[:TOP_WORDS]
     body = [
         "<h1>Why this prompt may be memorized</h1>",
         f"<p style='font-size:1.4em;line-height:1.8'>{heat_mapped(result)}</p>",

@@ -117,5 +117,5 @@ def explain_prompt(config: ExplainConfig, runtime: Runtime | None = None) -> Exp
             num_inference_steps=config.num_inference_steps,
             guidance_scale=config.guidance_scale,
         ).images
-        page = explanation_page(result, attention, images, {**summary, "attention_step": step})
+        page = explanation_page(result, attention, images, {**summary, "attention_step": step}, threshold)
     return ExplanationRun(result, summary, threshold, page)
