@@ -222,6 +222,11 @@ def test_the_zoo_tells_copies_of_a_captions_own_image_from_copies_of_another(tmp
     # the own-image copy outranks one of the two non-copies; the other copies are left out, not negatives
     assert measured == {"other_image_copies": 3, "auc_own_image_copies": 0.5}
     assert own.tolist() == [True, False, False, False, False, False]
+    # no copy of its own image: nothing to rank, and the table says so instead of failing
+    elsewhere = generations.set_column(2, "copy_nearest_scene_id", pa.array([99] * 8))
+    pq.write_table(elsewhere, tmp_path / "generations.parquet")
+    measured, own = zoo_workflow._copy_sources(path, labels, scores, truth)
+    assert measured == {"other_image_copies": 4, "auc_own_image_copies": None} and not own.any()
     assert zoo_workflow._copy_sources(tmp_path / "elsewhere" / "labels.parquet", labels, scores, truth) == (
         {"other_image_copies": None, "auc_own_image_copies": None},
         None,

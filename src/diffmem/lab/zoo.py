@@ -191,7 +191,7 @@ ZOO: tuple[ZooLab, ...] = (
         unet_steps=3000,
         vae=None,  # the shipped VAEs are 32 px
         vae_channels=(32, 32, 32, 32),  # 64 px -> 8x8 latents, the other labs' grid
-        vae_steps=2000,
+        vae_steps=1000,
     ),
 )
 

@@ -299,8 +299,9 @@ def _copy_sources(
     path: Path, labels: pa.Table, scores: np.ndarray, truth: np.ndarray
 ) -> tuple[dict, np.ndarray | None]:
     """How many copies are of another image than the caption's own (a held-out caption has none) and the
-    AUC on the copies of their own image against every non-copy, those others left out; with which
-    prompts copy their own image. None when the labels' generations are not beside them."""
+    AUC on the copies of their own image against every non-copy, those others left out (none without
+    both); with which prompts copy their own image. None when the labels' generations are not beside
+    them."""
     generations = path.with_name("generations.parquet")
     if not generations.is_file() or not {"prompt_id", "scene_id"} <= set(labels.column_names):
         return {"other_image_copies": None, "auc_own_image_copies": None}, None
@@ -314,10 +315,8 @@ def _copy_sources(
         ]
     )
     kept = own | ~truth
-    return {
-        "other_image_copies": int((truth & ~own).sum()),
-        "auc_own_image_copies": detection_metrics(scores[kept], own[kept])["auc"],
-    }, own
+    auc = detection_metrics(scores[kept], own[kept])["auc"] if own.any() and not own[kept].all() else None
+    return {"other_image_copies": int((truth & ~own).sum()), "auc_own_image_copies": auc}, own
 
 
 def _other_detectors(
