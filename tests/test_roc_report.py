@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from diffmem.errors import DiffmemError
-from diffmem.metrics import detection_metrics, roc, threshold_at_fpr, tpr_at_fpr
+from diffmem.metrics import detection_metrics, flagged_share_interval, roc, threshold_at_fpr, tpr_at_fpr
 from diffmem.report import EvaluatedSetting, write_detection_report
 
 
@@ -113,6 +113,23 @@ def test_threshold_at_fpr_agrees_with_the_roc_curve():
 
 
 # Inputs
+
+
+def test_the_flagged_share_interval_resamples_prompts_not_draws():
+    # 5 of 60 prompts flagged at every one of 4 seeds: 20 of 240 draws, but only 60 independent prompts
+    clustered = np.zeros((60, 4), bool)
+    clustered[:5] = True
+    low, high = flagged_share_interval(clustered)
+    assert low < clustered.mean() < high
+    # the same 20 flags spread over 20 prompts vary less from prompt to prompt: a narrower interval
+    spread = np.zeros((60, 4), bool)
+    spread[:20, 0] = True
+    spread_low, spread_high = flagged_share_interval(spread)
+    assert spread_high - spread_low < high - low
+    assert flagged_share_interval(clustered) == (low, high)  # seeded
+    assert flagged_share_interval(np.zeros((60, 4), bool)) == (0.0, 0.0)
+    with pytest.raises(DiffmemError, match="draws \\[prompts, draws\\]"):
+        flagged_share_interval(np.zeros(8, bool))
 
 
 def test_nonfinite_scores_are_left_out_and_counted():

@@ -21,7 +21,15 @@ from diffmem.metrics.copy_detection import (
 )
 from diffmem.metrics.memorization import MemorizationSummary, per_prompt, summarize
 from diffmem.metrics.nl2 import NL2_THRESHOLD, NL2Result, nl2, pairwise_l2
-from diffmem.metrics.roc import Roc, detection_metrics, roc, threshold_at_fpr, tpr_at_fpr, tpr_key
+from diffmem.metrics.roc import (
+    Roc,
+    detection_metrics,
+    flagged_share_interval,
+    roc,
+    threshold_at_fpr,
+    tpr_at_fpr,
+    tpr_key,
+)
 
 _LAZY = {
     "FeatureNet": "diffmem.metrics.quality",
@@ -44,6 +52,7 @@ __all__ = [
     "detection_metrics",
     "embed",
     "fid",
+    "flagged_share_interval",
     "info_nce",
     "kid",
     "koleo",

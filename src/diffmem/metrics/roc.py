@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy.stats import bootstrap
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from diffmem.errors import DiffmemError
@@ -81,6 +82,29 @@ def threshold_at_fpr(negative_scores: ArrayLike, target_fpr: float) -> float:
         )
     allowed = math.floor(round(target_fpr * len(s), 9))  # rounding absorbs float error such as 0.29 * 100
     return float(s[len(s) - allowed - 1]) if allowed < len(s) else -math.inf
+
+
+def flagged_share_interval(
+    flagged: np.ndarray, confidence: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """A percentile-bootstrap interval for the share of flagged draws in ``flagged`` [P prompts, D draws],
+    resampling whole prompts: one prompt's draws at other seeds are flagged or not together, so the draws
+    are not D*P independent trials."""
+    _check_rate("confidence", confidence)
+    flags = np.asarray(flagged, dtype=np.float64)
+    if flags.ndim != 2 or flags.size == 0:
+        raise DiffmemError(
+            f"flagged must be draws [prompts, draws] with at least one; got shape {flags.shape}"
+        )
+    result = bootstrap(
+        (flags.mean(axis=1),),
+        np.mean,
+        confidence_level=confidence,
+        n_resamples=resamples,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
 def tpr_key(fpr: float) -> str:

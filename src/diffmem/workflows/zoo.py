@@ -23,7 +23,7 @@ from diffmem.io.atomic import write_atomic, write_json_atomic, write_parquet_ato
 from diffmem.lab.dataset import build_lab_dataset
 from diffmem.lab.label import LabelConfig, copied_scenes
 from diffmem.lab.zoo import ZOO, ZooLab, zoo_lab, zoo_paths
-from diffmem.metrics.roc import detection_metrics
+from diffmem.metrics.roc import detection_metrics, flagged_share_interval
 from diffmem.models.source import ModelSource
 from diffmem.workflows.calibrate import model_profile
 from diffmem.workflows.evaluate import MitigationEvalConfig, evaluate_mitigation, read_labels
@@ -252,11 +252,14 @@ def _judge(
     profile = model_profile(source, runtime, denoiser, parts.index, parts.copy_detector)
     threshold = profile.detection_threshold
     heldout_captions, heldout = _heldout_scores(denoiser, parts, labels, config.heldout_seeds, runtime.seed)
+    fpr_low, fpr_high = flagged_share_interval(heldout > threshold, seed=runtime.seed)
     row: dict[str, Any] = {
         "auc": detection_metrics(scores, truth)["auc"],
         "auc_memorized_group": detection_metrics(scores, trained)["auc"],
         "threshold": threshold,
         "heldout_fpr": float((heldout > threshold).mean()),
+        "heldout_fpr_low": fpr_low,  # its 95% interval, resampling held-out captions
+        "heldout_fpr_high": fpr_high,
         "heldout_scores": heldout.size,
         "memorized_tpr": float((scores[truth] > threshold).mean()),
     }
