@@ -127,3 +127,21 @@ def test_each_examined_image_is_the_generation_whose_first_step_was_scored(audit
     assert sorted(examined) == [2, 3]
     plain = generate(sd, [rising[i] for i in (3, 2)], prompt_ids=[3, 2], num_inference_steps=50).images
     assert torch.allclose(result.images["plain"], plain, atol=1e-5)
+
+
+def test_without_a_calibration_the_audit_flags_by_the_profile_against_its_index(audited, tmp_path):
+    from diffmem.models.source import ModelSource
+    from diffmem.workflows.audit import AuditConfig, audit
+    from diffmem.workflows.calibrate import model_profile
+    from diffmem.workflows.runtime import Runtime
+
+    config = AuditConfig(
+        "builtin:tiny-sd", audited.parent / "prompts.txt", index=audited.parent / "index",
+        mitigation="prompt_optimization:max_iterations=1", max_flagged=1, unflagged_checked=0,
+    )  # fmt: skip
+    result = audit(config)
+    source = ModelSource.resolve("builtin:tiny-sd")
+    against_index = model_profile(source, Runtime(), index=audited.parent / "index")  # cached by the audit
+    assert against_index.reference == "index captions"
+    assert result.summary["threshold"] == pytest.approx(against_index.detection_threshold)
+    assert result.summary["threshold"] != pytest.approx(model_profile(source, Runtime()).detection_threshold)
