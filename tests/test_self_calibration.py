@@ -111,6 +111,31 @@ def test_a_scan_without_a_calibration_flags_by_the_models_profile(tmp_path):
     assert other.threshold is None  # the profile measured n = 1
 
 
+def test_scan_and_explain_given_the_training_set_flag_by_the_profile_against_it(sd, tmp_path):
+    from diffmem.sampling import generate
+
+    captions = [f"a training caption number {i}" for i in range(12)]
+    images = generate(sd, captions, num_inference_steps=4).images
+    TrainingSetIndex.build_pixels(images, captions).save(tmp_path / "index")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\na dog on a hill\n")
+    config = ScanConfig(model="builtin:tiny-sd", prompts=prompts, index=tmp_path / "index")
+    result = scan(config, tmp_path / "scan")
+    source = ModelSource.resolve("builtin:tiny-sd")
+    against = model_profile(source, Runtime(), index=tmp_path / "index")  # cached by the scan
+    assert against.reference == "index captions" and result.config["index"] == str(tmp_path / "index")
+    assert result.threshold == pytest.approx(against.detection_threshold)
+    assert result.threshold != pytest.approx(model_profile(source, Runtime()).detection_threshold)
+    with pytest.raises(DiffmemError, match="--encoder goes with an embedding index"):
+        scan(ScanConfig(model="builtin:tiny-sd", prompts=prompts, encoder=tmp_path / "enc"), tmp_path / "s2")
+    assert not (tmp_path / "s2").exists()  # refused before any work
+    # explain flags by the same profile
+    args = ["explain", "a cat", "--model", "builtin:tiny-sd", "--index", str(tmp_path / "index")]
+    assert run([*args, "--attribute-to", "prompt_embeds", "--out", str(tmp_path / "explain")]) == 0
+    explained = json.loads((tmp_path / "explain" / "explanation.json").read_text())
+    assert explained["threshold"] == pytest.approx(against.detection_threshold)
+
+
 def test_mitigations_read_their_scale_from_the_profile_unless_given_or_preset_paper():
     made = profile(np.linspace(0.2, 1.2, 101).tolist())
     # a quarter of the ordinary 10% quantile, from their 95% quantile on, stopping there within 100 iterations

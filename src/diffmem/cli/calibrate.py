@@ -14,6 +14,7 @@ from diffmem.cli.scan import (
     BatchOption,
     ColumnOption,
     DetectorOption,
+    EncoderOption,
     FirstStepsOption,
     GenerationsOption,
     GuidanceOption,
@@ -37,10 +38,6 @@ OrdinaryPrompts = Annotated[
 Index = Annotated[
     Path | None, typer.Option(help="The training-set index AMG guides against: its gate is fitted to it.")
 ]
-Encoder = Annotated[
-    Path | None,
-    typer.Option(help="Copy-detection encoder of an embedding index (default: the one it records)."),
-]
 TargetFpr = Annotated[float, typer.Option(help="Share of ordinary prompts allowed above the threshold.")]
 CalibrationOut = Annotated[
     Path | None, typer.Option(help="Also write the detection calibration here (JSON, for --calibration).")
@@ -55,7 +52,7 @@ def calibrate(
     model: ModelOption = None,
     prompts: OrdinaryPrompts = None,
     index: Index = None,
-    encoder: Encoder = None,
+    encoder: EncoderOption = None,
     column: ColumnOption = "prompt",
     target_fpr: TargetFpr = 0.01,
     out: CalibrationOut = None,

@@ -9,6 +9,7 @@ import typer
 
 from diffmem.cli.app import app, printable
 from diffmem.cli.model_options import with_model_options
+from diffmem.cli.scan import EncoderOption, ThresholdIndexOption
 from diffmem.models.names import LAB_MODEL
 
 DEFAULT_ATTRIBUTION = "word_replacement"  # workflows.explain.DEFAULT_ATTRIBUTION, named without importing it
@@ -75,6 +76,8 @@ def explain(
     html: Html = None,
     attention_step: AttentionStep = None,
     calibration: Calibration = None,
+    index: ThresholdIndexOption = None,
+    encoder: EncoderOption = None,
 ) -> None:
     """Token significance (Wen et al.): each word shaded by how much it drives the noise-norm score."""
     from rich.console import Console
@@ -83,7 +86,7 @@ def explain(
 
     config = ExplainConfig(
         prompt, model or LAB_MODEL, num_inference_steps, first_steps, n_generations, guidance_scale,
-        attribute_to, calibration, html is not None, attention_step,
+        attribute_to, calibration, index, encoder, html is not None, attention_step,
     )  # fmt: skip
     run = explain_prompt(config, ctx.obj.runtime)
     run.save(out, html)

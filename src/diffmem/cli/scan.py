@@ -62,6 +62,17 @@ IdColumnOption = Annotated[
 CalibrationOption = Annotated[
     Path | None, typer.Option(help="A calibration file from `diffmem calibrate`: flags prompts above it.")
 ]
+ThresholdIndexOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="The model's training-set index: without --calibration, its single-copy captions set the "
+        "threshold (the model's profile against it) instead of the bundled neutral prompts."
+    ),
+]
+EncoderOption = Annotated[
+    Path | None,
+    typer.Option(help="Copy-detection encoder of an embedding index (default: the one it records)."),
+]
 ChunkOption = Annotated[int, typer.Option(help="Prompts per committed part file.")]
 ResumeOption = Annotated[bool, typer.Option(help="Continue an interrupted scan in --out.")]
 OverwriteOption = Annotated[bool, typer.Option(help="Replace the scan in --out.")]
@@ -105,6 +116,8 @@ def scan(
     batch_size: BatchOption = None,
     shared_noise: SharedNoiseOption = None,
     calibration: CalibrationOption = None,
+    index: ThresholdIndexOption = None,
+    encoder: EncoderOption = None,
     chunk_size: ChunkOption = 256,
     resume: ResumeOption = False,
     overwrite: OverwriteOption = False,
@@ -122,7 +135,8 @@ def scan(
     given = (num_inference_steps, first_steps, n_generations, guidance_scale, batch_size, shared_noise)
     ray = {"workers": workers, "ray_address": ray_address, "gpus_per_worker": gpus_per_worker}
     config = ScanConfig(prompts, model or LAB_MODEL, column, id_column, detector, detector_settings(*given))
-    config = replace(config, calibration=calibration, chunk_size=chunk_size, engine=engine, **ray)
+    config = replace(config, calibration=calibration, index=index, encoder=encoder, chunk_size=chunk_size)
+    config = replace(config, engine=engine, **ray)
     mode = "resume" if resume else "overwrite" if overwrite else "new"
     result = run_scan(config, out, mode, ctx.obj.runtime)
     if result is not None:  # None: a process of an accelerate launch other than the main one

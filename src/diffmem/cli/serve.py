@@ -18,6 +18,7 @@ from diffmem.cli.explain import (
     NumInferenceSteps,
 )
 from diffmem.cli.model_options import with_model_options
+from diffmem.cli.scan import EncoderOption, ThresholdIndexOption
 from diffmem.models.names import LAB_MODEL
 
 if TYPE_CHECKING:
@@ -45,6 +46,8 @@ def serve(
     guidance_scale: GuidanceScale = 7.5,
     attribute_to: AttributeTo = DEFAULT_ATTRIBUTION,
     calibration: Calibration = None,
+    index: ThresholdIndexOption = None,
+    encoder: EncoderOption = None,
     thumbnails: Thumbnails = True,
     max_pending: MaxPending = 8,
 ) -> None:
@@ -62,7 +65,7 @@ def serve(
     explainer = PromptExplainer(
         lambda: source.open(runtime.device, runtime.dtype, runtime.speedups),
         config,
-        explanation_threshold(source, calibration, config, runtime),
+        explanation_threshold(source, calibration, config, runtime, index, encoder),
         model_name=source.name,
         thumbnails=thumbnails,
         max_pending=max_pending,

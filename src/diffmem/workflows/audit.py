@@ -112,7 +112,7 @@ def audit(config: AuditConfig, runtime: Runtime | None = None) -> Audit:
     profile = model_profile(source, runtime, denoiser, *((index, encoder) if index else ()))
     detector = NoiseNormConfig(base_seed=runtime.seed, batch_size=config.batch_size)
     threshold = detection_threshold(
-        source, config.calibration, "noise_norm", config_settings(detector), runtime, profile
+        source, config.calibration, "noise_norm", config_settings(detector), runtime, index, encoder
     )
     if threshold is None:
         raise DiffmemError(

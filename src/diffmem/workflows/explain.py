@@ -37,6 +37,8 @@ class ExplainConfig:
     guidance_scale: float = 7.5
     attribute_to: str = DEFAULT_ATTRIBUTION
     calibration: Path | None = None  # default: a shipped model's own, if it applies
+    index: Path | None = None  # without a calibration: the model's profile against this training-set index
+    encoder: Path | None = None  # an embedding index's encoder (default: the one it records)
     page: bool = False  # also draw attention maps and images for the HTML page
     attention_step: int | None = None  # default: the middle of the schedule
 
@@ -74,11 +76,16 @@ def significance_config(config: ExplainConfig, seed: int) -> SignificanceConfig:
 
 
 def explanation_threshold(
-    source: ModelSource, calibration: Path | None, config: SignificanceConfig, runtime: Runtime | None = None
+    source: ModelSource,
+    calibration: Path | None,
+    config: SignificanceConfig,
+    runtime: Runtime | None = None,
+    index: Path | None = None,
+    encoder: Path | None = None,
 ) -> float | None:
     """The noise-norm threshold for these settings (:func:`~diffmem.workflows.thresholds.detection_threshold`)."""
     settings = config_settings(config.noise_norm_config())
-    return detection_threshold(source, calibration, "noise_norm", settings, runtime)
+    return detection_threshold(source, calibration, "noise_norm", settings, runtime, index, encoder)
 
 
 def explain_prompt(config: ExplainConfig, runtime: Runtime | None = None) -> ExplanationRun:
@@ -87,7 +94,9 @@ def explain_prompt(config: ExplainConfig, runtime: Runtime | None = None) -> Exp
     runtime = runtime or Runtime()
     source = ModelSource.resolve(config.model)
     measure = significance_config(config, runtime.seed)
-    threshold = explanation_threshold(source, config.calibration, measure, runtime)
+    threshold = explanation_threshold(
+        source, config.calibration, measure, runtime, config.index, config.encoder
+    )
     denoiser = source.open(runtime.device, runtime.dtype, runtime.speedups)
     result = token_significance(denoiser, config.prompt, measure)
     summary = {

@@ -44,6 +44,8 @@ class ScanConfig:
     detector: str = "noise_norm"
     settings: dict[str, Any] = field(default_factory=dict)  # detector settings over its defaults
     calibration: Path | None = None  # flags prompts above it (default: a shipped model's own, if it applies)
+    index: Path | None = None  # without a calibration: the model's profile against this training-set index
+    encoder: Path | None = None  # an embedding index's encoder (default: the one it records)
     chunk_size: int = 256  # prompts per committed part file
     engine: str = "local"  # local, ray or accelerate
     workers: int | None = None  # Ray actors (default: one per visible GPU, else 1)
@@ -96,7 +98,9 @@ def scan(
     settings = config_settings(detector)
     threshold = None  # nothing to flag: no calibration is measured for prompts that cannot be scored
     if any(r.status == "ok" for r in records):
-        threshold = detection_threshold(source, config.calibration, config.detector, settings, runtime)
+        threshold = detection_threshold(
+            source, config.calibration, config.detector, settings, runtime, config.index, config.encoder
+        )
     job = ScanJob(
         source.spec,
         str(runtime.device),
@@ -145,6 +149,7 @@ def scan(
         **runtime.describe(),
         "speedups": asdict(runtime.speedups),
         "calibration": None if config.calibration is None else str(config.calibration),
+        "index": None if config.index is None else str(config.index),
     }
     return ScanResult(table, summary, record, threshold)
 

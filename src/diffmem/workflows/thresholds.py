@@ -8,7 +8,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from diffmem.calibration.profile import ModelProfile
 from diffmem.detect.calibration import Calibration, differing_settings
 from diffmem.detect.noise_norm import NoiseNormConfig
 from diffmem.detect.registry import config_settings
@@ -26,12 +25,15 @@ def detection_threshold(
     detector: str,
     settings: dict[str, Any],
     runtime: Runtime | None = None,
-    profile: ModelProfile | None = None,
+    index: Path | None = None,
+    encoder: Path | None = None,
 ) -> float | None:
-    """The threshold of ``calibration``, else of the shipped model's calibration, else of the model's
-    ``profile`` as the workflow measured it (against its index), else (with a ``runtime`` to measure it in)
-    of the model's profile on neutral prompts; None when none applies to these settings (logged as a
-    warning)."""
+    """The threshold of ``calibration``, else of the shipped model's calibration, else (with a ``runtime``
+    to measure it in) of the model's profile: against the training-set ``index`` when given (its
+    single-copy captions are the model's own kind of text), else on the bundled neutral prompts. None when
+    none applies to these settings (logged as a warning)."""
+    if encoder is not None and index is None:
+        raise DiffmemError("--encoder goes with an embedding index: give --index too")
     if calibration is not None:
         given = Calibration.load(calibration)
         try:
@@ -43,15 +45,19 @@ def detection_threshold(
         return _applying(
             Calibration.load(source.calibration), "the lab model's calibration", detector, settings, source
         )
-    if profile is None:
-        profiled = config_settings(NoiseNormConfig(base_seed=runtime.seed)) if runtime is not None else None
-        if detector != "noise_norm" or profiled is None or differing_settings(settings, profiled):
-            return None  # a profile measures the default settings only
-        try:
-            profile = model_profile(source, runtime)
-        except DiffmemError as problem:  # e.g. a model not conditioned on text
-            log.warning("not flagging: no self-calibration (%s)", problem)
-            return None
+    profiled = config_settings(NoiseNormConfig(base_seed=runtime.seed)) if runtime is not None else None
+    if detector != "noise_norm" or profiled is None or differing_settings(settings, profiled):
+        return None  # a profile measures the default settings only
+    try:
+        profile = model_profile(source, runtime, None, *((index, encoder) if index else ()))
+    except DiffmemError as problem:  # e.g. a model not conditioned on text
+        log.warning("not flagging: no self-calibration (%s)", problem)
+        return None
+    if profile.reference == "neutral":
+        log.warning(
+            "flagging above the model's profile on the bundled neutral prompts; on a model trained on other "
+            "text give its training set (--index) so that its own captions set the threshold"
+        )
     return _applying(profile.calibration(), "the model's self-calibration", detector, settings, source)
 
 
