@@ -9,6 +9,7 @@ import typer
 
 from diffmem.cli.app import app
 from diffmem.cli.model_options import with_model_options
+from diffmem.cli.scan import EncoderOption
 from diffmem.models.names import LAB_MODEL
 
 Model = Annotated[
@@ -28,7 +29,6 @@ Index = Annotated[
         help="Training-set index (diffmem index build): similarity, AMG (default: the lab model's)."
     ),
 ]
-Encoder = Annotated[Path | None, typer.Option(help="Copy-detection encoder of an embedding index.")]
 Calibration = Annotated[
     Path | None, typer.Option(help="A calibration file (default: the model's self-calibration).")
 ]
@@ -59,7 +59,7 @@ def audit(
     prompts: Prompts = None,
     column: Column = None,
     index: Index = None,
-    encoder: Encoder = None,
+    encoder: EncoderOption = None,
     calibration: Calibration = None,
     mitigation: Mitigation = None,
     max_flagged: MaxFlagged = 32,

@@ -10,6 +10,7 @@ import typer
 
 from diffmem.cli.app import app
 from diffmem.cli.model_options import with_model_options
+from diffmem.cli.scan import EncoderOption
 from diffmem.models.names import DEFAULT_MODEL, LAB_MODEL
 
 evaluate = typer.Typer(help="Evaluate detectors and mitigations against ground truth.", no_args_is_help=True)
@@ -79,10 +80,6 @@ Method = Annotated[
         help="NAME[:key=value,...] to evaluate (repeatable; default: every mitigation at its defaults)."
     ),
 ]
-Encoder = Annotated[
-    Path | None,
-    typer.Option(help="Copy-detection encoder of the embedding index (default: the one it records)."),
-]
 AmgIndex = Annotated[
     Path | None,
     typer.Option(help="The index AMG guides against (default: the first embedding index given)."),
@@ -129,7 +126,7 @@ def mitigate(
     labels: Labels = None,
     out: Out = Path("out/eval-mitigate"),
     method: Method = None,
-    encoder: Encoder = None,
+    encoder: EncoderOption = None,
     amg_index: AmgIndex = None,
     memorized_group: MemorizedGroup = "memorized",
     control_group: ControlGroup = "heldout",

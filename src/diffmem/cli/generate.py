@@ -10,6 +10,7 @@ import typer
 
 from diffmem.cli.app import app
 from diffmem.cli.model_options import with_model_options
+from diffmem.cli.scan import EncoderOption
 from diffmem.models.names import DEFAULT_MODEL
 
 MITIGATION_NAMES = (  # mitigate.registry.MITIGATIONS, named without importing it
@@ -46,10 +47,6 @@ Index = Annotated[
         help="Training-set index (diffmem index build): AMG's reference; adds nearest-image columns."
     ),
 ]
-Encoder = Annotated[
-    Path | None,
-    typer.Option(help="Copy-detection encoder of an embedding index (default: the one it records)."),
-]
 Guard = Annotated[
     bool, typer.Option(help="Score prompts at the first step; mitigate only those above the threshold.")
 ]
@@ -76,7 +73,7 @@ def generate(
     batch_size: BatchSize = 8,
     mitigation: Mitigation = "none",
     index: Index = None,
-    encoder: Encoder = None,
+    encoder: EncoderOption = None,
     guard: Guard = False,
     calibration: Calibration = None,
     overwrite: Overwrite = False,

@@ -9,6 +9,7 @@ import typer
 
 from diffmem.cli.app import app
 from diffmem.cli.model_options import with_model_options
+from diffmem.cli.scan import EncoderOption
 from diffmem.errors import DiffmemError
 from diffmem.models.names import LAB_MODEL
 
@@ -69,10 +70,6 @@ GateModel = Annotated[
     ),
 ]
 Column = Annotated[str, typer.Option(help="Prompt column of a tabular file.")]
-GateEncoder = Annotated[
-    Path | None,
-    typer.Option(help="Copy-detection encoder of an embedding index (default: the one it records)."),
-]
 Quantile = Annotated[
     float, typer.Option(help="lambda_t is this quantile of the prompts' similarity at step t.")
 ]
@@ -124,7 +121,7 @@ def gate(
     prompts: GatePrompts = None,
     model: GateModel = None,
     column: Column = "prompt",
-    encoder: GateEncoder = None,
+    encoder: EncoderOption = None,
     quantile: Quantile = 0.9,
     n_generations: Generations = 1,
     num_inference_steps: InferenceSteps = 50,
