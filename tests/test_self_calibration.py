@@ -111,7 +111,7 @@ def test_a_scan_without_a_calibration_flags_by_the_models_profile(tmp_path):
     assert other.threshold is None  # the profile measured n = 1
 
 
-def test_scan_and_explain_given_the_training_set_flag_by_the_profile_against_it(sd, tmp_path):
+def test_scan_and_explain_given_the_training_set_flag_by_the_profile_against_it(sd, tmp_path, caplog):
     from diffmem.sampling import generate
 
     captions = [f"a training caption number {i}" for i in range(12)]
@@ -122,10 +122,12 @@ def test_scan_and_explain_given_the_training_set_flag_by_the_profile_against_it(
     config = ScanConfig(model="builtin:tiny-sd", prompts=prompts, index=tmp_path / "index")
     result = scan(config, tmp_path / "scan")
     source = ModelSource.resolve("builtin:tiny-sd")
+    assert "bundled neutral prompts" not in caplog.text
     against = model_profile(source, Runtime(), index=tmp_path / "index")  # cached by the scan
     assert against.reference == "index captions" and result.config["index"] == str(tmp_path / "index")
     assert result.threshold == pytest.approx(against.detection_threshold)
     assert result.threshold != pytest.approx(model_profile(source, Runtime()).detection_threshold)
+    assert "bundled neutral prompts" in caplog.text  # a profile without the training set says so
     with pytest.raises(DiffmemError, match="--encoder goes with an embedding index"):
         scan(ScanConfig(model="builtin:tiny-sd", prompts=prompts, encoder=tmp_path / "enc"), tmp_path / "s2")
     assert not (tmp_path / "s2").exists()  # refused before any work

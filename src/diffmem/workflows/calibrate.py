@@ -153,6 +153,12 @@ def model_profile(
     encoder: Path | None = None,
 ) -> ModelProfile:
     """The model's cached profile (against ``index`` when given), or one measured now and cached."""
+    if index is None:
+        log.warning(
+            "%s's scale comes from the bundled neutral prompts; for a model trained on other text give its "
+            "training set (--index) so that its own captions set it",
+            source.name,
+        )
     fingerprint = None if index is None else read_manifest(Path(index) / MANIFEST_FILE).fingerprint
     path = profile_path(source.identity, fingerprint)
     if path.exists():

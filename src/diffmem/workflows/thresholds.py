@@ -53,11 +53,6 @@ def detection_threshold(
     except DiffmemError as problem:  # e.g. a model not conditioned on text
         log.warning("not flagging: no self-calibration (%s)", problem)
         return None
-    if profile.reference == "neutral":
-        log.warning(
-            "flagging above the model's profile on the bundled neutral prompts; on a model trained on other "
-            "text give its training set (--index) so that its own captions set the threshold"
-        )
     return _applying(profile.calibration(), "the model's self-calibration", detector, settings, source)
 
 
