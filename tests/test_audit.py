@@ -2,6 +2,7 @@
 and one self-contained report (read back in a headless browser)."""
 
 import json
+from dataclasses import replace
 
 import pyarrow.parquet as pq
 import pytest
@@ -145,3 +146,52 @@ def test_without_a_calibration_the_audit_flags_by_the_profile_against_its_index(
     assert against_index.reference == "index captions"
     assert result.summary["threshold"] == pytest.approx(against_index.detection_threshold)
     assert result.summary["threshold"] != pytest.approx(model_profile(source, Runtime()).detection_threshold)
+
+
+def test_the_audit_reads_an_embedding_index_s_nearest_images_from_its_training_set(audited, sd, tmp_path):
+    import numpy as np
+    import pyarrow as pa
+    from PIL import Image
+
+    from diffmem.errors import DiffmemError
+    from diffmem.index import image_source, index_images
+    from diffmem.metrics import CopyDetectionConfig, CopyDetectionEncoder, save_encoder
+    from diffmem.workflows.audit import AuditConfig, audit
+
+    own = generate(sd, PROMPTS, num_inference_steps=50).images
+    noise = torch.rand((6, *own.shape[1:]), generator=torch.Generator().manual_seed(4))
+    arrays = [np.rint(x.permute(1, 2, 0).numpy() * 255).astype(np.uint8) for x in torch.cat([own, noise])]
+    captions = PROMPTS + [f"filler {i}" for i in range(6)]
+    (tmp_path / "data").mkdir()
+    for i, array in enumerate(arrays):
+        Image.fromarray(array).save(tmp_path / "data" / f"{i}.png")
+    names = [f"{i}.png" for i in range(len(arrays))]
+    pq.write_table(
+        pa.table({"file_name": names, "caption": captions}), tmp_path / "data" / "metadata.parquet"
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        encoder = CopyDetectionEncoder(CopyDetectionConfig(input_size=own.shape[-1])).eval()
+    save_encoder(encoder, tmp_path / "encoder")
+    index_images(image_source(tmp_path / "data"), "embedding", tmp_path / "encoder").save(tmp_path / "index")
+
+    config = AuditConfig(
+        "builtin:tiny-sd", audited.parent / "prompts.txt", index=tmp_path / "index",
+        calibration=audited.parent / "c.json", mitigation="prompt_optimization:max_iterations=1",
+        max_flagged=2, unflagged_checked=0, data=tmp_path / "data",
+    )  # fmt: skip
+    copies = audit(config).copies
+    written = dict(zip(captions, arrays, strict=True))
+    for key in ("plain", "mitigated"):
+        for image, caption in zip(copies.nearest[key], copies.captions[key], strict=True):
+            expected = torch.from_numpy(written[caption]).permute(2, 0, 1).float() / 255
+            assert torch.equal(image, expected)  # the training image of the nearest row
+    (tmp_path / "other").mkdir()
+    Image.fromarray(arrays[0]).save(tmp_path / "other" / "0.png")
+    pq.write_table(
+        pa.table({"file_name": ["0.png"], "caption": ["one"]}), tmp_path / "other" / "metadata.parquet"
+    )
+    with pytest.raises(DiffmemError, match="not the training set the index was built from"):
+        audit(replace(config, data=tmp_path / "other"))
+    with pytest.raises(DiffmemError, match="give that --index"):
+        audit(replace(config, index=audited.parent / "index"))  # a pixel index holds its images

@@ -47,6 +47,13 @@ UnflaggedChecked = Annotated[
 CopyThreshold = Annotated[
     float | None, typer.Option(help="A copy: copy similarity above (default 0.5) or nL2 below (default 1.4).")
 ]
+Data = Annotated[
+    Path | None,
+    typer.Option(
+        help="The training set an embedding --index was built from: the report shows each image's nearest "
+        "training image (a pixel index holds them)."
+    ),
+]
 Out = Annotated[Path, typer.Option(help="Report directory: report.html, audit.parquet, summary.json.")]
 Overwrite = Annotated[bool, typer.Option(help="Replace an earlier audit in --out.")]
 
@@ -65,6 +72,7 @@ def audit(
     max_flagged: MaxFlagged = 32,
     unflagged_checked: UnflaggedChecked = 16,
     copy_threshold: CopyThreshold = None,
+    data: Data = None,
     out: Out = Path("out/audit"),
     overwrite: Overwrite = False,
 ) -> None:
@@ -77,7 +85,7 @@ def audit(
     check_output_dir(out, OUTPUTS, overwrite)  # before any work
     config = AuditConfig(
         model, prompts, column, index, encoder, calibration, mitigation, max_flagged,
-        unflagged_checked=unflagged_checked, copy_threshold=copy_threshold,
+        unflagged_checked=unflagged_checked, copy_threshold=copy_threshold, data=data,
     )  # fmt: skip
     result = run_audit(config, ctx.obj.runtime)
     result.save(out, overwrite)

@@ -20,6 +20,7 @@ from diffmem.detect.registry import config_settings
 from diffmem.errors import DiffmemError
 from diffmem.explain.carrying_words import CarryingWords, carrying_words
 from diffmem.explain.token_significance import SignificanceConfig, TokenSignificance, token_significance
+from diffmem.index.sources import ImageSource, image_source
 from diffmem.io.atomic import write_atomic, write_json_atomic, write_parquet_atomic
 from diffmem.io.output_dirs import check_output_dir
 from diffmem.io.prompts import read_prompts
@@ -58,6 +59,9 @@ class AuditConfig:
     # ordinary; needs an index
     unflagged_checked: int = 16
     copy_threshold: float | None = None  # default: 0.5 copy similarity, or nL2 1.4
+    # the training set an embedding index was built from, to show each image's nearest training image (a
+    # pixel index holds its images)
+    data: Path | None = None
     attribute_to: str = DEFAULT_ATTRIBUTION
     batch_size: int = 16
 
@@ -103,6 +107,7 @@ def audit(config: AuditConfig, runtime: Runtime | None = None) -> Audit:
     if index is None and source.reference is not None:
         index, encoder = source.reference
     reference = training_reference(index, encoder, runtime.device, source) if index else None
+    training = _training_images(config.data, reference)
     denoiser = source.open(runtime.device, runtime.dtype, runtime.speedups)
     if denoiser.conditioning != "text":
         raise DiffmemError("an audit scores prompts: it needs a text-to-image model")
@@ -144,7 +149,7 @@ def audit(config: AuditConfig, runtime: Runtime | None = None) -> Audit:
         )
         if ids
     }  # fmt: skip
-    copies = Copies.between(images, reference, config.copy_threshold)
+    copies = Copies.between(images, reference, config.copy_threshold, training)
     summary = {
         "model": source.name,
         "model_hash": source.identity,
@@ -163,6 +168,31 @@ def audit(config: AuditConfig, runtime: Runtime | None = None) -> Audit:
     return Audit(table, explanations, images, copies, summary, record, carrying)
 
 
+def _nearest_images(
+    reference: ReferenceSet, rows: torch.Tensor, training: ImageSource | None
+) -> torch.Tensor | None:
+    """The index rows' training images: a pixel index's own, else read from its training set if given."""
+    if reference.index.kind == "pixels":
+        return reference.index.vectors(rows)
+    return None if training is None else training.read(rows.tolist())
+
+
+def _training_images(data: Path | None, reference: ReferenceSet | None) -> ImageSource | None:
+    """The training set an embedding index was built from, checked to be the one (the same images, in
+    the same order); None without ``data``."""
+    if data is None:
+        return None
+    if reference is None or reference.index.kind != "embedding":
+        raise DiffmemError("--data shows an embedding index's nearest training images: give that --index")
+    training = image_source(data)
+    if training.ids != reference.index.ids:
+        raise DiffmemError(
+            f"{data} is not the training set the index was built from: its images' ids differ from the "
+            f"index's rows ({len(training.ids)} images, {len(reference.index.ids)} rows)"
+        )
+    return training
+
+
 @dataclass(frozen=True)
 class Copies:
     """The examined images' similarity to their nearest training image, plain and mitigated."""
@@ -171,11 +201,16 @@ class Copies:
     threshold: float | None  # a copy: above it (copy similarity) or below it (nL2)
     values: dict[str, list[float]]  # "plain"/"mitigated"/"unflagged" -> one value an image
     captions: dict[str, list[str]]  # the nearest training image's caption
-    nearest: dict[str, torch.Tensor | None]  # the nearest training images [E, 3, H, W] of a pixel index
+    # the nearest training images [E, 3, H, W]: a pixel index's, or read from an embedding index's data
+    nearest: dict[str, torch.Tensor | None]
 
     @classmethod
     def between(
-        cls, images: dict[str, torch.Tensor], reference: ReferenceSet | None, threshold: float | None
+        cls,
+        images: dict[str, torch.Tensor],
+        reference: ReferenceSet | None,
+        threshold: float | None,
+        training: ImageSource | None = None,
     ) -> Copies:
         if reference is None:
             return cls(None, None, {}, {}, {})
@@ -184,7 +219,7 @@ class Copies:
             sigma, rows = training_similarity(batch, reference)
             values[key] = (-sigma if reference.measure == "nl2" else sigma).tolist()
             captions[key] = [reference.index.captions[int(r)] for r in rows]
-            nearest[key] = reference.index.vectors(rows.cpu()) if reference.index.kind == "pixels" else None
+            nearest[key] = _nearest_images(reference, rows.cpu(), training)
         chosen = COPY_THRESHOLDS[reference.measure] if threshold is None else threshold
         return cls(reference.measure, chosen, values, captions, nearest)
 
