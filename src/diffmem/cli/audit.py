@@ -89,7 +89,11 @@ def audit(
     )  # fmt: skip
     result = run_audit(config, ctx.obj.runtime)
     result.save(out, overwrite)
-    summary = result.summary
+    typer.echo(_verdict(result.summary, out))
+
+
+def _verdict(summary: dict, out: Path) -> str:
+    """The audit in one line: how many prompts were flagged and examined, and the copies among them."""
     copies = (
         ""
         if summary.get("measure") is None
@@ -97,7 +101,7 @@ def audit(
         f"{summary['mitigation']}; {summary['copies_unflagged']} of {summary['unflagged_checked']} unflagged "
         "prompts generated copy"
     )
-    typer.echo(
+    return (
         f"{summary['flagged']} of {summary['prompts']} prompts flagged (threshold {summary['threshold']:.4g}); "
         f"{summary['examined']} examined{copies}; wrote {out / 'report.html'}"
     )
