@@ -94,7 +94,10 @@ def test_calibration_is_measured_once_and_read_from_the_cache(tmp_path, monkeypa
     monkeypatch.setattr(
         calibrate_workflow, "single_generation_scores", lambda *a, **k: pytest.fail("measured again")
     )
+    said = []
+    monkeypatch.setattr(calibrate_workflow.log, "warning", lambda message, *args: said.append(message % args))
     assert model_profile(source, Runtime()) == made
+    assert not said  # read from the cache, and made from the user's own prompts, not the neutral ones
 
 
 def test_a_scan_without_a_calibration_flags_by_the_models_profile(tmp_path):
@@ -114,6 +117,7 @@ def test_a_scan_without_a_calibration_flags_by_the_models_profile(tmp_path):
 def test_scan_and_explain_given_the_training_set_flag_by_the_profile_against_it(sd, tmp_path, monkeypatch):
     from diffmem.sampling import generate
 
+    monkeypatch.setenv("DIFFMEM_CACHE_DIR", str(tmp_path / "cache"))  # no profile another test made
     said = []
     monkeypatch.setattr(calibrate_workflow.log, "warning", lambda message, *args: said.append(message % args))
     captions = [f"a training caption number {i}" for i in range(12)]

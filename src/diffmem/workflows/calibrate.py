@@ -153,26 +153,34 @@ def model_profile(
     encoder: Path | None = None,
 ) -> ModelProfile:
     """The model's cached profile (against ``index`` when given), or one measured now and cached."""
-    if index is None:
+    profile = _cached_profile(source, index)
+    if profile is None:
+        log.warning(
+            "calibrating %s once (cached in %s); diffmem calibrate does it ahead",
+            source.name,
+            profile_path(source.identity).parent,
+        )
+        profile = calibrate_model(ProfileConfig(source.spec, index=index, encoder=encoder), runtime, denoiser)
+    if profile.reference == "neutral":
         log.warning(
             "%s's scale comes from the bundled neutral prompts; for a model trained on other text give its "
             "training set (--index) so that its own captions set it",
             source.name,
         )
+    return profile
+
+
+def _cached_profile(source: ModelSource, index: Path | None) -> ModelProfile | None:
+    """The model's profile against ``index`` (or none) as cached, if it was measured as profiles are now."""
     fingerprint = None if index is None else read_manifest(Path(index) / MANIFEST_FILE).fingerprint
     path = profile_path(source.identity, fingerprint)
-    if path.exists():
-        profile = ModelProfile.load(path)
-        if (
-            profile.model_hash == source.identity
-            and _measured_as_now(profile)
-            and (profile.gate is None or _current(Path(profile.gate)))
-        ):
-            return profile
-    log.warning(
-        "calibrating %s once (cached in %s); diffmem calibrate does it ahead", source.name, path.parent
+    if not path.exists():
+        return None
+    profile = ModelProfile.load(path)
+    current = profile.gate is None or _current(Path(profile.gate))
+    return (
+        profile if profile.model_hash == source.identity and _measured_as_now(profile) and current else None
     )
-    return calibrate_model(ProfileConfig(source.spec, index=index, encoder=encoder), runtime, denoiser)
 
 
 def left_to_profile(name: str, settings: dict[str, Any]) -> set[str]:

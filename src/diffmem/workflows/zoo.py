@@ -252,12 +252,13 @@ def _judge(
     profile = model_profile(source, runtime, denoiser, parts.index, parts.copy_detector)
     threshold = profile.detection_threshold
     heldout_captions, heldout = _heldout_scores(denoiser, parts, labels, config.heldout_seeds, runtime.seed)
-    fpr_low, fpr_high = flagged_share_interval(heldout > threshold, seed=runtime.seed)
+    flagged = heldout > threshold
+    fpr_low, fpr_high = flagged_share_interval(flagged, seed=runtime.seed)
     row: dict[str, Any] = {
         "auc": detection_metrics(scores, truth)["auc"],
         "auc_memorized_group": detection_metrics(scores, trained)["auc"],
         "threshold": threshold,
-        "heldout_fpr": float((heldout > threshold).mean()),
+        "heldout_fpr": float(flagged.mean()),
         "heldout_fpr_low": fpr_low,  # its 95% interval, resampling held-out captions
         "heldout_fpr_high": fpr_high,
         "heldout_scores": heldout.size,
