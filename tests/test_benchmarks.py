@@ -415,3 +415,30 @@ def test_explanation_rankings_judges_both_rankings_on_the_kept_words(tmp_path):
     (evaluation / "explanations" / "lab-keyed-word_replacement.parquet").unlink()
     with pytest.raises(SystemExit, match="missing: run diffmem eval zoo again"):
         _load("explanation_rankings").main(args)
+
+
+def test_score_variants_scores_the_default_as_the_detector_does(tmp_path):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from diffmem.detect.noise_norm import noise_norm
+    from diffmem.metrics import detection_metrics
+    from diffmem.models.source import open_model
+
+    heldout = ["a red bag at the top left", "a blue coat on a black background", "a white sandal"]
+    (tmp_path / "lab-keyed" / "data").mkdir(parents=True)  # the shipped lab's model, index and labels
+    pq.write_table(pa.table({"caption": heldout}), tmp_path / "lab-keyed" / "data" / "heldout.parquet")
+    args = ["--zoo", str(tmp_path), "--lab", "lab-keyed", "--out", str(tmp_path / "r.json")]
+    record = _load("score_variants").main(args)
+    labels = pq.read_table(shipped_directory("builtin:lab-keyed") / "labels.parquet").to_pylist()
+    scores = noise_norm(open_model("builtin:lab-keyed", "cpu", torch.float32), [r["caption"] for r in labels])
+    truth = np.array([r["memorized_copy"] for r in labels])
+    assert record["lab-keyed_centred_auc"] == pytest.approx(
+        detection_metrics(scores.scores.numpy(), truth)["auc"]
+    )
+    for variant in ("centred", "uncentred", "detail", "whitened", "residual", "mahalanobis"):
+        fpr = record[f"lab-keyed_{variant}_heldout_fpr"]
+        assert 12 * fpr == round(12 * fpr)  # three held-out captions at four seeds
+        assert 0 <= record[f"lab-keyed_{variant}_tpr"] <= 1
