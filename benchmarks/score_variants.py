@@ -7,7 +7,8 @@ divided by ordinary prompts' spread at each coordinate, ``d`` less its part alon
 principal directions, and the Mahalanobis distance under a shrunk covariance of them. Ordinary prompts
 are drawn at two seeds: the variants are fitted on the first draws and the 1% threshold is taken from
 the second. Per lab and variant: AUC against the zoo's truth (one draw a caption), the held-out
-false-positive rate at that threshold (each held-out caption at four seeds) and the share of copying captions above it.
+false-positive rate at that threshold (on held-out captions taken as the zoo takes them: 500, the lab's
+own topped up with fresh ones, each at four seeds) and the share of copying captions above it.
 
     python benchmarks/score_variants.py --zoo Z --lab lab-digits --lab lab-64px
 """
@@ -33,12 +34,12 @@ from diffmem.index import TrainingSetIndex
 from diffmem.lab.zoo import zoo_lab
 from diffmem.metrics import detection_metrics
 from diffmem.models.source import ModelSource
-from diffmem.workflows.zoo import TRUTH, ZooLabParts
+from diffmem.workflows.zoo import TRUTH, ZooEvalConfig, ZooLabParts, heldout_captions
 from support import report
 
 ORDINARY = 256  # single-copy captions a lab's ordinary prompts are drawn from
 PRINCIPAL = 4  # principal directions of ordinary prompts' differences left out by "residual"
-HELDOUT_SEEDS = 4  # draws of each held-out caption the false-positive rate is measured on, as the zoo's
+HELDOUT_SEEDS = ZooEvalConfig.heldout_seeds  # the zoo's held-out draws: each caption at four seeds
 MAHALANOBIS_MAX_DIM = 4096  # above this many coordinates the shrunk covariance is not fitted
 
 
@@ -102,15 +103,14 @@ def differences(denoiser: Denoiser, prompts: Sequence[str], seed: int, batch_siz
     return torch.cat(out)
 
 
-def judge_lab(root: Path, name: str, seed: int) -> dict[str, float]:
+def judge_lab(root: Path, name: str, seed: int, heldout_prompts: int) -> dict[str, float]:
     """Each variant's AUC, held-out false-positive rate and copying captions' share above its threshold."""
     parts = ZooLabParts.locate(root, zoo_lab(name))
     denoiser = ModelSource.resolve(parts.model).open("cpu", torch.float32, None)
-    labels = pq.read_table(parts.labels, columns=["caption", TRUTH, "group"]).to_pylist()
+    table = pq.read_table(parts.labels, columns=["caption", TRUTH, "group"])
+    labels = table.to_pylist()
     truth = np.array([r[TRUTH] for r in labels], dtype=bool)
-    copies = {r["caption"] for r in labels if r["group"] == "heldout" and r[TRUTH]}
-    heldout = pq.read_table(parts.data / "heldout.parquet", columns=["caption"])["caption"].to_pylist()
-    heldout = [c for c in dict.fromkeys(heldout) if c not in copies]
+    heldout, _ = heldout_captions(parts, table, heldout_prompts, seed)
     ordinary = single_copy_captions(TrainingSetIndex.load(parts.index), ORDINARY, seed)
     fit_draws, threshold_draws = (differences(denoiser, ordinary, seed + k) for k in (0, 1))
     labelled = differences(denoiser, [r["caption"] for r in labels], seed)
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = _parser().parse_args(argv)
     record: dict = {"zoo": str(args.zoo), "seed": args.seed}
     for name in args.lab:
-        record |= judge_lab(args.zoo, name, args.seed)
+        record |= judge_lab(args.zoo, name, args.seed, args.heldout_prompts)
     return report(record, args.out)
 
 
@@ -144,6 +144,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--zoo", type=Path, required=True, help="the folder `diffmem lab zoo` built")
     parser.add_argument("--lab", action="append", required=True, help="a zoo lab (repeat for more)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--heldout-prompts",
+        type=int,
+        default=ZooEvalConfig.heldout_prompts,
+        help="held-out captions, at least",
+    )
     parser.add_argument("--out", default="benchmarks/results/score_variants.json")
     return parser
 

@@ -430,7 +430,16 @@ def test_score_variants_scores_the_default_as_the_detector_does(tmp_path):
     heldout = ["a red bag at the top left", "a blue coat on a black background", "a white sandal"]
     (tmp_path / "lab-keyed" / "data").mkdir(parents=True)  # the shipped lab's model, index and labels
     pq.write_table(pa.table({"caption": heldout}), tmp_path / "lab-keyed" / "data" / "heldout.parquet")
-    args = ["--zoo", str(tmp_path), "--lab", "lab-keyed", "--out", str(tmp_path / "r.json")]
+    args = [
+        "--zoo",
+        str(tmp_path),
+        "--lab",
+        "lab-keyed",
+        "--heldout-prompts",
+        "3",
+        "--out",
+        str(tmp_path / "r.json"),
+    ]
     record = _load("score_variants").main(args)
     labels = pq.read_table(shipped_directory("builtin:lab-keyed") / "labels.parquet").to_pylist()
     scores = noise_norm(open_model("builtin:lab-keyed", "cpu", torch.float32), [r["caption"] for r in labels])

@@ -251,3 +251,35 @@ def test_build_and_load_errors(lab_dir, tmp_path):
         load_lab_dataset(broken)
     with pytest.raises(DiffmemError, match="multiple of 4"):
         LabConfig(image_size=30)
+
+
+def test_fresh_held_out_prompts_describe_new_scenes_fully(lab_dir):
+    from diffmem.lab.scenes import BACKGROUND_COLOURS
+
+    lab = load_lab_dataset(lab_dir)
+    fresh = lab.fresh_heldout_prompts(40, seed=3)
+    assert len(set(fresh)) == 40 and fresh == lab.fresh_heldout_prompts(40, seed=3)
+    assert fresh != lab.fresh_heldout_prompts(40, seed=4)
+    assert {p.caption for p in lab.heldout_prompts()}.isdisjoint(fresh)
+    assert all(any(f"on a {b} background" in c for b in BACKGROUND_COLOURS) for c in fresh)  # full captions
+    assert lab.fresh_heldout_prompts(0) == []
+    with pytest.raises(DiffmemError, match="at least 0"):
+        lab.fresh_heldout_prompts(-1)
+
+
+def test_fresh_held_out_prompts_skip_every_scene_the_dataset_has(lab_dir, monkeypatch):
+    import diffmem.lab.dataset as dataset_module
+    from diffmem.lab.scenes import Item, Scene
+
+    lab = load_lab_dataset(lab_dir)
+    own = [
+        Scene(r["background"], tuple(Item(i["category"], i["colour"], i["position"], 0) for i in r["items"]))
+        for r in lab.scenes.to_pylist()
+    ]
+    drawn = iter(own)
+    real = dataset_module.random_scene
+    monkeypatch.setattr(
+        dataset_module, "random_scene", lambda rng, pool: next(drawn, None) or real(rng, pool)
+    )
+    fresh = lab.fresh_heldout_prompts(5, seed=0)  # the draw offers every scene of the dataset first
+    assert len(fresh) == 5 and next(drawn, None) is None

@@ -167,9 +167,9 @@ def test_the_zoo_measures_false_positives_on_every_held_out_caption_at_several_s
         }
     )
     parts = ZooLabParts(zoo_lab("lab-trail"), "m", data, tmp_path, tmp_path, tmp_path, tmp_path)
-    drawn, scores = zoo_workflow._heldout_scores(sd, parts, labels, seeds=3, seed=0)
+    drawn, fresh, scores = zoo_workflow._heldout_scores(sd, parts, labels, seeds=3, seed=0, prompts=4)
     kept = [c for c in captions if c != "a blue bag"]
-    assert drawn == kept
+    assert drawn == kept and not fresh.any()  # the lab's own are enough: none drawn
     assert scores.shape == (4, 3) and len(np.unique(scores)) == 12  # every draw its own noise
     scanned = noise_norm(sd, kept, NoiseNormConfig()).scores.numpy()
     np.testing.assert_allclose(scores[:, 0], scanned, rtol=1e-5)  # the first seed is a scan's
@@ -271,3 +271,21 @@ def test_the_zoo_saves_each_explained_caption_word_by_word(sd, tmp_path):
     assert caption["score_without_top"] == pytest.approx(
         caption["scores_without"][caption["words"].index(caption["top_word"])]
     )
+
+
+def test_the_zoo_tops_the_held_out_captions_up_with_fresh_ones(sd, micro_lab_data):
+    import pyarrow as pa
+
+    from diffmem.lab.dataset import load_lab_dataset
+
+    lab = load_lab_dataset(micro_lab_data)
+    own = [p.caption for p in lab.heldout_prompts()]
+    labels = pa.table({"caption": own[:1], "group": ["heldout"], zoo_workflow.TRUTH: [True]})  # one copy
+    parts = ZooLabParts(zoo_lab("lab-micro"), "m", micro_lab_data, *[micro_lab_data] * 4)
+    drawn, fresh, scores = zoo_workflow._heldout_scores(
+        sd, parts, labels, seeds=2, seed=0, prompts=len(own) + 2
+    )
+    assert drawn[: len(own) - 1] == sorted(own[1:], key=own.index)  # the labelled copy left out
+    assert fresh.tolist() == [False] * (len(own) - 1) + [True] * 3  # topped up to the count asked
+    assert set(drawn[len(own) - 1 :]) == set(lab.fresh_heldout_prompts(3, seed=0))
+    assert scores.shape == (len(own) + 2, 2)

@@ -305,6 +305,11 @@ def _fresh_title_words(rng: np.random.Generator, used: set[str]) -> list[str]:
             return words
 
 
+def _content(record: dict) -> tuple:
+    """A ``scenes`` table row's :attr:`Scene.content`."""
+    return record["background"], tuple((i["category"], i["colour"], i["position"]) for i in record["items"])
+
+
 def _item_records(scene: Scene) -> list[dict]:
     return [
         {
@@ -373,6 +378,18 @@ class LabDataset:
     def heldout_prompts(self) -> list[LabPrompt]:
         """The caption of each held-out scene, by scene id."""
         return [LabPrompt(r["scene_id"], r["caption"]) for r in self.heldout.sort_by("scene_id").to_pylist()]
+
+    def fresh_heldout_prompts(self, count: int, seed: int = 0) -> list[str]:
+        """Full captions of ``count`` new scenes, drawn as the held-out ones were but with ``seed``, none of
+        whose contents (background and items) a scene of the dataset has: more held-out prompts, without
+        images."""
+        if count < 0:
+            raise DiffmemError(f"count must be at least 0; got {count}")
+        rng = np.random.default_rng(seed)
+        source = image_source(self.config.image_source)
+        pool = ItemPool(source.load("test")[1], rng, source.name, cycle=True)  # only the classes are read
+        seen = {_content(record) for record in self.scenes.to_pylist()}
+        return [caption(scene, "full", rng) for scene in _distinct_scenes(rng, pool, count, seen)]
 
     def images(self, scene_ids: Sequence[int]) -> torch.Tensor:
         """The images of ``scene_ids``, float [N, 3, H, W] in [0, 1]."""

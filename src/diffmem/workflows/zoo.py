@@ -20,7 +20,7 @@ from diffmem.errors import DiffmemError
 from diffmem.explain.evaluate import trigger_evaluation
 from diffmem.explain.token_significance import ATTRIBUTION_TARGETS, SignificanceConfig
 from diffmem.io.atomic import write_atomic, write_json_atomic, write_parquet_atomic
-from diffmem.lab.dataset import build_lab_dataset
+from diffmem.lab.dataset import build_lab_dataset, load_lab_dataset
 from diffmem.lab.label import LabelConfig, copied_scenes
 from diffmem.lab.zoo import ZOO, ZooLab, zoo_lab, zoo_paths
 from diffmem.metrics.roc import detection_metrics, flagged_share_interval
@@ -167,6 +167,8 @@ class ZooEvalConfig:
     n_generations: int = 2
     explained_captions: int = 24  # memorized captions each explanation ranks
     heldout_seeds: int = 4  # each held-out caption's scores drawn for the false-positive rate
+    # held-out captions the false-positive rate is measured on: the lab's own, topped up with fresh ones
+    heldout_prompts: int = 500
     num_inference_steps: int = 50
     batch_size: int = 16
 
@@ -251,7 +253,9 @@ def _judge(
     trained = np.asarray(pc.equal(labels["group"], "memorized").to_pylist(), dtype=bool)
     profile = model_profile(source, runtime, denoiser, parts.index, parts.copy_detector)
     threshold = profile.detection_threshold
-    heldout_captions, heldout = _heldout_scores(denoiser, parts, labels, config.heldout_seeds, runtime.seed)
+    heldout_captions, fresh, heldout = _heldout_scores(
+        denoiser, parts, labels, config.heldout_seeds, runtime.seed, config.heldout_prompts
+    )
     flagged = heldout > threshold
     fpr_low, fpr_high = flagged_share_interval(flagged, seed=runtime.seed)
     row: dict[str, Any] = {
@@ -261,6 +265,8 @@ def _judge(
         "heldout_fpr": float(flagged.mean()),
         "heldout_fpr_low": fpr_low,  # its 95% interval, resampling held-out captions
         "heldout_fpr_high": fpr_high,
+        "heldout_prompts": len(heldout_captions),
+        "heldout_fresh_prompts": int(fresh.sum()),
         "heldout_scores": heldout.size,
         "memorized_tpr": float((scores[truth] > threshold).mean()),
     }
@@ -270,7 +276,7 @@ def _judge(
     row |= sources | others | explained | _mitigations(parts, config, runtime)
     scored = {
         "": _scored_prompts(labels, truth, own, {"noise_norm": scores.tolist(), **other_scores}),
-        "-heldout": pa.table({"caption": heldout_captions, "scores": heldout.tolist()}),
+        "-heldout": pa.table({"caption": heldout_captions, "fresh": fresh, "scores": heldout.tolist()}),
     }
     return row, tables, scored
 
@@ -286,17 +292,31 @@ def _scored_prompts(
 
 
 def _heldout_scores(
-    denoiser, parts: ZooLabParts, labels: pa.Table, seeds: int, seed: int
+    denoiser, parts: ZooLabParts, labels: pa.Table, seeds: int, seed: int, prompts: int
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """:func:`heldout_captions`, whether each is fresh [P], and their single-generation scores at
+    ``seeds`` seeds [P, seeds]: the draws a scan's false-positive rate is measured on."""
+    captions, fresh = heldout_captions(parts, labels, prompts, seed)
+    scores = single_generation_scores(denoiser, captions, NoiseNormConfig(base_seed=seed), seeds).numpy()
+    return captions, fresh, scores
+
+
+def heldout_captions(
+    parts: ZooLabParts, labels: pa.Table, prompts: int, seed: int
 ) -> tuple[list[str], np.ndarray]:
-    """Every held-out caption of the lab's dataset, less those labelled copies, and its single-generation
-    scores at ``seeds`` seeds [P, seeds]: the draws a scan's false-positive rate is measured on."""
+    """Every held-out caption of the lab's dataset, less those ``labels`` call copies, then fresh ones
+    drawn as the lab draws its own up to ``prompts`` (unlabelled: a fresh caption that copies counts as
+    a false positive); and whether each is fresh [P]."""
     heldout = pc.equal(labels["group"], "heldout")
     copies = set(labels.filter(pc.and_(heldout, labels[TRUTH]))["caption"].to_pylist())
-    captions = pq.read_table(parts.data / "heldout.parquet", columns=["caption"])["caption"].to_pylist()
-    captions = [c for c in captions if c not in copies]
-    return captions, single_generation_scores(
-        denoiser, captions, NoiseNormConfig(base_seed=seed), seeds
-    ).numpy()
+    own = pq.read_table(parts.data / "heldout.parquet", columns=["caption"])["caption"].to_pylist()
+    own = [c for c in own if c not in copies]
+    fresh = (
+        load_lab_dataset(parts.data).fresh_heldout_prompts(prompts - len(own), seed)
+        if len(own) < prompts
+        else []
+    )
+    return own + fresh, np.arange(len(own) + len(fresh)) >= len(own)
 
 
 def _copy_sources(
