@@ -118,11 +118,16 @@ def test_the_zoo_trains_each_lab_in_its_family_from_the_shipped_vae(tmp_path, mo
     assert recipes[3].recipe(seed=0).vae_steps == zoo_lab("lab-64px").vae_steps
 
 
-def test_zoo_refuses_an_unbuilt_lab_and_an_unknown_one(tmp_path):
+def test_zoo_refuses_an_unbuilt_lab_and_an_unknown_one(tmp_path, capsys):
     with pytest.raises(DiffmemError, match="lab-trail is not built .* diffmem lab zoo"):
         evaluate_zoo(ZooEvalConfig(tmp_path, ["lab-trail"]))
     with pytest.raises(DiffmemError, match="no zoo lab 'lab-nine'; choose one of lab-keyed"):
         zoo_lab("lab-nine")
+    from diffmem.cli.main import run
+
+    assert run(["eval", "zoo", str(tmp_path), "--heldout-prompts", "-1"]) == 2
+    message = " ".join(capsys.readouterr().err.replace("│", " ").split())
+    assert "'--heldout-prompts': Input should be greater than or equal to 0" in message  # before any lab
     parts = ZooLabParts.locate(tmp_path, zoo_lab("lab-micro"))
     assert parts.model == "builtin:lab-micro" and parts.data == tmp_path / "lab-micro" / "data"
     # the shipped micro labels judge copies by nL2, so the zoo labels that model again its own way

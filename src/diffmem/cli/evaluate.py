@@ -169,11 +169,19 @@ def zoo(
     ] = 24,
     n_generations: Annotated[int, typer.Option(help="Generations (seeds) per prompt.")] = 2,
     explained_captions: Annotated[int, typer.Option(help="Memorized captions each explanation ranks.")] = 24,
+    heldout_prompts: Annotated[
+        int,
+        typer.Option(
+            min=0, help="Held-out captions the false-positive rate is measured on (topped up fresh)."
+        ),
+    ] = 500,
 ) -> None:
     """Every detector, explanation and mitigation at its defaults on every zoo lab: one table."""
     from diffmem.workflows.zoo import ZooEvalConfig, evaluate_zoo
 
-    config = ZooEvalConfig(root, lab, max_prompts_per_group, n_generations, explained_captions)
+    config = ZooEvalConfig(
+        root, lab, max_prompts_per_group, n_generations, explained_captions, heldout_prompts=heldout_prompts
+    )
     table = evaluate_zoo(config, ctx.obj.runtime)
     table.save(out)
     typer.echo(table.markdown)
