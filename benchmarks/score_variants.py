@@ -30,6 +30,7 @@ from diffmem.calibration.reference_prompts import single_copy_captions
 from diffmem.core.denoiser import Denoiser
 from diffmem.detect.detector import detection_seeds
 from diffmem.detect.first_step import first_step
+from diffmem.detect.noise_norm import NoiseNormConfig, difference_magnitude
 from diffmem.index import TrainingSetIndex
 from diffmem.lab.zoo import zoo_lab
 from diffmem.metrics import detection_metrics
@@ -81,8 +82,8 @@ def _mahalanobis(d: torch.Tensor, o: Ordinary) -> np.ndarray:
 
 
 VARIANTS: dict[str, Callable[[torch.Tensor, Ordinary], np.ndarray]] = {
-    "centred": lambda d, o: _centred(d).flatten(1).norm(dim=1).numpy(),
-    "uncentred": lambda d, o: d.flatten(1).norm(dim=1).numpy(),
+    "centred": lambda d, o: difference_magnitude(d).numpy(),  # the detector's score
+    "uncentred": lambda d, o: difference_magnitude(d, centered=False).numpy(),
     "detail": lambda d, o: (
         (d - F.interpolate(F.avg_pool2d(d, 2), scale_factor=2)).flatten(1).norm(dim=1).numpy()
     ),
@@ -94,11 +95,12 @@ VARIANTS: dict[str, Callable[[torch.Tensor, Ordinary], np.ndarray]] = {
 
 def differences(denoiser: Denoiser, prompts: Sequence[str], seed: int, batch_size: int = 32) -> torch.Tensor:
     """[P, C, H, W] each prompt's first-step difference at one generation (float32, CPU)."""
-    seeds = detection_seeds(seed, range(len(prompts)), 1)
+    seeds, config = detection_seeds(seed, range(len(prompts)), 1), NoiseNormConfig()
     out = []
     for start in range(0, len(prompts), batch_size):
-        chunk = list(prompts[start : start + batch_size])
-        step = first_step(denoiser, denoiser.encode(chunk), seeds[start : start + batch_size], 50, 7.5)
+        chunk, chunk_seeds = list(prompts[start : start + batch_size]), seeds[start : start + batch_size]
+        cond = denoiser.encode(chunk)
+        step = first_step(denoiser, cond, chunk_seeds, config.num_inference_steps, config.guidance_scale)
         out.append((step.eps_cond - step.eps_uncond).float().cpu())
     return torch.cat(out)
 
