@@ -84,7 +84,7 @@ def test_zoo_spans_what_sets_a_models_scale():
     assert {lab.data.trigger_position for lab in ZOO} == set(TITLE_POSITIONS)
     assert {lab.data.memorized_description for lab in ZOO} == set(TITLE_DESCRIPTIONS)
     shares = [lab.data.duplicated_share for lab in ZOO]
-    assert 0.05 <= min(shares) <= 0.15 and 0.25 <= max(shares) <= 0.35
+    assert 0.05 <= min(shares) <= 0.06 and 0.25 <= max(shares) <= 0.35  # the 5-30% of duplicated rows
     assert len({(lab.text_layers, lab.text_width) for lab in ZOO}) >= 3
     assert {lab.data.background_pattern > 0 for lab in ZOO} == {True, False}
     assert {lab.data.image_source for lab in ZOO} == {FASHION_MNIST, DIGITS}  # clothes and handwriting

@@ -193,6 +193,30 @@ ZOO: tuple[ZooLab, ...] = (
         vae_channels=(32, 32, 32, 32),  # 64 px -> 8x8 latents, the other labs' grid
         vae_steps=1000,
     ),
+    ZooLab(
+        "lab-sparse",
+        "velocity; title before a vague description, over words ordinary titles use too; background "
+        "patterns; 5% duplicated",
+        LabConfig(
+            image_size=32,
+            num_memorized=16,
+            memorized_repeats=12,
+            num_duplicated_image=4,
+            duplicated_image_repeats=6,
+            num_unique=4100,
+            num_heldout=64,
+            seed=6,
+            background_pattern=0.8,
+            memorized_description="vague",
+            title_vocabulary=24,
+            titled_unique=0.015,  # four or five ordinary titles a title word, as on lab-trail
+        ),
+        "v_prediction",
+        text_layers=2,
+        text_width=64,
+        unet_steps=5500,  # each memorized image seen about as often as on lab-keyed
+        vae=PATTERN_VAE,
+    ),
 )
 
 
