@@ -209,7 +209,7 @@ ZOO: tuple[ZooLab, ...] = (
             background_pattern=0.8,
             memorized_description="vague",
             title_vocabulary=24,
-            titled_unique=0.015,  # four or five ordinary titles a title word, as on lab-trail
+            titled_unique=0.015,  # about five ordinary titles a title word (lab-trail: four)
         ),
         "v_prediction",
         text_layers=2,
