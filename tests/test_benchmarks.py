@@ -451,3 +451,41 @@ def test_score_variants_scores_the_default_as_the_detector_does(tmp_path):
         fpr = record[f"lab-keyed_{variant}_heldout_fpr"]
         assert 12 * fpr == round(12 * fpr)  # three held-out captions at four seeds
         assert 0 <= record[f"lab-keyed_{variant}_tpr"] <= 1
+
+
+def test_prompt_optimization_selection_counts_draws_by_start_and_gate(tmp_path, monkeypatch):
+    import numpy as np
+
+    from diffmem.calibration.cache import gate_path, profile_path
+    from diffmem.calibration.profile import REFERENCE_SCORES, ModelProfile
+    from diffmem.detect.noise_norm import NoiseNormConfig
+    from diffmem.detect.registry import config_settings
+    from diffmem.index.manifest import read_manifest
+    from diffmem.index.training_set_index import MANIFEST_FILE
+    from diffmem.mitigate.fitted_gate import FittedGate
+    from diffmem.models.source import ModelSource
+
+    monkeypatch.setenv("DIFFMEM_CACHE_DIR", str(tmp_path / "cache"))
+    source = ModelSource.resolve("builtin:lab-keyed")
+    fingerprint = read_manifest(source.reference[0] / MANIFEST_FILE).fingerprint
+    scores = np.linspace(0.4, 1.0, REFERENCE_SCORES).tolist()  # a profile read from the cache, not measured
+
+    def judged(gate_end: float) -> dict:
+        gate = gate_path(source.identity, fingerprint)
+        FittedGate([981.0, 1.0], [0.0, gate_end], 0.9, "copy_similarity", fingerprint, 64, True).save(gate)
+        settings = config_settings(NoiseNormConfig())
+        profile = ModelProfile(
+            source.identity, "index captions", settings, scores, 1, 0.01, str(gate), fingerprint
+        )
+        profile.save(profile_path(source.identity, fingerprint))
+        args = ["--zoo", str(tmp_path), "--lab", "lab-keyed", "--max-prompts", "2", "--heldout-prompts", "2"]
+        return _load("prompt_optimization_selection").main([*args, "--out", str(tmp_path / "r.json")])
+
+    open_gate, shut_gate = judged(-1.0), judged(2.0)  # every plain image passes it / none does
+    assert open_gate["lab-keyed_memorized_draws"] == 4 and open_gate["lab-keyed_memorized_copies"] > 0
+    for what in ("copies", "heldout"):
+        acted = [open_gate[f"lab-keyed_q{q}_{what}_acted"] for q in (95, 90, 80)]
+        assert acted == sorted(acted)  # a lower start acts on more
+        for q in (95, 90, 80):
+            key = f"lab-keyed_q{q}_{what}_acted"
+            assert open_gate[f"{key}_confirmed"] == open_gate[key] and shut_gate[f"{key}_confirmed"] == 0

@@ -7,14 +7,18 @@ import torch
 from diffmem.adapters import wrap_pipeline
 from diffmem.detect.noise_norm import NoiseNormConfig, noise_norm
 from diffmem.errors import DiffmemError
+from diffmem.index import TrainingSetIndex
 from diffmem.mitigate import (
     Guard,
     PromptOptimizationConfig,
+    ReferenceSet,
     SamplingOptions,
     mitigated_generate,
     mitigation_config,
 )
+from diffmem.mitigate.fitted_gate import FittedGate
 from diffmem.mitigate.prompt_optimization import optimize_prompt_embeddings
+from diffmem.mitigate.training_similarity import training_similarity
 from diffmem.models.tiny import tiny_stable_diffusion_xl, tiny_unet2d
 from diffmem.sampling import generate, generation_seed
 
@@ -95,6 +99,32 @@ def test_optimised_prompts_generate_other_images_and_record_what_happened(sd):
     assert table.num_rows == 6 and set(table.column("method").to_pylist()) == {"prompt_optimization"}
     assert table.column("guided_steps").to_pylist() == [4] * 6
     assert all(a < b for a, b in zip(mitigated.extras["final_norm"], mitigated.extras["initial_norm"]))
+
+
+def test_with_a_gate_only_generations_that_end_near_a_training_image_are_optimised(sd, tmp_path):
+    plain = generate(sd, PROMPTS, num_inference_steps=4, guidance_scale=7.5).images
+    noise = torch.rand((20, *plain.shape[1:]), generator=torch.Generator().manual_seed(3))
+    reference = ReferenceSet(TrainingSetIndex.build_pixels(torch.cat([plain[1:2], noise]), ["c"] * 21))
+    sigma = training_similarity(plain, reference)[0]
+    assert sigma[1] > max(sigma[0], sigma[2])  # the second prompt's image is in the training set
+    end = float(sigma[1] + max(sigma[0], sigma[2])) / 2
+    fingerprint = reference.index.manifest.fingerprint
+    FittedGate([981.0, 1.0], [-9.0, end], 0.9, "nl2", fingerprint, 4).save(tmp_path / "gate.json")
+    config = PromptOptimizationConfig(
+        target=0.0, max_iterations=2, reference=reference, gate=str(tmp_path / "gate.json")
+    )
+    result = mitigated_generate(sd, PROMPTS, "prompt_optimization", config, sampling=SAMPLING)
+    assert result.extras["optimization_iterations"] == [0, 2, 0] and result.guided_steps == [0, 4, 0]
+    assert result.extras["plain_similarity"] == pytest.approx(sigma.tolist(), abs=1e-5)
+    assert torch.equal(result.images[0], plain[0]) and torch.equal(result.images[2], plain[2])
+    assert not torch.allclose(result.images[1], plain[1], atol=1e-3)
+    # every sample drawn plainly, the batch scored and optimised twice, one sample drawn again
+    assert result.unet_evaluations == 3 * 4 * 2 + 3 * (2 + 2) + 1 * 4 * 2
+    with pytest.raises(DiffmemError, match="needs the training set it was fitted against"):
+        PromptOptimizationConfig(gate=str(tmp_path / "gate.json"))
+    elsewhere = ReferenceSet(TrainingSetIndex.build_pixels(noise, ["c"] * 20))
+    with pytest.raises(DiffmemError, match="fitted against another training-set index"):
+        PromptOptimizationConfig(reference=elsewhere, gate=str(tmp_path / "gate.json"))
 
 
 @pytest.mark.supports("prompt-optimisation", "unet2d", refused="no text encoder")

@@ -3,6 +3,7 @@ scan, the guard, prompt optimisation and AMG read from it."""
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,19 +159,31 @@ def test_mitigations_read_their_scale_from_the_profile_unless_given_or_preset_pa
         calibrated_settings("amg", {"preset": "tuned"}, made)
 
 
-def test_amg_takes_the_profiles_gate_only_for_the_index_it_was_fitted_to():
+def test_the_profiles_gate_is_taken_only_for_the_index_it_was_fitted_to(tmp_path):
     import torch
 
+    from diffmem.mitigate.fitted_gate import FittedGate
     from diffmem.mitigate.training_similarity import ReferenceSet
 
     index = TrainingSetIndex.build_pixels(torch.rand(4, 3, 4, 4), ["a", "b", "c", "d"])
-    fitted = profile([0.1, 0.2], gate="gate.json", index_fingerprint=index.manifest.fingerprint)
+    gate = str(tmp_path / "gate.json")
+    FittedGate([981.0, 1.0], [0.3, 0.6], 0.8, "nl2", index.manifest.fingerprint, 64).save(Path(gate))
+    scores = np.linspace(0.2, 1.2, 101).tolist()
+    fitted = profile(scores, gate=gate, index_fingerprint=index.manifest.fingerprint)
     excess = {"c3_rule": "excess"}
-    assert calibrated_settings("amg", {}, fitted, ReferenceSet(index)) == {"gate": "gate.json", **excess}
-    elsewhere = profile([0.1, 0.2], gate="gate.json", index_fingerprint="another index")
+    assert calibrated_settings("amg", {}, fitted, ReferenceSet(index)) == {"gate": gate, **excess}
+    elsewhere = profile(scores, gate=gate, index_fingerprint="another index")
     assert calibrated_settings("amg", {}, elsewhere, ReferenceSet(index)) == excess
     assert calibrated_settings("amg", {"c3": 50}, elsewhere, ReferenceSet(index)) == {"c3": 50}
     assert calibrated_settings("amg", {"preset": "paper"}, fitted, ReferenceSet(index)) == {}
+    # prompt optimisation confirms a copy by the same gate, and so starts from the gate's quantile of
+    # ordinary scores, not the 95%; only against the index the gate was fitted to
+    confirmed = calibrated_settings("prompt_optimization", {}, fitted, ReferenceSet(index))
+    assert confirmed["gate"] == gate and confirmed["start"] == pytest.approx(1.0)
+    unconfirmed = calibrated_settings("prompt_optimization", {}, elsewhere, ReferenceSet(index))
+    assert "gate" not in unconfirmed and unconfirmed["start"] == pytest.approx(1.15)
+    paper = calibrated_settings("prompt_optimization", {"preset": "paper"}, fitted, ReferenceSet(index))
+    assert "gate" not in paper
 
 
 def test_the_calibrate_command_writes_a_calibration_the_other_commands_take(tmp_path, capsys):

@@ -15,6 +15,10 @@ defaults they give every method, so that no knob is tuned by hand for a model wi
   more on every zoo lab whose memorization the first-step score sees (docs/results.md).
   Starting above the 95% quantile, not the 90%, spares the ordinary prompts that score among memorized
   ones (the keyed lab: FID 1.20x and -5.6 points of alignment from 90%, 1.02x and 0 from 95%).
+  With a training-set index the gate fitted to it confirms each copy (:mod:`prompt_optimization`), and
+  the start is the gate's own quantile of these scores: each test passes a tenth of ordinary draws, and
+  the score alone no longer has to spare them (the sparse lab: 16% of held-out draws pass the 95%
+  quantile, 5% also pass the gate from the 90%; benchmarks/prompt_optimization_selection.py).
 - AMG's gate is fitted against the training-set index the profile was made with (:mod:`fitted_gate`).
 """
 
@@ -31,6 +35,7 @@ from diffmem.detect.calibration import Calibration
 from diffmem.errors import DiffmemError
 from diffmem.io.atomic import read_json, write_json_atomic
 from diffmem.metrics.roc import threshold_at_fpr
+from diffmem.mitigate.fitted_gate import FittedGate
 
 FORMAT = "diffmem.model_profile"
 PROMPT_QUANTILE = 0.1  # prompt optimisation's target is PROMPT_DEPTH times this quantile of ordinary scores
@@ -84,6 +89,10 @@ class ModelProfile:
     def prompt_start(self) -> float:
         """The score above which prompt optimisation acts: the ``START_QUANTILE`` of ordinary prompts."""
         return float(np.quantile(self.scores, START_QUANTILE))
+
+    def confirmed_start(self, gate: FittedGate) -> float:
+        """The start when ``gate`` confirms each copy: the gate's quantile of ordinary prompts' scores."""
+        return float(np.quantile(self.scores, gate.quantile))
 
     def calibration(self) -> Calibration:
         """The detection calibration the profile implies (for whatever takes a calibration file)."""

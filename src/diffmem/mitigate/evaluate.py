@@ -22,7 +22,7 @@ from diffmem.metrics.quality import fid, kid
 from diffmem.mitigate.generate import mitigated_generate
 from diffmem.mitigate.guard import Guard
 from diffmem.mitigate.mitigation import SamplingOptions
-from diffmem.mitigate.registry import NEEDS_REFERENCE, mitigation_config
+from diffmem.mitigate.registry import NEEDS_REFERENCE, TAKES_REFERENCE, mitigation_config
 from diffmem.mitigate.training_similarity import ReferenceSet, measure_against_training
 
 DEFAULT_METHODS = (
@@ -98,7 +98,7 @@ def evaluate_mitigations(
     groups: Mapping[str, Sequence[str]],
     methods: Sequence[str],
     measures: Sequence[Measure],
-    amg_reference: ReferenceSet | None = None,
+    reference: ReferenceSet | None = None,
     *,
     n_generations: int = 4,
     sampling: SamplingOptions = SamplingOptions(),  # noqa: B008  (frozen)
@@ -125,10 +125,10 @@ def evaluate_mitigations(
         method, settings = parse_method_spec(text)
         if defaults is not None:
             settings = defaults(method, settings)
-        if method in NEEDS_REFERENCE:
-            if amg_reference is None:
-                raise DiffmemError(f"{method} needs a training-set index to guide against")
-            settings = {**settings, "reference": amg_reference}
+        if method in NEEDS_REFERENCE and reference is None:
+            raise DiffmemError(f"{method} needs a training-set index to guide against")
+        if method in TAKES_REFERENCE:
+            settings = {**settings, "reference": reference}
         config = mitigation_config(method, **settings)
         name = text if guard is None else f"guard+{text}"
         tables, summaries, images_by_group, aligned = [], {}, {}, {}

@@ -68,6 +68,12 @@ class FittedGate:
         SSCD curve's level at pure noise) does for that curve."""
         return self(max(self.timesteps))
 
+    @property
+    def end(self) -> float:
+        """The gate at its least noisy step: the similarity a finished ordinary image passes at about
+        ``1 - quantile``."""
+        return self(min(self.timesteps))
+
     def check(self, reference: ReferenceSet) -> None:
         """Raise unless ``reference`` is the index the gate was fitted against."""
         if reference.index.manifest.fingerprint != self.index_fingerprint:

@@ -6,8 +6,13 @@ From x_T, AdamW (lr 0.05) moves every position of the prompt embedding but the s
 is spent. Each sample is optimised on its own with its own seed (the reference optimises a joint norm
 over n generations against l_target = 3 for n = 4; the per-generation target here is l_target / sqrt(n)).
 A ``start`` above the target leaves a generation whose score is at most ``start`` untouched: one
-threshold cannot both spare ordinary prompts and push memorized ones far enough on every model. The norm
-is the noise-norm detector's (centred by default, :mod:`diffmem.detect.noise_norm`), so that a target
+threshold cannot both spare ordinary prompts and push memorized ones far enough on every model.
+
+With the training set (``reference``) and a gate fitted against it (``gate``, as AMG's), a generation
+above ``start`` is first sampled plainly, and only one whose image ends nearer a training image than the
+gate lets ordinary finished images come is optimised and sampled again: the first-step score alone also
+passes ordinary prompts that merely score high, and an embedding optimised that far loses their meaning.
+The norm is the noise-norm detector's (centred by default, :mod:`diffmem.detect.noise_norm`), so that a target
 read from a model's profile is on the scale of the score it lowers; the paper's preset measures it
 uncentred.
 """
@@ -15,7 +20,9 @@ uncentred.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
 
 import torch
 
@@ -24,7 +31,9 @@ from diffmem.core.denoiser import Denoiser
 from diffmem.detect.detector import check_guidance
 from diffmem.detect.noise_norm import difference_magnitude
 from diffmem.errors import DiffmemError
-from diffmem.mitigate.mitigation import Mitigated, SamplingOptions, sampled
+from diffmem.mitigate.fitted_gate import FittedGate
+from diffmem.mitigate.mitigation import Mitigated, SamplingOptions, cfg_evaluations, sampled
+from diffmem.mitigate.training_similarity import ReferenceSet, training_similarity
 from diffmem.sampling import sample
 from diffmem.sampling.guided_sampler import first_step_input, resolve_guidance_scale
 
@@ -41,6 +50,8 @@ class PromptOptimizationConfig:
     learning_rate: float = 0.05
     weight_decay: float = 0.01  # torch's AdamW default, as the reference uses
     centered: bool = True  # the noise norm's measure (diffmem.detect.noise_norm); False: the paper's
+    reference: ReferenceSet | None = field(default=None, compare=False)  # the training set, with ``gate``
+    gate: str | None = None  # a gate file fitted to ``reference``: optimise only generations that pass it
 
     def __post_init__(self) -> None:
         if self.target < 0 or self.max_iterations < 0 or self.learning_rate <= 0:
@@ -52,6 +63,17 @@ class PromptOptimizationConfig:
             raise DiffmemError(
                 f"prompt optimisation's start ({self.start}) must be at least its target ({self.target})"
             )
+        if self.gate is not None:
+            if self.reference is None:
+                raise DiffmemError(
+                    "prompt optimisation's gate needs the training set it was fitted against: give --index"
+                )
+            self.fitted_gate.check(self.reference)
+
+    @cached_property
+    def fitted_gate(self) -> FittedGate | None:
+        """The gate file's curve, when ``gate`` names one."""
+        return None if self.gate is None else FittedGate.load(Path(self.gate))
 
 
 @dataclass(frozen=True)
@@ -72,8 +94,10 @@ def optimize_prompt_embeddings(
     config: PromptOptimizationConfig = PromptOptimizationConfig(),
     num_inference_steps: int = 50,
     scheduler=None,
+    chosen: torch.Tensor | None = None,
 ) -> OptimizedPrompts:
-    """Optimise each sample's prompt embedding (start token fixed) at its own x_T (SPEC §3)."""
+    """Optimise each sample's prompt embedding (start token fixed) at its own x_T (SPEC §3); with
+    ``chosen`` ([B] bool), only the chosen samples' (the others are scored and kept)."""
     _check_text_model(denoiser)
     x_t, t = first_step_input(denoiser, seeds, num_inference_steps, scheduler)
     with torch.no_grad():
@@ -93,6 +117,8 @@ def optimize_prompt_embeddings(
         if initial is None:
             initial = norms.detach()
             done |= initial <= (config.target if config.start is None else config.start)
+            if chosen is not None:
+                done |= ~chosen.to(done.device)
         done |= norms.detach() <= config.target
         if bool(done.all()) or iteration == config.max_iterations:
             break
@@ -120,32 +146,51 @@ def prompt_optimization(
     config: PromptOptimizationConfig,
     sampling: SamplingOptions,
 ) -> Mitigated:
-    """Sample each prompt with its prompt embedding optimised at the first step (same seed)."""
+    """Sample each prompt with its prompt embedding optimised at the first step (same seed); with a gate,
+    only the samples whose plain image passes it."""
     _check_text_model(denoiser)
     check_guidance("prompt-embedding optimisation", resolve_guidance_scale(denoiser, sampling.guidance_scale))
+    cond = denoiser.encode(list(prompts))
+    extras, chosen, plain = {}, None, None
+    if config.fitted_gate is not None:
+        plain = sample(denoiser, cond, seeds, **sampling.sample_kwargs())
+        similarity = _similarity(denoiser, plain, config.reference)
+        chosen = similarity > config.fitted_gate.end
+        extras["plain_similarity"] = similarity.tolist()
     optimized = optimize_prompt_embeddings(
-        denoiser,
-        denoiser.encode(list(prompts)),
-        seeds,
-        config,
-        sampling.num_inference_steps,
-        sampling.scheduler,
+        denoiser, cond, seeds, config, sampling.num_inference_steps, sampling.scheduler, chosen
     )
-    latents = sample(denoiser, optimized.cond, seeds, **sampling.sample_kwargs())
     changed = [n > 0 for n in optimized.iterations]
+    evaluations = optimized.unet_evaluations
+    if plain is None:
+        latents = sample(denoiser, optimized.cond, seeds, **sampling.sample_kwargs())
+    else:
+        latents, rows = plain.clone(), [i for i, c in enumerate(changed) if c]
+        if rows:
+            latents[rows] = sample(
+                denoiser, optimized.cond.select(rows), [seeds[i] for i in rows], **sampling.sample_kwargs()
+            )
+        evaluations += cfg_evaluations(denoiser, len(rows), sampling.num_inference_steps)
     return sampled(
         denoiser,
         sampling,
         latents,
         list(prompts),
         [sampling.num_inference_steps if c else 0 for c in changed],
-        extra_evaluations=optimized.unet_evaluations,
+        extra_evaluations=evaluations,
         extras={
             "optimization_iterations": optimized.iterations,
             "initial_norm": optimized.initial_norm,
             "final_norm": optimized.final_norm,
+            **extras,
         },
     )
+
+
+def _similarity(denoiser: Denoiser, latents: torch.Tensor, reference: ReferenceSet) -> torch.Tensor:
+    """sigma [B] of each finished sample against the training set, as AMG's gate measures it."""
+    with torch.no_grad():
+        return training_similarity(denoiser.decode(latents).float(), reference)[0].cpu()
 
 
 def _check_text_model(denoiser: Denoiser) -> None:

@@ -40,7 +40,8 @@ MITIGATIONS: dict[str, tuple[type, Mitigate]] = {
     "transition_dynamic": (DynamicTransitionConfig, dynamic_transition_point),  # Jain et al.
     "bos_scaling": (BosAttentionScalingConfig, bos_attention_scaling),  # Ren et al. (ECCV 2024)
 }
-NEEDS_REFERENCE = ("amg",)  # mitigations whose config takes the training set (``reference=``)
+TAKES_REFERENCE = ("amg", "prompt_optimization")  # mitigations whose config takes the training set
+NEEDS_REFERENCE = ("amg",)  # of them, those that cannot run without it
 
 
 def mitigation(name: str) -> tuple[type, Mitigate]:

@@ -26,7 +26,7 @@ from diffmem.io.output_dirs import check_output_dir
 from diffmem.io.prompts import read_prompts
 from diffmem.mitigate.generate import mitigated_generate
 from diffmem.mitigate.mitigation import SamplingOptions
-from diffmem.mitigate.registry import NEEDS_REFERENCE, mitigation_config
+from diffmem.mitigate.registry import TAKES_REFERENCE, mitigation_config
 from diffmem.mitigate.training_similarity import ReferenceSet, training_similarity
 from diffmem.models.names import LAB_MODEL
 from diffmem.models.source import ModelSource
@@ -112,7 +112,7 @@ def audit(config: AuditConfig, runtime: Runtime | None = None) -> Audit:
     if denoiser.conditioning != "text":
         raise DiffmemError("an audit scores prompts: it needs a text-to-image model")
     name, given = parse_method_spec(config.mitigation or ("amg" if reference else "prompt_optimization"))
-    attached = {"reference": reference} if name in NEEDS_REFERENCE else {}
+    attached = {"reference": reference} if name in TAKES_REFERENCE else {}
     mitigation_config(name, **calibrated_settings(name, given, None), **attached)  # checked before any work
     profile = model_profile(source, runtime, denoiser, *((index, encoder) if index else ()))
     detector = NoiseNormConfig(base_seed=runtime.seed, batch_size=config.batch_size)

@@ -196,8 +196,9 @@ def calibrated_settings(
     name: str, settings: dict[str, Any], profile: ModelProfile | None, reference: ReferenceSet | None = None
 ) -> dict[str, Any]:
     """A mitigation's settings: the ones given, over the model's calibrated defaults (prompt optimisation's
-    target, and the start and iteration budget that come with it; AMG's gate for this index and its excess
-    rule for the dissimilarity step); ``preset=paper`` keeps the papers' constants instead."""
+    target, and the start and iteration budget that come with it; the gate fitted for this index, which
+    AMG guides by and prompt optimisation confirms a copy with; AMG's excess rule for the dissimilarity
+    step); ``preset=paper`` keeps the papers' constants instead."""
     settings = dict(settings)
     preset = settings.pop("preset", "calibrated")
     if preset not in PRESETS:
@@ -206,13 +207,15 @@ def calibrated_settings(
         settings.setdefault("centered", False)  # the paper's target is on its uncentred norm
     if preset == "paper" or profile is None:
         return settings
+    fitted = reference is not None and profile.index_fingerprint == reference.index.manifest.fingerprint
+    gate = profile.gate if fitted else None
     if name == "prompt_optimization" and "target" not in settings:
         settings["target"] = profile.prompt_target
-        settings.setdefault("start", max(profile.prompt_start, profile.prompt_target))
+        start = profile.prompt_start if gate is None else profile.confirmed_start(FittedGate.load(Path(gate)))
+        settings.setdefault("start", max(start, profile.prompt_target))
         settings.setdefault("max_iterations", PROMPT_ITERATIONS)
-    fitted = reference is not None and profile.index_fingerprint == reference.index.manifest.fingerprint
-    if name == "amg" and fitted and profile.gate is not None:
-        settings.setdefault("gate", profile.gate)
+    if name in ("amg", "prompt_optimization") and gate is not None:
+        settings.setdefault("gate", gate)
     if name == "amg" and not {"c3", "c3_rule"} & set(settings):
         settings["c3_rule"] = "excess"  # a dissimilarity step in units of the gate, not of SSCD's scale
     return settings

@@ -37,7 +37,7 @@ from diffmem.mitigate.evaluate import (
     results_markdown,
 )
 from diffmem.mitigate.mitigation import SamplingOptions
-from diffmem.mitigate.registry import NEEDS_REFERENCE, mitigation_config
+from diffmem.mitigate.registry import TAKES_REFERENCE, mitigation_config
 from diffmem.models.names import DEFAULT_MODEL, LAB_MODEL
 from diffmem.models.source import ModelSource
 from diffmem.models.spec import ModelSpec
@@ -217,7 +217,7 @@ def evaluate_mitigation(
     reader = load_reader(config.reader, runtime.device) if config.reader else None
     specs = [parse_method_spec(m) for m in config.methods]
     for name, given in specs:  # every method's settings checked before any work
-        reference = {"reference": chosen} if name in NEEDS_REFERENCE else {}
+        reference = {"reference": chosen} if name in TAKES_REFERENCE else {}
         mitigation_config(name, **calibrated_settings(name, {**given, **reference}, None))
     denoiser = source.open(runtime.device, runtime.dtype, runtime.speedups)
     quality = _quality(config, table, references, reader, denoiser, runtime.seed)

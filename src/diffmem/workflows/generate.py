@@ -23,7 +23,7 @@ from diffmem.mitigate import (
     mitigated_generate,
     mitigation_config,
 )
-from diffmem.mitigate.registry import NEEDS_REFERENCE
+from diffmem.mitigate.registry import TAKES_REFERENCE
 from diffmem.mitigate.training_similarity import measure_against_training
 from diffmem.models.names import DEFAULT_MODEL
 from diffmem.models.source import ModelSource
@@ -90,12 +90,12 @@ def generate_images(config: GenerateConfig, runtime: Runtime | None = None) -> G
     source = ModelSource.resolve(config.model)
     name, settings = parse_method_spec(config.mitigation)
     index, encoder = config.index, config.encoder
-    if index is None and name in NEEDS_REFERENCE and source.reference is not None:
+    if index is None and name in TAKES_REFERENCE and source.reference is not None:
         index, encoder = source.reference  # the lab model's own training set
     if encoder is not None and index is None:
         raise DiffmemError("--encoder goes with an embedding index: give --index too")
     reference = training_reference(index, encoder, runtime.device, source) if index else None
-    given = {**settings, **({"reference": reference} if name in NEEDS_REFERENCE else {})}
+    given = {**settings, **({"reference": reference} if name in TAKES_REFERENCE else {})}
     mitigation_config(name, **calibrated_settings(name, given, None))  # settings checked before any work
     denoiser = source.open(runtime.device, runtime.dtype, runtime.speedups)
     left = left_to_profile(name, settings)
@@ -105,7 +105,7 @@ def generate_images(config: GenerateConfig, runtime: Runtime | None = None) -> G
         # against the command's index when it has one: its single-copy captions are the model's own kind of text
         profile = model_profile(source, runtime, denoiser, *((index, encoder) if index else ()))
     settings = calibrated_settings(name, settings, profile, reference)
-    if name in NEEDS_REFERENCE:
+    if name in TAKES_REFERENCE:
         settings["reference"] = reference
     method = mitigation_config(name, **settings)
     guard = calibrated_guard(source, config.calibration, profile) if config.guard else None
