@@ -39,7 +39,7 @@ def test_the_profile_places_the_threshold_and_the_target_among_ordinary_scores()
     made = profile(scores, target_fpr=0.05)
     assert np.mean(np.array(scores) > made.detection_threshold) == pytest.approx(0.05, abs=0.006)
     assert made.prompt_target == pytest.approx(0.025)  # a quarter of the ordinary 10% quantile
-    assert made.prompt_start == pytest.approx(0.95)
+    assert made.prompt_start() == pytest.approx(0.95)
     calibration = made.calibration()
     assert calibration.threshold == made.detection_threshold and calibration.num_prompts == 201
     calibration.check("noise_norm", config_settings(NoiseNormConfig()), "model-hash")
@@ -138,6 +138,19 @@ def test_scan_and_explain_given_the_training_set_flag_by_the_profile_against_it(
     with pytest.raises(DiffmemError, match="--encoder goes with an embedding index"):
         scan(ScanConfig(model="builtin:tiny-sd", prompts=prompts, encoder=tmp_path / "enc"), tmp_path / "s2")
     assert not (tmp_path / "s2").exists()  # refused before any work
+    # prompt optimisation given the same index confirms copies by the profile's gate, from its quantile
+    from diffmem.mitigate.fitted_gate import FittedGate
+
+    args = ["generate", "a cat", "--model", "builtin:tiny-sd", "--index", str(tmp_path / "index")]
+    assert (
+        run([*args, "--mitigation", "prompt_optimization", "--steps", "4", "--out", str(tmp_path / "g")]) == 0
+    )
+    settings = json.loads((tmp_path / "g" / "summary.json").read_text())["config"]["mitigation_settings"]
+    start = against.prompt_start(FittedGate.load(Path(against.gate)))
+    assert settings["gate"] == against.gate and settings["start"] == pytest.approx(
+        max(start, settings["target"])
+    )
+    assert start < against.prompt_start()  # the gate's 90% quantile, not the 95% the score alone starts from
     # explain flags by the same profile
     args = ["explain", "a cat", "--model", "builtin:tiny-sd", "--index", str(tmp_path / "index")]
     assert run([*args, "--attribute-to", "prompt_embeds", "--out", str(tmp_path / "explain")]) == 0
@@ -192,7 +205,7 @@ def test_the_calibrate_command_writes_a_calibration_the_other_commands_take(tmp_
     out = tmp_path / "calibration.json"
     assert run(["calibrate", "--model", "builtin:tiny-sd", "--prompts", str(prompts), "--out", str(out)]) == 0
     made = model_profile(ModelSource.resolve("builtin:tiny-sd"))  # the one just cached
-    said = f"prompt optimisation's target {made.prompt_target:.4g} from {made.prompt_start:.4g}"
+    said = f"prompt optimisation's target {made.prompt_target:.4g} from {made.prompt_start():.4g}"
     assert said in capsys.readouterr().out
     Calibration.load(out).check("noise_norm", config_settings(NoiseNormConfig()), "builtin:tiny-sd")
     assert run(["calibrate", "--model", "builtin:tiny-sd", "--n-generations", "2"]) != 0

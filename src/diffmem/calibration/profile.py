@@ -85,14 +85,11 @@ class ModelProfile:
         ordinary prompts' scores."""
         return PROMPT_DEPTH * float(np.quantile(self.scores, PROMPT_QUANTILE))
 
-    @property
-    def prompt_start(self) -> float:
-        """The score above which prompt optimisation acts: the ``START_QUANTILE`` of ordinary prompts."""
-        return float(np.quantile(self.scores, START_QUANTILE))
-
-    def confirmed_start(self, gate: FittedGate) -> float:
-        """The start when ``gate`` confirms each copy: the gate's quantile of ordinary prompts' scores."""
-        return float(np.quantile(self.scores, gate.quantile))
+    def prompt_start(self, confirmed_by: FittedGate | None = None) -> float:
+        """The score above which prompt optimisation acts: the ``START_QUANTILE`` of ordinary prompts, or
+        the quantile of the gate that confirms each copy (``confirmed_by``)."""
+        quantile = START_QUANTILE if confirmed_by is None else confirmed_by.quantile
+        return float(np.quantile(self.scores, quantile))
 
     def calibration(self) -> Calibration:
         """The detection calibration the profile implies (for whatever takes a calibration file)."""

@@ -85,15 +85,18 @@ def calibrate(
 
 def _report(profile: ModelProfile, index: Path | None, out: Path | None) -> None:
     """What the profile sets, and the detection calibration written to ``out`` when given."""
+    from diffmem.mitigate.fitted_gate import FittedGate
+
     calibration = profile.calibration()
-    gate = "" if profile.gate is None else f"; AMG's gate fitted to {index}"
+    fitted = None if profile.gate is None else FittedGate.load(Path(profile.gate))
+    gate = "" if fitted is None else f", each copy confirmed by the gate fitted to {index} (AMG's)"
     each = profile.generations_per_prompt
     seeds = f" at {each} seeds each" if each > 1 else ""
     typer.echo(
         f"threshold {calibration.threshold:.6g} flags {calibration.observed_fpr:.1%} of {len(profile.scores)} "
         f"scores of {calibration.num_prompts} ordinary prompts{seeds} ({profile.reference}; target "
         f"{profile.target_fpr:.1%}); prompt optimisation's "
-        f"target {profile.prompt_target:.4g} from {profile.prompt_start:.4g}{gate}"
+        f"target {profile.prompt_target:.4g} from {profile.prompt_start(fitted):.4g}{gate}"
     )
     if out is not None:
         calibration.save(out)

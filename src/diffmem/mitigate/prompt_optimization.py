@@ -6,15 +6,16 @@ From x_T, AdamW (lr 0.05) moves every position of the prompt embedding but the s
 is spent. Each sample is optimised on its own with its own seed (the reference optimises a joint norm
 over n generations against l_target = 3 for n = 4; the per-generation target here is l_target / sqrt(n)).
 A ``start`` above the target leaves a generation whose score is at most ``start`` untouched: one
-threshold cannot both spare ordinary prompts and push memorized ones far enough on every model.
+threshold cannot both spare ordinary prompts and push memorized ones far enough on every model. The norm
+is the noise-norm detector's (centred by default, :mod:`diffmem.detect.noise_norm`), so that a target
+read from a model's profile is on the scale of the score it lowers; the paper's preset measures it
+uncentred.
 
 With the training set (``reference``) and a gate fitted against it (``gate``, as AMG's), a generation
 above ``start`` is first sampled plainly, and only one whose image ends nearer a training image than the
-gate lets ordinary finished images come is optimised and sampled again: the first-step score alone also
-passes ordinary prompts that merely score high, and an embedding optimised that far loses their meaning.
-The norm is the noise-norm detector's (centred by default, :mod:`diffmem.detect.noise_norm`), so that a target
-read from a model's profile is on the scale of the score it lowers; the paper's preset measures it
-uncentred.
+gate lets ordinary finished images come is optimised and sampled again; the others keep their plain
+image. The first-step score alone also passes ordinary prompts that merely score high, and an embedding
+optimised that far loses their meaning.
 """
 
 from __future__ import annotations

@@ -211,7 +211,7 @@ def calibrated_settings(
     gate = profile.gate if fitted else None
     if name == "prompt_optimization" and "target" not in settings:
         settings["target"] = profile.prompt_target
-        start = profile.prompt_start if gate is None else profile.confirmed_start(FittedGate.load(Path(gate)))
+        start = profile.prompt_start(None if gate is None else FittedGate.load(Path(gate)))
         settings.setdefault("start", max(start, profile.prompt_target))
         settings.setdefault("max_iterations", PROMPT_ITERATIONS)
     if name in ("amg", "prompt_optimization") and gate is not None:
