@@ -127,6 +127,21 @@ def test_with_a_gate_only_generations_that_end_near_a_training_image_are_optimis
         PromptOptimizationConfig(reference=elsewhere, gate=str(tmp_path / "gate.json"))
 
 
+def test_a_redraw_is_kept_only_if_it_ends_no_nearer_the_training_set(sd, tmp_path):
+    config = PromptOptimizationConfig(target=0.0, max_iterations=2)
+    optimised = mitigated_generate(sd, PROMPTS, "prompt_optimization", config, sampling=SAMPLING).images
+    plain = generate(sd, PROMPTS, num_inference_steps=4, guidance_scale=7.5).images
+    for training, kept in ((optimised, plain), (plain, optimised)):  # the redraws are copies / the plain are
+        reference = ReferenceSet(TrainingSetIndex.build_pixels(training, ["c"] * 3))
+        gate = tmp_path / f"gate-{reference.index.manifest.fingerprint}.json"
+        FittedGate([981.0, 1.0], [-9.0, -9.0], 0.9, "nl2", reference.index.manifest.fingerprint, 4).save(gate)
+        gated = PromptOptimizationConfig(target=0.0, max_iterations=2, reference=reference, gate=str(gate))
+        result = mitigated_generate(sd, PROMPTS, "prompt_optimization", gated, sampling=SAMPLING)
+        assert result.extras["optimization_iterations"] == [2, 2, 2]
+        torch.testing.assert_close(result.images, kept)
+        assert result.guided_steps == ([0, 0, 0] if kept is plain else [4, 4, 4])
+
+
 @pytest.mark.supports("prompt-optimisation", "unet2d", refused="no text encoder")
 def test_prompt_optimisation_works_on_sdxl_and_refuses_models_without_text():
     sdxl = wrap_pipeline(tiny_stable_diffusion_xl())

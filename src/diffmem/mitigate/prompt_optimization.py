@@ -13,8 +13,8 @@ uncentred.
 
 With the training set (``reference``) and a gate fitted against it (``gate``, as AMG's), a generation
 above ``start`` is first sampled plainly, and only one whose image ends nearer a training image than the
-gate lets ordinary finished images come is optimised and sampled again; the others keep their plain
-image. The first-step score alone also passes ordinary prompts that merely score high, and an embedding
+gate lets ordinary finished images come is optimised and sampled again, the new image kept unless it
+ends nearer the training set; the others keep their plain image. The first-step score alone also passes ordinary prompts that merely score high, and an embedding
 optimised that far loses their meaning.
 """
 
@@ -167,11 +167,17 @@ def prompt_optimization(
         latents = sample(denoiser, optimized.cond, seeds, **sampling.sample_kwargs())
     else:
         latents, rows = plain.clone(), [i for i, c in enumerate(changed) if c]
+        evaluations += cfg_evaluations(denoiser, len(rows), sampling.num_inference_steps)
         if rows:
-            latents[rows] = sample(
+            redrawn = sample(
                 denoiser, optimized.cond.select(rows), [seeds[i] for i in rows], **sampling.sample_kwargs()
             )
-        evaluations += cfg_evaluations(denoiser, len(rows), sampling.num_inference_steps)
+            # a redraw that ends nearer the training set than the plain image is not kept
+            farther = (_similarity(denoiser, redrawn, config.reference) <= similarity[rows]).tolist()
+            for row, keep, image in zip(rows, farther, redrawn):
+                if keep:
+                    latents[row] = image
+                changed[row] = keep
     return sampled(
         denoiser,
         sampling,
