@@ -31,7 +31,7 @@ from diffmem.workflows.evaluate import read_labels
 from diffmem.workflows.inputs import training_reference
 from diffmem.workflows.runtime import Runtime
 from diffmem.workflows.zoo import LAB_COPY_THRESHOLD, ZooEvalConfig, ZooLabParts
-from support import report
+from support import report, zoo_parser
 
 STARTS = (0.95, 0.9, 0.8)  # quantiles of ordinary prompts' scores a generation must pass
 GENERATIONS = ZooEvalConfig.n_generations
@@ -106,17 +106,11 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--zoo", type=Path, required=True, help="the folder `diffmem lab zoo` built")
-    parser.add_argument("--lab", action="append", required=True, help="a zoo lab (repeat for more)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = zoo_parser(__doc__, "benchmarks/results/prompt_optimization_selection.json")
     parser.add_argument(
         "--max-prompts", type=int, default=ZooEvalConfig.max_prompts_per_group, help="memorized captions"
     )
     parser.add_argument("--heldout-prompts", type=int, default=64, help="held-out captions")
-    parser.add_argument("--out", default="benchmarks/results/prompt_optimization_selection.json")
     return parser
 
 

@@ -36,7 +36,7 @@ from diffmem.lab.zoo import zoo_lab
 from diffmem.metrics import detection_metrics
 from diffmem.models.source import ModelSource
 from diffmem.workflows.zoo import TRUTH, ZooEvalConfig, ZooLabParts, heldout_captions
-from support import report
+from support import report, zoo_parser
 
 ORDINARY = 256  # single-copy captions a lab's ordinary prompts are drawn from
 PRINCIPAL = 4  # principal directions of ordinary prompts' differences left out by "residual"
@@ -140,19 +140,13 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--zoo", type=Path, required=True, help="the folder `diffmem lab zoo` built")
-    parser.add_argument("--lab", action="append", required=True, help="a zoo lab (repeat for more)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = zoo_parser(__doc__, "benchmarks/results/score_variants.json")
     parser.add_argument(
         "--heldout-prompts",
         type=int,
         default=ZooEvalConfig.heldout_prompts,
         help="held-out captions, at least",
     )
-    parser.add_argument("--out", default="benchmarks/results/score_variants.json")
     return parser
 
 

@@ -55,6 +55,18 @@ def report(record: dict, out: str | Path) -> dict:
     return record
 
 
+def zoo_parser(description: str, out: str) -> argparse.ArgumentParser:
+    """The options every zoo benchmark takes: --zoo, --lab (repeatable), --seed and --out (the record)."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--zoo", type=Path, required=True, help="the folder `diffmem lab zoo` built")
+    parser.add_argument("--lab", action="append", required=True, help="a zoo lab (repeat for more)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=out)
+    return parser
+
+
 def benchmark_parser(description: str, out: str, sizes: tuple[str, ...] = SIZES) -> argparse.ArgumentParser:
     """The options every benchmark takes: --size (one of ``sizes``), --device, --dtype and --out (the JSON
     record)."""
