@@ -14,8 +14,8 @@ uncentred.
 With the training set (``reference``) and a gate fitted against it (``gate``, as AMG's), a generation
 above ``start`` is first sampled plainly, and only one whose image ends nearer a training image than the
 gate lets ordinary finished images come is optimised and sampled again, the new image kept unless it
-ends nearer the training set; the others keep their plain image. The first-step score alone also passes ordinary prompts that merely score high, and an embedding
-optimised that far loses their meaning.
+ends nearer the training set; the others keep their plain image. The first-step score alone also
+passes ordinary prompts that merely score high, and an embedding optimised that far loses their meaning.
 """
 
 from __future__ import annotations
