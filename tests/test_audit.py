@@ -75,6 +75,7 @@ def test_the_audit_scores_every_prompt_and_examines_the_flagged_ones(audited):
         and summary["mitigation_settings"]["max_iterations"] == 2
     )
     assert summary["mitigation_settings"]["target"] > 0  # the model's calibrated target, not given
+    assert summary["mitigation_settings"]["gate"].endswith(".json")  # copies confirmed against the index
 
 
 def test_the_report_shows_each_flagged_prompt_beside_its_nearest_training_image(audited, browser):
