@@ -57,6 +57,7 @@ def test_generate_with_a_mitigation_writes_what_it_did_and_the_nearest_training_
     assert all(r["nearest_training_id"] is not None and r["nl2"] >= 0 for r in rows)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"]["mitigation"] == "rna" and summary["results"]["mitigated"] == 4
+    assert summary["results"]["changed"] == 4  # every prompt drawn with a random number added
 
 
 def test_generate_guard_mitigates_only_prompts_above_the_calibrated_threshold(tmp_path, capsys):

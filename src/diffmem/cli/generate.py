@@ -89,6 +89,6 @@ def generate(
     )  # fmt: skip
     run = generate_images(config, ctx.obj.runtime)
     paths = run.save(out, overwrite)
-    mitigated, name = run.counts["mitigated"], run.config["mitigation"]
-    note = f" ({mitigated} with {name})" if name != "none" else ""
+    mitigated, changed, name = run.counts["mitigated"], run.counts["changed"], run.config["mitigation"]
+    note = f" ({mitigated} with {name}, {changed} changed by it)" if name != "none" else ""
     typer.echo(f"wrote {len(paths)} images{note}, generations.parquet and summary.json to {out}")

@@ -148,6 +148,7 @@ def generate_images(config: GenerateConfig, runtime: Runtime | None = None) -> G
     counts = {
         "images": len(result.method),
         "mitigated": mitigated,
+        "changed": sum(steps > 0 for steps in result.guided_steps),  # images the mitigation altered
         "unet_evaluations": result.unet_evaluations,
     }
     return GenerationRun(result, table, record, counts)
