@@ -20,12 +20,12 @@ import pyarrow.compute as pc
 import torch
 
 from diffmem.core.denoiser import Denoiser
+from diffmem.detect.noise_norm import NoiseNormConfig, single_generation_scores
 from diffmem.lab.zoo import zoo_lab
 from diffmem.mitigate.fitted_gate import FittedGate
-from diffmem.mitigate.prompt_optimization import PromptOptimizationConfig, optimize_prompt_embeddings
 from diffmem.mitigate.training_similarity import ReferenceSet, training_similarity
 from diffmem.models.source import ModelSource
-from diffmem.sampling import generate, generation_seed
+from diffmem.sampling import generate
 from diffmem.workflows.calibrate import model_profile
 from diffmem.workflows.evaluate import read_labels
 from diffmem.workflows.inputs import training_reference
@@ -35,35 +35,15 @@ from support import report, zoo_parser
 
 STARTS = (0.95, 0.9, 0.8)  # quantiles of ordinary prompts' scores a generation must pass
 GENERATIONS = ZooEvalConfig.n_generations
-BATCH = 32
-
-
-def first_step_scores(denoiser: Denoiser, prompts: list[str], seed: int) -> np.ndarray:
-    """Each draw's first-step score as prompt optimisation measures it, in ``generate``'s order."""
-    seeds = [generation_seed(seed, i, g) for i in range(len(prompts)) for g in range(GENERATIONS)]
-    cond = denoiser.encode(prompts).repeat_interleave(GENERATIONS)
-    unmoved = PromptOptimizationConfig(max_iterations=0)
-    scores = [
-        optimize_prompt_embeddings(
-            denoiser, cond.select(slice(b, b + BATCH)), seeds[b : b + BATCH], unmoved
-        ).initial_norm
-        for b in range(0, len(seeds), BATCH)
-    ]
-    return np.concatenate(scores)
 
 
 def plain_similarity(
     denoiser: Denoiser, prompts: list[str], reference: ReferenceSet, seed: int
 ) -> np.ndarray:
-    """Each draw's finished plain image's similarity to its nearest training image."""
+    """Each draw's finished plain image's similarity to its nearest training image (sigma, as the gate)."""
     images = generate(denoiser, prompts, n_generations=GENERATIONS, base_seed=seed, batch_size=16).images
     with torch.no_grad():
-        return np.concatenate(
-            [
-                training_similarity(images[b : b + BATCH], reference)[0].numpy()
-                for b in range(0, len(images), BATCH)
-            ]
-        )
+        return training_similarity(images, reference)[0].numpy()
 
 
 def judge_lab(zoo: Path, name: str, seed: int, max_prompts: int, heldout: int) -> dict:
@@ -79,7 +59,9 @@ def judge_lab(zoo: Path, name: str, seed: int, max_prompts: int, heldout: int) -
     record = {}
     for group, count in (("memorized", max_prompts), ("heldout", heldout)):
         prompts = labels.filter(pc.equal(labels["group"], group))["caption"].to_pylist()[:count]
-        scores = first_step_scores(denoiser, prompts, seed)
+        # each draw's first-step score, at the seed generate draws it with, as prompt optimisation reads it
+        scores = single_generation_scores(denoiser, prompts, NoiseNormConfig(base_seed=seed), GENERATIONS)
+        scores = scores.flatten().numpy()
         similarity = plain_similarity(denoiser, prompts, reference, seed)
         judged = similarity > LAB_COPY_THRESHOLD if group == "memorized" else np.ones_like(scores, bool)
         what = "copies" if group == "memorized" else "heldout"
