@@ -6,6 +6,9 @@ random non-trigger word) takes a flagged prompt below the calibrated threshold.
     python benchmarks/explain_triggers.py --model data/lab-small150 \\
         --labels data/lab-small150/labels/labels.parquet --calibration data/lab-small150/calibration.json
     python benchmarks/explain_triggers.py --model builtin:lab-micro --attribute-to token_embeddings
+
+Word replacement weighs each word beyond its significance in ordinary prompts, as `diffmem explain`
+does (the shipped model's index captions; `--no-ordinary`: significance alone).
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import pyarrow.parquet as pq
 from diffmem.explain.evaluate import trigger_evaluation
 from diffmem.explain.token_significance import ATTRIBUTION_TARGETS, SignificanceConfig
 from diffmem.models.names import LAB_MODEL
-from diffmem.models.source import open_model, shipped_directory
+from diffmem.models.source import ModelSource, shipped_directory
+from diffmem.workflows.ordinary_significance import ordinary_significance
 from support import report
 
 
@@ -39,13 +43,21 @@ def main(argv: list[str] | None = None) -> dict:
     config = SignificanceConfig(
         steps=args.steps, n_generations=args.n_generations, attribute_to=args.attribute_to
     )
+    source = ModelSource.resolve(args.model)
+    denoiser = source.open()
+    ordinary = (
+        ordinary_significance(source, config, denoiser=denoiser)
+        if args.ordinary and config.attribute_to == "word_replacement"
+        else None
+    )
     t = trigger_evaluation(
-        open_model(args.model),
+        denoiser,
         [r["caption"] for r in rows],
         [r["trigger_words"] for r in rows],
         threshold,
         config,
         carrying=False,
+        ordinary=ordinary,
     ).to_pylist()
     flagged = [r for r in t if r["flagged"]]
     record = {
@@ -55,6 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
         "steps": args.steps,
         "n_generations": args.n_generations,
         "attribute_to": args.attribute_to,
+        "ordinary_prompts": None if ordinary is None else ordinary.prompts,
         "captions": len(t),
         "top_is_trigger": sum(r["top_is_trigger"] for r in t),
         "top_is_trigger_share": sum(r["top_is_trigger"] for r in t) / len(t),
@@ -88,6 +101,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--n-generations", type=int, default=1)
     parser.add_argument(
         "--attribute-to", choices=ATTRIBUTION_TARGETS, default="prompt_embeds", help="see token_significance"
+    )
+    parser.add_argument(
+        "--no-ordinary",
+        dest="ordinary",
+        action="store_false",
+        help="word replacement: rank by significance alone, not beyond ordinary prompts'",
     )
     parser.add_argument("--out", default="benchmarks/results/explain_triggers.json")
     return parser

@@ -103,6 +103,7 @@ def test_explain_triggers_smoke(tmp_path):
     record = _load("explain_triggers").main(["--model", "builtin:lab-micro", "--out", str(out)])  # first step
     assert json.loads(out.read_text()) == record
     assert record["captions"] == 24 and 0 <= record["top_is_trigger"] <= 24
+    assert record["ordinary_prompts"] is None  # a gradient weighs no word against ordinary prompts
     assert record["below_without_top"] <= record["flagged"] <= 24
     assert record["mean_score_without_top"] < record["mean_score"]  # the top word carries part of the score
     with pytest.raises(SystemExit):  # a model of one's own needs its labels and calibration named
@@ -219,6 +220,7 @@ def test_explain_triggers_on_the_keyed_model_meets_the_explanation_goals(tmp_pat
     args += ["--captions", "64"]  # the first 64 of 150 (all 150 in docs/explain.md)
     record = _load("explain_triggers").main([*args, "--out", str(tmp_path / "record.json")])
     assert record["captions"] == 64 and record["top_is_trigger_share"] >= 0.8
+    assert record["ordinary_prompts"] == 64  # weighed against the shipped index's captions, as explain does
     assert record["below_without_top"] >= 0.7 * record["flagged"] > record["below_without_random"]
 
 

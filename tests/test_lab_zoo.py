@@ -14,6 +14,8 @@ import pytest
 from diffmem.adapters import wrap_pipeline
 from diffmem.core.denoiser import FLOW_PREDICTION
 from diffmem.errors import DiffmemError
+from diffmem.explain.ordinary_significance import measure_ordinary_significance
+from diffmem.explain.token_significance import SignificanceConfig
 from diffmem.lab.alignment import parse_caption, stated_facts
 from diffmem.lab.captions import TITLE_DESCRIPTIONS, TITLE_POSITIONS, titled_caption
 from diffmem.lab.dataset import LabConfig, build_lab_dataset, load_lab_dataset
@@ -259,7 +261,9 @@ def test_the_zoo_saves_each_explained_caption_word_by_word(sd, tmp_path):
         }
     )
     truth = np.array([True, False, True])  # only copying memorized captions are explained
-    row, tables = zoo_workflow._explanations(sd, labels, truth, 0.0, ZooEvalConfig(tmp_path))
+    config = SignificanceConfig(attribute_to="word_replacement")
+    ordinary = measure_ordinary_significance(sd, ["a red bag", "a coat"], config, "test")
+    row, tables = zoo_workflow._explanations(sd, labels, truth, 0.0, ZooEvalConfig(tmp_path), ordinary)
     assert set(tables) == {"prompt_embeds", "token_embeddings", "word_replacement"}
     assert row["top_is_trigger_word_replacement"] == float(
         tables["word_replacement"]["top_is_trigger"][0].as_py()
@@ -273,6 +277,9 @@ def test_the_zoo_saves_each_explained_caption_word_by_word(sd, tmp_path):
     assert [r["prompt"] for r in saved] == ["the zorblax poster: a red sneaker"]
     (caption,) = saved
     assert caption["words"][1] == "zorblax" and len(caption["scores_alone"]) == len(caption["words"])
+    assert caption["ordinary"][caption["words"].index("red")] == ordinary.words["red"]  # weighed beyond it
+    assert caption["ordinary"][1] == ordinary.overall  # a word no ordinary prompt uses
+    assert tables["prompt_embeds"]["ordinary"].to_pylist() == [None]
     assert caption["score_without_top"] == pytest.approx(
         caption["scores_without"][caption["words"].index(caption["top_word"])]
     )

@@ -1,6 +1,7 @@
 """`diffmem serve`: the JSON API over the shipped lab model, its limits and queue, and the page in a real
 headless browser (Debian's chromium + chromedriver through selenium)."""
 
+import dataclasses
 import json
 import socket
 import threading
@@ -105,6 +106,26 @@ def test_explain_answers_the_score_flag_and_word_significance_of_token_significa
     assert found.found and answer["carrying"]["text"].endswith("takes it under the threshold")
     status, picture = request(server, "/api/thumbnail", {"prompt": MEMORIZED})
     assert status == 200 and picture["png"].startswith("iVBORw0KGgo")  # base64 of the PNG signature
+
+
+def test_words_are_weighed_beyond_the_ordinary_prompts_measured_once_on_the_worker(lab, threshold):
+    from diffmem.explain.ordinary_significance import OrdinarySignificance
+
+    config = SignificanceConfig(attribute_to="word_replacement")
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "base_seed"}
+    ordinary = OrdinarySignificance({"teal": 10.0}, overall=0.05, prompts=7, origin="t", settings=settings)
+    opened = []
+    explainer = PromptExplainer(
+        lambda: lab, config, threshold, ordinary=lambda denoiser: opened.append(denoiser) or ordinary
+    )
+    try:
+        answer = explainer.explain(MEMORIZED)
+    finally:
+        explainer.close()
+    expected = token_significance(lab, MEMORIZED, config, ordinary=ordinary)
+    assert opened == [lab] and explainer.info()["settings"]["ordinary_prompts"] == 7
+    assert [w["significance"] for w in answer["words"]] == pytest.approx(expected.word_scores, rel=1e-5)
+    assert answer["words"][expected.words.index("teal")]["significance"] == 0.0
 
 
 def test_bad_requests_get_a_clear_error_and_the_server_goes_on(serving):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 CACHE_ENV = "DIFFMEM_CACHE_DIR"
 
@@ -27,3 +29,13 @@ def profile_path(model_identity: str, index_fingerprint: str | None = None) -> P
 def gate_path(model_identity: str, index_fingerprint: str) -> Path:
     """The cached AMG gate of this model against the index with this fingerprint."""
     return profile_path(model_identity).parent / f"gate-{index_fingerprint[:16]}.json"
+
+
+def ordinary_significance_path(
+    model_identity: str, index_fingerprint: str | None, settings: dict[str, Any]
+) -> Path:
+    """The cached word significance of the model's ordinary prompts (the index's captions, or prompts
+    alone) at these significance settings."""
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    which = "prompts" if index_fingerprint is None else index_fingerprint[:16]
+    return profile_path(model_identity).parent / f"ordinary-{which}-{key}.json"

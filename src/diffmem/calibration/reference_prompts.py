@@ -8,6 +8,7 @@ from pathlib import Path
 
 from diffmem.errors import DiffmemError
 from diffmem.index import TrainingSetIndex
+from diffmem.io.prompts import read_prompts
 
 NEUTRAL_PROMPTS = Path(__file__).parent.parent / "assets" / "neutral_prompts.txt"
 
@@ -25,3 +26,19 @@ def single_copy_captions(index: TrainingSetIndex, limit: int, seed: int = 0) -> 
     if not captions:
         raise DiffmemError("the index has no caption that occurs once: give ordinary prompts with --prompts")
     return random.Random(seed).sample(captions, min(limit, len(captions)))
+
+
+def ordinary_prompts(
+    prompts: Path | None, column: str, index: TrainingSetIndex | None, limit: int, seed: int = 0
+) -> tuple[list[str], str]:
+    """The prompts a model's scale is learnt from, and where they came from: the non-empty ones of the file
+    ``prompts`` (its ``column``), else up to ``limit`` of the index's single-copy captions, else the
+    bundled neutral prompts."""
+    if prompts is not None:
+        given = [p for p in read_prompts(prompts, column) if p.strip()]
+        if not given:
+            raise DiffmemError(f"{prompts} holds no non-empty prompts")
+        return given, str(prompts)
+    if index is not None:
+        return single_copy_captions(index, limit, seed), "index captions"
+    return neutral_prompts(), "neutral"

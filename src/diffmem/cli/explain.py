@@ -59,6 +59,13 @@ AttentionStep = Annotated[
 Calibration = Annotated[
     Path | None, typer.Option(help="A noise-norm calibration: says whether the prompt is flagged.")
 ]
+Ordinary = Annotated[
+    bool,
+    typer.Option(
+        help="Word replacement: weigh each word by its significance beyond what it has in ordinary prompts "
+        "(the index's single-copy captions, else the bundled neutral prompts; measured once and cached)."
+    ),
+]
 
 
 @app.command()
@@ -78,6 +85,7 @@ def explain(
     calibration: Calibration = None,
     index: ThresholdIndexOption = None,
     encoder: EncoderOption = None,
+    ordinary: Ordinary = True,
 ) -> None:
     """Token significance (Wen et al.): each word shaded by how much it drives the noise-norm score."""
     from rich.console import Console
@@ -86,7 +94,7 @@ def explain(
 
     config = ExplainConfig(
         prompt, model or LAB_MODEL, num_inference_steps, first_steps, n_generations, guidance_scale,
-        attribute_to, calibration, index, encoder, html is not None, attention_step,
+        attribute_to, calibration, index, encoder, html is not None, attention_step, ordinary,
     )  # fmt: skip
     run = explain_prompt(config, ctx.obj.runtime)
     run.save(out, html)
@@ -104,6 +112,11 @@ def verdict(run: ExplanationRun, attribution: str, out: Path) -> list[str]:
         if threshold is None
         else f" ({'above' if score > threshold else 'below'} the threshold {threshold:.3f})"
     )
+    ordinary = run.summary.get("ordinary")
+    if ordinary:
+        attribution += (
+            f", beyond each word's in {ordinary['prompts']} ordinary prompts ({ordinary['origin']})"
+        )
     lines = [f"noise-norm score {score:.3f}{against}; word significance by {attribution}; wrote {out}"]
     if run.summary.get("flagged"):
         from diffmem.explain.carrying_words import carrying_verdict

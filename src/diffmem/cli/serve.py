@@ -55,6 +55,7 @@ def serve(
     from diffmem.models.source import ModelSource
     from diffmem.serve import ExplanationServer, PromptExplainer
     from diffmem.workflows.explain import ExplainConfig, explanation_threshold, significance_config
+    from diffmem.workflows.ordinary_significance import ordinary_significance
 
     runtime = ctx.obj.runtime
     source = ModelSource.resolve(model or LAB_MODEL)
@@ -69,6 +70,11 @@ def serve(
         model_name=source.name,
         thumbnails=thumbnails,
         max_pending=max_pending,
+        ordinary=(
+            (lambda denoiser: ordinary_significance(source, config, runtime, denoiser, index))
+            if config.attribute_to == "word_replacement"
+            else None
+        ),
     )
     _serve_until_stopped(ExplanationServer(explainer, host, port), explainer, host)
 

@@ -12,6 +12,7 @@ import pyarrow as pa
 from diffmem.core.denoiser import Denoiser
 from diffmem.detect.noise_norm import NoiseNormConfig, noise_norm
 from diffmem.explain.carrying_words import MAX_CARRYING_WORDS, carrying_words
+from diffmem.explain.ordinary_significance import OrdinarySignificance
 from diffmem.explain.token_significance import (
     REPLACEMENT,
     SignificanceConfig,
@@ -28,18 +29,20 @@ def trigger_evaluation(
     config: SignificanceConfig | None = None,
     seed: int = 0,
     carrying: bool = True,
+    ordinary: OrdinarySignificance | None = None,
 ) -> pa.Table:
     """Per prompt: the top-ranked word, whether it is a trigger word, and the noise-norm score before
     (``flagged`` above ``threshold``) and after replacing the top-ranked word or a random non-trigger
     word with a plain word (same steps, seeds and generations); for a flagged prompt, the words that carry
     it (:mod:`carrying_words`), whether they are all trigger words, and whether replacing as many random
-    non-trigger words takes it under as well (``carrying``; the search does not depend on the attribution)."""
+    non-trigger words takes it under as well (``carrying``; the search does not depend on the attribution).
+    Word replacement weighs words beyond ``ordinary`` prompts' significance when given."""
     config = config or SignificanceConfig()
     choose = random.Random(seed)
     score_config = config.noise_norm_config()
     rows = []
     for index, (prompt, triggers) in enumerate(zip(prompts, trigger_words)):
-        explained = token_significance(denoiser, prompt, config, prompt_id=index)
+        explained = token_significance(denoiser, prompt, config, prompt_id=index, ordinary=ordinary)
         top = explained.ranking(threshold)[0]
         others = [i for i, w in enumerate(explained.words) if w.lower() not in triggers and w.isalpha()]
         random_word = choose.choice(others)
@@ -61,6 +64,7 @@ def trigger_evaluation(
             "significance": explained.word_scores,
             "scores_without": explained.scores_without,
             "scores_alone": explained.scores_alone,
+            "ordinary": explained.ordinary,
         }
         carried = dict.fromkeys(CARRYING_COLUMNS)
         if flagged and carrying:

@@ -22,6 +22,10 @@ Punctuation marks are shown with their significance but ranked after every word:
 words, and putting a word where a mark stood tests a new sentence, not the mark (word replacement gives
 marks 0).
 
+Given the significance each word has in ordinary prompts (:mod:`ordinary_significance`), word
+replacement weighs a word by what it adds beyond that: the significance less the ordinary one, at least
+0.
+
 Given the threshold a prompt is flagged above, word replacement ranks a word whose replacement alone
 takes the flagged prompt to the threshold or under before the others (by significance within each
 part): the end terms weigh a word by how much it moves the score, and a title word that alone recalls
@@ -32,8 +36,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import torch
@@ -43,6 +48,9 @@ from diffmem.detect.detector import check_guidance, check_trajectory, detection_
 from diffmem.detect.noise_norm import NoiseNormConfig, difference_magnitude, noise_norm
 from diffmem.errors import DiffmemError
 from diffmem.sampling import StepState, sample
+
+if TYPE_CHECKING:
+    from diffmem.explain.ordinary_significance import OrdinarySignificance
 
 
 @dataclass(frozen=True)
@@ -109,6 +117,8 @@ class TokenSignificance:
     # word replacement only: the score with each word replaced, and of each word alone (None for a mark)
     scores_without: list[float | None] | None = None
     scores_alone: list[float | None] | None = None
+    # with ordinary prompts' significance: what each word has there (None for a mark), taken from its own
+    ordinary: list[float | None] | None = None
 
     @property
     def normalized(self) -> list[float]:
@@ -151,6 +161,8 @@ class TokenSignificance:
         }
         if self.scores_without is not None:
             columns |= {"score_without": self.scores_without, "score_alone": self.scores_alone}
+        if self.ordinary is not None:
+            columns |= {"ordinary": self.ordinary}
         return pa.table(columns)
 
     def plot(self, path: Path) -> Path:
@@ -195,10 +207,22 @@ class _GradientTrace:
         self.norms.append(norms.detach().cpu())
 
 
+def explainable(denoiser: Denoiser) -> bool:
+    """Whether token significance can explain this model's prompts: a text-conditioned model whose
+    tokenizer puts a start token before the prompt, as CLIP's does."""
+    tokenizer = denoiser.tokenizer
+    return denoiser.conditioning == "text" and tokenizer is not None and tokenizer.bos_token_id is not None
+
+
 def token_significance(
-    denoiser: Denoiser, prompt: str, config: SignificanceConfig = SignificanceConfig(), prompt_id: int = 0
+    denoiser: Denoiser,
+    prompt: str,
+    config: SignificanceConfig = SignificanceConfig(),
+    prompt_id: int = 0,
+    ordinary: OrdinarySignificance | None = None,
 ) -> TokenSignificance:
-    """Significance of every token and word of ``prompt`` for its memorization score."""
+    """Significance of every token and word of ``prompt`` for its memorization score; by word replacement
+    and given ``ordinary`` prompts' significance, beyond each word's there."""
     check_guidance("token significance", config.guidance_scale)
     tokenizer = denoiser.tokenizer
     if tokenizer is None or denoiser.conditioning != "text":
@@ -210,7 +234,9 @@ def token_significance(
     if not prompt.strip():
         raise DiffmemError("the prompt is empty: there is nothing to explain")
     if config.attribute_to == "word_replacement":
-        return _replacement_significance(denoiser, prompt, config, prompt_id)
+        return _replacement_significance(denoiser, prompt, config, prompt_id, ordinary)
+    if ordinary is not None:
+        raise DiffmemError("ordinary prompts' significance is measured by word replacement only")
     n = config.n_generations
     if config.attribute_to == "token_embeddings":
         with _token_embedding_leaves(denoiser.text_encoders) as embeds:
@@ -235,10 +261,16 @@ def token_significance(
 
 
 def _replacement_significance(
-    denoiser: Denoiser, prompt: str, config: SignificanceConfig, prompt_id: int
+    denoiser: Denoiser,
+    prompt: str,
+    config: SignificanceConfig,
+    prompt_id: int,
+    ordinary: OrdinarySignificance | None,
 ) -> TokenSignificance:
     """Each word's significance: the fall of the score when it is replaced by a plain word, plus its score
-    alone (at least 0; a punctuation mark: 0)."""
+    alone, less its significance in ``ordinary`` prompts when given (at least 0; a punctuation mark: 0)."""
+    if ordinary is not None:
+        ordinary.check(asdict(config))
     measure = config.noise_norm_config()
     score = float(noise_norm(denoiser, [prompt], measure, prompt_ids=[prompt_id]).scores[0])  # checks it too
     parsed = prompt_words(prompt, denoiser.tokenizer, denoiser.tokenizer.model_max_length)
@@ -253,9 +285,13 @@ def _replacement_significance(
     falls = [0.0] * len(parsed.words)
     scores_without: list[float | None] = [None] * len(parsed.words)
     scores_alone: list[float | None] = [None] * len(parsed.words)
+    usual: list[float | None] = [None] * len(parsed.words)
     for i, without, alone in zip(words, measured[: len(words)], measured[len(words) :]):
         falls[i] = max(score - without + alone, 0.0)  # the Shapley value's end terms (module doc)
         scores_without[i], scores_alone[i] = without, alone
+        if ordinary is not None:
+            usual[i] = ordinary.of(parsed.words[i])
+            falls[i] = max(falls[i] - usual[i], 0.0)
     return TokenSignificance(
         prompt=prompt,
         score=score,
@@ -268,6 +304,7 @@ def _replacement_significance(
         token_words=parsed.token_words,
         scores_without=scores_without,
         scores_alone=scores_alone,
+        ordinary=usual if ordinary is not None else None,
     )
 
 

@@ -13,6 +13,7 @@ from diffmem.core.denoiser import Denoiser
 from diffmem.errors import DiffmemError
 from diffmem.explain import SignificanceConfig, token_significance
 from diffmem.explain.carrying_words import carrying_verdict, carrying_words
+from diffmem.explain.ordinary_significance import OrdinarySignificance
 from diffmem.io.prompts import encoding_problem
 from diffmem.report.html import png
 from diffmem.sampling import generate
@@ -32,7 +33,8 @@ class PromptExplainer:
     ``load`` opens the model on the worker thread, so all tensor work happens on that one thread (on CPU,
     OpenMP runs several times slower once two threads have used it). Requests from any number of
     threads queue for the worker, so the model never runs two at once; at most ``max_pending`` may wait
-    or run, later ones get :class:`QueueFull`.
+    or run, later ones get :class:`QueueFull`. ``ordinary``, when given, measures (or reads) the model's
+    ordinary prompts' word significance on the worker once the model is open; words are weighed beyond it.
     """
 
     def __init__(
@@ -43,6 +45,7 @@ class PromptExplainer:
         model_name: str = "",
         thumbnails: bool = True,
         max_pending: int = 8,
+        ordinary: Callable[[Denoiser], OrdinarySignificance] | None = None,
     ) -> None:
         if max_pending < 1:
             raise DiffmemError(f"max_pending must be at least 1; got {max_pending}")
@@ -53,6 +56,7 @@ class PromptExplainer:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffmem-model")
         self._slots = threading.BoundedSemaphore(max_pending)
         self.denoiser = self._worker.submit(load).result()
+        self.ordinary = None if ordinary is None else self._worker.submit(ordinary, self.denoiser).result()
 
     def info(self) -> dict[str, Any]:
         """What the page shows about the model and the settings."""
@@ -68,6 +72,7 @@ class PromptExplainer:
                 "guidance_scale": self.config.guidance_scale,
                 "seed": self.config.base_seed,
                 "attribute_to": self.config.attribute_to,
+                "ordinary_prompts": None if self.ordinary is None else self.ordinary.prompts,
             },
         }
 
@@ -76,7 +81,7 @@ class PromptExplainer:
         when flagged, the words that carry it (:mod:`carrying_words`)."""
         _check_prompt(prompt)
         started = time.perf_counter()
-        result = self.run(token_significance, self.denoiser, prompt, self.config)
+        result = self.run(token_significance, self.denoiser, prompt, self.config, ordinary=self.ordinary)
         flagged = None if self.threshold is None else result.score > self.threshold
         carrying = None
         if flagged:

@@ -35,6 +35,7 @@ from diffmem.report.audit_page import audit_page
 from diffmem.workflows.calibrate import calibrated_settings, model_profile
 from diffmem.workflows.explain import DEFAULT_ATTRIBUTION
 from diffmem.workflows.inputs import training_reference
+from diffmem.workflows.ordinary_significance import ordinary_significance
 from diffmem.workflows.runtime import Runtime
 from diffmem.workflows.thresholds import detection_threshold
 
@@ -127,7 +128,15 @@ def audit(config: AuditConfig, runtime: Runtime | None = None) -> Audit:
     flagged = [i for i in sorted(range(len(prompts)), key=lambda i: -scores[i]) if scores[i] > threshold]
     examined = flagged[: config.max_flagged]
     significance = SignificanceConfig(base_seed=runtime.seed, attribute_to=config.attribute_to)
-    explanations = [token_significance(denoiser, prompts[i], significance, prompt_id=i) for i in examined]
+    ordinary = (
+        ordinary_significance(source, significance, runtime, denoiser, index)
+        if examined and significance.attribute_to == "word_replacement"
+        else None
+    )
+    explanations = [
+        token_significance(denoiser, prompts[i], significance, prompt_id=i, ordinary=ordinary)
+        for i in examined
+    ]
     carrying = [
         carrying_words(denoiser, e, threshold, significance.noise_norm_config(), i)
         for i, e in zip(examined, explanations)

@@ -11,21 +11,22 @@ from typing import Any
 
 from diffmem.calibration.cache import gate_path, profile_path
 from diffmem.calibration.profile import REFERENCE_SCORES, ModelProfile, generations_for
-from diffmem.calibration.reference_prompts import neutral_prompts, single_copy_captions
+from diffmem.calibration.reference_prompts import ordinary_prompts, single_copy_captions
 from diffmem.core.denoiser import Denoiser
 from diffmem.detect.calibration import differing_settings
 from diffmem.detect.noise_norm import NoiseNormConfig, single_generation_scores
 from diffmem.detect.registry import config_settings
 from diffmem.errors import DiffmemError
+from diffmem.explain.token_significance import SignificanceConfig, explainable
 from diffmem.index.manifest import read_manifest
 from diffmem.index.training_set_index import MANIFEST_FILE
-from diffmem.io.prompts import read_prompts
 from diffmem.mitigate.fitted_gate import FittedGate, fit_gate, similarity_trajectories
 from diffmem.mitigate.mitigation import SamplingOptions
 from diffmem.mitigate.training_similarity import ReferenceSet
 from diffmem.models.source import ModelSource
 from diffmem.models.spec import ModelSpec
 from diffmem.workflows.inputs import training_reference
+from diffmem.workflows.ordinary_significance import ordinary_significance
 from diffmem.workflows.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,10 @@ def calibrate_model(
     reference = (
         training_reference(config.index, config.encoder, runtime.device, source) if config.index else None
     )
-    prompts, origin = _ordinary_prompts(config, reference, runtime.seed)
+    index = reference.index if reference is not None else None
+    prompts, origin = ordinary_prompts(
+        config.prompts, config.column, index, config.reference_scores, runtime.seed
+    )
     settings = NoiseNormConfig(base_seed=runtime.seed)
     generations = generations_for(len(prompts), config.reference_scores)
     log.info(
@@ -101,20 +105,12 @@ def calibrate_model(
         index_fingerprint=fingerprint,
     )
     profile.save(profile_path(source.identity, fingerprint))
+    if explainable(denoiser):  # what explanations weigh words against, from the same kind of prompts
+        ordinary = SignificanceConfig(base_seed=runtime.seed, attribute_to="word_replacement")
+        ordinary_significance(
+            source, ordinary, runtime, denoiser, config.index, config.prompts, config.column
+        )
     return profile
-
-
-def _ordinary_prompts(
-    config: ProfileConfig, reference: ReferenceSet | None, seed: int
-) -> tuple[list[str], str]:
-    if config.prompts is not None:
-        prompts = [p for p in read_prompts(config.prompts, config.column) if p.strip()]
-        if not prompts:
-            raise DiffmemError(f"{config.prompts} holds no non-empty prompts")
-        return prompts, str(config.prompts)
-    if reference is not None:
-        return single_copy_captions(reference.index, config.reference_scores, seed), "index captions"
-    return neutral_prompts(), "neutral"
 
 
 def _fit_gate(

@@ -18,6 +18,7 @@ from diffmem.models.source import ModelSource
 from diffmem.models.spec import ModelSpec
 from diffmem.report.explanation_page import explanation_page
 from diffmem.sampling import generate
+from diffmem.workflows.ordinary_significance import ordinary_significance
 from diffmem.workflows.runtime import Runtime
 from diffmem.workflows.thresholds import detection_threshold
 
@@ -41,6 +42,7 @@ class ExplainConfig:
     encoder: Path | None = None  # an embedding index's encoder (default: the one it records)
     page: bool = False  # also draw attention maps and images for the HTML page
     attention_step: int | None = None  # default: the middle of the schedule
+    ordinary: bool = True  # word replacement: weigh each word beyond its significance in ordinary prompts
 
 
 @dataclass(frozen=True)
@@ -98,12 +100,16 @@ def explain_prompt(config: ExplainConfig, runtime: Runtime | None = None) -> Exp
         source, config.calibration, measure, runtime, config.index, config.encoder
     )
     denoiser = source.open(runtime.device, runtime.dtype, runtime.speedups)
-    result = token_significance(denoiser, config.prompt, measure)
+    ordinary = None
+    if config.ordinary and measure.attribute_to == "word_replacement":
+        ordinary = ordinary_significance(source, measure, runtime, denoiser, config.index)
+    result = token_significance(denoiser, config.prompt, measure, ordinary=ordinary)
     summary = {
         "prompt": config.prompt,
         "model": source.name,
         "config": asdict(measure),
         "score": result.score,
+        "ordinary": None if ordinary is None else {"prompts": ordinary.prompts, "origin": ordinary.origin},
     }
     flagged = None if threshold is None else result.score > threshold
     summary |= {"threshold": threshold, "flagged": flagged}

@@ -18,6 +18,7 @@ from diffmem.detect.noise_norm import NoiseNormConfig, noise_norm, single_genera
 from diffmem.detect.registry import detector
 from diffmem.errors import DiffmemError
 from diffmem.explain.evaluate import trigger_evaluation
+from diffmem.explain.ordinary_significance import OrdinarySignificance
 from diffmem.explain.token_significance import ATTRIBUTION_TARGETS, SignificanceConfig
 from diffmem.io.atomic import write_atomic, write_json_atomic, write_parquet_atomic
 from diffmem.lab.dataset import build_lab_dataset, load_lab_dataset
@@ -39,6 +40,7 @@ from diffmem.workflows.lab import (
     train_lab_copy_detector,
     train_lab_reader,
 )
+from diffmem.workflows.ordinary_significance import ordinary_significance
 from diffmem.workflows.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -272,7 +274,10 @@ def _judge(
     }
     sources, own = _copy_sources(parts.labels, labels, scores, truth)
     others, other_scores = _other_detectors(denoiser, prompts, truth, runtime.seed)
-    explained, tables = _explanations(denoiser, labels, truth, threshold, config)
+    ordinary = ordinary_significance(
+        source, SignificanceConfig(attribute_to="word_replacement"), runtime, denoiser, parts.index
+    )
+    explained, tables = _explanations(denoiser, labels, truth, threshold, config, ordinary)
     row |= sources | others | explained | _mitigations(parts, config, runtime)
     scored = {
         "": _scored_prompts(labels, truth, own, {"noise_norm": scores.tolist(), **other_scores}),
@@ -363,12 +368,18 @@ def _other_detectors(
 
 
 def _explanations(
-    denoiser, labels: pa.Table, truth: np.ndarray, threshold: float, config: ZooEvalConfig
+    denoiser,
+    labels: pa.Table,
+    truth: np.ndarray,
+    threshold: float,
+    config: ZooEvalConfig,
+    ordinary: OrdinarySignificance,
 ) -> tuple[dict, dict[str, pa.Table]]:
     """Per attribution: the share of memorized captions whose top word is a trigger word; for each, the
     share of flagged captions that replacing the top word (or a random word) takes under the threshold;
     once, the share that the words carrying them (or as many random words) take under, and whose carrying
-    words are all trigger words. Also each attribution's table of explained captions."""
+    words are all trigger words. Also each attribution's table of explained captions. Word replacement
+    weighs words beyond their ``ordinary`` significance, as ``diffmem explain`` does."""
     memorized = labels.filter(
         pa.array(truth & np.asarray(pc.equal(labels["group"], "memorized").to_pylist()))
     )
@@ -378,7 +389,10 @@ def _explanations(
     for target in ATTRIBUTION_TARGETS:
         default = target == DEFAULT_ATTRIBUTION
         config = SignificanceConfig(attribute_to=target)
-        table = trigger_evaluation(denoiser, prompts, triggers, threshold, config, carrying=default)
+        against = ordinary if target == "word_replacement" else None
+        table = trigger_evaluation(
+            denoiser, prompts, triggers, threshold, config, carrying=default, ordinary=against
+        )
         tables[target] = table
         row[f"top_is_trigger_{target}"] = float(np.mean(table["top_is_trigger"].to_pylist()))
         flagged = table.filter(table["flagged"])
