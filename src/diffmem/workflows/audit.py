@@ -167,6 +167,7 @@ def audit(config: AuditConfig, runtime: Runtime | None = None) -> Audit:
         "flagged": len(flagged),
         "examined": len(examined),
         "explanation": config.attribute_to,
+        "ordinary_prompts": None if ordinary is None else ordinary.prompts,  # words weighed beyond theirs
         "mitigation": name,
         "mitigation_settings": settings,
         "unflagged_checked": len(checked),
