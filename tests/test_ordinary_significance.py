@@ -104,3 +104,22 @@ def test_explain_says_what_it_weighed_words_against(tmp_path, capsys):
     raw = json.loads((tmp_path / "raw" / "explanation.json").read_text())
     assert raw["ordinary"] is None and raw["score"] == against["score"]
     assert raw["normalized"] != against["normalized"]
+
+
+def test_the_served_explainer_weighs_words_as_explain_does():
+    from diffmem.workflows.explain import ExplainConfig, prompt_explainer
+    from diffmem.workflows.runtime import Runtime
+
+    source = ModelSource.resolve("builtin:lab-micro")
+    weighed = prompt_explainer(source, ExplainConfig("", source.spec), Runtime(), thumbnails=False)
+    raw = prompt_explainer(
+        source, ExplainConfig("", source.spec, ordinary=False), Runtime(), thumbnails=False
+    )
+    try:
+        assert weighed.info()["settings"]["ordinary_prompts"] == workflow.ORDINARY_PROMPTS
+        assert raw.info()["settings"]["ordinary_prompts"] is None and raw.threshold == weighed.threshold
+        prompt = "the vyvelnev prasul poster: an orange dress on a teal background"
+        assert weighed.explain(prompt)["words"] != raw.explain(prompt)["words"]
+    finally:
+        weighed.close()
+        raw.close()

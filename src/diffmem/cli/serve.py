@@ -53,29 +53,16 @@ def serve(
 ) -> None:
     """A local page to type and edit prompts and watch their memorization score and word heat map."""
     from diffmem.models.source import ModelSource
-    from diffmem.serve import ExplanationServer, PromptExplainer
-    from diffmem.workflows.explain import ExplainConfig, explanation_threshold, significance_config
-    from diffmem.workflows.ordinary_significance import ordinary_significance
+    from diffmem.serve import ExplanationServer
+    from diffmem.workflows.explain import ExplainConfig, prompt_explainer
 
     runtime = ctx.obj.runtime
     source = ModelSource.resolve(model or LAB_MODEL)
     given = ExplainConfig(
-        "", source.spec, num_inference_steps, first_steps, n_generations, guidance_scale, attribute_to
-    )
-    config = significance_config(given, runtime.seed)
-    explainer = PromptExplainer(
-        lambda: source.open(runtime.device, runtime.dtype, runtime.speedups),
-        config,
-        explanation_threshold(source, calibration, config, runtime, index, encoder),
-        model_name=source.name,
-        thumbnails=thumbnails,
-        max_pending=max_pending,
-        ordinary=(
-            (lambda denoiser: ordinary_significance(source, config, runtime, denoiser, index))
-            if config.attribute_to == "word_replacement"
-            else None
-        ),
-    )
+        "", source.spec, num_inference_steps, first_steps, n_generations, guidance_scale, attribute_to,
+        calibration, index, encoder,
+    )  # fmt: skip
+    explainer = prompt_explainer(source, given, runtime, thumbnails, max_pending)
     _serve_until_stopped(ExplanationServer(explainer, host, port), explainer, host)
 
 

@@ -1,5 +1,5 @@
 """Explain a prompt word by word (Wen et al.'s token significance) against the model's calibrated
-threshold: the Python side of ``diffmem explain`` and of the threshold ``diffmem serve`` shows."""
+threshold: the Python side of ``diffmem explain`` and of the explainer ``diffmem serve`` runs."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from diffmem.models.source import ModelSource
 from diffmem.models.spec import ModelSpec
 from diffmem.report.explanation_page import explanation_page
 from diffmem.sampling import generate
+from diffmem.serve.explainer import PromptExplainer
 from diffmem.workflows.ordinary_significance import ordinary_significance
 from diffmem.workflows.runtime import Runtime
 from diffmem.workflows.thresholds import detection_threshold
@@ -134,3 +135,32 @@ def explain_prompt(config: ExplainConfig, runtime: Runtime | None = None) -> Exp
         ).images
         page = explanation_page(result, attention, images, {**summary, "attention_step": step}, threshold)
     return ExplanationRun(result, summary, threshold, page)
+
+
+def prompt_explainer(
+    source: ModelSource,
+    config: ExplainConfig,
+    runtime: Runtime,
+    thumbnails: bool = True,
+    max_pending: int = 8,
+) -> PromptExplainer:
+    """The model loaded once on its worker, explaining prompts at ``config``'s settings against its
+    threshold (``config.prompt`` aside): what ``diffmem serve`` serves."""
+    measure = significance_config(config, runtime.seed)
+    threshold = explanation_threshold(
+        source, config.calibration, measure, runtime, config.index, config.encoder
+    )
+    weighs = config.ordinary and measure.attribute_to == "word_replacement"
+    return PromptExplainer(
+        lambda: source.open(runtime.device, runtime.dtype, runtime.speedups),
+        measure,
+        threshold,
+        model_name=source.name,
+        thumbnails=thumbnails,
+        max_pending=max_pending,
+        ordinary=(
+            (lambda denoiser: ordinary_significance(source, measure, runtime, denoiser, config.index))
+            if weighs
+            else None
+        ),
+    )
