@@ -47,6 +47,7 @@ from diffmem.core.denoiser import Denoiser, require_start_token
 from diffmem.detect.detector import check_guidance, check_trajectory, detection_seeds
 from diffmem.detect.noise_norm import NoiseNormConfig, difference_magnitude, noise_norm
 from diffmem.errors import DiffmemError
+from diffmem.io.prompts import encoding_problem
 from diffmem.sampling import StepState, sample
 
 if TYPE_CHECKING:
@@ -214,6 +215,22 @@ def explainable(denoiser: Denoiser) -> bool:
     return denoiser.conditioning == "text" and tokenizer is not None and tokenizer.bos_token_id is not None
 
 
+def check_explainable(denoiser: Denoiser, prompt: str) -> None:
+    """Raise, in one line, unless token significance can explain ``prompt`` on this model."""
+    if not explainable(denoiser):
+        if denoiser.tokenizer is None or denoiser.conditioning != "text":
+            raise DiffmemError(
+                f"token significance needs a text-conditioned model with a tokenizer; {denoiser.family} is "
+                f"conditioned on {denoiser.conditioning!r}"
+            )
+        require_start_token(denoiser, "token significance")
+    if not prompt.strip():
+        raise DiffmemError("the prompt is empty: there is nothing to explain")
+    problem = encoding_problem(prompt)
+    if problem is not None:
+        raise DiffmemError(f"prompt {prompt[:60]!a} is not valid text: {problem}")
+
+
 def token_significance(
     denoiser: Denoiser,
     prompt: str,
@@ -224,15 +241,8 @@ def token_significance(
     """Significance of every token and word of ``prompt`` for its memorization score; by word replacement
     and given ``ordinary`` prompts' significance, beyond each word's there."""
     check_guidance("token significance", config.guidance_scale)
+    check_explainable(denoiser, prompt)
     tokenizer = denoiser.tokenizer
-    if tokenizer is None or denoiser.conditioning != "text":
-        raise DiffmemError(
-            f"token significance needs a text-conditioned model with a tokenizer; {denoiser.family} is "
-            f"conditioned on {denoiser.conditioning!r}"
-        )
-    require_start_token(denoiser, "token significance")
-    if not prompt.strip():
-        raise DiffmemError("the prompt is empty: there is nothing to explain")
     if config.attribute_to == "word_replacement":
         return _replacement_significance(denoiser, prompt, config, prompt_id, ordinary)
     if ordinary is not None:

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 from diffmem.detect.registry import config_settings
 from diffmem.explain import SignificanceConfig, TokenSignificance, token_significance, word_attention_maps
 from diffmem.explain.carrying_words import carrying_words
+from diffmem.explain.token_significance import check_explainable
 from diffmem.io.atomic import write_atomic, write_json_atomic
 from diffmem.models.names import LAB_MODEL
 from diffmem.models.source import ModelSource
@@ -101,6 +102,7 @@ def explain_prompt(config: ExplainConfig, runtime: Runtime | None = None) -> Exp
         source, config.calibration, measure, runtime, config.index, config.encoder
     )
     denoiser = source.open(runtime.device, runtime.dtype, runtime.speedups)
+    check_explainable(denoiser, config.prompt)  # before measuring ordinary prompts for it
     ordinary = None
     if config.ordinary and measure.attribute_to == "word_replacement":
         ordinary = ordinary_significance(source, measure, runtime, denoiser, config.index)
