@@ -10,6 +10,7 @@ from diffmem.explain import SignificanceConfig, token_significance
 from diffmem.explain.ordinary_significance import OrdinarySignificance, measure_ordinary_significance
 from diffmem.models.source import ModelSource
 from diffmem.workflows import ordinary_significance as workflow
+from diffmem.workflows.calibrate import ProfileConfig, calibrate_model
 
 CONFIG = SignificanceConfig(num_inference_steps=5, attribute_to="word_replacement")
 SETTINGS = {k: v for k, v in dataclasses.asdict(CONFIG).items() if k != "base_seed"}
@@ -90,6 +91,11 @@ def test_measured_once_per_model_and_settings_then_read_from_the_cache(tmp_path,
         and set(given.words) == {"a", "red", "vase", "blue", "cup"}
     )
     assert workflow.ordinary_significance(source, CONFIG) == given
+    default = SignificanceConfig(attribute_to="word_replacement")  # what calibrating measures ahead
+    calibrate_model(ProfileConfig(source.spec, prompts=prompts, reference_scores=16))
+    assert workflow.ordinary_significance(source, default).origin == str(prompts)
+    calibrate_model(ProfileConfig(source.spec, reference_scores=16))  # measured anew, from its prompts
+    assert workflow.ordinary_significance(source, default).origin == "neutral"
 
 
 def test_explain_says_what_it_weighed_words_against(tmp_path, capsys):

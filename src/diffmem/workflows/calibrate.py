@@ -108,7 +108,7 @@ def calibrate_model(
     if explainable(denoiser):  # what explanations weigh words against, from the same kind of prompts
         ordinary = SignificanceConfig(base_seed=runtime.seed, attribute_to="word_replacement")
         ordinary_significance(
-            source, ordinary, runtime, denoiser, config.index, config.prompts, config.column
+            source, ordinary, runtime, denoiser, config.index, config.prompts, config.column, refresh=True
         )
     return profile
 

@@ -31,18 +31,19 @@ def ordinary_significance(
     index: Path | None = None,
     prompts: Path | None = None,
     column: str = "prompt",
+    refresh: bool = False,
 ) -> OrdinarySignificance:
     """The model's ordinary prompts' word significance at ``config``'s settings, as cached; measured now
-    (and cached) when there is none, or when ``prompts`` (a file of ordinary prompts) are given. Without
-    them the prompts are the single-copy captions of the index (default: a shipped lab model's), else the
-    bundled neutral prompts."""
+    (and cached) when there is none, when ``refresh`` or when ``prompts`` (a file of ordinary prompts) are
+    given. Without them the prompts are the single-copy captions of the index (default: a shipped lab
+    model's), else the bundled neutral prompts."""
     runtime = runtime or Runtime()
     if index is None and source.reference is not None:
         index = source.reference[0]
     fingerprint = None if index is None else read_manifest(Path(index) / MANIFEST_FILE).fingerprint
     settings = {k: v for k, v in asdict(config).items() if k != "base_seed"}
     path = ordinary_significance_path(source.identity, fingerprint, settings)
-    if prompts is None and path.exists():
+    if not refresh and prompts is None and path.exists():
         return OrdinarySignificance.load(path)
     training_set = TrainingSetIndex.load(index) if index is not None else None
     chosen, origin = ordinary_prompts(prompts, column, training_set, ORDINARY_PROMPTS, runtime.seed)
