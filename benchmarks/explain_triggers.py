@@ -45,11 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     source = ModelSource.resolve(args.model)
     denoiser = source.open()
-    ordinary = (
-        ordinary_significance(source, config, denoiser=denoiser)
-        if args.ordinary and config.attribute_to == "word_replacement"
-        else None
-    )
+    ordinary = ordinary_significance(source, config, denoiser=denoiser) if args.ordinary else None
     t = trigger_evaluation(
         denoiser,
         [r["caption"] for r in rows],

@@ -46,9 +46,9 @@ class OrdinarySignificance:
         """The significance ``word`` has in ordinary prompts (their average word's, if none uses it)."""
         return self.words.get(word.lower(), self.overall)
 
-    def check(self, settings: dict[str, Any]) -> None:
-        """Raise unless it was measured at these significance settings (any seed)."""
-        differing = differing_settings(self.settings, settings, ("base_seed",))
+    def check(self, config: SignificanceConfig) -> None:
+        """Raise unless it was measured at ``config``'s settings (any seed)."""
+        differing = differing_settings(self.settings, measured_settings(config))
         if differing:
             raise DiffmemError(
                 f"the ordinary prompts' significance was measured with other settings ({', '.join(differing)})"
@@ -63,6 +63,11 @@ class OrdinarySignificance:
     def load(cls, path: Path) -> OrdinarySignificance:
         """Read a record written by :meth:`save`."""
         return cls(**read_json(path, "an ordinary-significance record"))
+
+
+def measured_settings(config: SignificanceConfig) -> dict[str, Any]:
+    """The settings a record of ordinary prompts' significance holds: ``config``'s but its seed."""
+    return {k: v for k, v in asdict(config).items() if k != "base_seed"}
 
 
 def measure_ordinary_significance(
@@ -86,11 +91,10 @@ def measure_ordinary_significance(
     every = [s for values in measured.values() for s in values]
     if not every:
         raise DiffmemError("the ordinary prompts hold no words")
-    settings = {k: v for k, v in asdict(config).items() if k != "base_seed"}
     return OrdinarySignificance(
         words={word: sum(values) / len(values) for word, values in sorted(measured.items())},
         overall=sum(every) / len(every),
         prompts=len(prompts),
         origin=origin,
-        settings=settings,
+        settings=measured_settings(config),
     )

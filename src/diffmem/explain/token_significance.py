@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -217,13 +217,12 @@ def explainable(denoiser: Denoiser) -> bool:
 
 def check_explainable(denoiser: Denoiser, prompt: str) -> None:
     """Raise, in one line, unless token significance can explain ``prompt`` on this model."""
-    if not explainable(denoiser):
-        if denoiser.tokenizer is None or denoiser.conditioning != "text":
-            raise DiffmemError(
-                f"token significance needs a text-conditioned model with a tokenizer; {denoiser.family} is "
-                f"conditioned on {denoiser.conditioning!r}"
-            )
-        require_start_token(denoiser, "token significance")
+    if denoiser.tokenizer is None or denoiser.conditioning != "text":
+        raise DiffmemError(
+            f"token significance needs a text-conditioned model with a tokenizer; {denoiser.family} is "
+            f"conditioned on {denoiser.conditioning!r}"
+        )
+    require_start_token(denoiser, "token significance")
     if not prompt.strip():
         raise DiffmemError("the prompt is empty: there is nothing to explain")
     problem = encoding_problem(prompt)
@@ -280,7 +279,7 @@ def _replacement_significance(
     """Each word's significance: the fall of the score when it is replaced by a plain word, plus its score
     alone, less its significance in ``ordinary`` prompts when given (at least 0; a punctuation mark: 0)."""
     if ordinary is not None:
-        ordinary.check(asdict(config))
+        ordinary.check(config)
     measure = config.noise_norm_config()
     score = float(noise_norm(denoiser, [prompt], measure, prompt_ids=[prompt_id]).scores[0])  # checks it too
     parsed = prompt_words(prompt, denoiser.tokenizer, denoiser.tokenizer.model_max_length)

@@ -128,11 +128,7 @@ def audit(config: AuditConfig, runtime: Runtime | None = None) -> Audit:
     flagged = [i for i in sorted(range(len(prompts)), key=lambda i: -scores[i]) if scores[i] > threshold]
     examined = flagged[: config.max_flagged]
     significance = SignificanceConfig(base_seed=runtime.seed, attribute_to=config.attribute_to)
-    ordinary = (
-        ordinary_significance(source, significance, runtime, denoiser, index)
-        if examined and significance.attribute_to == "word_replacement"
-        else None
-    )
+    ordinary = ordinary_significance(source, significance, runtime, denoiser, index) if examined else None
     explanations = [
         token_significance(denoiser, prompts[i], significance, prompt_id=i, ordinary=ordinary)
         for i in examined

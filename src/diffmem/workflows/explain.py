@@ -103,9 +103,9 @@ def explain_prompt(config: ExplainConfig, runtime: Runtime | None = None) -> Exp
     )
     denoiser = source.open(runtime.device, runtime.dtype, runtime.speedups)
     check_explainable(denoiser, config.prompt)  # before measuring ordinary prompts for it
-    ordinary = None
-    if config.ordinary and measure.attribute_to == "word_replacement":
-        ordinary = ordinary_significance(source, measure, runtime, denoiser, config.index)
+    ordinary = (
+        ordinary_significance(source, measure, runtime, denoiser, config.index) if config.ordinary else None
+    )
     result = token_significance(denoiser, config.prompt, measure, ordinary=ordinary)
     summary = {
         "prompt": config.prompt,
@@ -152,7 +152,6 @@ def prompt_explainer(
     threshold = explanation_threshold(
         source, config.calibration, measure, runtime, config.index, config.encoder
     )
-    weighs = config.ordinary and measure.attribute_to == "word_replacement"
     return PromptExplainer(
         lambda: source.open(runtime.device, runtime.dtype, runtime.speedups),
         measure,
@@ -162,7 +161,7 @@ def prompt_explainer(
         max_pending=max_pending,
         ordinary=(
             (lambda denoiser: ordinary_significance(source, measure, runtime, denoiser, config.index))
-            if weighs
+            if config.ordinary
             else None
         ),
     )

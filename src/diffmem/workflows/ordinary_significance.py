@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import asdict
 from pathlib import Path
 
 from diffmem.calibration.cache import ordinary_significance_path
 from diffmem.calibration.reference_prompts import ordinary_prompts
 from diffmem.core.denoiser import Denoiser
-from diffmem.explain.ordinary_significance import OrdinarySignificance, measure_ordinary_significance
+from diffmem.explain.ordinary_significance import (
+    OrdinarySignificance,
+    measure_ordinary_significance,
+    measured_settings,
+)
 from diffmem.explain.token_significance import SignificanceConfig
 from diffmem.index.manifest import read_manifest
 from diffmem.index.training_set_index import MANIFEST_FILE, TrainingSetIndex
@@ -32,17 +35,19 @@ def ordinary_significance(
     prompts: Path | None = None,
     column: str = "prompt",
     refresh: bool = False,
-) -> OrdinarySignificance:
+) -> OrdinarySignificance | None:
     """The model's ordinary prompts' word significance at ``config``'s settings, as cached; measured now
     (and cached) when there is none, when ``refresh`` or when ``prompts`` (a file of ordinary prompts) are
     given. Without them the prompts are the single-copy captions of the index (default: a shipped lab
-    model's), else the bundled neutral prompts."""
+    model's), else the bundled neutral prompts. None for a gradient attribution, which weighs no word
+    against them."""
+    if config.attribute_to != "word_replacement":
+        return None
     runtime = runtime or Runtime()
     if index is None and source.reference is not None:
         index = source.reference[0]
     fingerprint = None if index is None else read_manifest(Path(index) / MANIFEST_FILE).fingerprint
-    settings = {k: v for k, v in asdict(config).items() if k != "base_seed"}
-    path = ordinary_significance_path(source.identity, fingerprint, settings)
+    path = ordinary_significance_path(source.identity, fingerprint, measured_settings(config))
     if not refresh and prompts is None and path.exists():
         return OrdinarySignificance.load(path)
     training_set = TrainingSetIndex.load(index) if index is not None else None

@@ -373,7 +373,7 @@ def _explanations(
     truth: np.ndarray,
     threshold: float,
     config: ZooEvalConfig,
-    ordinary: OrdinarySignificance,
+    ordinary: OrdinarySignificance | None,
 ) -> tuple[dict, dict[str, pa.Table]]:
     """Per attribution: the share of memorized captions whose top word is a trigger word; for each, the
     share of flagged captions that replacing the top word (or a random word) takes under the threshold;
