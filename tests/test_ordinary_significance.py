@@ -91,11 +91,12 @@ def test_measured_once_per_model_and_settings_then_read_from_the_cache(tmp_path,
         and set(given.words) == {"a", "red", "vase", "blue", "cup"}
     )
     assert workflow.ordinary_significance(source, CONFIG) == given
-    default = SignificanceConfig(attribute_to="word_replacement")  # what calibrating measures ahead
-    calibrate_model(ProfileConfig(source.spec, prompts=prompts, reference_scores=16))
+    default = SignificanceConfig(attribute_to="word_replacement")  # what explain measures with
+    monkeypatch.setattr(workflow, "measure_ordinary_significance", measure_again)
+    calibrate_model(ProfileConfig(source.spec, reference_scores=16))  # its own prompts: left to explain
+    monkeypatch.undo()
+    calibrate_model(ProfileConfig(source.spec, prompts=prompts, reference_scores=16))  # a user's: measured
     assert workflow.ordinary_significance(source, default).origin == str(prompts)
-    calibrate_model(ProfileConfig(source.spec, reference_scores=16))  # measured anew, from its prompts
-    assert workflow.ordinary_significance(source, default).origin == "neutral"
 
 
 def test_explain_says_what_it_weighed_words_against(tmp_path, capsys):

@@ -105,10 +105,10 @@ def calibrate_model(
         index_fingerprint=fingerprint,
     )
     profile.save(profile_path(source.identity, fingerprint))
-    if explainable(denoiser):  # what explanations weigh words against, from the same kind of prompts
+    if config.prompts is not None and explainable(denoiser):  # explanations weigh words against these
         ordinary = SignificanceConfig(base_seed=runtime.seed, attribute_to="word_replacement")
         ordinary_significance(
-            source, ordinary, runtime, denoiser, config.index, config.prompts, config.column, refresh=True
+            source, ordinary, runtime, denoiser, config.index, config.prompts, config.column
         )
     return profile
 

@@ -34,13 +34,11 @@ def ordinary_significance(
     index: Path | None = None,
     prompts: Path | None = None,
     column: str = "prompt",
-    refresh: bool = False,
 ) -> OrdinarySignificance | None:
     """The model's ordinary prompts' word significance at ``config``'s settings, as cached; measured now
-    (and cached) when there is none, when ``refresh`` or when ``prompts`` (a file of ordinary prompts) are
-    given. Without them the prompts are the single-copy captions of the index (default: a shipped lab
-    model's), else the bundled neutral prompts. None for a gradient attribution, which weighs no word
-    against them."""
+    (and cached) when there is none, or when ``prompts`` (a file of ordinary prompts) are given. Without
+    them the prompts are the single-copy captions of the index (default: a shipped lab model's), else the
+    bundled neutral prompts. None for a gradient attribution, which weighs no word against them."""
     if config.attribute_to != "word_replacement":
         return None
     runtime = runtime or Runtime()
@@ -48,7 +46,7 @@ def ordinary_significance(
         index = source.reference[0]
     fingerprint = None if index is None else read_manifest(Path(index) / MANIFEST_FILE).fingerprint
     path = ordinary_significance_path(source.identity, fingerprint, measured_settings(config))
-    if not refresh and prompts is None and path.exists():
+    if prompts is None and path.exists():
         return OrdinarySignificance.load(path)
     training_set = TrainingSetIndex.load(index) if index is not None else None
     chosen, origin = ordinary_prompts(prompts, column, training_set, ORDINARY_PROMPTS, runtime.seed)
