@@ -111,10 +111,11 @@ def test_with_a_gate_only_generations_that_end_near_a_training_image_are_optimis
     fingerprint = reference.index.manifest.fingerprint
     FittedGate([981.0, 1.0], [-9.0, end], 0.9, "nl2", fingerprint, 4).save(tmp_path / "gate.json")
     config = PromptOptimizationConfig(
-        target=0.0, max_iterations=2, reference=reference, gate=str(tmp_path / "gate.json")
+        target=0.0, max_iterations=2, reference=reference, gate=str(tmp_path / "gate.json"), rounds=1
     )
     result = mitigated_generate(sd, PROMPTS, "prompt_optimization", config, sampling=SAMPLING)
     assert result.extras["optimization_iterations"] == [0, 2, 0] and result.guided_steps == [0, 4, 0]
+    assert result.extras["optimization_rounds"] == [0, 1, 0]
     assert result.extras["plain_similarity"] == pytest.approx(sigma.tolist(), abs=1e-5)
     assert torch.equal(result.images[0], plain[0]) and torch.equal(result.images[2], plain[2])
     assert not torch.allclose(result.images[1], plain[1], atol=1e-3)
@@ -135,11 +136,57 @@ def test_a_redraw_is_kept_only_if_it_ends_no_nearer_the_training_set(sd, tmp_pat
         reference = ReferenceSet(TrainingSetIndex.build_pixels(training, ["c"] * 3))
         gate = tmp_path / f"gate-{reference.index.manifest.fingerprint}.json"
         FittedGate([981.0, 1.0], [-9.0, -9.0], 0.9, "nl2", reference.index.manifest.fingerprint, 4).save(gate)
-        gated = PromptOptimizationConfig(target=0.0, max_iterations=2, reference=reference, gate=str(gate))
+        gated = PromptOptimizationConfig(
+            target=0.0, max_iterations=2, reference=reference, gate=str(gate), rounds=1
+        )
         result = mitigated_generate(sd, PROMPTS, "prompt_optimization", gated, sampling=SAMPLING)
         assert result.extras["optimization_iterations"] == [2, 2, 2]
         torch.testing.assert_close(result.images, kept)
         assert result.guided_steps == ([0, 0, 0] if kept is plain else [4, 4, 4])
+
+
+def test_a_redraw_the_gate_still_confirms_is_optimised_on_to_a_deeper_target(sd, tmp_path):
+    plain = generate(sd, PROMPTS, num_inference_steps=4, guidance_scale=7.5).images
+    noise = torch.rand((20, *plain.shape[1:]), generator=torch.Generator().manual_seed(3))
+    reference = ReferenceSet(TrainingSetIndex.build_pixels(torch.cat([plain[1:2], noise]), ["c"] * 21))
+    fingerprint = reference.index.manifest.fingerprint
+    sigma = training_similarity(plain, reference)[0]
+
+    def run(end, rounds, target=0.0):
+        FittedGate([981.0, 1.0], [-9.0, end], 0.9, "nl2", fingerprint, 4).save(tmp_path / "gate.json")
+        config = PromptOptimizationConfig(
+            target=target,
+            max_iterations=2,
+            reference=reference,
+            gate=str(tmp_path / "gate.json"),
+            rounds=rounds,
+        )
+        return mitigated_generate(sd, PROMPTS, "prompt_optimization", config, sampling=SAMPLING)
+
+    lowest_other = float(max(sigma[0], sigma[2]))
+    once = run((float(sigma[1]) + lowest_other) / 2, rounds=1)
+    redrawn = float(training_similarity(once.images[1:2], reference)[0])
+    assert lowest_other < redrawn < float(sigma[1])
+    # a redraw that ends under the gate closes its generation after one round
+    cleared = run((redrawn + float(sigma[1])) / 2, rounds=3)
+    assert cleared.extras["optimization_rounds"] == [0, 1, 0]
+    torch.testing.assert_close(cleared.images, once.images)
+    # one the gate still confirms goes on from the embedding it reached, the farthest image kept
+    confirmed = run((redrawn + lowest_other) / 2, rounds=3)
+    assert confirmed.extras["optimization_rounds"] == [0, 3, 0]
+    assert confirmed.extras["optimization_iterations"] == [0, 6, 0]
+    assert confirmed.extras["final_norm"][1] < once.extras["final_norm"][1]
+    assert float(training_similarity(confirmed.images[1:2], reference)[0]) <= redrawn
+    # plain sampling, the batch scored and optimised once, then one sample redrawn and optimised twice more
+    assert confirmed.unet_evaluations == 3 * 4 * 2 + 3 * (2 + 2) + 3 * 1 * 4 * 2 + 2 * 1 * (2 + 2)
+    # each further round's target is a quarter of the last: a row that reaches it stops optimising
+    deeper = run((redrawn + lowest_other) / 2, rounds=2, target=once.extras["final_norm"][1] * 0.99)
+    assert deeper.extras["optimization_rounds"] == [0, 2, 0]
+    assert deeper.extras["final_norm"][1] <= once.extras["final_norm"][1] * 0.99 * 0.25 or (
+        deeper.extras["optimization_iterations"][1] == 4
+    )
+    with pytest.raises(DiffmemError, match="rounds >= 1"):
+        PromptOptimizationConfig(rounds=0)
 
 
 @pytest.mark.supports("prompt-optimisation", "unet2d", refused="no text encoder")

@@ -13,15 +13,18 @@ uncentred.
 
 With the training set (``reference``) and a gate fitted against it (``gate``, as AMG's), a generation
 above ``start`` is first sampled plainly, and only one whose image ends nearer a training image than the
-gate lets ordinary finished images come is optimised and sampled again, the new image kept unless it
-ends nearer the training set; the others keep their plain image. The first-step score alone also
-passes ordinary prompts that merely score high, and an embedding optimised that far loses their meaning.
+gate lets ordinary finished images come is optimised and sampled again; the others keep their plain
+image. The first-step score alone also passes ordinary prompts that merely score high, and an embedding
+optimised that far loses their meaning. A redraw the gate still confirms is optimised on, from where it
+stopped, to ``DEEPENING`` of the last target, for at most ``rounds`` rounds: where the first step's pull
+does not decide the copy, reaching the target need not end it. Of a generation's plain image and its
+redraws, the one that ends farthest from the training set is kept.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -39,6 +42,7 @@ from diffmem.sampling import sample
 from diffmem.sampling.guided_sampler import first_step_input, resolve_guidance_scale
 
 REFERENCE_TARGET_PER_GENERATION = 3.0 / 2.0  # Wen et al.: l_target = 3 as a joint norm over n = 4 generations
+DEEPENING = 0.25  # each further round's target, as a share of the last (as the calibrated target's depth)
 
 
 @dataclass(frozen=True)
@@ -53,12 +57,13 @@ class PromptOptimizationConfig:
     centered: bool = True  # the noise norm's measure (diffmem.detect.noise_norm); False: the paper's
     reference: ReferenceSet | None = field(default=None, compare=False)  # the training set, with ``gate``
     gate: str | None = None  # a gate file fitted to ``reference``: optimise only generations that pass it
+    rounds: int = 3  # with a gate: optimise a redraw it still confirms on, at most this many times in all
 
     def __post_init__(self) -> None:
-        if self.target < 0 or self.max_iterations < 0 or self.learning_rate <= 0:
+        if self.target < 0 or self.max_iterations < 0 or self.learning_rate <= 0 or self.rounds < 1:
             raise DiffmemError(
-                "prompt optimisation needs target >= 0, max_iterations >= 0 and learning_rate > 0; "
-                f"got {self.target}, {self.max_iterations}, {self.learning_rate}"
+                "prompt optimisation needs target >= 0, max_iterations >= 0, learning_rate > 0 and rounds >= 1; "
+                f"got {self.target}, {self.max_iterations}, {self.learning_rate}, {self.rounds}"
             )
         if self.start is not None and self.start < self.target:
             raise DiffmemError(
@@ -148,48 +153,99 @@ def prompt_optimization(
     sampling: SamplingOptions,
 ) -> Mitigated:
     """Sample each prompt with its prompt embedding optimised at the first step (same seed); with a gate,
-    only the samples whose plain image passes it."""
+    only the samples whose plain image passes it, for as many rounds as their redraws still pass it."""
     _check_text_model(denoiser)
     check_guidance("prompt-embedding optimisation", resolve_guidance_scale(denoiser, sampling.guidance_scale))
     cond = denoiser.encode(list(prompts))
-    extras, chosen, plain = {}, None, None
     if config.fitted_gate is not None:
-        plain = sample(denoiser, cond, seeds, **sampling.sample_kwargs())
-        similarity = _similarity(denoiser, plain, config.reference)
-        chosen = similarity > config.fitted_gate.end
-        extras["plain_similarity"] = similarity.tolist()
+        return _confirmed(denoiser, list(prompts), seeds, cond, config, sampling)
     optimized = optimize_prompt_embeddings(
-        denoiser, cond, seeds, config, sampling.num_inference_steps, sampling.scheduler, chosen
+        denoiser, cond, seeds, config, sampling.num_inference_steps, sampling.scheduler
     )
-    changed = [n > 0 for n in optimized.iterations]
-    evaluations = optimized.unet_evaluations
-    if plain is None:
-        latents = sample(denoiser, optimized.cond, seeds, **sampling.sample_kwargs())
-    else:
-        latents, rows = plain.clone(), [i for i, c in enumerate(changed) if c]
-        evaluations += cfg_evaluations(denoiser, len(rows), sampling.num_inference_steps)
-        if rows:
-            redrawn = sample(
-                denoiser, optimized.cond.select(rows), [seeds[i] for i in rows], **sampling.sample_kwargs()
-            )
-            # a redraw that ends nearer the training set than the plain image is not kept
-            farther = (_similarity(denoiser, redrawn, config.reference) <= similarity[rows]).tolist()
-            for row, keep, image in zip(rows, farther, redrawn):
-                if keep:
-                    latents[row] = image
-                changed[row] = keep
     return sampled(
         denoiser,
         sampling,
-        latents,
+        sample(denoiser, optimized.cond, seeds, **sampling.sample_kwargs()),
         list(prompts),
-        [sampling.num_inference_steps if c else 0 for c in changed],
-        extra_evaluations=evaluations,
+        [sampling.num_inference_steps if n > 0 else 0 for n in optimized.iterations],
+        extra_evaluations=optimized.unet_evaluations,
         extras={
             "optimization_iterations": optimized.iterations,
             "initial_norm": optimized.initial_norm,
             "final_norm": optimized.final_norm,
-            **extras,
+        },
+    )
+
+
+def _confirmed(
+    denoiser: Denoiser,
+    prompts: list[str],
+    seeds: Sequence[int],
+    cond: Condition,
+    config: PromptOptimizationConfig,
+    sampling: SamplingOptions,
+) -> Mitigated:
+    """Optimise the generations whose plain image the gate confirms, round after round while it confirms
+    their redraw; keep each one's image farthest from the training set."""
+    end = config.fitted_gate.end
+    latents = sample(denoiser, cond, seeds, **sampling.sample_kwargs())
+    plain_similarity = _similarity(denoiser, latents, config.reference)
+    kept_similarity = plain_similarity.clone()
+    changed, rounds = [False] * len(prompts), [0] * len(prompts)
+    evaluations = 0
+    rows, chosen = list(range(len(prompts))), plain_similarity > end
+    optimizer_config = replace(config, reference=None, gate=None)
+    for round_ in range(config.rounds):
+        optimized = optimize_prompt_embeddings(
+            denoiser,
+            cond.select(rows),
+            [seeds[i] for i in rows],
+            optimizer_config,
+            sampling.num_inference_steps,
+            sampling.scheduler,
+            chosen,
+        )
+        evaluations += optimized.unet_evaluations
+        if round_ == 0:
+            iterations, initial, final = optimized.iterations, optimized.initial_norm, optimized.final_norm
+        else:
+            for row, n, norm in zip(rows, optimized.iterations, optimized.final_norm):
+                iterations[row] += n
+                final[row] = norm
+        rows = [row for row, n in zip(rows, optimized.iterations) if n > 0]
+        if not rows:
+            break
+        embeds = cond["prompt_embeds"].clone()
+        embeds[rows] = optimized.cond["prompt_embeds"][
+            [i for i, n in enumerate(optimized.iterations) if n > 0]
+        ]
+        cond = cond.replace(prompt_embeds=embeds)
+        redrawn = sample(denoiser, cond.select(rows), [seeds[i] for i in rows], **sampling.sample_kwargs())
+        evaluations += cfg_evaluations(denoiser, len(rows), sampling.num_inference_steps)
+        similarity = _similarity(denoiser, redrawn, config.reference)
+        for row, image, sigma in zip(rows, redrawn, similarity):
+            rounds[row] += 1
+            if (
+                sigma <= kept_similarity[row]
+            ):  # a redraw nearer the training set than the kept image is not kept
+                latents[row], kept_similarity[row], changed[row] = image, sigma, True
+        rows, chosen = [row for row, sigma in zip(rows, similarity.tolist()) if sigma > end], None
+        if not rows:
+            break
+        optimizer_config = replace(optimizer_config, target=optimizer_config.target * DEEPENING, start=None)
+    return sampled(
+        denoiser,
+        sampling,
+        latents,
+        prompts,
+        [sampling.num_inference_steps if c else 0 for c in changed],
+        extra_evaluations=evaluations,
+        extras={
+            "optimization_iterations": iterations,
+            "optimization_rounds": rounds,
+            "initial_norm": initial,
+            "final_norm": final,
+            "plain_similarity": plain_similarity.tolist(),
         },
     )
 
