@@ -191,7 +191,8 @@ def _confirmed(
     latents = sample(denoiser, cond, seeds, **sampling.sample_kwargs())
     plain_similarity = _similarity(denoiser, latents, config.reference)
     kept_similarity = plain_similarity.clone()
-    changed, rounds = [False] * len(prompts), [0] * len(prompts)
+    changed, rounds, iterations = [False] * len(prompts), [0] * len(prompts), [0] * len(prompts)
+    final: list[float] = [0.0] * len(prompts)
     evaluations = 0
     rows, chosen = list(range(len(prompts))), plain_similarity > end
     optimizer_config = replace(config, reference=None, gate=None)
@@ -207,11 +208,10 @@ def _confirmed(
         )
         evaluations += optimized.unet_evaluations
         if round_ == 0:
-            iterations, initial, final = optimized.iterations, optimized.initial_norm, optimized.final_norm
-        else:
-            for row, n, norm in zip(rows, optimized.iterations, optimized.final_norm):
-                iterations[row] += n
-                final[row] = norm
+            initial = optimized.initial_norm  # every generation's score at x_T, as it was
+        for row, n, norm in zip(rows, optimized.iterations, optimized.final_norm):
+            iterations[row] += n
+            final[row] = norm
         rows = [row for row, n in zip(rows, optimized.iterations) if n > 0]
         if not rows:
             break
@@ -225,9 +225,8 @@ def _confirmed(
         similarity = _similarity(denoiser, redrawn, config.reference)
         for row, image, sigma in zip(rows, redrawn, similarity):
             rounds[row] += 1
-            if (
-                sigma <= kept_similarity[row]
-            ):  # a redraw nearer the training set than the kept image is not kept
+            # a redraw that ends nearer the training set than the image kept so far is not kept
+            if sigma <= kept_similarity[row]:
                 latents[row], kept_similarity[row], changed[row] = image, sigma, True
         rows, chosen = [row for row, sigma in zip(rows, similarity.tolist()) if sigma > end], None
         if not rows:
