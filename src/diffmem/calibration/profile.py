@@ -12,7 +12,8 @@ defaults they give every method, so that no knob is tuned by hand for a model wi
   ordinary prompt. The paper's fixed target (l_target = 3 for n = 4 on SD 1.4, SPEC §3) is a point on
   SD 1.4's scale. Where memorization is strong, an embedding optimised only down to ordinary prompts'
   level still copies (the zoo's digits lab: 65% of generations); a quarter of it cut copies by 80% or
-  more on every zoo lab whose memorization the first-step score sees (docs/results.md).
+  more on every zoo lab whose memorization the first-step score sees, and with an index, optimising on
+  while the gate still confirms a redraw, on every zoo lab (docs/results.md).
   Starting above the 95% quantile, not the 90%, spares the ordinary prompts that score among memorized
   ones (the keyed lab: FID 1.20x and -5.6 points of alignment from 90%, 1.02x and 0 from 95%).
   With a training-set index the gate fitted to it confirms each copy (:mod:`prompt_optimization`), and
