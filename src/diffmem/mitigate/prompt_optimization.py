@@ -212,13 +212,12 @@ def _confirmed(
         for row, n, norm in zip(rows, optimized.iterations, optimized.final_norm):
             iterations[row] += n
             final[row] = norm
-        rows = [row for row, n in zip(rows, optimized.iterations) if n > 0]
-        if not rows:
+        moved = [i for i, n in enumerate(optimized.iterations) if n > 0]
+        if not moved:
             break
+        rows = [rows[i] for i in moved]
         embeds = cond["prompt_embeds"].clone()
-        embeds[rows] = optimized.cond["prompt_embeds"][
-            [i for i, n in enumerate(optimized.iterations) if n > 0]
-        ]
+        embeds[rows] = optimized.cond["prompt_embeds"][moved]
         cond = cond.replace(prompt_embeds=embeds)
         redrawn = sample(denoiser, cond.select(rows), [seeds[i] for i in rows], **sampling.sample_kwargs())
         evaluations += cfg_evaluations(denoiser, len(rows), sampling.num_inference_steps)
